@@ -1,0 +1,229 @@
+"""`sam2rt export`: SAM 2 checkpoint -> encoder.onnx + decoder.onnx + manifest.json, checked against PyTorch."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import shutil
+import warnings
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..errors import ExportError
+from ..manifest import DECODER_FILE, ENCODER_FILE, FORMAT_VERSION, Manifest, sha256_file
+from ..models import IMAGE_SIZE, LOW_RES_SIZE, MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD, ModelSpec
+from .checkpoint import build_model, download_checkpoint, load_checkpoint
+from .graphs import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, ImageEncoderGraph, PromptDecoderGraph
+
+DEFAULT_OPSET = 17
+# Largest differences tolerated between ONNX Runtime and PyTorch before an export is refused.
+ENCODER_TOLERANCE = 1e-3
+DECODER_LOGIT_TOLERANCE = 1e-3
+DECODER_IOU_TOLERANCE = 1e-4
+
+DYNAMIC_AXES = {
+    "point_coords": {0: "num_prompts", 1: "num_points"},
+    "point_labels": {0: "num_prompts", 1: "num_points"},
+    "mask_input": {0: "num_prompts"},
+    "has_mask_input": {0: "num_prompts"},
+    "low_res_masks": {0: "num_prompts"},
+    "iou_predictions": {0: "num_prompts"},
+}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+class _Steps:
+    """Progress over the export's named steps (a tqdm bar on stderr)."""
+
+    def __init__(self, names: list[str], enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=len(names), desc="export", unit="step", disable=not enabled, leave=True)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        self.bar.set_description(name)
+        yield
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.set_description("export done")
+        self.bar.close()
+
+
+def _sample_decoder_inputs(feats: tuple[torch.Tensor, ...], batch: int, points: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    coords = torch.rand(batch, points, 2, generator=g) * IMAGE_SIZE
+    labels = torch.randint(0, 4, (batch, points), generator=g).float()
+    labels[:, -1] = -1.0  # SAM's padding point
+    mask = torch.randn(batch, 1, LOW_RES_SIZE, LOW_RES_SIZE, generator=g)
+    has_mask = (torch.arange(batch) % 2).float()
+    return (*feats, coords, labels, mask, has_mask)
+
+
+def _io_spec(session) -> dict[str, list[dict]]:
+    def one(v) -> dict:
+        return {"name": v.name, "shape": [d if isinstance(d, int) else str(d) for d in v.shape], "dtype": v.type}
+
+    return {"inputs": [one(v) for v in session.get_inputs()], "outputs": [one(v) for v in session.get_outputs()]}
+
+
+def _check_close(name: str, ours: np.ndarray, ref: np.ndarray, tol: float) -> float:
+    diff = float(np.max(np.abs(ours - ref))) if ours.size else 0.0
+    if not np.isfinite(diff) or diff > tol:
+        raise ExportError(
+            f"{name}: ONNX Runtime and PyTorch disagree (largest difference {diff:.3g} > {tol:g}); the export is not usable"
+        )
+    return diff
+
+
+def export_model(
+    spec: ModelSpec,
+    out_dir: str | Path,
+    checkpoint: str | Path | None = None,
+    random_seed: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    progress: bool = True,
+) -> Manifest:
+    """Export `spec` to out_dir and return its manifest.
+
+    Weights come from `checkpoint` (an official .pt file), or from `random_seed` (random weights,
+    recorded as such), or else from the official download (CheckpointError when offline).
+    """
+    if checkpoint is not None and random_seed is not None:
+        raise ExportError("give at most one of --checkpoint and --random-weights")
+    import onnx
+    import onnxruntime as ort
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = _Steps(["weights", "encoder", "decoder", "check", "verify", "manifest"], progress)
+    try:
+        with steps.step("building model + loading weights"):
+            if random_seed is None and checkpoint is None:
+                checkpoint = download_checkpoint(spec, progress=progress)
+            model = build_model(spec, seed=random_seed)
+            if checkpoint is not None:
+                load_checkpoint(model, checkpoint)
+            weights = {
+                "random": checkpoint is None,
+                "seed": random_seed,
+                "checkpoint": None if checkpoint is None else str(checkpoint),
+                "checkpoint_sha256": None if checkpoint is None else sha256_file(checkpoint),
+            }
+            encoder, decoder = ImageEncoderGraph(model).eval(), PromptDecoderGraph(model).eval()
+            image = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                feats = encoder(image)
+        enc_path, dec_path = out / ENCODER_FILE, out / DECODER_FILE
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with steps.step("exporting encoder.onnx"), torch.no_grad():
+                torch.onnx.export(
+                    encoder, (image,), str(enc_path), input_names=ENCODER_INPUTS, output_names=ENCODER_OUTPUTS,
+                    opset_version=opset, dynamo=False,
+                )
+            with steps.step("exporting decoder.onnx"), torch.no_grad():
+                torch.onnx.export(
+                    decoder, _sample_decoder_inputs(feats, 2, 3), str(dec_path), input_names=DECODER_INPUTS,
+                    output_names=DECODER_OUTPUTS, dynamic_axes=DYNAMIC_AXES, opset_version=opset, dynamo=False,
+                )
+        with steps.step("onnx.checker"):
+            for path in (enc_path, dec_path):
+                try:
+                    onnx.checker.check_model(str(path), full_check=True)
+                except Exception as exc:
+                    raise ExportError(f"{path} fails onnx.checker: {exc}") from exc
+        with steps.step("verifying against PyTorch"):
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            enc_sess = ort.InferenceSession(str(enc_path), so, providers=["CPUExecutionProvider"])
+            dec_sess = ort.InferenceSession(str(dec_path), so, providers=["CPUExecutionProvider"])
+            ort_feats = enc_sess.run(ENCODER_OUTPUTS, {"image": image.numpy()})
+            diffs = {
+                f"encoder.{n}": _check_close(f"encoder output {n}", o, t.numpy(), ENCODER_TOLERANCE)
+                for n, o, t in zip(ENCODER_OUTPUTS, ort_feats, feats)
+            }
+            for batch, points in ((1, 2), (3, 5)):
+                inputs = _sample_decoder_inputs(feats, batch, points, seed=batch)
+                with torch.no_grad():
+                    ref_masks, ref_iou = decoder(*inputs)
+                got_masks, got_iou = dec_sess.run(DECODER_OUTPUTS, dict(zip(DECODER_INPUTS, (t.numpy() for t in inputs))))
+                diffs[f"decoder.low_res_masks[B={batch},N={points}]"] = _check_close(
+                    "decoder low_res_masks", got_masks, ref_masks.numpy(), DECODER_LOGIT_TOLERANCE
+                )
+                diffs[f"decoder.iou_predictions[B={batch},N={points}]"] = _check_close(
+                    "decoder iou_predictions", got_iou, ref_iou.numpy(), DECODER_IOU_TOLERANCE
+                )
+        with steps.step("writing manifest.json"):
+            md = model.sam_mask_decoder
+            manifest = Manifest(
+                out,
+                {
+                    "format": "sam2rt",
+                    "format_version": FORMAT_VERSION,
+                    "model": {
+                        "name": spec.name,
+                        "version": spec.version,
+                        "model_id": spec.model_id,
+                        "serve_id": spec.serve_id,
+                        "config": spec.config_name,
+                        "weights": weights,
+                    },
+                    "image_size": IMAGE_SIZE,
+                    "low_res_size": LOW_RES_SIZE,
+                    "normalization": {
+                        "color_order": "RGB",
+                        "scale": 1 / 255,
+                        "mean": list(PIXEL_MEAN),
+                        "std": list(PIXEL_STD),
+                        "resize": "bilinear, antialiased (torchvision Resize on tensors), to image_size x image_size",
+                    },
+                    "mask_threshold": MASK_THRESHOLD,
+                    "decoder": {
+                        "dynamic_multimask_via_stability": bool(md.dynamic_multimask_via_stability),
+                        "dynamic_multimask_stability_delta": float(md.dynamic_multimask_stability_delta),
+                        "dynamic_multimask_stability_thresh": float(md.dynamic_multimask_stability_thresh),
+                        "tokens": ["single", "multi_1", "multi_2", "multi_3"],
+                        "low_res_logit_clamp": 32.0,
+                    },
+                    "graphs": {
+                        "encoder": {"file": ENCODER_FILE, "sha256": sha256_file(enc_path), **_io_spec(enc_sess)},
+                        "decoder": {"file": DECODER_FILE, "sha256": sha256_file(dec_path), **_io_spec(dec_sess)},
+                    },
+                    "opset": opset,
+                    "verification": {"max_abs_diff": diffs},
+                    "exported_with": {
+                        "sam2rt": _version("sam2rt"),
+                        "torch": torch.__version__,
+                        "sam2": _version("sam2"),
+                        "onnx": onnx.__version__,
+                        "onnxruntime": ort.__version__,
+                        "python": platform.python_version(),
+                    },
+                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "engines": {},
+                },
+            )
+            manifest.save()
+    except Exception:
+        steps.bar.close()
+        raise
+    steps.close()
+    return manifest
+
+
+def copy_model_dir(src: str | Path, dst: str | Path) -> Path:
+    """Copy an exported model directory (used by tests and tools that must not alter the original)."""
+    return Path(shutil.copytree(src, dst, dirs_exist_ok=True))

@@ -1,0 +1,127 @@
+"""manifest.json: what a model directory holds, how it was built, and checks that its files match."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ManifestError, ModelFileError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Manifest:
+    """The parsed manifest of a model directory; `data` is the JSON document itself."""
+
+    directory: Path
+    data: dict[str, Any] = field(default_factory=dict)
+
+    # --- reading -----------------------------------------------------------------
+    @classmethod
+    def load(cls, directory: str | Path) -> "Manifest":
+        """Read DIR/manifest.json, raising ManifestError/ModelFileError with a fix when it cannot."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ModelFileError(
+                f"model directory {str(directory)!r} does not exist: export one with "
+                "`sam2rt export --model hiera_tiny --out DIR` and pass that DIR"
+            )
+        path = directory / MANIFEST_NAME
+        if not path.is_file():
+            raise ManifestError(
+                f"{path} is missing: {directory} is not a sam2rt model directory; "
+                "re-run `sam2rt export --out DIR` to create one"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"{path} is not valid JSON ({exc}); re-run `sam2rt export` to rewrite it") from exc
+        if not isinstance(data, dict) or data.get("format") != "sam2rt" or "graphs" not in data:
+            raise ManifestError(f"{path} is not a sam2rt manifest; re-run `sam2rt export` to rewrite it")
+        if data.get("format_version", 0) > FORMAT_VERSION:
+            raise ManifestError(
+                f"{path} has format_version {data.get('format_version')}, newer than this sam2rt reads "
+                f"({FORMAT_VERSION}); upgrade sam2rt"
+            )
+        return cls(directory, data)
+
+    def save(self) -> Path:
+        path = self.directory / MANIFEST_NAME
+        path.write_text(json.dumps(self.data, indent=2, sort_keys=False) + "\n")
+        return path
+
+    # --- accessors -------------------------------------------------------------------
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.data["model"]
+
+    @property
+    def model_name(self) -> str:
+        return self.data["model"]["name"]
+
+    @property
+    def random_weights(self) -> bool:
+        return bool(self.data["model"]["weights"]["random"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.data["image_size"])
+
+    @property
+    def mask_threshold(self) -> float:
+        return float(self.data["mask_threshold"])
+
+    @property
+    def normalization(self) -> dict[str, Any]:
+        return self.data["normalization"]
+
+    @property
+    def decoder_config(self) -> dict[str, Any]:
+        return self.data["decoder"]
+
+    def graph(self, role: str) -> dict[str, Any]:
+        try:
+            return self.data["graphs"][role]
+        except KeyError:
+            raise ManifestError(f"{self.directory / MANIFEST_NAME} has no '{role}' graph entry; re-run `sam2rt export`") from None
+
+    def graph_path(self, role: str) -> Path:
+        return self.directory / self.graph(role)["file"]
+
+    def describe_weights(self) -> str:
+        """A one-line, honest description of where the weights came from."""
+        w = self.data["model"]["weights"]
+        if w["random"]:
+            return f"RANDOM weights (seed {w.get('seed')}): not a trained model, masks are meaningless"
+        return f"checkpoint {w.get('checkpoint')} (sha256 {str(w.get('checkpoint_sha256'))[:12]}...)"
+
+    # --- checks ----------------------------------------------------------------------
+    def verify_graph(self, role: str) -> Path:
+        """Check that a graph file exists and its sha256 matches the manifest; return its path."""
+        path = self.graph_path(role)
+        if not path.is_file():
+            raise ModelFileError(f"{path} is missing; re-run `sam2rt export` into {self.directory}")
+        expected = self.graph(role).get("sha256")
+        actual = sha256_file(path)
+        if expected != actual:
+            raise ManifestError(
+                f"{path} does not match {MANIFEST_NAME} (sha256 {actual[:12]}... != {str(expected)[:12]}...): "
+                "the file was changed or the manifest belongs to another export; re-run `sam2rt export`"
+            )
+        return path

@@ -1,0 +1,54 @@
+"""Inference backends and the choice among them (`backend="auto"` picks the fastest available)."""
+
+from __future__ import annotations
+
+from ...errors import BackendUnavailableError
+from ...manifest import Manifest
+from .base import Backend
+from .onnxruntime_backend import PROVIDERS, OnnxRuntimeBackend, available_providers
+
+ALIASES = {"cpu": "onnxruntime-cpu", "onnxruntime": "onnxruntime-cpu", "cuda": "onnxruntime-cuda"}
+BACKENDS = ("auto", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt")
+
+
+def auto_order() -> list[str]:
+    """Backends `auto` tries, fastest first: tensorrt > onnxruntime CUDA > onnxruntime CPU."""
+    return ["tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"]
+
+
+def available_backends() -> dict[str, str]:
+    """Each backend name with 'available' or the reason it is not (cheap: loads no model)."""
+    providers = available_providers()
+    status = {}
+    for name, wanted in PROVIDERS.items():
+        status[name] = "available" if wanted[0] in providers else f"unavailable: onnxruntime lacks {wanted[0]}"
+    try:
+        from .tensorrt_backend import tensorrt_status
+
+        status["tensorrt"] = tensorrt_status()
+    except ImportError as exc:  # pragma: no cover - module always present
+        status["tensorrt"] = f"unavailable: {exc}"
+    return status
+
+
+def create_backend(manifest: Manifest, name: str = "auto", threads: int | None = None) -> Backend:
+    """Instantiate backend `name` for a model directory; `auto` falls back down auto_order()."""
+    name = ALIASES.get(name, name)
+    if name not in BACKENDS:
+        raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        reasons = []
+        for candidate in auto_order():
+            try:
+                return create_backend(manifest, candidate, threads)
+            except BackendUnavailableError as exc:
+                reasons.append(f"{candidate}: {exc}")
+        raise BackendUnavailableError("no backend is available:\n  " + "\n  ".join(reasons))
+    if name in PROVIDERS:
+        return OnnxRuntimeBackend(manifest, name, threads)
+    from .tensorrt_backend import TensorRTBackend  # imported lazily: needs tensorrt + cuda-python
+
+    return TensorRTBackend(manifest, threads=threads)
+
+
+__all__ = ["Backend", "BACKENDS", "OnnxRuntimeBackend", "available_backends", "available_providers", "create_backend", "auto_order"]

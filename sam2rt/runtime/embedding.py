@@ -1,0 +1,65 @@
+"""Embedding: the encoder's three feature maps for one image, plus what is needed to decode against them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InvalidEmbeddingError
+
+FEATURE_NAMES = ("image_embed", "high_res_feats_0", "high_res_feats_1")
+
+
+@dataclass
+class Embedding:
+    """Image features from `embed()`; reusable for any number of `decode()` calls.
+
+    `features` maps image_embed (1,256,64,64), high_res_feats_0 (1,32,256,256) and
+    high_res_feats_1 (1,64,128,128) to arrays. On the CPU backends they are numpy arrays; a
+    GPU backend may hold device buffers there, with `device` saying where they live.
+    `model_key` identifies the encoder that made them (its graph's sha256).
+    """
+
+    features: dict[str, Any]
+    original_size: tuple[int, int]
+    model_key: str
+    device: str = "cpu"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(getattr(f, "nbytes", 0) for f in self.features.values()))
+
+    def to_host(self) -> "Embedding":
+        """Return an Embedding whose features are numpy arrays in host memory."""
+        if self.device == "cpu":
+            return self
+        feats = {k: (v.to_host() if hasattr(v, "to_host") else np.asarray(v)) for k, v in self.features.items()}
+        return Embedding(feats, self.original_size, self.model_key, "cpu", dict(self.meta))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the embedding to an .npz file (no pickling); load it back with Embedding.load."""
+        host = self.to_host()
+        header = {"original_size": list(self.original_size), "model_key": self.model_key, "meta": self.meta}
+        path = Path(path)
+        with open(path, "wb") as f:
+            np.savez(f, __header__=np.array(json.dumps(header)), **host.features)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Embedding":
+        """Read an embedding written by save(); raises InvalidEmbeddingError if the file is not one."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                header = json.loads(str(data["__header__"]))
+                feats = {name: np.ascontiguousarray(data[name]) for name in FEATURE_NAMES}
+        except FileNotFoundError:
+            raise InvalidEmbeddingError(f"embedding file {path} does not exist") from None
+        except Exception as exc:
+            raise InvalidEmbeddingError(f"{path} is not a sam2rt embedding file ({exc}); write one with Embedding.save") from exc
+        h, w = header["original_size"]
+        return cls(feats, (int(h), int(w)), str(header["model_key"]), "cpu", header.get("meta", {}))

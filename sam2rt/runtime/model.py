@@ -1,0 +1,174 @@
+"""Sam2Model: the low-level runtime API, `embed(image)` once and `decode(embedding, prompts)` many times."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import InvalidEmbeddingError, InvalidPromptError
+from ..manifest import Manifest
+from ..models import LOW_RES_SIZE
+from .backends import Backend, create_backend
+from .embedding import Embedding
+from .postprocess import clamp_logits, select_masks, upsample_logits
+from .preprocess import check_image, preprocess
+from .prompts import Prompt
+
+log = logging.getLogger("sam2rt")
+
+
+@dataclass
+class Masks:
+    """Decoded masks for B prompts with C masks each (C = 3 with multimask_output, else 1).
+
+    masks: (B,C,H,W) bool at the original image size (float32 logits if return_logits);
+    scores: (B,C) predicted IoU; low_res_logits: (B,C,256,256) clamped to [-32, 32].
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    low_res_logits: np.ndarray
+
+    def best(self) -> "Masks":
+        """Keep, for each prompt, the mask with the highest predicted IoU (C becomes 1)."""
+        idx = np.argmax(self.scores, axis=1)
+        rows = np.arange(len(idx))
+        return Masks(self.masks[rows, idx][:, None], self.scores[rows, idx][:, None], self.low_res_logits[rows, idx][:, None])
+
+
+class Sam2Model:
+    """An exported SAM 2 model directory loaded on one backend."""
+
+    def __init__(self, manifest: Manifest, backend: Backend) -> None:
+        self.manifest = manifest
+        self.backend = backend
+        self.model_key = manifest.graph("encoder")["sha256"]
+        cfg = manifest.decoder_config
+        self._select = dict(
+            dynamic_via_stability=bool(cfg.get("dynamic_multimask_via_stability", True)),
+            stability_delta=float(cfg.get("dynamic_multimask_stability_delta", 0.05)),
+            stability_thresh=float(cfg.get("dynamic_multimask_stability_thresh", 0.98)),
+        )
+        self.mask_threshold = manifest.mask_threshold
+        self.image_size = manifest.image_size
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, backend: str = "auto", threads: int | None = None, verify: bool = True) -> "Sam2Model":
+        """Load DIR (from `sam2rt export`), checking each graph's sha256 against the manifest."""
+        manifest = Manifest.load(model_dir)
+        if verify:
+            for role in ("encoder", "decoder"):
+                manifest.verify_graph(role)
+        if manifest.random_weights:
+            log.warning("%s holds %s", model_dir, manifest.describe_weights())
+        return cls(manifest, create_backend(manifest, backend, threads))
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    # --- embed --------------------------------------------------------------------------
+    def embed(self, image: Any, color_order: str = "RGB") -> Embedding:
+        """Run the image encoder once on an HxWx3 uint8 image (RGB unless color_order="BGR")."""
+        rgb = check_image(image, color_order)
+        t0 = time.perf_counter()
+        x = preprocess(rgb, self.image_size)
+        t1 = time.perf_counter()
+        feats = self.backend.encode(x)
+        t2 = time.perf_counter()
+        return Embedding(
+            feats,
+            (int(rgb.shape[0]), int(rgb.shape[1])),
+            self.model_key,
+            self.backend.device,
+            {"preprocess_s": t1 - t0, "encoder_s": t2 - t1},
+        )
+
+    # --- decode -------------------------------------------------------------------------
+    def _check_embedding(self, embedding: Embedding) -> None:
+        if not isinstance(embedding, Embedding):
+            raise InvalidEmbeddingError(f"expected an Embedding from embed(), got {type(embedding).__name__}")
+        if embedding.model_key != self.model_key:
+            raise InvalidEmbeddingError(
+                "this embedding was made by another model's encoder; embed the image again with this model"
+            )
+
+    def decode_raw(
+        self, embedding: Embedding, point_coords: np.ndarray, point_labels: np.ndarray, mask_input: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One decoder run over an already assembled batch in the 1024 input frame.
+
+        point_coords (B,N,2), point_labels (B,N) (padding included), mask_input (B,1,256,256)
+        or None. Returns all four tokens: low-res logits (B,4,256,256) and IoU (B,4).
+        """
+        self._check_embedding(embedding)
+        b = point_coords.shape[0]
+        if mask_input is None:
+            mask = np.zeros((b, 1, LOW_RES_SIZE, LOW_RES_SIZE), np.float32)
+            has_mask = np.zeros((b,), np.float32)
+        else:
+            if mask_input.shape[0] not in (1, b):
+                raise InvalidPromptError(f"mask_input has {mask_input.shape[0]} masks for {b} prompts; give one per prompt")
+            mask = np.ascontiguousarray(np.broadcast_to(mask_input, (b, 1, LOW_RES_SIZE, LOW_RES_SIZE)), dtype=np.float32)
+            has_mask = np.ones((b,), np.float32)
+        return self.backend.decode(
+            embedding.features,
+            np.ascontiguousarray(point_coords, dtype=np.float32),
+            np.ascontiguousarray(point_labels, dtype=np.float32),
+            mask,
+            has_mask,
+        )
+
+    def finish(
+        self,
+        low_res: np.ndarray,
+        iou: np.ndarray,
+        orig_hw: tuple[int, int],
+        multimask_output: bool,
+        return_logits: bool = False,
+    ) -> Masks:
+        """Select tokens, upsample to the original size and threshold, as the reference predictor."""
+        logits, scores = select_masks(low_res, iou, multimask_output, **self._select)
+        masks = upsample_logits(logits, orig_hw)
+        if not return_logits:
+            masks = masks > self.mask_threshold
+        return Masks(masks, scores, clamp_logits(logits))
+
+    def decode(
+        self,
+        embedding: Embedding,
+        prompts: Prompt | Sequence[Prompt],
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> Masks:
+        """Decode one or many prompts (original-image pixel coordinates) against one embedding.
+
+        Prompts are batched into as few decoder runs as possible; each prompt's result equals
+        decoding it alone (prompts with different token counts run in separate batches, so no
+        extra padding ever changes a result). Results come back in prompt order.
+        """
+        self._check_embedding(embedding)
+        if isinstance(prompts, Prompt):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise InvalidPromptError("decode() needs at least one Prompt")
+        checked = [p.checked(embedding.original_size) for p in prompts]
+        groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
+        for i, (xy, _, mask) in enumerate(checked):
+            groups[(xy.shape[1], mask is not None)].append(i)
+        low_res = np.empty((len(prompts), 4, LOW_RES_SIZE, LOW_RES_SIZE), np.float32)
+        iou = np.empty((len(prompts), 4), np.float32)
+        for (_, has_mask), idx in groups.items():
+            xy = np.concatenate([checked[i][0] for i in idx])
+            lab = np.concatenate([checked[i][1] for i in idx])
+            mask = np.concatenate([checked[i][2] for i in idx]) if has_mask else None
+            lr, sc = self.decode_raw(embedding, xy, lab, mask)
+            low_res[idx], iou[idx] = lr, sc
+        return self.finish(low_res, iou, embedding.original_size, multimask_output, return_logits)

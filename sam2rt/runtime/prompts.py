@@ -1,0 +1,167 @@
+"""Validation of point/box/mask prompts and their conversion to the decoder's batched inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InvalidPromptError
+from ..models import IMAGE_SIZE, LOW_RES_SIZE
+
+VALID_LABELS = (-1, 0, 1, 2, 3)
+PAD_LABEL = -1.0
+
+
+def _as_float_array(value: object, name: str) -> np.ndarray:
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InvalidPromptError(f"{name} must be numeric, got {value!r:.80}") from exc
+    if not np.all(np.isfinite(arr)):
+        raise InvalidPromptError(f"{name} contains NaN or infinite values: {arr.tolist()!r:.120}; pass finite numbers")
+    return arr
+
+
+def check_points(coords: object, labels: object) -> tuple[np.ndarray, np.ndarray]:
+    """Validate (N,2) or (B,N,2) coordinates with (N,) or (B,N) labels; returns (B,N,2), (B,N)."""
+    if labels is None:
+        raise InvalidPromptError("point_labels must be given with point_coords (1 = foreground, 0 = background)")
+    pts = _as_float_array(coords, "point_coords")
+    lab = _as_float_array(labels, "point_labels")
+    if pts.ndim == 2:
+        pts = pts[None]
+    if lab.ndim == 1:
+        lab = lab[None]
+    if pts.ndim != 3 or pts.shape[-1] != 2:
+        raise InvalidPromptError(f"point_coords must have shape (N, 2) or (B, N, 2) as (x, y), got {np.shape(coords)}")
+    if lab.ndim != 2 or lab.shape != pts.shape[:2]:
+        raise InvalidPromptError(
+            f"point_labels shape {np.shape(labels)} does not match point_coords shape {np.shape(coords)}: "
+            "give one label per point"
+        )
+    bad = ~np.isin(lab, VALID_LABELS)
+    if bad.any():
+        raise InvalidPromptError(
+            f"point_labels must be in {{-1, 0, 1, 2, 3}} (1 foreground, 0 background, 2/3 box corners, "
+            f"-1 padding), got {sorted(set(lab[bad].tolist()))}"
+        )
+    return pts, lab
+
+
+def check_boxes(box: object) -> np.ndarray:
+    """Validate a (4,) or (B,4) XYXY box array; returns (B,4)."""
+    arr = _as_float_array(box, "box")
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[-1] != 4:
+        raise InvalidPromptError(f"box must have shape (4,) or (B, 4) as x0, y0, x1, y1, got {np.shape(box)}")
+    if np.any(arr[:, 2] < arr[:, 0]) or np.any(arr[:, 3] < arr[:, 1]):
+        raise InvalidPromptError(
+            f"box corners are reversed in {arr.tolist()!r:.120}: boxes are (x0, y0, x1, y1) with x1 >= x0 and y1 >= y0"
+        )
+    return arr
+
+
+def check_mask_input(mask_input: object) -> np.ndarray:
+    """Validate low-res mask logits (256,256), (1,256,256) or (B,1,256,256); returns (B,1,256,256) float32."""
+    arr = _as_float_array(mask_input, "mask_input")
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[1:] != (1, LOW_RES_SIZE, LOW_RES_SIZE):
+        raise InvalidPromptError(
+            f"mask_input must be low-res logits of shape (1, 256, 256) or (B, 1, 256, 256), got {np.shape(mask_input)}; "
+            "pass the low_res_logits of a previous prediction, e.g. logits[best][None]"
+        )
+    return arr.astype(np.float32)
+
+
+def check_inside(xy: np.ndarray, limits: tuple[float, float], name: str, unit: str) -> None:
+    """Raise if any (x, y) lies outside [0, limit_x] x [0, limit_y]."""
+    lx, ly = limits
+    flat = xy.reshape(-1, 2)
+    out = (flat[:, 0] < 0) | (flat[:, 0] > lx) | (flat[:, 1] < 0) | (flat[:, 1] > ly)
+    if out.any():
+        raise InvalidPromptError(
+            f"{name} {flat[out][0].tolist()} lies outside the image ({unit}: x in [0, {lx:g}], y in [0, {ly:g}]); "
+            "pass coordinates inside the image"
+        )
+
+
+def to_input_frame(xy: np.ndarray, orig_hw: tuple[int, int], normalized: bool) -> np.ndarray:
+    """Map (x, y) pixel (or [0,1] normalised) coordinates of the original image to the 1024 input frame."""
+    if normalized:
+        return xy * IMAGE_SIZE
+    h, w = orig_hw
+    return xy / np.array([w, h], dtype=np.float64) * IMAGE_SIZE
+
+
+def assemble(
+    coords: np.ndarray | None, labels: np.ndarray | None, boxes: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate box corners (labels 2, 3) before points and append SAM's padding point, as the reference.
+
+    Inputs are already in the input frame: coords (B,N,2), labels (B,N), boxes (B,4). Returns float32
+    (B, M, 2) and (B, M); M is 0 when there is neither a point nor a box.
+    """
+    parts_xy, parts_lab = [], []
+    if boxes is not None:
+        parts_xy.append(boxes.reshape(-1, 2, 2))
+        parts_lab.append(np.tile(np.array([[2.0, 3.0]]), (boxes.shape[0], 1)))
+    if coords is not None:
+        parts_xy.append(coords)
+        parts_lab.append(labels)
+    if not parts_xy:
+        return np.zeros((1, 0, 2), np.float32), np.zeros((1, 0), np.float32)
+    batch = {p.shape[0] for p in parts_xy}
+    if len(batch) > 1:
+        raise InvalidPromptError(
+            f"{boxes.shape[0]} boxes cannot be combined with point prompts for {coords.shape[0]} objects: "
+            "give the same number of boxes and point sets (B, N, 2), or one of each"
+        )
+    b = batch.pop()
+    xy = np.concatenate(parts_xy + [np.zeros((b, 1, 2))], axis=1)
+    lab = np.concatenate(parts_lab + [np.full((b, 1), PAD_LABEL)], axis=1)
+    return xy.astype(np.float32), lab.astype(np.float32)
+
+
+@dataclass
+class Prompt:
+    """One object's prompt, in original-image pixel coordinates.
+
+    points: (N,2) x,y; labels: (N,) 1 foreground / 0 background; box: (4,) x0,y0,x1,y1;
+    mask_input: (256,256) or (1,256,256) low-res logits of an earlier prediction.
+    """
+
+    points: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    box: np.ndarray | None = None
+    mask_input: np.ndarray | None = None
+
+    def checked(self, orig_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Validate against an image of size orig_hw; return (coords (1,M,2), labels (1,M), mask (1,1,256,256)|None)."""
+        h, w = orig_hw
+        coords = labels = boxes = None
+        if self.points is not None and np.size(self.points) > 0:
+            coords, labels = check_points(self.points, self.labels)
+            if coords.shape[0] != 1:
+                raise InvalidPromptError(f"a Prompt holds one object's points (N, 2), got shape {np.shape(self.points)}")
+            check_inside(coords, (w, h), "point", "pixels")
+            coords = to_input_frame(coords, orig_hw, normalized=False)
+        elif self.labels is not None and np.size(self.labels) > 0:
+            raise InvalidPromptError("labels were given without points; give points (N, 2) with labels (N,)")
+        if self.box is not None:
+            boxes = check_boxes(self.box)
+            if boxes.shape[0] != 1:
+                raise InvalidPromptError(f"a Prompt holds one box (4,), got shape {np.shape(self.box)}")
+            check_inside(boxes.reshape(-1, 2), (w, h), "box corner", "pixels")
+            boxes = to_input_frame(boxes.reshape(-1, 2), orig_hw, normalized=False).reshape(-1, 4)
+        mask = None if self.mask_input is None else check_mask_input(self.mask_input)
+        if mask is not None and mask.shape[0] != 1:
+            raise InvalidPromptError(f"a Prompt holds one mask_input (1, 256, 256), got shape {np.shape(self.mask_input)}")
+        if coords is None and boxes is None and mask is None:
+            raise InvalidPromptError("a prompt needs at least one point, a box or a mask_input")
+        xy, lab = assemble(coords, labels, boxes)
+        return xy, lab, mask
