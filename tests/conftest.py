@@ -1,0 +1,65 @@
+"""Shared fixtures: a seeded random-weight SAM 2.1 hiera_tiny, saved as an official checkpoint and exported once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SEED = 1234
+MODEL_NAME = "hiera_tiny"
+
+
+@pytest.fixture(scope="session")
+def checkpoint_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An official-format checkpoint ({'model': state_dict}) of a seeded random hiera_tiny, built with `sam2`."""
+    import torch
+    from sam2.build_sam import build_sam2
+
+    torch.manual_seed(SEED)
+    model = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", ckpt_path=None, device="cpu")
+    path = tmp_path_factory.mktemp("ckpt") / "sam2.1_hiera_tiny_random.pt"
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dir(checkpoint_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """hiera_tiny exported from checkpoint_path (read back from the file, as a user's checkpoint would be)."""
+    from sam2rt.export import export_model
+    from sam2rt.models import get_spec
+
+    out = tmp_path_factory.mktemp("model") / MODEL_NAME
+    export_model(get_spec(MODEL_NAME, "2.1"), out, checkpoint=checkpoint_path, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference_predictor(checkpoint_path: Path):
+    """The PyTorch oracle: SAM2ImagePredictor on the same checkpoint, built by the official loader."""
+    import torch
+    from sam2.build_sam import build_sam2
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    model = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", ckpt_path=str(checkpoint_path), device="cpu")
+    return SAM2ImagePredictor(model)
+
+
+@pytest.fixture(scope="session")
+def sam2rt_model(model_dir: Path):
+    from sam2rt.runtime import Sam2Model
+
+    return Sam2Model.from_dir(model_dir, backend="onnxruntime-cpu")
+
+
+def photo(name: str) -> np.ndarray:
+    """Real photographs shipped with scikit-image, as RGB uint8 (several sizes and aspect ratios)."""
+    from skimage import data
+
+    img = getattr(data, name)()
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=-1)
+    return np.ascontiguousarray(img[..., :3])
