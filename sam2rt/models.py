@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .errors import Sam2rtError
@@ -53,7 +54,9 @@ class ModelSpec:
 
     @property
     def checkpoint_url(self) -> str:
-        return _CKPT_BASE[self.version] + self.checkpoint_filename
+        """The official download URL; $SAM2RT_CHECKPOINT_URL_BASE points it at a mirror instead."""
+        base = os.environ.get("SAM2RT_CHECKPOINT_URL_BASE") or _CKPT_BASE[self.version]
+        return base.rstrip("/") + "/" + self.checkpoint_filename
 
     @property
     def serve_id(self) -> str:

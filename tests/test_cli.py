@@ -1,0 +1,100 @@
+"""The command line: segment end to end, info, export with random weights, and clean errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import photo
+
+
+def sam2rt(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sam2rt", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("img") / "coffee.png"
+    cv2.imwrite(str(path), photo("coffee")[..., ::-1])
+    return path
+
+
+def test_segment_writes_annotated_png_and_json(model_dir, image_file, tmp_path):
+    out = tmp_path / "annotated.png"
+    res = sam2rt("segment", "--model-dir", str(model_dir), "--image", str(image_file), "--point", "300,200",
+                 "--point", "100,100,0", "--box", "50,50,500,350", "--box", "10,10,200,200", "--out", str(out), "--json")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert len(info["objects"]) == 2 and info["image_size"] == [400, 600]
+    assert "RANDOM" not in info["weights"] and info["backend"] == "onnxruntime-cpu"
+    assert set(info["timings"]) == {"load_s", "embed_s", "decode_s"}
+    annotated = cv2.imread(str(out))
+    assert annotated.shape == (400, 600, 3)
+    assert not np.array_equal(annotated[..., ::-1], photo("coffee")), "nothing was drawn"
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--point", "5000,10"], "outside the image"),
+        (["--box", "300,10,100,200"], "reversed"),
+        (["--point", "nan,10"], "NaN"),
+        (["--point", "10,10,9"], "point_labels must be in"),
+        ([], "at least one --point"),
+    ],
+)
+def test_segment_bad_prompts_exit_cleanly(model_dir, image_file, args, fragment):
+    res = sam2rt("segment", "--model-dir", str(model_dir), "--image", str(image_file), *args)
+    assert res.returncode == 2
+    assert fragment in res.stderr and "Traceback" not in res.stderr
+
+
+def test_segment_missing_model_and_bad_image(tmp_path, model_dir):
+    res = sam2rt("segment", "--model-dir", str(tmp_path / "none"), "--image", "x.png", "--point", "1,1")
+    assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    res = sam2rt("segment", "--model-dir", str(model_dir), "--image", str(bad), "--point", "1,1")
+    assert res.returncode == 2 and "could not be decoded" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_bad_arguments():
+    res = sam2rt("segment", "--model-dir", "x", "--image", "y", "--point", "1;2")
+    assert res.returncode == 2 and "--point expects" in res.stderr
+    res = sam2rt("export", "--model", "hiera_tiny", "--checkpoint", "a.pt", "--random-weights", "1", "--out", "o")
+    assert res.returncode == 2 and "not allowed with" in res.stderr
+    res = sam2rt("export", "--model", "hiera_giant", "--out", "o")
+    assert res.returncode == 2 and "invalid choice" in res.stderr
+
+
+def test_info_lists_backends():
+    res = sam2rt("info", "--json")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["backends"]["onnxruntime-cpu"] == "available"
+    assert "onnxruntime" in info["versions"]
+
+
+def test_export_offline_fails_clearly(tmp_path):
+    env = {**__import__("os").environ, "SAM2RT_CHECKPOINT_URL_BASE": "http://127.0.0.1:9/", "SAM2RT_CACHE": str(tmp_path)}
+    res = sam2rt("export", "--model", "hiera_tiny", "--out", str(tmp_path / "m"), "--quiet", env=env)
+    assert res.returncode == 2
+    assert "--checkpoint" in res.stderr and "--random-weights" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_export_random_weights_is_labelled(tmp_path, image_file):
+    out = tmp_path / "random"
+    res = sam2rt("export", "--model", "hiera_tiny", "--random-weights", "7", "--out", str(out), "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert "RANDOM" in res.stderr and "RANDOM" in res.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["weights"] == {"random": True, "seed": 7, "checkpoint": None, "checkpoint_sha256": None}
+    res = sam2rt("segment", "--model-dir", str(out), "--image", str(image_file), "--point", "10,10", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["weights"].startswith("RANDOM weights")

@@ -1,0 +1,146 @@
+"""Export: reading official checkpoints, downloading them, the manifest, and refusing bad exports."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sam2rt.errors import CheckpointError, ExportError
+from sam2rt.manifest import Manifest, sha256_file
+from sam2rt.models import get_spec
+
+
+def test_manifest_records_the_export(model_dir, checkpoint_path):
+    m = Manifest.load(model_dir)
+    assert m.model["name"] == "hiera_tiny" and m.model["version"] == "2.1" and m.model["serve_id"] == "hiera_tiny"
+    w = m.model["weights"]
+    assert w["random"] is False and w["checkpoint_sha256"] == sha256_file(checkpoint_path)
+    assert m.image_size == 1024 and m.mask_threshold == 0.0
+    assert m.normalization["mean"] == [0.485, 0.456, 0.406] and m.normalization["std"] == [0.229, 0.224, 0.225]
+    for role, names in (("encoder", ["image_embed", "high_res_feats_0", "high_res_feats_1"]),
+                        ("decoder", ["low_res_masks", "iou_predictions"])):
+        g = m.graph(role)
+        assert g["sha256"] == sha256_file(model_dir / g["file"])
+        assert [o["name"] for o in g["outputs"]] == names
+    enc = {o["name"]: o["shape"] for o in m.graph("encoder")["outputs"]}
+    assert enc == {"image_embed": [1, 256, 64, 64], "high_res_feats_0": [1, 32, 256, 256], "high_res_feats_1": [1, 64, 128, 128]}
+    dec_in = {i["name"]: i["shape"] for i in m.graph("decoder")["inputs"]}
+    assert dec_in["point_coords"] == ["num_prompts", "num_points", 2]
+    assert dec_in["mask_input"] == ["num_prompts", 1, 256, 256] and dec_in["has_mask_input"] == ["num_prompts"]
+    assert m.data["opset"] == 17
+    assert m.data["exported_with"]["torch"] == torch.__version__ and m.data["exported_with"]["sam2"]
+    assert max(m.data["verification"]["max_abs_diff"].values()) < 1e-3
+    assert m.decoder_config["dynamic_multimask_via_stability"] is True
+
+
+def test_graphs_pass_onnx_checker(model_dir):
+    import onnx
+
+    for name in ("encoder.onnx", "decoder.onnx"):
+        onnx.checker.check_model(str(model_dir / name), full_check=True)
+
+
+def test_checkpoint_errors(tmp_path):
+    from sam2rt.export import build_model, load_checkpoint
+
+    model = build_model(get_spec("hiera_tiny"), seed=0)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(model, tmp_path / "missing.pt")
+    (tmp_path / "corrupt.pt").write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError, match="could not be read"):
+        load_checkpoint(model, tmp_path / "corrupt.pt")
+    torch.save({"state_dict": {}}, tmp_path / "nokey.pt")
+    with pytest.raises(CheckpointError, match="expected a dict with key 'model'"):
+        load_checkpoint(model, tmp_path / "nokey.pt")
+    torch.save({"model": {"image_encoder.bogus": torch.zeros(1)}}, tmp_path / "wrong.pt")
+    with pytest.raises(CheckpointError, match="missing keys"):
+        load_checkpoint(model, tmp_path / "wrong.pt")
+
+
+def test_checkpoint_weights_are_really_loaded(checkpoint_path):
+    """Loading the file replaces a differently seeded model's weights with the checkpoint's."""
+    from sam2rt.export import build_model, load_checkpoint
+
+    model = build_model(get_spec("hiera_tiny"), seed=999)
+    saved = torch.load(checkpoint_path, weights_only=True)["model"]
+    key = "sam_mask_decoder.iou_token.weight"
+    assert not torch.equal(model.state_dict()[key], saved[key])
+    load_checkpoint(model, checkpoint_path)
+    assert torch.equal(model.state_dict()[key], saved[key])
+
+
+@pytest.fixture()
+def checkpoint_server(checkpoint_path, tmp_path, monkeypatch):
+    """Serve the test checkpoint under the official file name on loopback, as a mirror of the official host."""
+    root = tmp_path / "mirror"
+    root.mkdir()
+    (root / "sam2.1_hiera_tiny.pt").write_bytes(checkpoint_path.read_bytes())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("SAM2RT_CHECKPOINT_URL_BASE", f"http://127.0.0.1:{server.server_address[1]}/")
+    monkeypatch.setenv("SAM2RT_CACHE", str(tmp_path / "cache"))
+    yield root
+    server.shutdown()
+
+
+def test_download_checkpoint_with_checksum(checkpoint_server, checkpoint_path, tmp_path):
+    from sam2rt.export import download_checkpoint
+
+    spec = get_spec("hiera_tiny")
+    path = download_checkpoint(spec, progress=False)
+    assert path.read_bytes() == checkpoint_path.read_bytes()
+    digest = sha256_file(path)
+    assert path.with_suffix(".pt.sha256").read_text().strip() == digest
+    # a cached file that no longer matches its recorded digest is fetched again
+    path.write_bytes(b"truncated")
+    assert sha256_file(download_checkpoint(spec, progress=False)) == digest
+    # a pinned digest that the download does not match is refused
+    path.unlink()
+    with pytest.raises(CheckpointError, match="corrupt"):
+        download_checkpoint(spec, expected_sha256="0" * 64, progress=False)
+
+
+def test_download_failure_names_both_options(monkeypatch, tmp_path):
+    from sam2rt.export import download_checkpoint
+
+    monkeypatch.setenv("SAM2RT_CHECKPOINT_URL_BASE", "http://127.0.0.1:9/")  # nothing listens on the discard port
+    monkeypatch.setenv("SAM2RT_CACHE", str(tmp_path))
+    with pytest.raises(CheckpointError) as info:
+        download_checkpoint(get_spec("hiera_tiny"), progress=False)
+    assert "--checkpoint" in str(info.value) and "--random-weights" in str(info.value)
+
+
+def test_export_refuses_disagreeing_graphs(monkeypatch, checkpoint_path, tmp_path):
+    """If ONNX Runtime and PyTorch disagree beyond tolerance, export fails and names the largest difference."""
+    from sam2rt.export import export_model, onnx_export
+
+    monkeypatch.setattr(onnx_export, "ENCODER_TOLERANCE", -1.0)
+    with pytest.raises(ExportError, match="largest difference"):
+        export_model(get_spec("hiera_tiny"), tmp_path / "m", checkpoint=checkpoint_path, progress=False)
+    assert not (tmp_path / "m" / "manifest.json").exists()
+
+
+def test_export_rejects_both_weight_sources(tmp_path, checkpoint_path):
+    from sam2rt.export import export_model
+
+    with pytest.raises(ExportError, match="at most one"):
+        export_model(get_spec("hiera_tiny"), tmp_path, checkpoint=checkpoint_path, random_seed=1, progress=False)
+
+
+def test_model_registry():
+    from sam2rt.errors import Sam2rtError
+
+    assert get_spec("hiera_base_plus", "2.0").config_name == "configs/sam2/sam2_hiera_b+.yaml"
+    assert get_spec("hiera_large").checkpoint_filename == "sam2.1_hiera_large.pt"
+    assert get_spec("hiera_base_plus").serve_id == "hiera_b_plus"
+    with pytest.raises(Sam2rtError, match="choose one of"):
+        get_spec("hiera_huge")
