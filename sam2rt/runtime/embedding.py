@@ -41,6 +41,25 @@ class Embedding:
         feats = {k: (v.to_host() if hasattr(v, "to_host") else np.asarray(v)) for k, v in self.features.items()}
         return Embedding(feats, self.original_size, self.model_key, "cpu", dict(self.meta))
 
+    def to_device(self, target: Any) -> "Embedding":
+        """Return an Embedding whose features live where `target` computes.
+
+        `target` is a backend, a Sam2Model or a Predictor. On a GPU backend (tensorrt, onnxruntime-cuda)
+        the host features are uploaded once, so later decodes need no copy from the host; on a CPU
+        backend this is `to_host()`. An embedding already on that device is returned as is.
+        """
+        backend = target
+        for attr in ("model", "backend"):  # Predictor -> Sam2Model -> backend
+            backend = getattr(backend, attr, backend)
+        device = getattr(backend, "device", "cpu")
+        if device == self.device:
+            return self
+        host = self.to_host()
+        upload = getattr(backend, "upload_features", None)
+        if device == "cpu" or upload is None:
+            return host
+        return Embedding(upload(host.features), self.original_size, self.model_key, device, dict(self.meta))
+
     def save(self, path: str | Path) -> Path:
         """Write the embedding to an .npz file (no pickling); load it back with Embedding.load."""
         host = self.to_host()

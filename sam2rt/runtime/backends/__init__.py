@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ...errors import BackendUnavailableError
+import logging
+
+from ...errors import BackendUnavailableError, EngineMismatchError
 from ...manifest import Manifest
 from .base import Backend
 from .onnxruntime_backend import PROVIDERS, OnnxRuntimeBackend, available_providers
@@ -32,8 +34,15 @@ def available_backends() -> dict[str, str]:
 
 
 def create_backend(manifest: Manifest, name: str = "auto", threads: int | None = None) -> Backend:
-    """Instantiate backend `name` for a model directory; `auto` falls back down auto_order()."""
+    """Instantiate backend `name` for a model directory; `auto` falls back down auto_order().
+
+    `tensorrt` loads the fastest engines built for the directory; `tensorrt:fp32`, `tensorrt:fp16` or
+    `tensorrt:int8` asks for one precision.
+    """
     name = ALIASES.get(name, name)
+    precision = None
+    if name.startswith("tensorrt:"):  # "tensorrt:fp16" picks the engines of one precision
+        name, precision = name.split(":", 1)
     if name not in BACKENDS:
         raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "auto":
@@ -43,12 +52,15 @@ def create_backend(manifest: Manifest, name: str = "auto", threads: int | None =
                 return create_backend(manifest, candidate, threads)
             except BackendUnavailableError as exc:
                 reasons.append(f"{candidate}: {exc}")
+            except EngineMismatchError as exc:  # engines for another GPU/TensorRT: say so, then fall back
+                logging.getLogger("sam2rt").warning("backend 'auto' skips %s: %s", candidate, exc)
+                reasons.append(f"{candidate}: {exc}")
         raise BackendUnavailableError("no backend is available:\n  " + "\n  ".join(reasons))
     if name in PROVIDERS:
         return OnnxRuntimeBackend(manifest, name, threads)
     from .tensorrt_backend import TensorRTBackend  # imported lazily: needs tensorrt + cuda-python
 
-    return TensorRTBackend(manifest, threads=threads)
+    return TensorRTBackend(manifest, threads=threads, precision=precision)
 
 
 __all__ = ["Backend", "BACKENDS", "OnnxRuntimeBackend", "available_backends", "available_providers", "create_backend", "auto_order"]

@@ -57,12 +57,63 @@ def session_options(threads: int | None = None):
     return so
 
 
+class OrtDeviceTensor:
+    """An encoder output kept where ONNX Runtime put it (GPU memory with the CUDA/TensorRT providers).
+
+    Wraps an `onnxruntime.OrtValue`; `to_host()` copies it to a numpy array.
+    """
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self.shape = tuple(int(d) for d in value.shape())
+        self.dtype = np.dtype(np.float32)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def device(self) -> str:
+        return str(self.value.device_name())
+
+    def to_host(self) -> np.ndarray:
+        return np.asarray(self.value.numpy())
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        host = self.to_host()
+        return host if dtype is None else host.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"OrtDeviceTensor(shape={self.shape}, device={self.device!r})"
+
+
+def _trt_profile_option(profiles: list[dict]) -> dict[str, str]:
+    """ORT TensorRT EP options trt_profile_{min,opt,max}_shapes for the decoder's dynamic inputs."""
+    prof = profiles[-1]["shapes"]  # the widest profile (ORT builds one engine per session)
+    opts = {}
+    for key in ("min", "opt", "max"):
+        opts[f"trt_profile_{key}_shapes"] = ",".join(
+            f"{name}:{'x'.join(str(d) for d in shape[key])}" for name, shape in prof.items()
+        )
+    return opts
+
+
 class OnnxRuntimeBackend:
-    """Runs encoder.onnx and decoder.onnx with ONNX Runtime on the given execution providers."""
+    """Runs encoder.onnx and decoder.onnx with ONNX Runtime on the given execution providers.
+
+    With the CUDA / TensorRT providers it uses IO binding: the encoder's outputs stay in GPU memory
+    (as OrtDeviceTensor) and are bound straight to the decoder's inputs, so an embedding never makes a
+    host round trip; only the prompts go up and the masks come down. `io_binding=True` forces the same
+    path on the CPU provider (used by the tests to exercise it without a GPU).
+    """
 
     device = "cpu"
 
-    def __init__(self, manifest: Manifest, name: str = "onnxruntime-cpu", threads: int | None = None) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        name: str = "onnxruntime-cpu",
+        threads: int | None = None,
+        io_binding: bool | None = None,
+        device_id: int = 0,
+    ) -> None:
         ort = _import_ort()
         if name not in PROVIDERS:
             raise BackendUnavailableError(f"unknown onnxruntime backend {name!r}; choose one of {sorted(PROVIDERS)}")
@@ -70,15 +121,50 @@ class OnnxRuntimeBackend:
         if wanted[0] not in ort.get_available_providers():
             raise BackendUnavailableError(
                 f"backend {name!r} needs {wanted[0]}, which this onnxruntime does not offer "
-                f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu or use backend='onnxruntime-cpu'"
+                f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
+                "(on Jetson: NVIDIA's onnxruntime-gpu wheel for your JetPack) or use backend='onnxruntime-cpu'"
             )
         self.name = name
         self.threads = threads or default_threads()
-        self._encoder = self._session(ort, manifest, "encoder", wanted)
-        self._decoder = self._session(ort, manifest, "decoder", wanted)
+        self.device_id = device_id
+        on_gpu = name != "onnxruntime-cpu"
+        self.device = f"cuda:{device_id}" if on_gpu else "cpu"
+        self._ort_device = "cuda" if on_gpu else "cpu"
+        self.io_binding = on_gpu if io_binding is None else bool(io_binding)
+        self._ort = ort
+        self._encoder = self._session(ort, manifest, "encoder", self._providers(manifest, wanted, "encoder"))
+        self._decoder = self._session(ort, manifest, "decoder", self._providers(manifest, wanted, "decoder"))
+        if on_gpu and wanted[0] not in self._decoder.get_providers():
+            raise BackendUnavailableError(
+                f"backend {name!r}: onnxruntime could not initialise {wanted[0]} (is a CUDA GPU with a matching "
+                f"CUDA/cuDNN present?); providers in use: {', '.join(self._decoder.get_providers())}"
+            )
         self._enc_outputs = [o.name for o in self._encoder.get_outputs()]
 
-    def _session(self, ort, manifest: Manifest, role: str, providers: list[str]):
+    def _providers(self, manifest: Manifest, wanted: list[str], role: str) -> list:
+        out: list = []
+        for provider in wanted:
+            if provider == "CUDAExecutionProvider":
+                out.append((provider, {"device_id": self.device_id}))
+            elif provider == "TensorrtExecutionProvider":
+                opts: dict[str, Any] = {"device_id": self.device_id, "trt_fp16_enable": False}
+                cache = manifest.directory / "ort_trt_cache"
+                try:
+                    cache.mkdir(exist_ok=True)
+                    opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache),
+                                trt_timing_cache_enable=True, trt_timing_cache_path=str(cache))
+                except OSError:  # read-only model directory: build engines at every start instead
+                    pass
+                if role == "decoder":
+                    from ..engines import decoder_profiles
+
+                    opts.update(_trt_profile_option(decoder_profiles()))
+                out.append((provider, opts))
+            else:
+                out.append(provider)
+        return out
+
+    def _session(self, ort, manifest: Manifest, role: str, providers: list):
         path = manifest.graph_path(role)
         try:
             return ort.InferenceSession(str(path), sess_options=session_options(self.threads), providers=providers)
@@ -86,8 +172,26 @@ class OnnxRuntimeBackend:
             raise ModelFileError(f"{path} could not be loaded by onnxruntime ({exc}); re-run `sam2rt export`") from exc
 
     def encode(self, image: np.ndarray) -> dict[str, Any]:
-        outs = self._encoder.run(self._enc_outputs, {"image": image})
-        return dict(zip(self._enc_outputs, outs))
+        if not self.io_binding:
+            outs = self._encoder.run(self._enc_outputs, {"image": image})
+            return dict(zip(self._enc_outputs, outs))
+        io = self._encoder.io_binding()
+        io.bind_cpu_input("image", np.ascontiguousarray(image, dtype=np.float32))
+        for name in self._enc_outputs:
+            io.bind_output(name, self._ort_device, self.device_id)
+        self._encoder.run_with_iobinding(io)
+        values = io.get_outputs()
+        if self.device == "cpu":  # forced IO binding on the CPU provider: plain numpy, as without it
+            return {name: np.asarray(v.numpy()) for name, v in zip(self._enc_outputs, values)}
+        return {name: OrtDeviceTensor(v) for name, v in zip(self._enc_outputs, values)}
+
+    def upload_features(self, features: dict[str, Any]) -> dict[str, Any]:
+        """Host features -> OrtValues on this backend's device (Embedding.to_device uses this)."""
+        return {
+            k: OrtDeviceTensor(self._ort.OrtValue.ortvalue_from_numpy(
+                np.ascontiguousarray(np.asarray(v), dtype=np.float32), self._ort_device, self.device_id))
+            for k, v in features.items()
+        }
 
     def decode(
         self,
@@ -97,12 +201,28 @@ class OnnxRuntimeBackend:
         mask_input: np.ndarray,
         has_mask_input: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
-        feeds = dict(features)
-        feeds.update(
+        prompts = dict(
             point_coords=point_coords,
             point_labels=point_labels,
             mask_input=mask_input,
             has_mask_input=has_mask_input,
         )
-        low_res, iou = self._decoder.run(["low_res_masks", "iou_predictions"], feeds)
+        if not self.io_binding:
+            feeds = {k: (v.to_host() if hasattr(v, "to_host") else v) for k, v in features.items()}
+            feeds.update(prompts)
+            low_res, iou = self._decoder.run(["low_res_masks", "iou_predictions"], feeds)
+            return low_res, iou
+        io = self._decoder.io_binding()
+        for name, value in features.items():
+            if isinstance(value, OrtDeviceTensor):
+                io.bind_ortvalue_input(name, value.value)  # already on the device: no copy
+            else:
+                host = value.to_host() if hasattr(value, "to_host") else value
+                io.bind_cpu_input(name, np.ascontiguousarray(host, dtype=np.float32))
+        for name, value in prompts.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.float32))
+        for name in ("low_res_masks", "iou_predictions"):
+            io.bind_output(name, "cpu")
+        self._decoder.run_with_iobinding(io)
+        low_res, iou = io.copy_outputs_to_cpu()
         return low_res, iou

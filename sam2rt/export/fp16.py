@@ -1,0 +1,165 @@
+"""Mixed-precision ONNX graphs for FP16 TensorRT engines: FP16 everywhere except the layers that need FP32.
+
+TensorRT 11 builds only strongly typed networks (the FP16 builder flag is gone) and TensorRT 10 accepts
+them too, so sam2rt makes the precision explicit in the graph: every float tensor becomes FP16
+except around the nodes chosen by `select_fp32_nodes`, which keep FP32 with casts at their borders.
+The same graph builds on both TensorRT generations, and the list of FP32 nodes goes to the manifest.
+
+Kept in FP32, and why:
+- LayerNormalization, and the ReduceMean / Pow / Sqrt of the hand-written LayerNorm2d (plus the
+  Add / Sub / Div around them): squares of activations overflow FP16's 65504 and variances lose bits;
+- Softmax, and the MatMul computing the attention logits that feed it (Hiera's and the two-way
+  transformer's attention): large logits overflow and saturate the softmax;
+- Sin / Cos of the prompt encoder's random-Fourier positional encoding, and the MatMul feeding
+  them: pixel coordinates times the Gaussian matrix reach tens of radians, where FP16 keeps 2 decimals;
+- Cast (shape arithmetic, cheap) so integer-to-float conversions never change type under the converter.
+
+Needs `onnx` and `onnxconverter-common` (no torch): `pip install 'sam2rt[trt]'`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..errors import ExportError
+
+FP32_OP_TYPES = frozenset({"Cast", "LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Sin", "Cos"})
+NORM_OP_TYPES = frozenset({"ReduceMean", "Pow", "Sqrt"})
+ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div"})
+# Nodes a MatMul's result may pass through on its way to a softmax / sin / cos and still count as "feeding" it.
+PASS_THROUGH = frozenset({"Mul", "Div", "Add", "Sub", "Reshape", "Transpose"})
+SENSITIVE_CONSUMERS = frozenset({"Softmax", "Sin", "Cos"})
+
+
+def _import_onnx():
+    try:
+        import onnx
+    except ImportError as exc:
+        raise ExportError("building FP16 engines needs the `onnx` package: `pip install 'sam2rt[trt]'`") from exc
+    return onnx
+
+
+def _import_float16():
+    try:
+        from onnxconverter_common import float16
+    except ImportError as exc:
+        raise ExportError(
+            "building FP16 engines needs `onnxconverter-common` to write the mixed-precision graph: "
+            "`pip install 'sam2rt[trt]'` (or `pip install onnxconverter-common`)"
+        ) from exc
+    return float16
+
+
+def select_fp32_nodes(graph: Any, max_hops: int = 4) -> dict[str, str]:
+    """Names of the nodes of an ONNX graph that must stay FP32, each with the reason."""
+    producer = {out: n for n in graph.node for out in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    keep: dict[str, str] = {}
+    for n in graph.node:
+        if n.op_type in FP32_OP_TYPES:
+            keep[n.name] = n.op_type
+    for n in graph.node:
+        if n.op_type in ("MatMul", "Gemm"):
+            frontier, hit = [n], None
+            for _ in range(max_hops):
+                nxt = []
+                for node in frontier:
+                    for out in node.output:
+                        for c in consumers.get(out, []):
+                            if c.op_type in SENSITIVE_CONSUMERS:
+                                hit = c.op_type
+                            elif c.op_type in PASS_THROUGH:
+                                nxt.append(c)
+                if hit or not nxt:
+                    break
+                frontier = nxt
+            if hit:
+                keep[n.name] = f"{n.op_type} feeding {hit}"
+        elif n.op_type in ELEMENTWISE:
+            ins = [producer.get(i) for i in n.input]
+            outs = [c for o in n.output for c in consumers.get(o, [])]
+            if any(p is not None and p.op_type in NORM_OP_TYPES for p in ins) or any(c.op_type in NORM_OP_TYPES for c in outs):
+                keep[n.name] = f"{n.op_type} in a normalisation"
+    return keep
+
+
+def _name_unnamed(graph: Any) -> None:
+    for i, n in enumerate(graph.node):
+        if not n.name:
+            n.name = f"{n.op_type}_{i}_sam2rt"
+
+
+def _inline_initializer_aliases(graph: Any) -> int:
+    """Replace `Identity(initializer)` aliases (torch's shared weights) by the initializer itself.
+
+    The FP16 converter otherwise converts the alias and the FP32 node reading it disagrees on its type.
+    """
+    inits = {i.name for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    alias, kept = {}, []
+    for n in graph.node:
+        if n.op_type == "Identity" and n.input and n.input[0] in inits and n.output[0] not in outputs:
+            alias[n.output[0]] = n.input[0]
+        else:
+            kept.append(n)
+    for n in kept:
+        for k, name in enumerate(n.input):
+            if name in alias:
+                n.input[k] = alias[name]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return len(alias)
+
+
+def convert_to_mixed_fp16(src: str | Path, dst: str | Path, extra_fp32: Iterable[str] = ()) -> dict[str, str]:
+    """Write `dst`: `src` with FP16 weights and activations except the FP32 nodes; inputs/outputs stay FP32.
+
+    Returns the FP32 node names with their reasons (what the manifest records).
+    """
+    onnx = _import_onnx()
+    float16 = _import_float16()
+    model = onnx.load(str(src))
+    graph = model.graph
+    _name_unnamed(graph)
+    _inline_initializer_aliases(graph)
+    keep = select_fp32_nodes(graph)
+    for name in extra_fp32:
+        keep.setdefault(name, "requested")
+    # onnxconverter-common's cast clean-up pass crashes on some graphs (a list where a node is expected);
+    # the redundant casts it would remove are folded by TensorRT anyway, so it is skipped.
+    original_cleanup = getattr(float16, "remove_unnecessary_cast_node", None)
+    if original_cleanup is not None:
+        float16.remove_unnecessary_cast_node = lambda graph: None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "the float32 number 1e-08 will be truncated to 1e-07", per weight
+            converted = float16.convert_float_to_float16(
+                model,
+                keep_io_types=True,
+                node_block_list=sorted(keep),
+                op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST),
+            )
+    except Exception as exc:
+        raise ExportError(f"could not convert {src} to mixed FP16 ({type(exc).__name__}: {exc})") from exc
+    finally:
+        if original_cleanup is not None:
+            float16.remove_unnecessary_cast_node = original_cleanup
+    onnx.save(converted, str(dst))
+    try:
+        onnx.checker.check_model(str(dst))
+    except Exception as exc:
+        raise ExportError(f"the mixed FP16 graph {dst} fails onnx.checker: {exc}") from exc
+    return keep
+
+
+def summarize(keep: dict[str, str]) -> dict[str, int]:
+    """Counts of FP32 nodes by reason (for progress output and the manifest)."""
+    out: dict[str, int] = {}
+    for reason in keep.values():
+        out[reason] = out.get(reason, 0) + 1
+    return dict(sorted(out.items()))

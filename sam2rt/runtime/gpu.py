@@ -1,0 +1,285 @@
+"""Thin CUDA runtime helpers over `cuda-python` (no torch, no pycuda): device buffers, pinned host buffers,
+streams and CUDA graphs, for the TensorRT backend.
+
+`cuda-python` is imported lazily and in either of its layouts (`cuda.bindings.runtime` from cuda-python
+>= 12.6 / cuda-bindings, `cuda.cudart` from older releases), so the module imports everywhere and
+nothing here assumes x86-64: on Jetson the same code runs against JetPack's CUDA.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, Sam2rtError
+
+log = logging.getLogger("sam2rt")
+
+_CUDART: Any = None
+
+
+class CudaError(Sam2rtError):
+    """A CUDA runtime call failed (out of memory, a lost device, an illegal address...)."""
+
+
+def import_cudart():
+    """The CUDA runtime bindings of cuda-python, or BackendUnavailableError saying how to install them."""
+    global _CUDART
+    if _CUDART is None:
+        try:
+            from cuda.bindings import runtime as cudart  # cuda-python >= 12.6 (cuda-bindings)
+        except ImportError:
+            try:
+                from cuda import cudart  # type: ignore[no-redef]  # older cuda-python
+            except ImportError as exc:
+                raise BackendUnavailableError(
+                    "cuda-python is not installed: `pip install 'cuda-python>=12'` (its major version must match the "
+                    "CUDA of your driver / JetPack: 12.x for JetPack 6, 13.x for a CUDA 13 driver)"
+                ) from exc
+        _CUDART = cudart
+    return _CUDART
+
+
+def _error_text(cudart, err) -> str:
+    try:
+        name = cudart.cudaGetErrorName(err)[1]
+        text = cudart.cudaGetErrorString(err)[1]
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        text = text.decode() if isinstance(text, bytes) else str(text)
+        return f"{name}: {text}"
+    except Exception:  # pragma: no cover - only when the bindings themselves misbehave
+        return str(err)
+
+
+def call(fn, *args):
+    """Call a cuda-python function, raise CudaError on failure, return its result(s) without the error code."""
+    out = fn(*args)
+    err, rest = out[0], out[1:]
+    if int(err) != 0:
+        raise CudaError(f"{getattr(fn, '__name__', fn)} failed: {_error_text(import_cudart(), err)}")
+    if not rest:
+        return None
+    return rest[0] if len(rest) == 1 else rest
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    compute_capability: str  # "8.7", "9.0"
+    total_memory: int
+    integrated: bool  # True on Jetson (the GPU shares the SoC's memory)
+
+    @property
+    def sm(self) -> str:
+        return "sm_" + self.compute_capability.replace(".", "")
+
+
+def gpu_info(device: int = 0) -> GpuInfo:
+    """Name, compute capability and memory of CUDA device `device` (CudaError if there is none)."""
+    cudart = import_cudart()
+    props = call(cudart.cudaGetDeviceProperties, device)
+    name = props.name
+    if isinstance(name, (bytes, bytearray)):
+        name = bytes(name).split(b"\0", 1)[0].decode(errors="replace")
+    return GpuInfo(device, str(name).strip(), f"{props.major}.{props.minor}", int(props.totalGlobalMem), bool(props.integrated))
+
+
+def cuda_status(device: int = 0) -> str:
+    """'available' or why no CUDA device can be used (never raises)."""
+    try:
+        cudart = import_cudart()
+    except BackendUnavailableError as exc:
+        return f"unavailable: {exc}"
+    try:
+        count = call(cudart.cudaGetDeviceCount)
+    except CudaError as exc:
+        return f"unavailable: no usable CUDA device ({exc}); is an NVIDIA GPU with its driver present?"
+    if count <= device:
+        return f"unavailable: CUDA device {device} requested but {count} present"
+    return "available"
+
+
+def set_device(device: int = 0) -> None:
+    call(import_cudart().cudaSetDevice, device)
+
+
+# --- memory ---------------------------------------------------------------------------------------
+def _memcpy_kind(name: str):
+    return getattr(import_cudart().cudaMemcpyKind, name)
+
+
+class DeviceArray:
+    """A C-contiguous array in GPU memory: `shape`, `dtype`, `nbytes`, `ptr`; `to_host()` copies it back.
+
+    Each allocation gets a unique `token`, so a consumer can tell "the same buffer as last time" without
+    relying on `id()` (which Python reuses after garbage collection).
+    """
+
+    _tokens = itertools.count(1)
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any = np.float32, device: int = 0) -> None:
+        self._cudart = import_cudart()
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        self.device_index = device
+        self.ptr = 0
+        self.ptr = int(call(self._cudart.cudaMalloc, max(self.nbytes, 1)))
+        self.token = next(DeviceArray._tokens)
+
+    @property
+    def device(self) -> str:
+        return f"cuda:{self.device_index}"
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @classmethod
+    def from_host(cls, array: np.ndarray, device: int = 0) -> "DeviceArray":
+        array = np.ascontiguousarray(array)
+        out = cls(array.shape, array.dtype, device)
+        out.copy_from_host(array)
+        return out
+
+    def copy_from_host(self, array: np.ndarray, stream: "Stream | None" = None) -> None:
+        """Copy a host array of the same size and dtype into this buffer (synchronously unless `stream`)."""
+        array = np.ascontiguousarray(array, dtype=self.dtype)
+        if array.nbytes != self.nbytes:
+            raise ValueError(f"cannot copy {array.shape} {array.dtype} into a device array of {self.shape} {self.dtype}")
+        kind = _memcpy_kind("cudaMemcpyHostToDevice")
+        if stream is None:
+            call(self._cudart.cudaMemcpy, self.ptr, array.ctypes.data, self.nbytes, kind)
+        else:
+            call(self._cudart.cudaMemcpyAsync, self.ptr, array.ctypes.data, self.nbytes, kind, stream.handle)
+            stream.synchronize()  # the host array may be pageable and temporary: finish before returning
+
+    def to_host(self) -> np.ndarray:
+        """A numpy copy of the buffer (synchronous)."""
+        out = np.empty(self.shape, self.dtype)
+        if self.nbytes:
+            call(self._cudart.cudaMemcpy, out.ctypes.data, self.ptr, self.nbytes, _memcpy_kind("cudaMemcpyDeviceToHost"))
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        host = self.to_host()
+        return host if dtype is None else host.astype(dtype)
+
+    def free(self) -> None:
+        if self.ptr:
+            ptr, self.ptr = self.ptr, 0
+            try:
+                self._cudart.cudaFree(ptr)
+            except Exception:  # pragma: no cover - interpreter shutdown
+                pass
+
+    def __del__(self) -> None:
+        self.free()
+
+    def __repr__(self) -> str:
+        return f"DeviceArray(shape={self.shape}, dtype={self.dtype}, device={self.device!r})"
+
+
+class PinnedBuffer:
+    """Page-locked host memory with a numpy view (`array`), for fast and asynchronous uploads."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any = np.float32) -> None:
+        self._cudart = import_cudart()
+        self.dtype = np.dtype(dtype)
+        self.shape = tuple(int(s) for s in shape)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        self.ptr = 0
+        self.ptr = int(call(self._cudart.cudaMallocHost, max(self.nbytes, 1)))
+        raw = (ctypes.c_byte * max(self.nbytes, 1)).from_address(self.ptr)
+        self.array = np.frombuffer(raw, dtype=self.dtype, count=int(np.prod(self.shape))).reshape(self.shape)
+
+    def view(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The first prod(shape) elements, reshaped (for dynamic shapes inside a max-size buffer)."""
+        n = int(np.prod(shape, dtype=np.int64))
+        return self.array.reshape(-1)[:n].reshape(shape)
+
+    def free(self) -> None:
+        if self.ptr:
+            ptr, self.ptr = self.ptr, 0
+            self.array = None  # type: ignore[assignment]
+            try:
+                self._cudart.cudaFreeHost(ptr)
+            except Exception:  # pragma: no cover
+                pass
+
+    def __del__(self) -> None:
+        self.free()
+
+
+class Stream:
+    """A non-blocking CUDA stream; `handle` is the integer TensorRT's execute_async_v3 takes."""
+
+    def __init__(self) -> None:
+        self._cudart = import_cudart()
+        self.stream = call(self._cudart.cudaStreamCreateWithFlags, self._cudart.cudaStreamNonBlocking)
+        self.handle = int(self.stream)
+
+    def synchronize(self) -> None:
+        call(self._cudart.cudaStreamSynchronize, self.stream)
+
+    def memcpy_htod(self, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
+        call(self._cudart.cudaMemcpyAsync, dst_ptr, src_ptr, nbytes, _memcpy_kind("cudaMemcpyHostToDevice"), self.stream)
+
+    def memcpy_dtoh(self, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
+        call(self._cudart.cudaMemcpyAsync, dst_ptr, src_ptr, nbytes, _memcpy_kind("cudaMemcpyDeviceToHost"), self.stream)
+
+    def memcpy_dtod(self, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
+        call(self._cudart.cudaMemcpyAsync, dst_ptr, src_ptr, nbytes, _memcpy_kind("cudaMemcpyDeviceToDevice"), self.stream)
+
+    def destroy(self) -> None:
+        if self.stream is not None:
+            stream, self.stream = self.stream, None
+            try:
+                self._cudart.cudaStreamDestroy(stream)
+            except Exception:  # pragma: no cover
+                pass
+
+    def __del__(self) -> None:
+        self.destroy()
+
+
+class CudaGraph:
+    """A CUDA graph captured from the work `fn()` enqueues on `stream`; `launch()` replays it as one launch."""
+
+    def __init__(self, stream: Stream, fn) -> None:
+        self._cudart = cudart = import_cudart()
+        self.stream = stream
+        self.graph = self.exec = None
+        call(cudart.cudaStreamBeginCapture, stream.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
+        try:
+            fn()
+        except BaseException:
+            try:  # end the capture so the stream is usable again
+                cudart.cudaStreamEndCapture(stream.stream)
+            except Exception:  # pragma: no cover
+                pass
+            raise
+        self.graph = call(cudart.cudaStreamEndCapture, stream.stream)
+        self.exec = call(cudart.cudaGraphInstantiate, self.graph, 0)
+
+    def launch(self) -> None:
+        call(self._cudart.cudaGraphLaunch, self.exec, self.stream.stream)
+
+    def destroy(self) -> None:
+        try:
+            if self.exec is not None:
+                self._cudart.cudaGraphExecDestroy(self.exec)
+            if self.graph is not None:
+                self._cudart.cudaGraphDestroy(self.graph)
+        except Exception:  # pragma: no cover
+            pass
+        self.exec = self.graph = None
+
+    def __del__(self) -> None:
+        self.destroy()
