@@ -1,0 +1,206 @@
+"""Unit tests of the server's pieces (no server process): caches, the logits subset rule, mask
+encodings, image decoding and request parsing."""
+
+from __future__ import annotations
+
+import base64
+import io
+import pickle
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+from PIL import Image  # noqa: E402
+
+from sam2rt.serve.cache import ByteLRU, LogitsEntry, find_prior_logits, strict_subset_match  # noqa: E402
+from sam2rt.serve.config import ServeConfig  # noqa: E402
+from sam2rt.serve.encode import mask_to_polygons, mask_to_rle, polygons_to_mask, rle_to_mask, to_npz  # noqa: E402
+from sam2rt.serve.errors import ApiError  # noqa: E402
+from sam2rt.serve.images import content_id, decode_image  # noqa: E402
+from sam2rt.serve.schemas import parse_json_body, parse_mask_input, parse_prompts  # noqa: E402
+
+
+# --- ByteLRU ------------------------------------------------------------------------------------
+def test_byte_lru_bounds_bytes_and_evicts_least_recent() -> None:
+    c: ByteLRU[str, bytes] = ByteLRU(10, len)
+    assert c.put("a", b"1234") and c.put("b", b"1234")
+    assert c.get("a") == b"1234"  # a is now the most recent
+    assert c.put("c", b"1234")  # 12 > 10: evicts b, the least recently used
+    assert "b" not in c and "a" in c and "c" in c
+    assert c.nbytes == 8 <= c.max_bytes and c.evictions == 1
+    assert not c.put("huge", b"x" * 11)  # larger than the bound: not stored, nothing evicted
+    assert len(c) == 2 and c.nbytes == 8
+    assert c.get("missing") is None and c.misses == 1 and c.hits == 1
+    assert c.put("a", b"12") and c.nbytes == 6  # replacing an entry re-counts its size
+
+
+# --- logits cache: the reference's strict-subset rule ----------------------------------------------
+def _ps(*prompts: tuple) -> tuple:
+    return tuple((box, frozenset(points)) for box, points in prompts)
+
+
+P1, P2, P3 = (1.0, 1.0, True), (2.0, 2.0, False), (3.0, 3.0, True)
+
+
+def test_strict_subset_rule() -> None:
+    assert strict_subset_match(_ps((None, [P1])), _ps((None, [P1, P2]))) == {0: 0}
+    assert strict_subset_match(_ps((None, [P1])), _ps((None, [P1]))) is None  # equal is not strict
+    assert strict_subset_match(_ps(((0, 0, 5, 5), [P1])), _ps((None, [P1, P2]))) is None  # boxes must match
+    assert strict_subset_match(_ps((None, [P3])), _ps((None, [P1, P2]))) is None
+    # two prompts: each sub prompt needs its own super prompt
+    assert strict_subset_match(_ps((None, [P1]), (None, [P2])), _ps((None, [P1, P2]))) is None
+    assert strict_subset_match(_ps((None, [P2])), _ps((None, [P1]), (None, [P2, P3]))) == {0: 1}
+
+
+def test_find_prior_prefers_one_point_fewer_else_largest() -> None:
+    cur = _ps((None, [P1, P2, P3]))
+    one = LogitsEntry(_ps((None, [P1])), np.full((1, 256, 256), 1.0, np.float32))
+    two = LogitsEntry(_ps((None, [P1, P2])), np.full((1, 256, 256), 2.0, np.float32))
+    other = LogitsEntry(_ps(((0, 0, 1, 1), [P1])), np.full((1, 256, 256), 9.0, np.float32))
+    got = find_prior_logits([one, other, two], cur)  # newest first; `two` has exactly one point fewer
+    assert list(got) == [0] and got[0][0, 0] == 2.0
+    got = find_prior_logits([other, one], _ps((None, [P1, P2, P3, (4.0, 4.0, True)])))
+    assert got[0][0, 0] == 1.0  # no one-fewer match: the largest strict subset
+    assert find_prior_logits([other], cur) == {}
+
+
+# --- mask encodings ---------------------------------------------------------------------------------
+def test_polygons_of_masks() -> None:
+    assert mask_to_polygons(np.zeros((8, 8), bool)) == [[]]
+    m = np.zeros((20, 30), bool)
+    m[2:6, 3:9] = True  # a rectangle: four corners, (x, y) order
+    m[10, 20] = True  # a one-pixel component is kept too
+    polys = mask_to_polygons(m)
+    assert len(polys) == 2
+    rect = next(p for p in polys if len(p) == 4)
+    assert sorted(map(tuple, rect)) == [(3, 2), (3, 5), (8, 2), (8, 5)]
+    assert [[20, 10]] in polys
+    assert np.array_equal(polygons_to_mask(polys, m.shape), m)
+
+
+def test_rle_and_npz_round_trip() -> None:
+    rng = np.random.default_rng(0)
+    m = rng.random((37, 53)) > 0.5
+    rle = mask_to_rle(m)
+    assert rle["size"] == [37, 53] and isinstance(rle["counts"], str)
+    assert np.array_equal(rle_to_mask(rle), m)
+    data = to_npz(rng.normal(size=(2, 37, 53)), rng.normal(size=(2, 256, 256)))
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        assert z["masks"].shape == (2, 37, 53) and z["low_res_masks"].shape == (2, 256, 256)
+
+
+# --- images ---------------------------------------------------------------------------------------------
+CFG = ServeConfig(max_image_pixels=100_000)
+
+
+def _png(arr: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _status(image: object, cfg: ServeConfig = CFG) -> tuple[int, str]:
+    with pytest.raises(ApiError) as ei:
+        decode_image(image, cfg)
+    return ei.value.status, ei.value.message
+
+
+def test_decode_base64_png_with_and_without_data_prefix() -> None:
+    arr = np.random.default_rng(1).integers(0, 255, (21, 34, 3), dtype=np.uint8)
+    data = _png(arr)
+    assert np.array_equal(decode_image({"type": "base64", "value": _b64(data)}, CFG), arr)
+    assert np.array_equal(decode_image({"type": "base64", "value": "data:image/png;base64," + _b64(data)}, CFG), arr)
+    gray = decode_image({"type": "base64", "value": _b64(_png(arr[..., 0]))}, CFG)
+    assert gray.shape == (21, 34, 3) and np.array_equal(gray[..., 2], arr[..., 0])
+
+
+def test_exif_orientation_is_applied() -> None:
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :10] = 255  # left band
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    out = decode_image({"type": "base64", "value": _b64(_png(arr, exif=exif))}, CFG)
+    assert out.shape == (40, 20, 3)
+    assert np.array_equal(out, np.rot90(arr, -1))  # the left band is now on top
+
+
+def test_numpy_npy_accepted_pickle_refused() -> None:
+    bgr = np.random.default_rng(2).integers(0, 255, (9, 7, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.save(buf, bgr)
+    out = decode_image({"type": "numpy", "value": _b64(buf.getvalue())}, CFG)
+    assert np.array_equal(out, bgr[..., ::-1])  # numpy images are BGR, as the reference and the client
+    status, msg = _status({"type": "numpy", "value": _b64(pickle.dumps(bgr))})
+    assert status == 400 and "pickle" in msg and "base64" in msg
+    status, msg = _status({"type": "numpy_object", "value": [[1]]})
+    assert status == 400 and "accepted image types" in msg
+
+
+def test_bad_images_are_4xx() -> None:
+    assert _status({"type": "base64", "value": _b64(b"not an image")})[0] == 400
+    assert _status({"type": "base64", "value": "!!!"})[0] == 400
+    assert _status({"type": "base64", "value": _b64(_png(np.zeros((10, 10, 3), np.uint8))[:40])})[0] == 400
+    assert _status({"type": "url", "value": "http://127.0.0.1:1/x.png"})[1].count("--allow-url-images") == 1
+    assert _status({"type": "file", "value": "/etc/passwd"})[0] == 400
+    assert _status({"value": "x"})[0] == 400
+    assert _status(123)[0] == 400
+    # over the pixel limit, and a decompression bomb (a 1-bit PNG claiming 400 megapixels): 413
+    assert _status({"type": "base64", "value": _b64(_png(np.zeros((400, 400, 3), np.uint8)))})[0] == 413
+    buf = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buf, "PNG")
+    assert len(buf.getvalue()) < 200_000
+    assert _status({"type": "base64", "value": _b64(buf.getvalue())}, ServeConfig())[0] == 413
+
+
+def test_content_id_depends_on_pixels_and_shape() -> None:
+    a = np.zeros((4, 6, 3), np.uint8)
+    b = a.copy()
+    b[0, 0, 0] = 1
+    assert content_id(a) == content_id(a.copy()) != content_id(b)
+    assert content_id(a) != content_id(a.reshape(6, 4, 3))
+
+
+# --- request parsing -------------------------------------------------------------------------------------
+def test_json_body_refuses_nan_inf_and_non_objects() -> None:
+    for raw in (b'{"a": NaN}', b'{"a": -Infinity}', b'{"a": 1e400}', b"{", b"", b"\xff\xfe"):
+        with pytest.raises(ApiError) as ei:
+            parse_json_body(raw)
+        assert ei.value.status == 400
+    with pytest.raises(ApiError) as ei:
+        parse_json_body(b"[1, 2]")
+    assert ei.value.status == 422
+    assert parse_json_body(b'{"a": 1.5}') == {"a": 1.5}
+
+
+def test_prompts_in_three_shapes_and_errors() -> None:
+    one = {"box": {"x": 5, "y": 6, "width": 4, "height": 2}, "points": [{"x": 1, "y": 2, "positive": False}]}
+    for raw in ({"prompts": [one]}, [one], one):
+        (p,) = parse_prompts(raw)
+        assert p.box.xyxy() == (3.0, 5.0, 7.0, 7.0)  # x, y is the box centre
+        assert p.points[0].positive is False
+    for raw in (None, [], {"prompts": []}, {"prompts": None}, [{}]):
+        with pytest.raises(ApiError) as ei:
+            parse_prompts(raw)
+        assert ei.value.status == 400 and "prompt" in ei.value.message
+    for raw in ([{"points": [{"x": "1", "y": 2, "positive": True}]}], [{"points": [{"x": 1, "y": 2, "positive": "yes"}]}],
+                [{"box": {"x": 1, "y": 2, "width": -1, "height": 1}}], "box", [{"points": [{"x": 1, "y": 2}]}]):
+        with pytest.raises(ApiError) as ei:
+            parse_prompts(raw)
+        assert ei.value.status == 422, raw
+
+
+def test_mask_input_shapes() -> None:
+    lo = np.zeros((256, 256), np.float32)
+    assert len(parse_mask_input(lo.tolist(), "json", 3)) == 3
+    buf = io.BytesIO()
+    np.save(buf, np.stack([lo, lo + 1])[:, None])
+    got = parse_mask_input(_b64(buf.getvalue()), "binary", 2)
+    assert got[1].shape == (1, 256, 256) and got[1][0, 0, 0] == 1
+    for value, fmt in ((np.zeros((2, 256, 256)).tolist(), "json"), ([[1, 2], [3]], "json"), ("x", "xml")):
+        with pytest.raises(ApiError):
+            parse_mask_input(value, fmt, 3)
