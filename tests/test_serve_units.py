@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -204,3 +205,79 @@ def test_mask_input_shapes() -> None:
     for value, fmt in ((np.zeros((2, 256, 256)).tolist(), "json"), ([[1, 2], [3]], "json"), ("x", "xml")):
         with pytest.raises(ApiError):
             parse_mask_input(value, fmt, 3)
+
+
+# --- the app without a model (FastAPI's TestClient, in process) -------------------------------------------
+def test_url_images_only_when_allowed(tmp_path) -> None:
+    import http.server
+    import threading
+
+    arr = np.random.default_rng(3).integers(0, 255, (12, 16, 3), dtype=np.uint8)
+    (tmp_path / "a.png").write_bytes(_png(arr))
+    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path), **kw)  # noqa: E731
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/a.png"
+        assert "--allow-url-images" in _status({"type": "url", "value": url})[1]
+        allowed = ServeConfig(allow_url_images=True)
+        assert np.array_equal(decode_image({"type": "url", "value": url}, allowed), arr)
+        assert _status({"type": "url", "value": url.replace("a.png", "missing.png")}, allowed)[0] == 400
+        assert _status({"type": "url", "value": "file:///etc/passwd"}, allowed)[0] == 400
+    finally:
+        httpd.shutdown()
+
+
+def test_app_routing_checks_without_a_model() -> None:
+    from fastapi.testclient import TestClient
+
+    from sam2rt.serve.app import create_app
+    from sam2rt.serve.state import Sam2Server
+
+    cfg = ServeConfig(api_key="k", max_body_bytes=1000, max_queue=4)
+    with TestClient(create_app(cfg, Sam2Server(cfg, models={}))) as client:
+        ok = {"image_id": "i", "prompts": [{"points": [{"x": 1, "y": 1, "positive": True}]}]}
+        assert client.post("/sam2/segment_image", json=ok).status_code == 401
+        assert client.post("/sam2/segment_image?api_key=k", json=ok).status_code == 404  # no model loaded
+        r = client.post("/sam2/segment_image", json={**ok, "api_key": "k", "sam2_version_id": "hiera_small"})
+        assert r.status_code == 404 and "loaded: none" in r.json()["message"]
+        r = client.post("/sam2/segment_image", headers={"Authorization": "Bearer k"}, content=b"x" * 2000)
+        assert r.status_code == 413 and "--max-body-mb" in r.json()["message"]
+        many = {**ok, "api_key": "k", "prompts": [ok["prompts"][0]] * 300}
+        cfg.max_body_bytes = 1 << 20
+        r = client.post("/sam2/segment_image", json=many)
+        assert r.status_code == 400 and "at most 256" in r.json()["message"]
+        assert client.get("/nowhere").json()["message"].startswith("no route")
+        assert client.get("/sam2/segment_image").status_code == 405
+        assert client.get("/readiness").json() == {"status": "ready"}
+
+
+def test_readiness_while_loading_and_after_a_failed_load(tmp_path) -> None:
+    from fastapi.testclient import TestClient
+
+    from sam2rt.serve.app import create_app
+
+    errors: list[str] = []
+    cfg = ServeConfig(model_dirs=[tmp_path / "missing"])
+    app = create_app(cfg, on_load_error=errors.append)
+    client = TestClient(app)
+    assert client.get("/readiness").status_code == 503  # lifespan not started: models not loaded
+    with client:
+        for _ in range(200):
+            if errors:
+                break
+            time.sleep(0.05)
+        r = client.get("/readiness")
+        assert r.status_code == 503 and r.json()["status"] == "failed" and "does not exist" in r.json()["message"]
+        r = client.post("/sam2/embed_image", json={"image_id": "x"})
+        assert r.status_code == 503 and "Retry-After" in r.headers
+    assert errors and "does not exist" in errors[0]
+
+
+def test_cli_refuses_a_wrong_model_dir(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "sam2rt", "serve", "--model-dir", str(tmp_path / "nope"), "--port", "1"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "does not exist" in r.stderr

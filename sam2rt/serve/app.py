@@ -171,6 +171,9 @@ def create_app(cfg: ServeConfig, server: Sam2Server | None = None,
                 raise ApiError(400, f"format must be one of {', '.join(FORMATS)} (json: polygons, rle: COCO RLE, "
                                     f"binary: an npz file), got {req.format!r}")
             prompts = parse_prompts(req.prompts)
+            if len(prompts) > cfg.max_prompts:
+                raise ApiError(400, f"{len(prompts)} prompts in one request; this server takes at most "
+                                    f"{cfg.max_prompts}: split them over several requests with the same image_id")
             srv.model_for(req.sam2_version_id)
             mask_inputs: list[np.ndarray | None] = [None] * len(prompts)
             if req.mask_input is not None:

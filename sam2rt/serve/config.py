@@ -27,3 +27,6 @@ class ServeConfig:
     url_timeout_s: float = 10.0
     decode_workers: int = 2
     retry_after_s: int = 1
+    max_prompts: int = 256
+    upsample_budget_bytes: int = 256 * MB
+    max_binary_bytes: int = 512 * MB

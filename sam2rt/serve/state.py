@@ -203,18 +203,31 @@ class Sam2Server:
             except InputError as exc:
                 h, w = emb.original_size
                 raise ApiError(400, f"prompts[{i}]: {exc} (image is {w}x{h})") from None
+        h, w = emb.original_size
+        if fmt == "binary" and len(prompts) * h * w * 4 > self.cfg.max_binary_bytes:
+            raise ApiError(413, f"the binary answer ({len(prompts)} x {h} x {w} float32 logits) would be over "
+                                f"{self.cfg.max_binary_bytes >> 20} MB; use format 'rle', or fewer prompts per request")
+        # decode in chunks so that the full-size logits of many prompts on a large image stay within a budget
+        # (each prompt's result equals decoding it alone, so chunking changes no result)
+        chunk = max(1, self.cfg.upsample_budget_bytes // ((3 if multimask else 1) * h * w * 4))
         t0 = time.perf_counter()
-        out = model.decode(emb, prompts, multimask_output=multimask, return_logits=True).best()
-        logits, scores, low_res = out.masks[:, 0], out.scores[:, 0], out.low_res_logits[:, 0]
-        if fmt == "binary":
-            result: list[dict[str, Any]] | bytes = to_npz(logits, low_res)
-        else:
+        preds: list[dict[str, Any]] = []
+        logit_parts, low_parts = [], []
+        for start in range(0, len(prompts), chunk):
+            out = model.decode(emb, prompts[start:start + chunk], multimask_output=multimask, return_logits=True).best()
+            logits, scores, low_res = out.masks[:, 0], out.scores[:, 0], out.low_res_logits[:, 0]
+            low_parts.append(low_res)
+            if fmt == "binary":
+                logit_parts.append(logits)
+                continue
             masks = logits > model.mask_threshold
             if fmt == "rle":
-                result = [{"masks": mask_to_rle(m), "confidence": float(s), "format": "rle"} for m, s in zip(masks, scores)]
+                preds += [{"masks": mask_to_rle(m), "confidence": float(s), "format": "rle"} for m, s in zip(masks, scores)]
             else:
-                result = [{"masks": mask_to_polygons(m), "confidence": float(s), "format": "polygon"}
+                preds += [{"masks": mask_to_polygons(m), "confidence": float(s), "format": "polygon"}
                           for m, s in zip(masks, scores)]
+        low_res = np.concatenate(low_parts)
+        result: list[dict[str, Any]] | bytes = to_npz(np.concatenate(logit_parts), low_res) if fmt == "binary" else preds
         self.metrics.decode_seconds.labels(version_id).observe(time.perf_counter() - t0)
         return result, np.ascontiguousarray(low_res, dtype=np.float32)
 
