@@ -147,8 +147,9 @@ def bench_sam2rt(model_dir: Path, backend: str, image: np.ndarray, runs: int, wa
     out["decoder_1"] = timed(lambda: model.decode_raw(emb, click, click_labels, None), runs, warmup)
     b = boxes16(h, w)
     scale = np.array([1024 / w, 1024 / h, 1024 / w, 1024 / h])
-    box_coords = (b * scale).reshape(16, 2, 2).astype(np.float32)
-    box_labels = np.tile(np.array([[2.0, 3.0]], np.float32), (16, 1))
+    corners = (b * scale).reshape(16, 2, 2)
+    box_coords = np.concatenate([corners, np.zeros((16, 1, 2))], axis=1).astype(np.float32)  # + SAM's padding point
+    box_labels = np.tile(np.array([[2.0, 3.0, -1.0]], np.float32), (16, 1))
     out["decoder_16"] = timed(lambda: model.decode_raw(emb, box_coords, box_labels, None), runs, warmup)
     prompt = Prompt(points=np.array([[0.5 * w, 0.45 * h]]), labels=np.array([1]))
     out["decode_1"] = timed(lambda: model.decode(emb, prompt), runs, warmup)

@@ -198,22 +198,23 @@ def _prompt_shapes(b: int, n: int, low_res: int) -> dict[str, list[int]]:
 def decoder_profiles(max_prompts: int = 32, max_points: int = 16, low_res: int = 256) -> list[dict[str, Any]]:
     """Optimisation profiles for the decoder's dynamic prompt-batch (B) and points (N) dimensions.
 
-    "single" (B 1..4, tuned for one prompt: the interactive click loop) and, when max_prompts > 4,
-    "batch" (B 1..max_prompts, tuned for 16 prompts: many boxes at once). N runs 1..max_points,
-    tuned for 2 (one click plus SAM's padding point, or one box's two corners).
+    "single" (B 1..4, tuned for one click: B=1, N=2, the click plus SAM's padding point) and, when
+    max_prompts > 4, "batch" (B 1..max_prompts, tuned for 16 boxes: N=3, two corners plus padding).
+    N runs 1..max_points in both.
     """
     if max_prompts < 1:
         raise ValueError(f"--max-prompts must be at least 1, got {max_prompts}")
     if max_points < 2:
         raise ValueError(f"--max-points must be at least 2 (a click plus its padding point, or a box), got {max_points}")
 
-    def profile(name: str, bmax: int, bopt: int) -> dict[str, Any]:
-        lo, opt, hi = _prompt_shapes(1, 1, low_res), _prompt_shapes(bopt, 2, low_res), _prompt_shapes(bmax, max_points, low_res)
+    def profile(name: str, bmax: int, bopt: int, nopt: int) -> dict[str, Any]:
+        nopt = min(nopt, max_points)
+        lo, opt, hi = _prompt_shapes(1, 1, low_res), _prompt_shapes(bopt, nopt, low_res), _prompt_shapes(bmax, max_points, low_res)
         return {"name": name, "shapes": {k: {"min": lo[k], "opt": opt[k], "max": hi[k]} for k in DECODER_PROMPT_INPUTS}}
 
-    profiles = [profile("single", min(4, max_prompts), 1)]
+    profiles = [profile("single", min(4, max_prompts), 1, 2)]
     if max_prompts > 4:
-        profiles.append(profile("batch", max_prompts, min(16, max_prompts)))
+        profiles.append(profile("batch", max_prompts, min(16, max_prompts), 3))
     return profiles
 
 

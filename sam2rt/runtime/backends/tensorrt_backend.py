@@ -39,7 +39,7 @@ from ..gpu import CudaError, CudaGraph, DeviceArray, PinnedBuffer, Stream, cuda_
 log = logging.getLogger("sam2rt")
 
 DECODER_OUTPUTS = ("low_res_masks", "iou_predictions")
-MAX_CAPTURED_SHAPES = 16
+MAX_CAPTURED_SHAPES = 12  # each holds a copy of the decoder engine (a few MB of weights)
 
 
 def _import_trt():
@@ -61,17 +61,20 @@ def tensorrt_status() -> str:
 
 
 class _Engine:
-    """A deserialised engine, its IO tensors, and execution contexts that may share one scratch buffer."""
+    """A deserialised engine, its IO tensors, and execution contexts that may share one scratch buffer.
+
+    TensorRT lets only one execution context use an optimisation profile at a time, so each decoder
+    shape gets its own copy of the engine (`fresh=True`; the decoder's weights are a few MB) rather
+    than a second context on a shared profile.
+    """
 
     def __init__(self, trt, runtime, path, stream: Stream) -> None:
         self.trt = trt
         self.path = path
         self.stream = stream
-        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
-        if self.engine is None:
-            raise ModelFileError(
-                f"TensorRT could not deserialise {path} (see TensorRT's log above); rebuild it with `sam2rt build-engine`"
-            )
+        self.runtime = runtime
+        self.plan = path.read_bytes()
+        self.engine = self._deserialize()
         self.inputs: list[str] = []
         self.outputs: list[str] = []
         self.dtypes: dict[str, np.dtype] = {}
@@ -81,29 +84,42 @@ class _Engine:
             (self.inputs if is_input else self.outputs).append(name)
             self.dtypes[name] = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
         self._scratch: DeviceArray | None = None
-        self._scratch_size = self._device_memory_size()
+        self._scratch_size = self._device_memory_size(self.engine)
+
+    def _deserialize(self):
+        engine = self.runtime.deserialize_cuda_engine(self.plan)
+        if engine is None:
+            raise ModelFileError(
+                f"TensorRT could not deserialise {self.path} (see TensorRT's log above); rebuild it with `sam2rt build-engine`"
+            )
+        return engine
 
     def static_shape(self, name: str) -> tuple[int, ...]:
         return tuple(int(d) for d in self.engine.get_tensor_shape(name))
 
-    def _device_memory_size(self) -> int | None:
+    @staticmethod
+    def _device_memory_size(engine) -> int | None:
         for attr in ("device_memory_size_v2", "device_memory_size"):
             try:
-                size = getattr(self.engine, attr)
+                size = getattr(engine, attr)
             except Exception:
                 continue
             if isinstance(size, int) and size >= 0:
                 return size
         return None
 
-    def new_context(self, profile: int | None):
-        """An execution context on `profile`; contexts share one scratch allocation where TensorRT allows it."""
+    def new_context(self, profile: int | None, fresh: bool = False):
+        """(engine, context) on `profile`; with `fresh`, on a new copy of the engine (see the class doc).
+
+        Contexts share one scratch allocation where TensorRT allows it (they all run on one stream).
+        """
         trt = self.trt
+        engine = self._deserialize() if fresh else self.engine
         ctx = None
         strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
         if strategy is not None and self._scratch_size is not None:
             try:
-                ctx = self.engine.create_execution_context(strategy.USER_MANAGED)
+                ctx = engine.create_execution_context(strategy.USER_MANAGED)
             except Exception:  # an older/newer API: fall back to TensorRT's own allocation
                 ctx = None
             if ctx is not None:
@@ -114,20 +130,21 @@ class _Engine:
                 else:
                     ctx.device_memory = self._scratch.ptr
         if ctx is None:
-            ctx = self.engine.create_execution_context()
+            ctx = engine.create_execution_context()
         if ctx is None:
             raise CudaError(f"TensorRT could not create an execution context for {self.path.name} (out of GPU memory?)")
-        if profile is not None and self.engine.num_optimization_profiles > 1:
+        if profile is not None and engine.num_optimization_profiles > 1:
             if not ctx.set_optimization_profile_async(profile, self.stream.handle):
                 raise CudaError(f"TensorRT refused optimisation profile {profile} of {self.path.name}")
             self.stream.synchronize()
-        return ctx
+        return engine, ctx
 
 
 class _ShapeExec:
-    """One decoder shape: its context and (when capture worked) its CUDA graph."""
+    """One decoder shape: its engine copy, context and (when capture worked) its CUDA graph."""
 
-    def __init__(self, ctx, graph: CudaGraph | None) -> None:
+    def __init__(self, engine, ctx, graph: CudaGraph | None) -> None:
+        self.engine = engine
         self.ctx = ctx
         self.graph = graph
 
@@ -136,6 +153,7 @@ class _ShapeExec:
             self.graph.destroy()
         self.graph = None
         self.ctx = None
+        self.engine = None
 
 
 class TensorRTBackend:
@@ -171,6 +189,8 @@ class TensorRTBackend:
         self.use_cuda_graph = use_cuda_graph
         self.environment = env
         entry = engine_entries(manifest)[self.precision]
+        # FP32 engines compute what the ONNX graphs compute; reduced-precision embeddings get their own key
+        self.encoder_key = manifest.graph("encoder")["sha256"] if self.precision == "fp32" else entry["encoder"]["sha256"]
         self._profiles = entry["decoder"]["profiles"]
         self._max_b, self._max_n = max_decoder_shape(self._profiles)
         self._min_n = min(int(p["shapes"]["point_coords"]["min"][1]) for p in self._profiles)
@@ -186,7 +206,7 @@ class TensorRTBackend:
         self._img_shape = self._enc.static_shape("image")
         self._img_pin = PinnedBuffer(self._img_shape, self._enc.dtypes["image"])
         self._img_dev = DeviceArray(self._img_shape, self._enc.dtypes["image"], device)
-        self._enc_ctx = self._enc.new_context(0)
+        _, self._enc_ctx = self._enc.new_context(0)
         self._enc_ctx.set_input_shape("image", self._img_shape)
         self._enc_ctx.set_tensor_address("image", self._img_dev.ptr)
         self._feature_shapes = {n: self._enc.static_shape(n) for n in FEATURE_NAMES}
@@ -276,7 +296,7 @@ class TensorRTBackend:
         profile = profile_for(self._profiles, b, n)
         if profile is None:  # pragma: no cover - decode() splits and checks first
             raise InvalidPromptError(f"no decoder profile admits {b} prompts of {n} points")
-        ctx = self._dec.new_context(profile)
+        engine, ctx = self._dec.new_context(profile, fresh=True)
         for name, shape in prompt_shapes(b, n, self.low_res).items():
             if not ctx.set_input_shape(name, shape):
                 raise CudaError(f"TensorRT rejected decoder input {name} of shape {shape}")
@@ -299,7 +319,7 @@ class TensorRTBackend:
             except CudaError as exc:
                 log.warning("CUDA graph capture failed for %d prompt(s) x %d point(s), running without it: %s", b, n, exc)
                 self.stream.synchronize()
-        ex = self._shapes[key] = _ShapeExec(ctx, graph)
+        ex = self._shapes[key] = _ShapeExec(engine, ctx, graph)
         while len(self._shapes) > MAX_CAPTURED_SHAPES:
             _, old = self._shapes.popitem(last=False)
             old.destroy()
