@@ -281,3 +281,13 @@ def test_cli_refuses_a_wrong_model_dir(tmp_path) -> None:
     r = subprocess.run([sys.executable, "-m", "sam2rt", "serve", "--model-dir", str(tmp_path / "nope"), "--port", "1"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_embedding_bytes_counts_device_buffers() -> None:
+    from sam2rt.runtime import Embedding
+    from sam2rt.serve.state import embedding_bytes
+
+    host = Embedding({"image_embed": np.zeros((1, 256, 64, 64), np.float32)}, (10, 10), "k")
+    assert embedding_bytes(host) == 256 * 64 * 64 * 4
+    device = Embedding({"image_embed": object()}, (10, 10), "k", device="cuda")  # a buffer without nbytes
+    assert embedding_bytes(device) == 16 * (1 << 20)

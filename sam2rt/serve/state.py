@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 
 import numpy as np
 
-from ..errors import InputError, InvalidPromptError, Sam2rtError
+from ..errors import InputError, Sam2rtError
 from ..runtime import Embedding, Prompt, Sam2Model
 from .cache import ByteLRU, LogitsEntry, PromptSetKey, find_prior_logits
 from .config import ServeConfig
@@ -26,6 +26,15 @@ from .schemas import Sam2Prompt
 log = logging.getLogger("sam2rt.serve")
 T = TypeVar("T")
 EmbKey = tuple[str, str]  # (sam2_version_id, image_id)
+
+
+# hiera's three feature maps in float32 (the same for every variant): image_embed, high_res_feats_0/1
+EMBEDDING_BYTES_FP32 = 4 * (256 * 64 * 64 + 32 * 256 * 256 + 64 * 128 * 128)
+
+
+def embedding_bytes(emb: Embedding) -> int:
+    """Bytes an embedding holds, for the cache bound; device buffers that report no size count as fp32."""
+    return emb.nbytes or EMBEDDING_BYTES_FP32
 
 
 def prompt_set_key(prompts: list[Sam2Prompt]) -> PromptSetKey:
@@ -58,7 +67,7 @@ class Sam2Server:
         self.model_dirs: dict[str, str] = {}
         self.ready = models is not None
         self.load_error: str | None = None
-        self.embeddings: ByteLRU[EmbKey, Embedding] = ByteLRU(cfg.cache_bytes, lambda e: e.nbytes)
+        self.embeddings: ByteLRU[EmbKey, Embedding] = ByteLRU(cfg.cache_bytes, embedding_bytes)
         self.logits: ByteLRU[tuple[str, str, PromptSetKey], LogitsEntry] = ByteLRU(cfg.logits_cache_bytes, lambda e: e.nbytes)
         self.inflight: dict[EmbKey, asyncio.Future[Embedding]] = {}
         self.encode_pool = ThreadPoolExecutor(1, thread_name_prefix="sam2rt-encode")
@@ -240,5 +249,3 @@ class Sam2Server:
     def save_logits(self, version_id: str, image_id: str, current: PromptSetKey, low_res: np.ndarray) -> None:
         self.logits.put((version_id, image_id, current), LogitsEntry(current, low_res))
 
-
-__all__ = ["Sam2Server", "prompt_set_key", "to_runtime_prompt", "InvalidPromptError"]
