@@ -247,6 +247,9 @@ def test_app_routing_checks_without_a_model() -> None:
         cfg.max_body_bytes = 1 << 20
         r = client.post("/sam2/segment_image", json=many)
         assert r.status_code == 400 and "at most 256" in r.json()["message"]
+        clicks = {**ok, "api_key": "k", "prompts": [{"points": [{"x": 1, "y": 1, "positive": True}] * 129}]}
+        r = client.post("/sam2/segment_image", json=clicks)
+        assert r.status_code == 400 and "at most 128 per prompt" in r.json()["message"]
         assert client.get("/nowhere").json()["message"].startswith("no route")
         assert client.get("/sam2/segment_image").status_code == 405
         assert client.get("/readiness").json() == {"status": "ready"}

@@ -174,6 +174,10 @@ def create_app(cfg: ServeConfig, server: Sam2Server | None = None,
             if len(prompts) > cfg.max_prompts:
                 raise ApiError(400, f"{len(prompts)} prompts in one request; this server takes at most "
                                     f"{cfg.max_prompts}: split them over several requests with the same image_id")
+            for i, p in enumerate(prompts):
+                if p.points and len(p.points) > cfg.max_points_per_prompt:
+                    raise ApiError(400, f"prompts[{i}] has {len(p.points)} points; this server takes at most "
+                                        f"{cfg.max_points_per_prompt} per prompt")
             srv.model_for(req.sam2_version_id)
             mask_inputs: list[np.ndarray | None] = [None] * len(prompts)
             if req.mask_input is not None:

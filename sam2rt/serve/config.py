@@ -28,5 +28,6 @@ class ServeConfig:
     decode_workers: int = 2
     retry_after_s: int = 1
     max_prompts: int = 256
+    max_points_per_prompt: int = 128
     upsample_budget_bytes: int = 256 * MB
     max_binary_bytes: int = 512 * MB

@@ -42,9 +42,13 @@ def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
 
 def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
     """Decode `mask_to_rle`'s output back to a (H,W) bool mask."""
+    import warnings
+
     from pycocotools import mask as mask_utils
 
-    return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(bool)
+    with warnings.catch_warnings():  # pycocotools' __array__ predates numpy 2's copy keyword
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(bool)
 
 
 def to_npz(masks_logits: np.ndarray, low_res: np.ndarray) -> bytes:
