@@ -7,7 +7,8 @@ The same graph builds on both TensorRT generations, and the list of FP32 nodes g
 
 Kept in FP32, and why:
 - LayerNormalization, and the ReduceMean / Pow / Sqrt of the hand-written LayerNorm2d (plus the
-  Add / Sub / Div around them): squares of activations overflow FP16's 65504 and variances lose bits;
+  Add / Sub / Mul / Div next to them, which also catches the sqrt'd attention scale applied to q and k):
+  squares of activations overflow FP16's 65504 and variances lose bits;
 - Softmax, and the MatMul computing the attention logits that feed it (Hiera's and the two-way
   transformer's attention): large logits overflow and saturate the softmax;
 - Sin / Cos of the prompt encoder's random-Fourier positional encoding, and the MatMul feeding
@@ -83,8 +84,10 @@ def select_fp32_nodes(graph: Any, max_hops: int = 4) -> dict[str, str]:
         elif n.op_type in ELEMENTWISE:
             ins = [producer.get(i) for i in n.input]
             outs = [c for o in n.output for c in consumers.get(o, [])]
-            if any(p is not None and p.op_type in NORM_OP_TYPES for p in ins) or any(c.op_type in NORM_OP_TYPES for c in outs):
-                keep[n.name] = f"{n.op_type} in a normalisation"
+            near = [p.op_type for p in ins if p is not None and p.op_type in NORM_OP_TYPES]
+            near += [c.op_type for c in outs if c.op_type in NORM_OP_TYPES]
+            if near:  # the arithmetic of a normalisation (x - mean, var + eps, / sqrt) or of a sqrt'd scale
+                keep[n.name] = f"{n.op_type} next to {sorted(set(near))[0]}"
     return keep
 
 

@@ -258,9 +258,10 @@ def build_engine(
     fp32_nodes: dict[str, str] | None = None,
     verbose: bool = False,
     progress: bool = True,
+    printer: _Printer | None = None,
 ) -> dict[str, Any]:
     """Parse `onnx_path`, build, write `engine_path`; return what the manifest records for it."""
-    printer = _Printer(label, progress)
+    printer = printer or _Printer(label, progress)
     logger = trt.Logger(trt.Logger.INFO if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
@@ -354,7 +355,7 @@ def build_engines(
         "max_points": max_points,
         "workspace_mb": workspace_mb,
     }
-    common = dict(workspace_mb=workspace_mb, tf32=tf32, verbose=verbose, progress=progress)
+    common: dict[str, Any] = dict(workspace_mb=workspace_mb, tf32=tf32, verbose=verbose, progress=progress)
     t_all = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="sam2rt-trt-", dir=directory if os.access(directory, os.W_OK) else None))
     try:
@@ -363,14 +364,15 @@ def build_engines(
             label = f"{role} {precision}"
             engine_path = directory / engine_filename(role, precision)
             role_precision = "fp16" if precision in ("fp16", "int8") else "fp32"
+            printer = _Printer(label, progress)
+            common["printer"] = printer
             kept: dict[str, str] = {}
             if precision == "int8" and role == "encoder":
                 from .fp16 import _import_onnx, select_fp32_nodes
 
                 kept = select_fp32_nodes(_import_onnx().load(str(src), load_external_data=False).graph)
                 files = calibration_files(calib_images, calib_max) if calib_images else []
-                calibrator = _make_calibrator(trt, files, directory / "encoder.int8.calib", manifest.image_size,
-                                              _Printer(label, progress))
+                calibrator = _make_calibrator(trt, files, directory / "encoder.int8.calib", manifest.image_size, printer)
                 info = build_engine(trt, src, engine_path, label=label, strongly_typed=False,
                                     int8_calibrator=calibrator, fp32_nodes=kept, **common)
                 info.update(precision="int8", calibration={"images": len(files), "calibrator": "entropy2",
@@ -379,9 +381,9 @@ def build_engines(
                 from .fp16 import convert_to_mixed_fp16, summarize
 
                 mixed = (directory if keep_onnx else work) / f"{role}.fp16.onnx"
-                _Printer(label, progress).line(f"writing mixed-precision {mixed.name}", final=True)
+                printer.line(f"writing mixed-precision {mixed.name}", final=True)
                 kept = convert_to_mixed_fp16(src, mixed)
-                _Printer(label, progress).line(
+                printer.line(
                     "kept in FP32: " + ", ".join(f"{n} {r}" for r, n in summarize(kept).items()), final=True
                 )
                 info = build_engine(trt, mixed, engine_path, label=label, strongly_typed=True,
