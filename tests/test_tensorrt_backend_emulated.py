@@ -415,3 +415,20 @@ def test_emulated_predictor_and_embedding_save(models, emulated, tmp_path):
     loaded = Embedding.load(path)
     np.testing.assert_array_equal(trt_model.decode(loaded, _prompts(400, 600)).masks,
                                   cpu_model.decode(cpu_model.embed(img), _prompts(400, 600)).masks)
+
+
+def test_emulated_backend_is_safe_across_threads(models, emulated):
+    """A server decodes from several threads: staging buffers and the loaded embedding must not mix."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sam2rt.runtime import Prompt
+
+    trt_model, _ = models
+    embs = [trt_model.embed(photo("coffee")), trt_model.embed(photo("astronaut"))]
+    prompts = [Prompt(points=np.array([[80.0 + 40 * i, 90.0]]), labels=np.array([1])) for i in range(3)]
+    expected = {(e, p): trt_model.decode(embs[e], prompts[p]).low_res_logits for e in range(2) for p in range(3)}
+    jobs = [(e, p) for _ in range(3) for e in range(2) for p in range(3)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda job: trt_model.decode(embs[job[0]], prompts[job[1]]).low_res_logits, jobs))
+    for job, got in zip(jobs, results):
+        np.testing.assert_array_equal(got, expected[job])

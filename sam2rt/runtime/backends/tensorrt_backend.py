@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -223,10 +224,16 @@ class TensorRTBackend:
             buf.array[...] = 0
         self._loaded_token: tuple[int, ...] | None = None
         self._shapes: OrderedDict[tuple[int, int], _ShapeExec] = OrderedDict()
+        # one stream, one set of staging buffers: calls from several threads (a server) take turns
+        self._lock = threading.RLock()
 
     # --- encoder ------------------------------------------------------------------------------
     def encode(self, image: np.ndarray) -> dict[str, Any]:
         """Normalised (1,3,S,S) image -> the three features as DeviceArrays (they stay on the GPU)."""
+        with self._lock:
+            return self._encode(image)
+
+    def _encode(self, image: np.ndarray) -> dict[str, Any]:
         if tuple(image.shape) != self._img_shape:
             raise ValueError(f"the encoder engine takes an image of shape {self._img_shape}, got {image.shape}")
         np.copyto(self._img_pin.array, image, casting="same_kind")
@@ -349,6 +356,10 @@ class TensorRTBackend:
         mask_input: np.ndarray,
         has_mask_input: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            return self._decode(features, point_coords, point_labels, mask_input, has_mask_input)
+
+    def _decode(self, features, point_coords, point_labels, mask_input, has_mask_input) -> tuple[np.ndarray, np.ndarray]:
         b, n = point_coords.shape[:2]
         if not self._min_n <= n <= self._max_n:
             raise InvalidPromptError(
@@ -371,6 +382,7 @@ class TensorRTBackend:
         return {k: v.graph is not None for k, v in self._shapes.items()}
 
     def close(self) -> None:
-        for ex in self._shapes.values():
-            ex.destroy()
-        self._shapes.clear()
+        with self._lock:
+            for ex in self._shapes.values():
+                ex.destroy()
+            self._shapes.clear()
