@@ -14,6 +14,9 @@ class Backend(Protocol):
     by name (numpy arrays, or device buffers for GPU backends with `device != "cpu"`).
     `decode` takes those features plus the prompt tensors and returns host numpy arrays
     low_res_masks (B,4,256,256) and iou_predictions (B,4).
+
+    GPU backends also offer `upload_features(host_features) -> features on their device`, which
+    `Embedding.to_device` uses; their `decode` accepts host (numpy) features as well, copying them in.
     """
 
     name: str
