@@ -58,6 +58,9 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output model directory")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--int8", action="store_true",
+                   help="also write the opt-in INT8 (reduced precision) encoder, used only with precision='int8'")
+    p.add_argument("--no-optimize", action="store_true", help="skip the ORT-optimised graph copies")
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -72,6 +75,7 @@ def _run_export(args: argparse.Namespace) -> int:
     manifest = export_model(
         spec, args.out, checkpoint=args.checkpoint, random_seed=args.random_weights,
         opset=args.opset or DEFAULT_OPSET, progress=not args.quiet,
+        optimize=not getattr(args, "no_optimize", False), int8=getattr(args, "int8", False),
     )
     worst = max(manifest.data["verification"]["max_abs_diff"].values())
     print(f"exported {spec.model_id} to {args.out} in {time.perf_counter() - t0:.1f} s "

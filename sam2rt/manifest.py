@@ -111,6 +111,24 @@ class Manifest:
             return f"RANDOM weights (seed {w.get('seed')}): not a trained model, masks are meaningless"
         return f"checkpoint {w.get('checkpoint')} (sha256 {str(w.get('checkpoint_sha256'))[:12]}...)"
 
+    def variant(self, role: str, name: str) -> dict[str, Any] | None:
+        """The entry of graph variant `name` of `role` (graphs.<role>.variants.<name>), or None."""
+        return (self.graph(role).get("variants") or {}).get(name)
+
+    def verify_file(self, entry: dict[str, Any]) -> Path:
+        """Check that the file of a graph or variant entry exists and matches its sha256; return its path."""
+        path = self.directory / entry["file"]
+        if not path.is_file():
+            raise ModelFileError(f"{path} is missing; re-run `sam2rt export` into {self.directory}")
+        expected = entry.get("sha256")
+        actual = sha256_file(path)
+        if expected != actual:
+            raise ManifestError(
+                f"{path} does not match {MANIFEST_NAME} (sha256 {actual[:12]}... != {str(expected)[:12]}...): "
+                "the file was changed or the manifest belongs to another export; re-run `sam2rt export`"
+            )
+        return path
+
     # --- checks ----------------------------------------------------------------------
     def verify_graph(self, role: str) -> Path:
         """Check that a graph file exists and its sha256 matches the manifest; return its path."""

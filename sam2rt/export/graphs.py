@@ -7,7 +7,12 @@ choice among output tokens, which the runtime makes (it needs all four tokens' l
 
 from __future__ import annotations
 
+import contextlib
+import types
+from typing import Iterator
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ENCODER_INPUTS = ["image"]
@@ -22,6 +27,43 @@ DECODER_INPUTS = [
     "has_mask_input",
 ]
 DECODER_OUTPUTS = ["low_res_masks", "iou_predictions"]
+# The mask-free decoder variant (no mask_input): what most prompts need, without running the
+# mask-downscaling convolutions whose result `has_mask_input = 0` throws away.
+DECODER_NOMASK_INPUTS = DECODER_INPUTS[:5]
+
+
+# Hiera's global-attention blocks attend over 64x64 = 4096 tokens: traced as plain MatMul + Softmax,
+# one block materialises a (1, heads, 4096, 4096) float32 score matrix (256 MiB) plus its softmax.
+# Splitting the queries into chunks computes exactly the same rows (softmax is per query row) and
+# bounds that to (1, heads, CHUNK, 4096): the exported encoder's peak memory drops by ~0.4 GiB.
+ATTENTION_QUERY_CHUNK = 1024
+
+
+def _chunked_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    n = query.shape[-2]
+    if args or kwargs or n <= ATTENTION_QUERY_CHUNK:
+        return F.scaled_dot_product_attention(query, key, value, *args, **kwargs)
+    parts = [
+        F.scaled_dot_product_attention(query[..., i : i + ATTENTION_QUERY_CHUNK, :], key, value)
+        for i in range(0, n, ATTENTION_QUERY_CHUNK)
+    ]
+    return torch.cat(parts, dim=-2)
+
+
+@contextlib.contextmanager
+def chunked_encoder_attention() -> Iterator[None]:
+    """While active, the Hiera trunk's attention runs query-chunked (same results, bounded memory)."""
+    from sam2.modeling.backbones import hieradet
+
+    original = hieradet.F
+    shim = types.ModuleType("sam2rt_chunked_functional")
+    shim.__dict__.update({k: getattr(F, k) for k in dir(F) if not k.startswith("__")})
+    shim.scaled_dot_product_attention = _chunked_sdpa
+    hieradet.F = shim
+    try:
+        yield
+    finally:
+        hieradet.F = original
 
 
 class ImageEncoderGraph(nn.Module):
@@ -82,11 +124,15 @@ class PromptDecoderGraph(nn.Module):
         has_mask_input: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         pe = self.prompt_encoder
-        sparse = self._embed_points(point_coords, point_labels)
         has_mask = has_mask_input.reshape(-1, 1, 1, 1)
         dense = has_mask * pe.mask_downscaling(mask_input) + (1.0 - has_mask) * pe.no_mask_embed.weight.reshape(
             1, -1, 1, 1
         )
+        return self._decode(image_embed, high_res_feats_0, high_res_feats_1, point_coords, point_labels, dense)
+
+    def _decode(self, image_embed, high_res_feats_0, high_res_feats_1, point_coords, point_labels, dense):
+        pe = self.prompt_encoder
+        sparse = self._embed_points(point_coords, point_labels)
         masks, iou_pred, _, _ = self.mask_decoder.predict_masks(
             image_embeddings=image_embed,
             image_pe=pe.get_dense_pe(),
@@ -96,3 +142,23 @@ class PromptDecoderGraph(nn.Module):
             high_res_features=[high_res_feats_0, high_res_feats_1],
         )
         return masks, iou_pred
+
+
+class PromptDecoderNoMaskGraph(PromptDecoderGraph):
+    """PromptDecoderGraph for prompts without mask_input (inputs DECODER_NOMASK_INPUTS).
+
+    The dense prompt is the `no_mask_embed`, exactly what PromptDecoderGraph computes when
+    has_mask_input is 0 (and what the reference's prompt encoder does with masks=None), so the
+    outputs are the same; it skips the mask-downscaling convolutions over a mask nobody uses.
+    """
+
+    def forward(  # type: ignore[override]
+        self,
+        image_embed: torch.Tensor,
+        high_res_feats_0: torch.Tensor,
+        high_res_feats_1: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        return self._decode(image_embed, high_res_feats_0, high_res_feats_1, point_coords, point_labels, dense)

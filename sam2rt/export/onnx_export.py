@@ -18,13 +18,26 @@ from ..errors import ExportError
 from ..manifest import DECODER_FILE, ENCODER_FILE, FORMAT_VERSION, Manifest, sha256_file
 from ..models import IMAGE_SIZE, LOW_RES_SIZE, MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD, ModelSpec
 from .checkpoint import build_model, download_checkpoint, load_checkpoint
-from .graphs import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, ImageEncoderGraph, PromptDecoderGraph
+from .graphs import (
+    DECODER_INPUTS,
+    DECODER_NOMASK_INPUTS,
+    DECODER_OUTPUTS,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    ImageEncoderGraph,
+    PromptDecoderGraph,
+    PromptDecoderNoMaskGraph,
+    chunked_encoder_attention,
+)
+from .optimize import add_variants
 
 DEFAULT_OPSET = 17
 # Largest differences tolerated between ONNX Runtime and PyTorch before an export is refused.
 ENCODER_TOLERANCE = 1e-3
 DECODER_LOGIT_TOLERANCE = 1e-3
 DECODER_IOU_TOLERANCE = 1e-4
+
+DECODER_NOMASK_FILE = "decoder_nomask.onnx"
 
 DYNAMIC_AXES = {
     "point_coords": {0: "num_prompts", 1: "num_points"},
@@ -95,11 +108,16 @@ def export_model(
     random_seed: int | None = None,
     opset: int = DEFAULT_OPSET,
     progress: bool = True,
+    optimize: bool = True,
+    int8: bool = False,
 ) -> Manifest:
     """Export `spec` to out_dir and return its manifest.
 
     Weights come from `checkpoint` (an official .pt file), or from `random_seed` (random weights,
     recorded as such), or else from the official download (CheckpointError when offline).
+    Besides the two graphs it writes the mask-free decoder (decoder_nomask.onnx, used for prompts
+    without mask_input), ORT-optimised copies of each graph (`optimize`), and with `int8` the
+    opt-in INT8 encoder; all are recorded in the manifest with their sha256 (see export.optimize).
     """
     if checkpoint is not None and random_seed is not None:
         raise ExportError("give at most one of --checkpoint and --random-weights")
@@ -108,7 +126,7 @@ def export_model(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    steps = _Steps(["weights", "encoder", "decoder", "check", "verify", "manifest"], progress)
+    steps = _Steps(["weights", "encoder", "decoder", "decoder_nomask", "check", "verify", "manifest", "variants"], progress)
     try:
         with steps.step("building model + loading weights"):
             if random_seed is None and checkpoint is None:
@@ -126,10 +144,11 @@ def export_model(
             image = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
                 feats = encoder(image)
-        enc_path, dec_path = out / ENCODER_FILE, out / DECODER_FILE
+        enc_path, dec_path, nomask_path = out / ENCODER_FILE, out / DECODER_FILE, out / DECODER_NOMASK_FILE
+        decoder_nomask = PromptDecoderNoMaskGraph(model).eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with steps.step("exporting encoder.onnx"), torch.no_grad():
+            with steps.step("exporting encoder.onnx"), torch.no_grad(), chunked_encoder_attention():
                 torch.onnx.export(
                     encoder, (image,), str(enc_path), input_names=ENCODER_INPUTS, output_names=ENCODER_OUTPUTS,
                     opset_version=opset, dynamo=False,
@@ -139,8 +158,15 @@ def export_model(
                     decoder, _sample_decoder_inputs(feats, 2, 3), str(dec_path), input_names=DECODER_INPUTS,
                     output_names=DECODER_OUTPUTS, dynamic_axes=DYNAMIC_AXES, opset_version=opset, dynamo=False,
                 )
+            with steps.step("exporting decoder_nomask.onnx"), torch.no_grad():
+                torch.onnx.export(
+                    decoder_nomask, _sample_decoder_inputs(feats, 2, 3)[:5], str(nomask_path),
+                    input_names=DECODER_NOMASK_INPUTS, output_names=DECODER_OUTPUTS,
+                    dynamic_axes={k: v for k, v in DYNAMIC_AXES.items() if k in DECODER_NOMASK_INPUTS + DECODER_OUTPUTS},
+                    opset_version=opset, dynamo=False,
+                )
         with steps.step("onnx.checker"):
-            for path in (enc_path, dec_path):
+            for path in (enc_path, dec_path, nomask_path):
                 try:
                     onnx.checker.check_model(str(path), full_check=True)
                 except Exception as exc:
@@ -150,6 +176,7 @@ def export_model(
             so.log_severity_level = 3
             enc_sess = ort.InferenceSession(str(enc_path), so, providers=["CPUExecutionProvider"])
             dec_sess = ort.InferenceSession(str(dec_path), so, providers=["CPUExecutionProvider"])
+            nomask_sess = ort.InferenceSession(str(nomask_path), so, providers=["CPUExecutionProvider"])
             ort_feats = enc_sess.run(ENCODER_OUTPUTS, {"image": image.numpy()})
             diffs = {
                 f"encoder.{n}": _check_close(f"encoder output {n}", o, t.numpy(), ENCODER_TOLERANCE)
@@ -165,6 +192,19 @@ def export_model(
                 )
                 diffs[f"decoder.iou_predictions[B={batch},N={points}]"] = _check_close(
                     "decoder iou_predictions", got_iou, ref_iou.numpy(), DECODER_IOU_TOLERANCE
+                )
+                # the mask-free decoder against the full decoder's torch module with has_mask_input = 0
+                no_mask = (*inputs[:6], torch.zeros_like(inputs[6]))
+                with torch.no_grad():
+                    ref_masks, ref_iou = decoder(*no_mask)
+                got_masks, got_iou = nomask_sess.run(
+                    DECODER_OUTPUTS, dict(zip(DECODER_NOMASK_INPUTS, (t.numpy() for t in inputs[:5])))
+                )
+                diffs[f"decoder_nomask.low_res_masks[B={batch},N={points}]"] = _check_close(
+                    "decoder_nomask low_res_masks", got_masks, ref_masks.numpy(), DECODER_LOGIT_TOLERANCE
+                )
+                diffs[f"decoder_nomask.iou_predictions[B={batch},N={points}]"] = _check_close(
+                    "decoder_nomask iou_predictions", got_iou, ref_iou.numpy(), DECODER_IOU_TOLERANCE
                 )
         with steps.step("writing manifest.json"):
             md = model.sam_mask_decoder
@@ -200,7 +240,16 @@ def export_model(
                     },
                     "graphs": {
                         "encoder": {"file": ENCODER_FILE, "sha256": sha256_file(enc_path), **_io_spec(enc_sess)},
-                        "decoder": {"file": DECODER_FILE, "sha256": sha256_file(dec_path), **_io_spec(dec_sess)},
+                        "decoder": {
+                            "file": DECODER_FILE, "sha256": sha256_file(dec_path), **_io_spec(dec_sess),
+                            "variants": {
+                                "nomask": {
+                                    "file": DECODER_NOMASK_FILE, "sha256": sha256_file(nomask_path), "precision": "fp32",
+                                    "use": "prompts without mask_input (same outputs as has_mask_input = 0)",
+                                    **_io_spec(nomask_sess),
+                                },
+                            },
+                        },
                     },
                     "opset": opset,
                     "verification": {"max_abs_diff": diffs},
@@ -217,6 +266,9 @@ def export_model(
                 },
             )
             manifest.save()
+        with steps.step("saving optimised graph variants"):
+            if optimize or int8:
+                manifest = add_variants(out, optimized=optimize, int8=int8)
     except Exception:
         steps.bar.close()
         raise

@@ -48,7 +48,7 @@ class Sam2Model:
     def __init__(self, manifest: Manifest, backend: Backend) -> None:
         self.manifest = manifest
         self.backend = backend
-        self.model_key = manifest.graph("encoder")["sha256"]
+        self.model_key = getattr(backend, "encoder_key", None) or manifest.graph("encoder")["sha256"]
         cfg = manifest.decoder_config
         self._select = dict(
             dynamic_via_stability=bool(cfg.get("dynamic_multimask_via_stability", True)),

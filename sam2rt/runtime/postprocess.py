@@ -63,13 +63,24 @@ def upsample_logits(logits: np.ndarray, orig_hw: tuple[int, int]) -> np.ndarray:
     """
     h, w = int(orig_hw[0]), int(orig_hw[1])
     x = np.ascontiguousarray(logits, dtype=np.float32)
+    # the same arithmetic as x[i0] * (1 - l) + x[i1] * l, in two preallocated buffers (no temporaries)
     if x.shape[-1] != w:
         c0, c1, cl = _linear_taps(x.shape[-1], w)
-        x = x[..., c0] * (1 - cl) + x[..., c1] * cl
+        out = np.take(x, c0, axis=-1)
+        out *= 1 - cl
+        tmp = np.take(x, c1, axis=-1)
+        tmp *= cl
+        out += tmp
+        x = out
     if x.shape[-2] != h:
         r0, r1, rl = _linear_taps(x.shape[-2], h)
         rl = rl[:, None]
-        x = x[..., r0, :] * (1 - rl) + x[..., r1, :] * rl
+        out = np.take(x, r0, axis=-2)
+        out *= 1 - rl
+        tmp = np.take(x, r1, axis=-2)
+        tmp *= rl
+        out += tmp
+        x = out
     return x
 
 def clamp_logits(logits: np.ndarray) -> np.ndarray:

@@ -37,11 +37,12 @@ def create_backend(manifest: Manifest, name: str = "auto", threads: int | None =
     """Instantiate backend `name` for a model directory; `auto` falls back down auto_order().
 
     `tensorrt` loads the fastest engines built for the directory; `tensorrt:fp32`, `tensorrt:fp16` or
-    `tensorrt:int8` asks for one precision.
+    `tensorrt:int8` asks for one precision. `onnxruntime-cpu:int8` runs the opt-in INT8 encoder
+    (reduced precision; exports made with --int8); plain `onnxruntime-cpu` is FP32.
     """
     name = ALIASES.get(name, name)
     precision = None
-    if name.startswith("tensorrt:"):  # "tensorrt:fp16" picks the engines of one precision
+    if name.startswith(("tensorrt:", "onnxruntime-cpu:")):  # "tensorrt:fp16" picks the engines of one precision
         name, precision = name.split(":", 1)
     if name not in BACKENDS:
         raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
@@ -57,6 +58,8 @@ def create_backend(manifest: Manifest, name: str = "auto", threads: int | None =
                 reasons.append(f"{candidate}: {exc}")
         raise BackendUnavailableError("no backend is available:\n  " + "\n  ".join(reasons))
     if name in PROVIDERS:
+        if precision is not None:
+            return OnnxRuntimeBackend(manifest, name, threads, precision=precision)
         return OnnxRuntimeBackend(manifest, name, threads)
     from .tensorrt_backend import TensorRTBackend  # imported lazily: needs tensorrt + cuda-python
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -43,8 +44,26 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def session_options(threads: int | None = None):
-    """Session options for SAM 2 graphs: full graph optimisation, arena on, one op at a time, quiet logs."""
+CPU_PRECISIONS = ("fp32", "int8")
+
+
+def spinning_default() -> bool:
+    """Whether ORT's worker threads busy-wait between ops (env SAM2RT_ORT_SPINNING=1 turns it on).
+
+    Off by default: where cores are shared (other processes, a server's threads, PyTorch in the
+    same process) spinning workers steal the cores the next op needs; on the 2-core benchmark
+    machine turning it off made the decoder 1.3-1.5x faster under load (benchmarks/README.md).
+    """
+    return os.environ.get("SAM2RT_ORT_SPINNING", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def session_options(threads: int | None = None, spinning: bool | None = None, mem_pattern: bool = True):
+    """Session options for SAM 2 graphs: full graph optimisation, arena on, one op at a time, no spinning, quiet logs.
+
+    mem_pattern=False (the CPU backend's choice): the memory pattern is planned after the first run
+    and then allocated on top of the arena's blocks, which took the encoder's peak RSS from 0.75 to
+    1.2 GiB at the second image on the benchmark machine, for no measurable speed gain.
+    """
     ort = _import_ort()
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -52,9 +71,38 @@ def session_options(threads: int | None = None):
     so.intra_op_num_threads = threads or default_threads()
     so.inter_op_num_threads = 1
     so.enable_cpu_mem_arena = True
-    so.enable_mem_pattern = True
+    so.enable_mem_pattern = mem_pattern
     so.log_severity_level = 3
+    spin = spinning_default() if spinning is None else spinning
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return so
+
+
+def cpu_graph_entries(manifest: Manifest, precision: str = "fp32") -> dict[str, dict[str, Any]]:
+    """Manifest entries of the graph files the CPU backend loads, by slot (encoder, decoder, decoder_nomask).
+
+    Prefers the ORT-optimised copies saved at export time (`variants.optimized`, same function,
+    faster to load) and the mask-free decoder; the INT8 encoder only with precision="int8".
+    Exports without variants fall back to the base encoder.onnx / decoder.onnx.
+    """
+    if precision not in CPU_PRECISIONS:
+        raise BackendUnavailableError(
+            f"unknown precision {precision!r} for onnxruntime-cpu; choose one of {', '.join(CPU_PRECISIONS)}"
+        )
+    if precision == "int8":
+        enc = manifest.variant("encoder", "int8")
+        if enc is None:
+            raise ModelFileError(
+                f"{manifest.directory} has no INT8 encoder; re-export with `sam2rt export ... --int8` "
+                "(or run `sam2rt.export.optimize.add_variants(DIR, int8=True)`)"
+            )
+    else:
+        enc = manifest.variant("encoder", "optimized") or manifest.graph("encoder")
+    out = {"encoder": enc, "decoder": manifest.variant("decoder", "optimized") or manifest.graph("decoder")}
+    nomask = manifest.variant("decoder", "nomask_optimized") or manifest.variant("decoder", "nomask")
+    if nomask is not None:
+        out["decoder_nomask"] = nomask
+    return out
 
 
 class OrtDeviceTensor:
@@ -113,6 +161,8 @@ class OnnxRuntimeBackend:
         threads: int | None = None,
         io_binding: bool | None = None,
         device_id: int = 0,
+        precision: str | None = None,
+        spinning: bool | None = None,
     ) -> None:
         ort = _import_ort()
         if name not in PROVIDERS:
@@ -132,8 +182,27 @@ class OnnxRuntimeBackend:
         self._ort_device = "cuda" if on_gpu else "cpu"
         self.io_binding = on_gpu if io_binding is None else bool(io_binding)
         self._ort = ort
+        self.spinning = spinning_default() if spinning is None else bool(spinning)
+        if on_gpu:
+            if precision not in (None, "fp32"):
+                raise BackendUnavailableError(f"precision {precision!r} is offered by onnxruntime-cpu only")
+            self.precision = "fp32"
+            self.files = {"encoder": manifest.graph("encoder"), "decoder": manifest.graph("decoder")}
+        else:
+            self.precision = precision or "fp32"
+            self.files = cpu_graph_entries(manifest, self.precision)
+        # embeddings of the INT8 encoder differ from FP32 ones: they get their own model key
+        self.encoder_key = manifest.graph("encoder")["sha256"] if self.precision == "fp32" else self.files["encoder"]["sha256"]
         self._encoder = self._session(ort, manifest, "encoder", self._providers(manifest, wanted, "encoder"))
-        self._decoder = self._session(ort, manifest, "decoder", self._providers(manifest, wanted, "decoder"))
+        self._manifest, self._wanted = manifest, wanted
+        self._decoder_lock = threading.Lock()
+        self._decoder_full = None
+        if on_gpu or "decoder_nomask" not in self.files:
+            self._decoder_full = self._session(ort, manifest, "decoder", self._providers(manifest, wanted, "decoder"))
+        self._decoder_nomask = (
+            self._session(ort, manifest, "decoder_nomask", self._providers(manifest, wanted, "decoder"))
+            if "decoder_nomask" in self.files else None
+        )
         if on_gpu and wanted[0] not in self._decoder.get_providers():
             raise BackendUnavailableError(
                 f"backend {name!r}: onnxruntime could not initialise {wanted[0]} (is a CUDA GPU with a matching "
@@ -164,10 +233,27 @@ class OnnxRuntimeBackend:
                 out.append(provider)
         return out
 
+    @property
+    def _decoder(self):
+        """The full decoder (with mask_input). With a mask-free decoder present (CPU), it is loaded on first
+        use: most prompts never need it, and its weights would add to the peak memory of every process."""
+        if self._decoder_full is None:
+            with self._decoder_lock:
+                if self._decoder_full is None:
+                    self._decoder_full = self._session(
+                        self._ort, self._manifest, "decoder", self._providers(self._manifest, self._wanted, "decoder")
+                    )
+        return self._decoder_full
+
     def _session(self, ort, manifest: Manifest, role: str, providers: list):
-        path = manifest.graph_path(role)
+        entry = self.files[role]
+        if entry is manifest.data["graphs"].get(role):
+            path = manifest.graph_path(role)  # a base graph: Sam2Model.from_dir verifies it
+        else:
+            path = manifest.verify_file(entry)  # a variant: check its sha256 here
         try:
-            return ort.InferenceSession(str(path), sess_options=session_options(self.threads), providers=providers)
+            so = session_options(self.threads, self.spinning, mem_pattern=self.device != "cpu")
+            return ort.InferenceSession(str(path), sess_options=so, providers=providers)
         except Exception as exc:
             raise ModelFileError(f"{path} could not be loaded by onnxruntime ({exc}); re-run `sam2rt export`") from exc
 
@@ -201,18 +287,19 @@ class OnnxRuntimeBackend:
         mask_input: np.ndarray,
         has_mask_input: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
-        prompts = dict(
-            point_coords=point_coords,
-            point_labels=point_labels,
-            mask_input=mask_input,
-            has_mask_input=has_mask_input,
-        )
+        prompts = dict(point_coords=point_coords, point_labels=point_labels)
+        decoder = self._decoder
+        if self._decoder_nomask is not None and not np.any(has_mask_input):
+            # no prompt carries a mask: the mask-free graph gives the same outputs without the mask convolutions
+            decoder = self._decoder_nomask
+        else:
+            prompts.update(mask_input=mask_input, has_mask_input=has_mask_input)
         if not self.io_binding:
             feeds = {k: (v.to_host() if hasattr(v, "to_host") else v) for k, v in features.items()}
             feeds.update(prompts)
-            low_res, iou = self._decoder.run(["low_res_masks", "iou_predictions"], feeds)
+            low_res, iou = decoder.run(["low_res_masks", "iou_predictions"], feeds)
             return low_res, iou
-        io = self._decoder.io_binding()
+        io = decoder.io_binding()
         for name, value in features.items():
             if isinstance(value, OrtDeviceTensor):
                 io.bind_ortvalue_input(name, value.value)  # already on the device: no copy
@@ -223,6 +310,6 @@ class OnnxRuntimeBackend:
             io.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.float32))
         for name in ("low_res_masks", "iou_predictions"):
             io.bind_output(name, "cpu")
-        self._decoder.run_with_iobinding(io)
+        decoder.run_with_iobinding(io)
         low_res, iou = io.copy_outputs_to_cpu()
         return low_res, iou

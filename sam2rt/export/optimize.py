@@ -1,0 +1,85 @@
+"""Graph variants saved next to an export: ORT-optimised graphs and the opt-in INT8 encoder.
+
+Needs onnxruntime (and onnx for quantisation), not torch, so it can also upgrade an existing
+model directory: `add_variants(DIR, int8=True)`. Each variant is recorded in the manifest under
+`graphs.<role>.variants.<name>` with its file and sha256, and verified like the base graphs.
+
+- `optimized`: the graph after ONNX Runtime's EXTENDED graph optimisations (constant folding,
+  fusions of MatMul+Add, GELU, LayerNorm, ...), saved once so loading skips that work. The
+  hardware-specific layout passes (NCHWc, ORT_ENABLE_ALL) still run at load, so the file is
+  portable between CPUs. It computes the same function as the base graph.
+- `int8`: the encoder with dynamic INT8 quantisation of its MatMul weights (onnxruntime.quantization,
+  per-channel, activations quantised at run time). REDUCED PRECISION: opt-in only
+  (`precision="int8"`), never the default; its mask IoU against FP32 is measured by `sam2rt bench`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..manifest import Manifest, sha256_file
+
+OPTIMIZED_SUFFIX = ".opt.onnx"
+INT8_SUFFIX = ".int8.onnx"
+
+
+def save_optimized(src: str | Path, dst: str | Path) -> Path:
+    """Run ORT's EXTENDED optimisations on `src` once and write the optimised graph to `dst`."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(dst)
+    so.log_severity_level = 3
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    return Path(dst)
+
+
+def quantize_int8(src: str | Path, dst: str | Path) -> Path:
+    """Dynamic INT8 quantisation (per-channel signed weights) of the MatMul/Gemm ops of `src`."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+        weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True},
+    )
+    return Path(dst)
+
+
+def _entry(path: Path, derived_from: str, **extra) -> dict:
+    import onnxruntime as ort
+
+    return {"file": path.name, "sha256": sha256_file(path), "derived_from_sha256": derived_from,
+            "onnxruntime": ort.__version__, **extra}
+
+
+def add_variants(model_dir: str | Path, optimized: bool = True, int8: bool = False, nomask_io: dict | None = None) -> Manifest:
+    """Add the `optimized` (and, if asked, `int8`) variants of each graph to a model directory's manifest."""
+    manifest = Manifest.load(model_dir)
+    d = manifest.directory
+    for role in ("encoder", "decoder"):
+        entry = manifest.graph(role)
+        variants = entry.setdefault("variants", {})
+        base = manifest.verify_graph(role)
+        if optimized:
+            out = save_optimized(base, d / (base.name[: -len(".onnx")] + OPTIMIZED_SUFFIX))
+            variants["optimized"] = _entry(out, entry["sha256"], precision="fp32", optimization="ORT_ENABLE_EXTENDED")
+        nomask = variants.get("nomask")
+        if optimized and nomask:
+            src = d / nomask["file"]
+            out = save_optimized(src, d / (src.name[: -len(".onnx")] + OPTIMIZED_SUFFIX))
+            variants["nomask_optimized"] = _entry(
+                out, nomask["sha256"], precision="fp32", optimization="ORT_ENABLE_EXTENDED",
+                inputs=nomask.get("inputs"), outputs=nomask.get("outputs"),
+            )
+    if int8:
+        entry = manifest.graph("encoder")
+        base = manifest.graph_path("encoder")
+        # quantised from the base graph (ORT's fused graph has contrib ops the quantiser cannot type)
+        out = quantize_int8(base, d / (base.name[: -len(".onnx")] + INT8_SUFFIX))
+        entry["variants"]["int8"] = _entry(
+            out, entry["sha256"], precision="int8",
+            quantization="onnxruntime.quantization.quantize_dynamic, MatMul/Gemm weights per-channel QInt8",
+        )
+    manifest.save()
+    return manifest
