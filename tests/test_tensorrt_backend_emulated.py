@@ -432,3 +432,89 @@ def test_emulated_backend_is_safe_across_threads(models, emulated):
         results = list(pool.map(lambda job: trt_model.decode(embs[job[0]], prompts[job[1]]).low_res_logits, jobs))
     for job, got in zip(jobs, results):
         np.testing.assert_array_equal(got, expected[job])
+
+
+def test_int8_build_calibrates_with_runtime_preprocessing(model_dir, tmp_path, monkeypatch):
+    """--int8 against a stand-in TensorRT 10 (with calibrators) and the emulated CUDA runtime: the
+    calibrator feeds each image through the runtime's preprocessing, writes its cache, sensitive layers
+    are pinned to FP32, the decoder is built from the mixed FP16 graph, and the manifest says so."""
+    import shutil
+
+    import cv2
+
+    from sam2rt.cli import main
+    from sam2rt.runtime import gpu
+    from sam2rt.runtime.preprocess import preprocess
+    from test_gpu_cpu_side import _FakeTrt
+
+    cudart = FakeCudart()
+    monkeypatch.setattr(gpu, "_CUDART", cudart)
+    fake = _FakeTrt()
+    fake.float32, fake.float16, fake.int32 = "f32", "f16", "i32"
+    fake.LayerType = types.SimpleNamespace(NORMALIZATION="norm", SOFTMAX="softmax", REDUCE="reduce", CONVOLUTION="conv", SHAPE="shape")
+    fed: list[np.ndarray] = []
+
+    class Calibrator:  # trt.IInt8EntropyCalibrator2
+        def __init__(self):
+            pass
+
+    fake.IInt8EntropyCalibrator2 = Calibrator
+
+    class Layer:
+        def __init__(self, name, kind, dtype="f32"):
+            self.name, self.type, self.num_outputs = name, kind, 1
+            self.precision, self.out_types, self._dtype = None, {}, dtype
+
+        def get_output(self, j):
+            return types.SimpleNamespace(dtype=self._dtype)
+
+        def set_output_type(self, j, t):
+            self.out_types[j] = t
+
+    layers = [Layer("/image_encoder/trunk/blocks.0/norm1/LayerNormalization", "norm"),
+              Layer("/image_encoder/trunk/blocks.0/attn/Softmax", "softmax"),
+              Layer("/image_encoder/trunk/blocks.0/attn/MatMul", "matmul"),
+              Layer("/image_encoder/trunk/patch_embed/proj/Conv", "conv"),
+              Layer("/image_encoder/Shape_3", "shape", dtype="i32")]
+    base_builder = fake.Builder
+
+    class Builder(base_builder):
+        def create_network(self, flags):
+            net = super().create_network(flags)
+            net.num_layers, net.get_layer = len(layers), layers.__getitem__
+            return net
+
+        def build_serialized_network(self, network, config):
+            calib = getattr(config, "int8_calibrator", None)
+            if calib is not None:
+                assert calib.get_batch_size() == 1 and calib.read_calibration_cache() is None
+                while (ptrs := calib.get_batch(["image"])) is not None:
+                    fed.append(_view(ptrs[0], (1, 3, 1024, 1024)).copy())
+                calib.write_calibration_cache(b"calibration table")
+            return super().build_serialized_network(network, config)
+
+    fake.Builder = Builder
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    d = Path(shutil.copytree(model_dir, tmp_path / "m"))
+    calib_dir = tmp_path / "calib"
+    calib_dir.mkdir()
+    images = [photo("coffee"), photo("astronaut")]
+    for i, img in enumerate(images):
+        cv2.imwrite(str(calib_dir / f"{i}.png"), img[..., ::-1])
+    assert main(["build-engine", "--model-dir", str(d), "--int8", "--calib-images", str(calib_dir), "--quiet"]) == 0
+    assert len(fed) == 2
+    for got, img in zip(fed, images):
+        np.testing.assert_array_equal(got, preprocess(img))
+    assert (d / "encoder.int8.calib").read_bytes() == b"calibration table"
+    pinned = {l.name for l in layers if l.precision == "f32"}
+    assert pinned == {layers[0].name, layers[1].name, layers[2].name}, "norm, softmax and the attention-logit MatMul"
+    assert all(l.out_types == {0: "f32"} for l in layers[:3]) and layers[4].precision is None
+    builds = [c for c in fake.calls if c[0] != "parse"]
+    enc_flags, enc_cfg = builds[0][0], set(builds[0][1])
+    assert enc_flags == 0, "INT8 calibration needs a weakly typed network"
+    assert {fake.BuilderFlag.INT8, fake.BuilderFlag.FP16, fake.BuilderFlag.OBEY_PRECISION_CONSTRAINTS} <= enc_cfg
+    assert [c[1] for c in fake.calls if c[0] == "parse"] == ["encoder.onnx", "decoder.fp16.onnx"]
+    entry = Manifest.load(d).data["engines"]["int8"]
+    assert entry["encoder"]["precision"] == "int8" and entry["encoder"]["calibration"]["images"] == 2
+    assert entry["encoder"]["fp32_layers"] == sorted(pinned, key=[l.name for l in layers].index)
+    assert entry["decoder"]["precision"] == "fp16"
