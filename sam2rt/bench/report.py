@@ -83,7 +83,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         out += ["## Cold start and peak memory (fresh processes)", "",
                 "| | process wall s (p50) | import s | load s | first result s | peak RSS MiB | torch imported |",
                 "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
-        for who in ("sam2rt", "reference"):
+        for who in ("sam2rt", "sam2rt_low_memory_opt_in", "reference"):
             if who in cs:
                 c = cs[who]
                 out.append(f"| {who} | {c['process_wall_s']['p50']:.2f} | {c['import_s']['p50']:.2f} | {c['load_s']['p50']:.2f} | "
@@ -91,6 +91,10 @@ def markdown_report(result: dict[str, Any]) -> str:
         if "peak_rss" in result and "fraction_of_reference" in result["peak_rss"]:
             out.append("")
             out.append(f"Peak RSS: sam2rt is {result['peak_rss']['fraction_of_reference']:.2f} of the reference's.")
+            if "low_memory_opt_in_fraction_of_reference" in result["peak_rss"]:
+                out.append(f"With the opt-in low-memory mode (SAM2RT_LOW_MEMORY=1: encoder without ORT's arena, "
+                           f"large blocks returned to the OS; slower set_image) it is "
+                           f"{result['peak_rss']['low_memory_opt_in_fraction_of_reference']:.2f}.")
         out.append("")
     q = result.get("int8")
     if q:
