@@ -245,6 +245,7 @@ def export_model(
                             "variants": {
                                 "nomask": {
                                     "file": DECODER_NOMASK_FILE, "sha256": sha256_file(nomask_path), "precision": "fp32",
+                                    "derived_from_sha256": sha256_file(dec_path),  # exported with this decoder
                                     "use": "prompts without mask_input (same outputs as has_mask_input = 0)",
                                     **_io_spec(nomask_sess),
                                 },

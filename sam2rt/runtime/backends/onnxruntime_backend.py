@@ -112,6 +112,26 @@ def session_options(
     return so
 
 
+def _fresh_variant(manifest: Manifest, role: str, name: str) -> dict[str, Any] | None:
+    """Variant `name` of `role`, or None if absent or stale (made from another version of the base graph).
+
+    A variant records the sha256 of what it was made from (`derived_from_sha256`): the base graph,
+    or for `nomask_optimized` the `nomask` graph. If the base graph was replaced (and the manifest
+    updated to it), its old variants no longer describe it and are ignored.
+    """
+    entry = manifest.variant(role, name)
+    if entry is None:
+        return None
+    source = manifest.graph(role)
+    if name == "nomask_optimized":
+        source = _fresh_variant(manifest, role, "nomask")
+        if source is None:
+            return None
+    if entry.get("derived_from_sha256") not in (None, source.get("sha256")):
+        return None
+    return entry
+
+
 def cpu_graph_entries(manifest: Manifest, precision: str = "fp32") -> dict[str, dict[str, Any]]:
     """Manifest entries of the graph files the CPU backend loads, by slot (encoder, decoder, decoder_nomask).
 
@@ -124,16 +144,16 @@ def cpu_graph_entries(manifest: Manifest, precision: str = "fp32") -> dict[str, 
             f"unknown precision {precision!r} for onnxruntime-cpu; choose one of {', '.join(CPU_PRECISIONS)}"
         )
     if precision == "int8":
-        enc = manifest.variant("encoder", "int8")
+        enc = _fresh_variant(manifest, "encoder", "int8")
         if enc is None:
             raise ModelFileError(
                 f"{manifest.directory} has no INT8 encoder; re-export with `sam2rt export ... --int8` "
                 "(or run `sam2rt.export.optimize.add_variants(DIR, int8=True)`)"
             )
     else:
-        enc = manifest.variant("encoder", "optimized") or manifest.graph("encoder")
-    out = {"encoder": enc, "decoder": manifest.variant("decoder", "optimized") or manifest.graph("decoder")}
-    nomask = manifest.variant("decoder", "nomask_optimized") or manifest.variant("decoder", "nomask")
+        enc = _fresh_variant(manifest, "encoder", "optimized") or manifest.graph("encoder")
+    out = {"encoder": enc, "decoder": _fresh_variant(manifest, "decoder", "optimized") or manifest.graph("decoder")}
+    nomask = _fresh_variant(manifest, "decoder", "nomask_optimized") or _fresh_variant(manifest, "decoder", "nomask")
     if nomask is not None:
         out["decoder_nomask"] = nomask
     return out
