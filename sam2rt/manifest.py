@@ -115,6 +115,7 @@ class Manifest:
         """The entry of graph variant `name` of `role` (graphs.<role>.variants.<name>), or None."""
         return (self.graph(role).get("variants") or {}).get(name)
 
+    # --- checks ----------------------------------------------------------------------
     def verify_file(self, entry: dict[str, Any]) -> Path:
         """Check that the file of a graph or variant entry exists and matches its sha256; return its path."""
         path = self.directory / entry["file"]
@@ -129,17 +130,6 @@ class Manifest:
             )
         return path
 
-    # --- checks ----------------------------------------------------------------------
     def verify_graph(self, role: str) -> Path:
         """Check that a graph file exists and its sha256 matches the manifest; return its path."""
-        path = self.graph_path(role)
-        if not path.is_file():
-            raise ModelFileError(f"{path} is missing; re-run `sam2rt export` into {self.directory}")
-        expected = self.graph(role).get("sha256")
-        actual = sha256_file(path)
-        if expected != actual:
-            raise ManifestError(
-                f"{path} does not match {MANIFEST_NAME} (sha256 {actual[:12]}... != {str(expected)[:12]}...): "
-                "the file was changed or the manifest belongs to another export; re-run `sam2rt export`"
-            )
-        return path
+        return self.verify_file(self.graph(role))
