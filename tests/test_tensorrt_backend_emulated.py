@@ -300,11 +300,22 @@ def emulated(model_dir, tmp_path, monkeypatch):
     return types.SimpleNamespace(dir=d, cudart=cudart, trt=trt)
 
 
+@pytest.fixture(scope="module")
+def plain_cpu_model(model_dir):
+    """The CPU backend running the same decoder graphs as the emulated engines (no fast decoder)."""
+    from sam2rt.manifest import Manifest
+    from sam2rt.runtime import Sam2Model
+    from sam2rt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    manifest = Manifest.load(model_dir)
+    return Sam2Model(manifest, OnnxRuntimeBackend(manifest, "onnxruntime-cpu", fast_decoder=False))
+
+
 @pytest.fixture
-def models(emulated, sam2rt_model):
+def models(emulated, plain_cpu_model):
     from sam2rt.runtime import Sam2Model
 
-    return Sam2Model.from_dir(emulated.dir, backend="tensorrt"), sam2rt_model
+    return Sam2Model.from_dir(emulated.dir, backend="tensorrt"), plain_cpu_model
 
 
 def _prompts(h, w, n=3):

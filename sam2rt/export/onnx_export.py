@@ -29,6 +29,7 @@ from .graphs import (
     PromptDecoderNoMaskGraph,
     chunked_encoder_attention,
 )
+from .fast_decoder import FAST_INPUTS, FAST_MAX_POINTS, PREP_INPUTS, PREP_OUTPUTS, DecoderPrepGraph, FastDecoderGraph
 from .optimize import add_variants
 
 DEFAULT_OPSET = 17
@@ -38,6 +39,8 @@ DECODER_LOGIT_TOLERANCE = 1e-3
 DECODER_IOU_TOLERANCE = 1e-4
 
 DECODER_NOMASK_FILE = "decoder_nomask.onnx"
+DECODER_PREP_FILE = "decoder_prep.onnx"
+DECODER_FAST_FILE = "decoder_fast.onnx"
 
 DYNAMIC_AXES = {
     "point_coords": {0: "num_prompts", 1: "num_points"},
@@ -126,7 +129,9 @@ def export_model(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    steps = _Steps(["weights", "encoder", "decoder", "decoder_nomask", "check", "verify", "manifest", "variants"], progress)
+    steps = _Steps(
+        ["weights", "encoder", "decoder", "decoder_nomask", "decoder_fast", "check", "verify", "manifest", "variants"], progress
+    )
     try:
         with steps.step("building model + loading weights"):
             if random_seed is None and checkpoint is None:
@@ -145,7 +150,9 @@ def export_model(
             with torch.no_grad():
                 feats = encoder(image)
         enc_path, dec_path, nomask_path = out / ENCODER_FILE, out / DECODER_FILE, out / DECODER_NOMASK_FILE
+        prep_path, fast_path = out / DECODER_PREP_FILE, out / DECODER_FAST_FILE
         decoder_nomask = PromptDecoderNoMaskGraph(model).eval()
+        decoder_prep, decoder_fast = DecoderPrepGraph(model).eval(), FastDecoderGraph(model).eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with steps.step("exporting encoder.onnx"), torch.no_grad(), chunked_encoder_attention():
@@ -165,8 +172,20 @@ def export_model(
                     dynamic_axes={k: v for k, v in DYNAMIC_AXES.items() if k in DECODER_NOMASK_INPUTS + DECODER_OUTPUTS},
                     opset_version=opset, dynamo=False,
                 )
+            with steps.step("exporting decoder_prep.onnx + decoder_fast.onnx"), torch.no_grad():
+                torch.onnx.export(
+                    decoder_prep, feats, str(prep_path), input_names=PREP_INPUTS, output_names=PREP_OUTPUTS,
+                    opset_version=opset, dynamo=False,
+                )
+                prep_feats = decoder_prep(*feats)
+                torch.onnx.export(
+                    decoder_fast, (*prep_feats, *_sample_decoder_inputs(feats, 2, 3)[3:5]), str(fast_path),
+                    input_names=FAST_INPUTS, output_names=DECODER_OUTPUTS,
+                    dynamic_axes={k: v for k, v in DYNAMIC_AXES.items() if k in FAST_INPUTS + DECODER_OUTPUTS},
+                    opset_version=opset, dynamo=False,
+                )
         with steps.step("onnx.checker"):
-            for path in (enc_path, dec_path, nomask_path):
+            for path in (enc_path, dec_path, nomask_path, prep_path, fast_path):
                 try:
                     onnx.checker.check_model(str(path), full_check=True)
                 except Exception as exc:
@@ -177,12 +196,15 @@ def export_model(
             enc_sess = ort.InferenceSession(str(enc_path), so, providers=["CPUExecutionProvider"])
             dec_sess = ort.InferenceSession(str(dec_path), so, providers=["CPUExecutionProvider"])
             nomask_sess = ort.InferenceSession(str(nomask_path), so, providers=["CPUExecutionProvider"])
+            prep_sess = ort.InferenceSession(str(prep_path), so, providers=["CPUExecutionProvider"])
+            fast_sess = ort.InferenceSession(str(fast_path), so, providers=["CPUExecutionProvider"])
             ort_feats = enc_sess.run(ENCODER_OUTPUTS, {"image": image.numpy()})
+            prep_out = dict(zip(PREP_OUTPUTS, prep_sess.run(PREP_OUTPUTS, dict(zip(PREP_INPUTS, ort_feats)))))
             diffs = {
                 f"encoder.{n}": _check_close(f"encoder output {n}", o, t.numpy(), ENCODER_TOLERANCE)
                 for n, o, t in zip(ENCODER_OUTPUTS, ort_feats, feats)
             }
-            for batch, points in ((1, 2), (3, 5)):
+            for batch, points in ((1, 2), (3, 5), (2, FAST_MAX_POINTS)):
                 inputs = _sample_decoder_inputs(feats, batch, points, seed=batch)
                 with torch.no_grad():
                     ref_masks, ref_iou = decoder(*inputs)
@@ -205,6 +227,19 @@ def export_model(
                 )
                 diffs[f"decoder_nomask.iou_predictions[B={batch},N={points}]"] = _check_close(
                     "decoder_nomask iou_predictions", got_iou, ref_iou.numpy(), DECODER_IOU_TOLERANCE
+                )
+                # the fast decoder (over the prepared features of ONNX Runtime's encoder outputs) likewise;
+                # torch's reference runs on the same encoder outputs
+                with torch.no_grad():
+                    ref_masks, ref_iou = decoder(*(torch.from_numpy(f) for f in ort_feats), *no_mask[3:])
+                got_masks, got_iou = fast_sess.run(
+                    DECODER_OUTPUTS, {**prep_out, "point_coords": inputs[3].numpy(), "point_labels": inputs[4].numpy()}
+                )
+                diffs[f"decoder_fast.low_res_masks[B={batch},N={points}]"] = _check_close(
+                    "decoder_fast low_res_masks", got_masks, ref_masks.numpy(), DECODER_LOGIT_TOLERANCE
+                )
+                diffs[f"decoder_fast.iou_predictions[B={batch},N={points}]"] = _check_close(
+                    "decoder_fast iou_predictions", got_iou, ref_iou.numpy(), DECODER_IOU_TOLERANCE
                 )
         with steps.step("writing manifest.json"):
             md = model.sam_mask_decoder
@@ -248,6 +283,19 @@ def export_model(
                                     "derived_from_sha256": sha256_file(dec_path),  # exported with this decoder
                                     "use": "prompts without mask_input (same outputs as has_mask_input = 0)",
                                     **_io_spec(nomask_sess),
+                                },
+                                "prep": {
+                                    "file": DECODER_PREP_FILE, "sha256": sha256_file(prep_path), "precision": "fp32",
+                                    "derived_from_sha256": sha256_file(dec_path),
+                                    "use": "once per image: the per-image part of decoder_fast (see sam2rt.export.fast_decoder)",
+                                    **_io_spec(prep_sess),
+                                },
+                                "fast": {
+                                    "file": DECODER_FAST_FILE, "sha256": sha256_file(fast_path), "precision": "fp32",
+                                    "derived_from_sha256": sha256_file(dec_path), "max_points": FAST_MAX_POINTS,
+                                    "use": f"prompts without mask_input and at most {FAST_MAX_POINTS} points (padding "
+                                           "included), over decoder_prep's outputs (same outputs as nomask)",
+                                    **_io_spec(fast_sess),
                                 },
                             },
                         },

@@ -21,6 +21,8 @@ from ..manifest import Manifest, sha256_file
 
 OPTIMIZED_SUFFIX = ".opt.onnx"
 INT8_SUFFIX = ".int8.onnx"
+# decoder variants exported beside decoder.onnx that get an `<name>_optimized` copy too
+DERIVED_DECODER_VARIANTS = ("nomask", "prep", "fast")
 
 
 def save_optimized(src: str | Path, dst: str | Path) -> Path:
@@ -53,7 +55,7 @@ def _entry(path: Path, derived_from: str, **extra) -> dict:
             "onnxruntime": ort.__version__, **extra}
 
 
-def add_variants(model_dir: str | Path, optimized: bool = True, int8: bool = False, nomask_io: dict | None = None) -> Manifest:
+def add_variants(model_dir: str | Path, optimized: bool = True, int8: bool = False) -> Manifest:
     """Add the `optimized` (and, if asked, `int8`) variants of each graph to a model directory's manifest."""
     manifest = Manifest.load(model_dir)
     d = manifest.directory
@@ -64,13 +66,15 @@ def add_variants(model_dir: str | Path, optimized: bool = True, int8: bool = Fal
         if optimized:
             out = save_optimized(base, d / (base.name[: -len(".onnx")] + OPTIMIZED_SUFFIX))
             variants["optimized"] = _entry(out, entry["sha256"], precision="fp32", optimization="ORT_ENABLE_EXTENDED")
-        nomask = variants.get("nomask")
-        if optimized and nomask:
-            src = d / nomask["file"]
+        for name in DERIVED_DECODER_VARIANTS if optimized else ():
+            derived = variants.get(name)
+            if not derived:
+                continue
+            src = d / derived["file"]
             out = save_optimized(src, d / (src.name[: -len(".onnx")] + OPTIMIZED_SUFFIX))
-            variants["nomask_optimized"] = _entry(
-                out, nomask["sha256"], precision="fp32", optimization="ORT_ENABLE_EXTENDED",
-                inputs=nomask.get("inputs"), outputs=nomask.get("outputs"),
+            variants[f"{name}_optimized"] = _entry(
+                out, derived["sha256"], precision="fp32", optimization="ORT_ENABLE_EXTENDED",
+                **{k: derived[k] for k in ("inputs", "outputs", "max_points") if k in derived},
             )
     if int8:
         entry = manifest.graph("encoder")

@@ -12,6 +12,11 @@ import numpy as np
 from ..errors import InvalidEmbeddingError
 
 FEATURE_NAMES = ("image_embed", "high_res_feats_0", "high_res_feats_1")
+# Per-image tensors the fast mask-free decoder reads instead of FEATURE_NAMES (decoder_prep.onnx makes
+# them from the features; see sam2rt.export.fast_decoder).
+PREPARED_NAMES = ("prep_keys0", "prep_t2i_k0", "prep_t2i_v0", "prep_i2t_q0", "prep_feat_s1", "prep_feat_s0")
+# With more points per prompt (6 + points > 16 tokens) the fast decoder's rewrite costs more than it saves.
+FAST_MAX_POINTS = 10
 
 
 @dataclass
@@ -22,6 +27,10 @@ class Embedding:
     high_res_feats_1 (1,64,128,128) to arrays. On the CPU backends they are numpy arrays; a
     GPU backend may hold device buffers there, with `device` saying where they live.
     `model_key` identifies the encoder that made them (its graph's sha256).
+
+    `prepared` holds what a backend derived from the features once per image to decode faster
+    (the CPU backend's PREPARED_NAMES, ~22 MiB for 1024 input); it is a cache: `save()` leaves it
+    out, and a backend that wants it and finds it empty fills it on the first decode.
     """
 
     features: dict[str, Any]
@@ -29,10 +38,12 @@ class Embedding:
     model_key: str
     device: str = "cpu"
     meta: dict[str, Any] = field(default_factory=dict)
+    prepared: dict[str, Any] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        return int(sum(getattr(f, "nbytes", 0) for f in self.features.values()))
+        arrays = list(self.features.values()) + list(self.prepared.values())
+        return int(sum(getattr(f, "nbytes", 0) for f in arrays))
 
     def to_host(self) -> "Embedding":
         """Return an Embedding whose features are numpy arrays in host memory."""
@@ -66,7 +77,7 @@ class Embedding:
         header = {"original_size": list(self.original_size), "model_key": self.model_key, "meta": self.meta}
         path = Path(path)
         with open(path, "wb") as f:
-            np.savez(f, __header__=np.array(json.dumps(header)), **host.features)
+            np.savez(f, __header__=np.array(json.dumps(header)), **{n: host.features[n] for n in FEATURE_NAMES})
         return path
 
     @classmethod

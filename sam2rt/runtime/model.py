@@ -82,13 +82,21 @@ class Sam2Model:
         t1 = time.perf_counter()
         feats = self.backend.encode(x)
         t2 = time.perf_counter()
+        prepared = self._prepare(feats)
+        t3 = time.perf_counter()
         return Embedding(
             feats,
             (int(rgb.shape[0]), int(rgb.shape[1])),
             self.model_key,
             self.backend.device,
-            {"preprocess_s": t1 - t0, "encoder_s": t2 - t1},
+            {"preprocess_s": t1 - t0, "encoder_s": t2 - t1, "prepare_s": t3 - t2},
+            prepared,
         )
+
+    def _prepare(self, features: dict[str, Any]) -> dict[str, Any]:
+        """The backend's per-image decoder tensors ({} if it has none): part of embedding, not of decoding."""
+        prepare = getattr(self.backend, "prepare", None)
+        return prepare(features) if prepare is not None else {}
 
     # --- decode -------------------------------------------------------------------------
     def _check_embedding(self, embedding: Embedding) -> None:
@@ -109,7 +117,12 @@ class Sam2Model:
         """
         self._check_embedding(embedding)
         b = point_coords.shape[0]
+        features = embedding.features
         if mask_input is None:
+            if not embedding.prepared and embedding.device == self.backend.device:
+                embedding.prepared = self._prepare(features)  # e.g. an Embedding.load()ed file: once
+            if embedding.prepared:
+                features = {**features, **embedding.prepared}
             mask = np.zeros((b, 1, LOW_RES_SIZE, LOW_RES_SIZE), np.float32)
             has_mask = np.zeros((b,), np.float32)
         else:
@@ -118,7 +131,7 @@ class Sam2Model:
             mask = np.ascontiguousarray(np.broadcast_to(mask_input, (b, 1, LOW_RES_SIZE, LOW_RES_SIZE)), dtype=np.float32)
             has_mask = np.ones((b,), np.float32)
         return self.backend.decode(
-            embedding.features,
+            features,
             np.ascontiguousarray(point_coords, dtype=np.float32),
             np.ascontiguousarray(point_labels, dtype=np.float32),
             mask,

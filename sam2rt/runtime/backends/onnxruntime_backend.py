@@ -10,6 +10,7 @@ import numpy as np
 
 from ...errors import BackendUnavailableError, ModelFileError
 from ...manifest import Manifest
+from ..embedding import FAST_MAX_POINTS, FEATURE_NAMES, PREPARED_NAMES
 
 PROVIDERS = {
     "onnxruntime-cpu": ["CPUExecutionProvider"],
@@ -116,15 +117,15 @@ def _fresh_variant(manifest: Manifest, role: str, name: str) -> dict[str, Any] |
     """Variant `name` of `role`, or None if absent or stale (made from another version of the base graph).
 
     A variant records the sha256 of what it was made from (`derived_from_sha256`): the base graph,
-    or for `nomask_optimized` the `nomask` graph. If the base graph was replaced (and the manifest
-    updated to it), its old variants no longer describe it and are ignored.
+    or for `X_optimized` (X = nomask, prep, fast) the variant X. If the base graph was replaced (and the
+    manifest updated to it), its old variants no longer describe it and are ignored.
     """
     entry = manifest.variant(role, name)
     if entry is None:
         return None
     source = manifest.graph(role)
-    if name == "nomask_optimized":
-        source = _fresh_variant(manifest, role, "nomask")
+    if name.endswith("_optimized"):
+        source = _fresh_variant(manifest, role, name[: -len("_optimized")])
         if source is None:
             return None
     if entry.get("derived_from_sha256") not in (None, source.get("sha256")):
@@ -133,10 +134,11 @@ def _fresh_variant(manifest: Manifest, role: str, name: str) -> dict[str, Any] |
 
 
 def cpu_graph_entries(manifest: Manifest, precision: str = "fp32") -> dict[str, dict[str, Any]]:
-    """Manifest entries of the graph files the CPU backend loads, by slot (encoder, decoder, decoder_nomask).
+    """Manifest entries of the graph files the CPU backend loads, by slot.
 
-    Prefers the ORT-optimised copies saved at export time (`variants.optimized`, same function,
-    faster to load) and the mask-free decoder; the INT8 encoder only with precision="int8".
+    Slots: encoder, decoder, decoder_nomask, and decoder_prep + decoder_fast (the fast mask-free
+    decoder and its per-image part; both or neither). Prefers the ORT-optimised copies saved at export
+    time (`X_optimized`, same function, faster to load); the INT8 encoder only with precision="int8".
     Exports without variants fall back to the base encoder.onnx / decoder.onnx.
     """
     if precision not in CPU_PRECISIONS:
@@ -156,6 +158,10 @@ def cpu_graph_entries(manifest: Manifest, precision: str = "fp32") -> dict[str, 
     nomask = _fresh_variant(manifest, "decoder", "nomask_optimized") or _fresh_variant(manifest, "decoder", "nomask")
     if nomask is not None:
         out["decoder_nomask"] = nomask
+    prep = _fresh_variant(manifest, "decoder", "prep_optimized") or _fresh_variant(manifest, "decoder", "prep")
+    fast = _fresh_variant(manifest, "decoder", "fast_optimized") or _fresh_variant(manifest, "decoder", "fast")
+    if prep is not None and fast is not None:
+        out["decoder_prep"], out["decoder_fast"] = prep, fast
     return out
 
 
@@ -218,6 +224,7 @@ class OnnxRuntimeBackend:
         precision: str | None = None,
         spinning: bool | None = None,
         low_memory: bool | None = None,
+        fast_decoder: bool = True,
     ) -> None:
         ort = _import_ort()
         if name not in PROVIDERS:
@@ -268,6 +275,14 @@ class OnnxRuntimeBackend:
                 f"CUDA/cuDNN present?); providers in use: {', '.join(self._decoder.get_providers())}"
             )
         self._enc_outputs = [o.name for o in self._encoder.get_outputs()]
+        self._prep = self._fast = None
+        self.fast_max_points = 0
+        if not fast_decoder:  # the plain graphs only (as the GPU backends run them)
+            self.files.pop("decoder_prep", None), self.files.pop("decoder_fast", None)
+        if "decoder_fast" in self.files:
+            self._prep = self._session(ort, manifest, "decoder_prep", self._providers(manifest, wanted, "decoder"))
+            self._fast = self._session(ort, manifest, "decoder_fast", self._providers(manifest, wanted, "decoder"))
+            self.fast_max_points = int(self.files["decoder_fast"].get("max_points", FAST_MAX_POINTS))
 
     def _providers(self, manifest: Manifest, wanted: list[str], role: str) -> list:
         out: list = []
@@ -331,6 +346,17 @@ class OnnxRuntimeBackend:
             return {name: np.asarray(v.numpy()) for name, v in zip(self._enc_outputs, values)}
         return {name: OrtDeviceTensor(v) for name, v in zip(self._enc_outputs, values)}
 
+    def prepare(self, features: dict[str, Any]) -> dict[str, Any]:
+        """The per-image tensors of the fast mask-free decoder (PREPARED_NAMES), or {} without one.
+
+        Run once per image (Sam2Model.embed does, or the first decode of an embedding that lacks them).
+        """
+        if self._prep is None:
+            return {}
+        feeds = {n: np.asarray(features[n].to_host() if hasattr(features[n], "to_host") else features[n])
+                 for n in FEATURE_NAMES}
+        return dict(zip(PREPARED_NAMES, self._prep.run(list(PREPARED_NAMES), feeds)))
+
     def upload_features(self, features: dict[str, Any]) -> dict[str, Any]:
         """Host features -> OrtValues on this backend's device (Embedding.to_device uses this)."""
         return {
@@ -347,13 +373,24 @@ class OnnxRuntimeBackend:
         mask_input: np.ndarray,
         has_mask_input: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
+        """Decode a batch; `features` may also hold `prepare()`'s tensors, which enable the fast decoder.
+
+        Graph choice (all give the same outputs): no prompt with a mask, prepared tensors present and at
+        most `fast_max_points` points -> decoder_fast; no mask -> decoder_nomask; else the full decoder.
+        """
         prompts = dict(point_coords=point_coords, point_labels=point_labels)
-        decoder = self._decoder
-        if self._decoder_nomask is not None and not np.any(has_mask_input):
+        no_mask = not np.any(has_mask_input)
+        names: tuple[str, ...] = FEATURE_NAMES
+        if (no_mask and self._fast is not None and point_coords.shape[1] <= self.fast_max_points
+                and all(n in features for n in PREPARED_NAMES)):
+            decoder, names = self._fast, PREPARED_NAMES
+        elif no_mask and self._decoder_nomask is not None:
             # no prompt carries a mask: the mask-free graph gives the same outputs without the mask convolutions
             decoder = self._decoder_nomask
         else:
+            decoder = self._decoder
             prompts.update(mask_input=mask_input, has_mask_input=has_mask_input)
+        features = {n: features[n] for n in names}
         if not self.io_binding:
             feeds = {k: (v.to_host() if hasattr(v, "to_host") else v) for k, v in features.items()}
             feeds.update(prompts)

@@ -1,0 +1,135 @@
+"""The fast mask-free decoder (decoder_prep + decoder_fast): used for plain prompts, equal to the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import photo
+from sam2rt.runtime.embedding import FAST_MAX_POINTS, PREPARED_NAMES
+
+
+class _Counting:
+    """Wraps an onnxruntime session and counts its runs."""
+
+    def __init__(self, session) -> None:
+        self.session, self.runs = session, 0
+
+    def run(self, *args, **kwargs):
+        self.runs += 1
+        return self.session.run(*args, **kwargs)
+
+
+@pytest.fixture()
+def counted(model_dir):
+    """A fresh CPU model whose three mask-free graphs count their runs."""
+    from sam2rt.runtime import Sam2Model
+
+    model = Sam2Model.from_dir(model_dir, backend="onnxruntime-cpu")
+    b = model.backend
+    b._prep, b._fast, b._decoder_nomask = _Counting(b._prep), _Counting(b._fast), _Counting(b._decoder_nomask)
+    return model
+
+
+@pytest.fixture()
+def model_copy(model_dir, tmp_path):
+    from sam2rt.export.onnx_export import copy_model_dir
+
+    return copy_model_dir(model_dir, tmp_path / "model")
+
+
+def _points(n: int, rng: np.random.Generator, h: int, w: int):
+    from sam2rt.runtime import Prompt
+
+    return Prompt(points=rng.uniform(0, [w - 1, h - 1], size=(n, 2)), labels=rng.integers(0, 2, n))
+
+
+def test_export_records_and_verifies_the_fast_decoder(model_dir):
+    from sam2rt.manifest import Manifest, sha256_file
+
+    m = Manifest.load(model_dir)
+    for name in ("prep", "fast", "prep_optimized", "fast_optimized"):
+        entry = m.variant("decoder", name)
+        assert entry is not None, name
+        assert sha256_file(model_dir / entry["file"]) == entry["sha256"]
+    assert m.variant("decoder", "fast")["max_points"] == FAST_MAX_POINTS
+    assert [o["name"] for o in m.variant("decoder", "prep")["outputs"]] == list(PREPARED_NAMES)
+    diffs = m.data["verification"]["max_abs_diff"]
+    fast = {k: v for k, v in diffs.items() if k.startswith("decoder_fast.")}
+    assert any(f"N={FAST_MAX_POINTS}" in k for k in fast), fast
+    assert fast and max(fast.values()) < 1e-3
+
+
+def test_embed_prepares_and_plain_prompts_use_the_fast_graph(counted):
+    from sam2rt.runtime import Prompt
+
+    image = photo("astronaut")
+    emb = counted.embed(image)
+    b = counted.backend
+    assert b._prep.runs == 1 and set(emb.prepared) == set(PREPARED_NAMES)
+    assert emb.nbytes > sum(v.nbytes for v in emb.features.values())  # the cache's byte accounting sees them
+    counted.decode(emb, [Prompt(points=np.array([[100.0, 120.0]]), labels=np.array([1])), Prompt(box=np.array([5, 5, 200, 300]))])
+    assert b._fast.runs == 2 and b._decoder_nomask.runs == 0 and b._prep.runs == 1
+    # more points than the fast graph takes: the mask-free graph, same kind of result
+    out = counted.decode(emb, _points(FAST_MAX_POINTS + 1, np.random.default_rng(0), *image.shape[:2]))
+    assert b._decoder_nomask.runs == 1 and b._fast.runs == 2
+    assert out.masks.shape == (1, 3, *image.shape[:2])
+
+
+@pytest.mark.parametrize("n_points", [1, 4, FAST_MAX_POINTS - 1, FAST_MAX_POINTS + 3])
+def test_fast_graph_equals_the_mask_free_graph(sam2rt_model, n_points):
+    """Same prompts through decoder_fast (prepared tensors given) and decoder_nomask (not given)."""
+    emb = sam2rt_model.embed(photo("coffee"))
+    rng = np.random.default_rng(n_points)
+    xy = rng.uniform(0, 1024, size=(3, n_points, 2)).astype(np.float32)
+    lab = rng.integers(-1, 4, size=(3, n_points)).astype(np.float32)
+    b = sam2rt_model.backend
+    no_mask = np.zeros((3, 1, 256, 256), np.float32), np.zeros((3,), np.float32)
+    fast = b.decode({**emb.features, **emb.prepared}, xy, lab, *no_mask)
+    plain = b.decode(emb.features, xy, lab, *no_mask)
+    np.testing.assert_allclose(fast[0], plain[0], atol=1e-4)
+    np.testing.assert_allclose(fast[1], plain[1], atol=1e-5)
+
+
+def test_saved_embedding_leaves_out_the_prepared_tensors(counted, tmp_path):
+    """Embedding.save writes the encoder features only; a loaded one is prepared once, on its first decode."""
+    from sam2rt.runtime import Embedding, Prompt
+
+    emb = counted.embed(photo("chelsea"))
+    path = emb.save(tmp_path / "e.npz")
+    with np.load(path) as data:
+        assert not set(PREPARED_NAMES) & set(data.files)
+    loaded = Embedding.load(path)
+    assert loaded.prepared == {}
+    prompt = Prompt(box=np.array([20.0, 30.0, 200.0, 250.0]))
+    a, b = counted.decode(emb, prompt), counted.decode(loaded, prompt)
+    assert set(loaded.prepared) == set(PREPARED_NAMES) and counted.backend._prep.runs == 2
+    counted.decode(loaded, prompt)
+    assert counted.backend._prep.runs == 2 and counted.backend._fast.runs == 3
+    np.testing.assert_array_equal(a.low_res_logits, b.low_res_logits)
+
+
+def test_stale_fast_decoder_is_not_used(model_copy):
+    """If decoder.onnx is replaced, decoder_fast (made with the old one) is ignored, not silently used."""
+    import json
+
+    from sam2rt.runtime import Sam2Model
+
+    manifest = json.loads((model_copy / "manifest.json").read_text())
+    manifest["graphs"]["decoder"]["sha256"] = "0" * 64  # as if decoder.onnx had been re-exported alone
+    (model_copy / "manifest.json").write_text(json.dumps(manifest))
+    model = Sam2Model.from_dir(model_copy, backend="onnxruntime-cpu", verify=False)
+    assert "decoder_fast" not in model.backend.files and model.backend.prepare({}) == {}
+    emb = model.embed(photo("chelsea"))
+    assert emb.prepared == {}
+
+
+def test_fast_decoder_can_be_turned_off(model_dir):
+    from sam2rt.manifest import Manifest
+    from sam2rt.runtime import Sam2Model
+    from sam2rt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    manifest = Manifest.load(model_dir)
+    model = Sam2Model(manifest, OnnxRuntimeBackend(manifest, "onnxruntime-cpu", fast_decoder=False))
+    assert "decoder_fast" not in model.backend.files
+    assert model.embed(photo("chelsea")).prepared == {}
