@@ -183,7 +183,18 @@ def count_model(model_dir: str | Path, threads: int, decoder_batch: int = 1) -> 
         enc_path = optimised("encoder", None, "optimized")
         image = np.random.default_rng(0).standard_normal((1, 3, 1024, 1024)).astype(np.float32)
         out["encoder"] = {"graph": enc_path.name, **profile_graph(enc_path, {"image": image}, threads)}
-        if manifest.variant("decoder", "nomask") is not None:
+        # the decoder graph the CPU backend runs for a 1-point prompt: fast > nomask > full
+        if manifest.variant("decoder", "fast") is not None and manifest.variant("decoder", "prep") is not None:
+            dec_path = optimised("decoder", "fast", "fast_optimized")
+            prep_path = optimised("decoder", "prep", "prep_optimized")
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            probe = ort.InferenceSession(str(prep_path), so, providers=["CPUExecutionProvider"])
+            feeds = decoder_feeds(probe.get_inputs())
+            del probe
+            out["decoder_prep"] = {"graph": prep_path.name, "per": "image, at embed",
+                                   **profile_graph(prep_path, feeds, threads, runs=3)}
+        elif manifest.variant("decoder", "nomask") is not None:
             dec_path = optimised("decoder", "nomask", "nomask_optimized")
         else:
             dec_path = optimised("decoder", None, "optimized")

@@ -120,6 +120,10 @@ def markdown_report(result: dict[str, Any]) -> str:
             p50 = result["cases"][g["timed_case"]]["sam2rt"]["p50"]
             out.append(f"| {role} ({g['graph']}) | {g['gflops']:.2f} | {p50:.1f} | {g['achieved_gflops_per_s_end_to_end']:.1f} | "
                        f"{100 * g['fraction_of_peak']:.1f}% | {top} |")
+        prep = fl.get("decoder_prep")
+        if prep:
+            out.append(f"| decoder_prep, once per image at embed ({prep['graph']}) | {prep['gflops']:.2f} | "
+                       f"{1e3 * prep['kernel_time_s']:.1f} (kernels) | – | – | – |")
         out.append("")
     sz = result.get("sizes")
     if sz:

@@ -261,28 +261,27 @@ class OnnxRuntimeBackend:
         self.encoder_key = manifest.graph("encoder")["sha256"] if self.precision == "fp32" else self.files["encoder"]["sha256"]
         self._encoder = self._session(ort, manifest, "encoder", self._providers(manifest, wanted, "encoder"))
         self._manifest, self._wanted = manifest, wanted
-        self._decoder_lock = threading.Lock()
-        self._decoder_full = None
-        if on_gpu or "decoder_nomask" not in self.files:
-            self._decoder_full = self._session(ort, manifest, "decoder", self._providers(manifest, wanted, "decoder"))
-        self._decoder_nomask = (
-            self._session(ort, manifest, "decoder_nomask", self._providers(manifest, wanted, "decoder"))
-            if "decoder_nomask" in self.files else None
-        )
-        if on_gpu and wanted[0] not in self._decoder.get_providers():
-            raise BackendUnavailableError(
-                f"backend {name!r}: onnxruntime could not initialise {wanted[0]} (is a CUDA GPU with a matching "
-                f"CUDA/cuDNN present?); providers in use: {', '.join(self._decoder.get_providers())}"
-            )
-        self._enc_outputs = [o.name for o in self._encoder.get_outputs()]
-        self._prep = self._fast = None
-        self.fast_max_points = 0
+        self._sessions: dict[str, Any] = {}
+        self._sessions_lock = threading.Lock()
         if not fast_decoder:  # the plain graphs only (as the GPU backends run them)
             self.files.pop("decoder_prep", None), self.files.pop("decoder_fast", None)
+        fast = self.files.get("decoder_fast")
+        self.fast_max_points = int(fast.get("max_points", FAST_MAX_POINTS)) if fast else 0
+        # Loaded now: the decoder graphs that plain point/box prompts use. The others (the full decoder for
+        # mask prompts, the mask-free one for prompts of many points) load on first use: most processes never
+        # need them, and their weights would add to every process's peak memory.
         if "decoder_fast" in self.files:
-            self._prep = self._session(ort, manifest, "decoder_prep", self._providers(manifest, wanted, "decoder"))
-            self._fast = self._session(ort, manifest, "decoder_fast", self._providers(manifest, wanted, "decoder"))
-            self.fast_max_points = int(self.files["decoder_fast"].get("max_points", FAST_MAX_POINTS))
+            eager = ["decoder_prep", "decoder_fast"]
+        else:
+            eager = ["decoder_nomask"] if "decoder_nomask" in self.files else ["decoder"]
+        for slot in eager:
+            self._graph(slot)
+        if on_gpu and wanted[0] not in self._graph("decoder").get_providers():
+            raise BackendUnavailableError(
+                f"backend {name!r}: onnxruntime could not initialise {wanted[0]} (is a CUDA GPU with a matching "
+                f"CUDA/cuDNN present?); providers in use: {', '.join(self._graph('decoder').get_providers())}"
+            )
+        self._enc_outputs = [o.name for o in self._encoder.get_outputs()]
 
     def _providers(self, manifest: Manifest, wanted: list[str], role: str) -> list:
         out: list = []
@@ -307,17 +306,17 @@ class OnnxRuntimeBackend:
                 out.append(provider)
         return out
 
-    @property
-    def _decoder(self):
-        """The full decoder (with mask_input). With a mask-free decoder present (CPU), it is loaded on first
-        use: most prompts never need it, and its weights would add to the peak memory of every process."""
-        if self._decoder_full is None:
-            with self._decoder_lock:
-                if self._decoder_full is None:
-                    self._decoder_full = self._session(
-                        self._ort, self._manifest, "decoder", self._providers(self._manifest, self._wanted, "decoder")
+    def _graph(self, slot: str):
+        """The session of decoder slot `slot` (see cpu_graph_entries), created on first use."""
+        session = self._sessions.get(slot)
+        if session is None:
+            with self._sessions_lock:
+                session = self._sessions.get(slot)
+                if session is None:
+                    session = self._sessions[slot] = self._session(
+                        self._ort, self._manifest, slot, self._providers(self._manifest, self._wanted, "decoder")
                     )
-        return self._decoder_full
+        return session
 
     def _session(self, ort, manifest: Manifest, role: str, providers: list):
         entry = self.files[role]
@@ -351,11 +350,11 @@ class OnnxRuntimeBackend:
 
         Run once per image (Sam2Model.embed does, or the first decode of an embedding that lacks them).
         """
-        if self._prep is None:
+        if "decoder_prep" not in self.files:
             return {}
         feeds = {n: np.asarray(features[n].to_host() if hasattr(features[n], "to_host") else features[n])
                  for n in FEATURE_NAMES}
-        return dict(zip(PREPARED_NAMES, self._prep.run(list(PREPARED_NAMES), feeds)))
+        return dict(zip(PREPARED_NAMES, self._graph("decoder_prep").run(list(PREPARED_NAMES), feeds)))
 
     def upload_features(self, features: dict[str, Any]) -> dict[str, Any]:
         """Host features -> OrtValues on this backend's device (Embedding.to_device uses this)."""
@@ -381,14 +380,14 @@ class OnnxRuntimeBackend:
         prompts = dict(point_coords=point_coords, point_labels=point_labels)
         no_mask = not np.any(has_mask_input)
         names: tuple[str, ...] = FEATURE_NAMES
-        if (no_mask and self._fast is not None and point_coords.shape[1] <= self.fast_max_points
+        if (no_mask and "decoder_fast" in self.files and point_coords.shape[1] <= self.fast_max_points
                 and all(n in features for n in PREPARED_NAMES)):
-            decoder, names = self._fast, PREPARED_NAMES
-        elif no_mask and self._decoder_nomask is not None:
+            decoder, names = self._graph("decoder_fast"), PREPARED_NAMES
+        elif no_mask and "decoder_nomask" in self.files:
             # no prompt carries a mask: the mask-free graph gives the same outputs without the mask convolutions
-            decoder = self._decoder_nomask
+            decoder = self._graph("decoder_nomask")
         else:
-            decoder = self._decoder
+            decoder = self._graph("decoder")
             prompts.update(mask_input=mask_input, has_mask_input=has_mask_input)
         features = {n: features[n] for n in names}
         if not self.io_binding:
