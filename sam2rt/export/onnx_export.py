@@ -27,7 +27,9 @@ from .graphs import (
     ImageEncoderGraph,
     PromptDecoderGraph,
     PromptDecoderNoMaskGraph,
+    MHA_DOMAIN,
     chunked_encoder_attention,
+    fused_encoder_attention,
 )
 from .optimize import add_variants
 
@@ -38,6 +40,9 @@ DECODER_LOGIT_TOLERANCE = 1e-3
 DECODER_IOU_TOLERANCE = 1e-4
 
 DECODER_NOMASK_FILE = "decoder_nomask.onnx"
+# The encoder with com.microsoft MultiHeadAttention (ONNX Runtime only): the source of the CPU
+# encoder variant; encoder.onnx itself stays standard ONNX (TensorRT, INT8 quantisation).
+ENCODER_FUSED_FILE = "encoder.fused.onnx"
 
 DYNAMIC_AXES = {
     "point_coords": {0: "num_prompts", 1: "num_points"},
@@ -143,15 +148,22 @@ def export_model(
             encoder, decoder = ImageEncoderGraph(model).eval(), PromptDecoderGraph(model).eval()
             image = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
-                feats = encoder(image)
+                feats = encoder(image)  # the reference: the model's own forward_image path
+            exported_encoder = ImageEncoderGraph(model, fold=True).eval()  # neck convolutions folded
         enc_path, dec_path, nomask_path = out / ENCODER_FILE, out / DECODER_FILE, out / DECODER_NOMASK_FILE
+        fused_path = out / ENCODER_FUSED_FILE
         decoder_nomask = PromptDecoderNoMaskGraph(model).eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with steps.step("exporting encoder.onnx"), torch.no_grad(), chunked_encoder_attention():
                 torch.onnx.export(
-                    encoder, (image,), str(enc_path), input_names=ENCODER_INPUTS, output_names=ENCODER_OUTPUTS,
-                    opset_version=opset, dynamo=False,
+                    exported_encoder, (image,), str(enc_path), input_names=ENCODER_INPUTS,
+                    output_names=ENCODER_OUTPUTS, opset_version=opset, dynamo=False,
+                )
+            with steps.step("exporting encoder.fused.onnx"), torch.no_grad(), fused_encoder_attention():
+                torch.onnx.export(
+                    exported_encoder, (image,), str(fused_path), input_names=ENCODER_INPUTS,
+                    output_names=ENCODER_OUTPUTS, opset_version=opset, dynamo=False, custom_opsets={MHA_DOMAIN: 1},
                 )
             with steps.step("exporting decoder.onnx"), torch.no_grad():
                 torch.onnx.export(
@@ -166,7 +178,7 @@ def export_model(
                     opset_version=opset, dynamo=False,
                 )
         with steps.step("onnx.checker"):
-            for path in (enc_path, dec_path, nomask_path):
+            for path in (enc_path, fused_path, dec_path, nomask_path):
                 try:
                     onnx.checker.check_model(str(path), full_check=True)
                 except Exception as exc:
@@ -177,11 +189,15 @@ def export_model(
             enc_sess = ort.InferenceSession(str(enc_path), so, providers=["CPUExecutionProvider"])
             dec_sess = ort.InferenceSession(str(dec_path), so, providers=["CPUExecutionProvider"])
             nomask_sess = ort.InferenceSession(str(nomask_path), so, providers=["CPUExecutionProvider"])
-            ort_feats = enc_sess.run(ENCODER_OUTPUTS, {"image": image.numpy()})
-            diffs = {
-                f"encoder.{n}": _check_close(f"encoder output {n}", o, t.numpy(), ENCODER_TOLERANCE)
-                for n, o, t in zip(ENCODER_OUTPUTS, ort_feats, feats)
-            }
+            fused_sess = ort.InferenceSession(str(fused_path), so, providers=["CPUExecutionProvider"])
+            diffs = {}
+            for label, sess in (("encoder", enc_sess), ("encoder_fused", fused_sess)):
+                ort_feats = sess.run(ENCODER_OUTPUTS, {"image": image.numpy()})
+                diffs.update({
+                    f"{label}.{n}": _check_close(f"{label} output {n}", o, t.numpy(), ENCODER_TOLERANCE)
+                    for n, o, t in zip(ENCODER_OUTPUTS, ort_feats, feats)
+                })
+            del fused_sess
             for batch, points in ((1, 2), (3, 5)):
                 inputs = _sample_decoder_inputs(feats, batch, points, seed=batch)
                 with torch.no_grad():
@@ -239,7 +255,17 @@ def export_model(
                         "low_res_logit_clamp": 32.0,
                     },
                     "graphs": {
-                        "encoder": {"file": ENCODER_FILE, "sha256": sha256_file(enc_path), **_io_spec(enc_sess)},
+                        "encoder": {
+                            "file": ENCODER_FILE, "sha256": sha256_file(enc_path), **_io_spec(enc_sess),
+                            "variants": {
+                                "fused": {
+                                    "file": ENCODER_FUSED_FILE, "sha256": sha256_file(fused_path), "precision": "fp32",
+                                    "derived_from_sha256": sha256_file(enc_path),  # exported with this encoder
+                                    "use": "ONNX Runtime (CPU): attention as com.microsoft MultiHeadAttention, same function",
+                                    **_io_spec(enc_sess),
+                                },
+                            },
+                        },
                         "decoder": {
                             "file": DECODER_FILE, "sha256": sha256_file(dec_path), **_io_spec(dec_sess),
                             "variants": {

@@ -116,15 +116,16 @@ def _fresh_variant(manifest: Manifest, role: str, name: str) -> dict[str, Any] |
     """Variant `name` of `role`, or None if absent or stale (made from another version of the base graph).
 
     A variant records the sha256 of what it was made from (`derived_from_sha256`): the base graph,
-    or for `nomask_optimized` the `nomask` graph. If the base graph was replaced (and the manifest
+    or the variant named by its `source` (for `nomask_optimized` the `nomask` graph). If the base graph was replaced (and the manifest
     updated to it), its old variants no longer describe it and are ignored.
     """
     entry = manifest.variant(role, name)
     if entry is None:
         return None
     source = manifest.graph(role)
-    if name == "nomask_optimized":
-        source = _fresh_variant(manifest, role, "nomask")
+    parent = "nomask" if name == "nomask_optimized" else entry.get("source")
+    if parent:  # made from another variant (e.g. the encoder's `optimized` from `fused`): that one must be fresh
+        source = _fresh_variant(manifest, role, parent)
         if source is None:
             return None
     if entry.get("derived_from_sha256") not in (None, source.get("sha256")):
@@ -136,7 +137,8 @@ def cpu_graph_entries(manifest: Manifest, precision: str = "fp32") -> dict[str, 
     """Manifest entries of the graph files the CPU backend loads, by slot (encoder, decoder, decoder_nomask).
 
     Prefers the ORT-optimised copies saved at export time (`variants.optimized`, same function,
-    faster to load) and the mask-free decoder; the INT8 encoder only with precision="int8".
+    faster to load; the encoder's made from its MultiHeadAttention form `fused`), then the encoder's
+    `fused` form, and the mask-free decoder; the INT8 encoder only with precision="int8".
     Exports without variants fall back to the base encoder.onnx / decoder.onnx.
     """
     if precision not in CPU_PRECISIONS:
@@ -151,7 +153,8 @@ def cpu_graph_entries(manifest: Manifest, precision: str = "fp32") -> dict[str, 
                 "(or run `sam2rt.export.optimize.add_variants(DIR, int8=True)`)"
             )
     else:
-        enc = _fresh_variant(manifest, "encoder", "optimized") or manifest.graph("encoder")
+        enc = (_fresh_variant(manifest, "encoder", "optimized") or _fresh_variant(manifest, "encoder", "fused")
+               or manifest.graph("encoder"))
     out = {"encoder": enc, "decoder": _fresh_variant(manifest, "decoder", "optimized") or manifest.graph("decoder")}
     nomask = _fresh_variant(manifest, "decoder", "nomask_optimized") or _fresh_variant(manifest, "decoder", "nomask")
     if nomask is not None:
