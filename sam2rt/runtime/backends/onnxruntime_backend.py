@@ -61,7 +61,8 @@ def low_memory_default() -> bool:
     """Whether the CPU backend trades encoder speed for a lower peak RSS (opt-in: env SAM2RT_LOW_MEMORY=1).
 
     Measured on the 2-core benchmark machine: peak RSS of a process that embeds one image and answers
-    one prompt 0.63 GiB instead of 0.75 GiB, but set_image 1.6x slower (page faults of fresh memory).
+    one prompt 0.63 GiB instead of 0.75 GiB, but set_image 1.6x slower (page faults of fresh memory);
+    with the chunked MultiHeadAttention encoder (encoder.fused.onnx) 485 instead of ~580 MiB.
     """
     return os.environ.get("SAM2RT_LOW_MEMORY", "0").strip().lower() in ("1", "true", "yes", "on")
 
