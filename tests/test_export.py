@@ -43,7 +43,7 @@ def test_manifest_records_the_export(model_dir, checkpoint_path):
 def test_graphs_pass_onnx_checker(model_dir):
     import onnx
 
-    for name in ("encoder.onnx", "decoder.onnx"):
+    for name in ("encoder.onnx", "encoder.fused.onnx", "decoder.onnx"):
         onnx.checker.check_model(str(model_dir / name), full_check=True)
 
 
@@ -144,3 +144,39 @@ def test_model_registry():
     assert get_spec("hiera_base_plus").serve_id == "hiera_b_plus"
     with pytest.raises(Sam2rtError, match="choose one of"):
         get_spec("hiera_huge")
+
+
+def test_encoder_fused_variant(model_dir):
+    """encoder.onnx is standard ONNX; its ORT form `fused` (MultiHeadAttention) is recorded, verified and
+    the source of the optimised encoder the CPU backend loads."""
+    import onnx
+
+    from sam2rt.runtime.backends.onnxruntime_backend import cpu_graph_entries
+
+    m = Manifest.load(model_dir)
+    base = onnx.load(str(model_dir / "encoder.onnx"), load_external_data=False)
+    assert {n.domain for n in base.graph.node} <= {"", "ai.onnx"}
+    assert not any(n.op_type == "Conv" and "neck" in n.name for n in base.graph.node)  # neck folded
+    fused_entry = m.variant("encoder", "fused")
+    assert fused_entry["derived_from_sha256"] == m.graph("encoder")["sha256"]
+    fused = onnx.load(str(m.verify_file(fused_entry)), load_external_data=False)
+    mha = [n for n in fused.graph.node if n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft"]
+    blocks = {n.name.split("/")[2] for n in mha}  # "/trunk/blocks.N/..."; first stages in window groups
+    assert blocks == {f"blocks.{i}" for i in range(12)}
+    diffs = m.data["verification"]["max_abs_diff"]
+    assert {k for k in diffs if k.startswith("encoder_fused.")} and max(diffs.values()) < 1e-3
+    opt = m.variant("encoder", "optimized")
+    assert opt["source"] == "fused" and opt["derived_from_sha256"] == fused_entry["sha256"]
+    assert cpu_graph_entries(m)["encoder"] is opt
+
+
+def test_stale_fused_encoder_is_ignored(model_dir):
+    """A replaced encoder.onnx makes its `fused` form, and the optimised graph made from it, stale."""
+    from sam2rt.runtime.backends.onnxruntime_backend import cpu_graph_entries
+
+    m = Manifest.load(model_dir)
+    m.data["graphs"]["encoder"]["sha256"] = "0" * 64
+    assert cpu_graph_entries(m)["encoder"] is m.graph("encoder")
+    m = Manifest.load(model_dir)
+    m.data["graphs"]["encoder"]["variants"]["fused"]["sha256"] = "1" * 64  # fused replaced, optimized not remade
+    assert cpu_graph_entries(m)["encoder"] is m.variant("encoder", "fused")

@@ -142,7 +142,12 @@ def _view(addr: int, shape, dtype=np.float32) -> np.ndarray:
 
 
 # --- emulated tensorrt -------------------------------------------------------------------------------------
-def make_fake_trt(cudart: FakeCudart, model_dir: Path, profiles: list[dict]):
+def make_fake_trt(cudart: FakeCudart, model_dir: Path, profiles: list[dict], encoder_graph: Path | None = None):
+    """A stand-in `tensorrt` module whose engines run the ONNX graphs with ONNX Runtime on the CPU.
+
+    `encoder_graph`: the encoder graph its engine runs (default model_dir/encoder.onnx); the fixture passes
+    the CPU backend's encoder, so GPU-path results can be compared bit for bit with the CPU backend's.
+    """
     import onnxruntime as ort
 
     trt = types.ModuleType("tensorrt")
@@ -152,8 +157,8 @@ def make_fake_trt(cudart: FakeCudart, model_dir: Path, profiles: list[dict]):
     trt.nptype = lambda dt: np.float32
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    sessions = {r: ort.InferenceSession(str(model_dir / f"{r}.onnx"), so, providers=["CPUExecutionProvider"])
-                for r in ("encoder", "decoder")}
+    graphs = {"encoder": encoder_graph or model_dir / "encoder.onnx", "decoder": model_dir / "decoder.onnx"}
+    sessions = {r: ort.InferenceSession(str(g), so, providers=["CPUExecutionProvider"]) for r, g in graphs.items()}
     trt.stats = {"contexts": 0, "engines": 0}
 
     class Logger:
@@ -294,7 +299,12 @@ def emulated(model_dir, tmp_path, monkeypatch):
     m.data["engines"] = {"fp32": entry}
     m.save()
     cudart = FakeCudart()
-    trt = make_fake_trt(cudart, d, profiles)
+    # the CPU backend's encoder is encoder.opt.onnx (made from the MultiHeadAttention form, equal to
+    # encoder.onnx within float rounding): the emulated engine runs the same graph, for bitwise comparisons
+    from sam2rt.runtime.backends.onnxruntime_backend import cpu_graph_entries
+
+    cpu_encoder = model_dir / cpu_graph_entries(Manifest.load(model_dir))["encoder"]["file"]
+    trt = make_fake_trt(cudart, d, profiles, encoder_graph=cpu_encoder)
     monkeypatch.setattr(gpu, "_CUDART", cudart)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     return types.SimpleNamespace(dir=d, cudart=cudart, trt=trt)
@@ -482,10 +492,11 @@ def test_int8_build_calibrates_with_runtime_preprocessing(model_dir, tmp_path, m
         def set_output_type(self, j, t):
             self.out_types[j] = t
 
-    layers = [Layer("/image_encoder/trunk/blocks.0/norm1/LayerNormalization", "norm"),
-              Layer("/image_encoder/trunk/blocks.0/attn/Softmax", "softmax"),
-              Layer("/image_encoder/trunk/blocks.0/attn/MatMul", "matmul"),
-              Layer("/image_encoder/trunk/patch_embed/proj/Conv", "conv"),
+    # node names of encoder.onnx (the folded export traces the trunk directly: "/trunk/...")
+    layers = [Layer("/trunk/blocks.0/norm1/LayerNormalization", "norm"),
+              Layer("/trunk/blocks.0/attn/Softmax", "softmax"),
+              Layer("/trunk/blocks.0/attn/MatMul", "matmul"),
+              Layer("/trunk/patch_embed/proj/Conv", "conv"),
               Layer("/image_encoder/Shape_3", "shape", dtype="i32")]
     base_builder = fake.Builder
 

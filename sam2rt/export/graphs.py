@@ -15,6 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .encoder_fusion import MHA_DOMAIN, FoldedNeck, fused_encoder_attention
+
+__all__ = ["MHA_DOMAIN", "fused_encoder_attention"]  # re-exported for onnx_export
+
 ENCODER_INPUTS = ["image"]
 ENCODER_OUTPUTS = ["image_embed", "high_res_feats_0", "high_res_feats_1"]
 DECODER_INPUTS = [
@@ -67,15 +71,22 @@ def chunked_encoder_attention() -> Iterator[None]:
 
 
 class ImageEncoderGraph(nn.Module):
-    """Normalised 1x3x1024x1024 image -> (image_embed + no_mem_embed, high_res_feats_0, high_res_feats_1)."""
+    """Normalised 1x3x1024x1024 image -> (image_embed + no_mem_embed, high_res_feats_0, high_res_feats_1).
 
-    def __init__(self, sam_model: nn.Module) -> None:
+    fold=True (what is exported): the neck and decoder convolutions folded by `FoldedNeck` where the
+    model allows it; the same function up to float rounding (the export verifies it against fold=False).
+    """
+
+    def __init__(self, sam_model: nn.Module, fold: bool = False) -> None:
         super().__init__()
         self.model = sam_model
         size = sam_model.image_size
         self.feat_sizes = [(size // 4, size // 4), (size // 8, size // 8), (size // 16, size // 16)]
+        self.folded = FoldedNeck(sam_model) if fold and FoldedNeck.supported(sam_model) else None
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.folded is not None:
+            return self.folded(self.model.image_encoder.trunk(image))
         backbone_out = self.model.forward_image(image)
         _, vision_feats, _, _ = self.model._prepare_backbone_features(backbone_out)
         if self.model.directly_add_no_mem_embed:

@@ -27,7 +27,9 @@ from .graphs import (
     ImageEncoderGraph,
     PromptDecoderGraph,
     PromptDecoderNoMaskGraph,
+    MHA_DOMAIN,
     chunked_encoder_attention,
+    fused_encoder_attention,
 )
 from .fast_decoder import FAST_INPUTS, FAST_MAX_POINTS, PREP_INPUTS, PREP_OUTPUTS, DecoderPrepGraph, FastDecoderGraph
 from .optimize import add_variants
@@ -41,6 +43,9 @@ DECODER_IOU_TOLERANCE = 1e-4
 DECODER_NOMASK_FILE = "decoder_nomask.onnx"
 DECODER_PREP_FILE = "decoder_prep.onnx"
 DECODER_FAST_FILE = "decoder_fast.onnx"
+# The encoder with com.microsoft MultiHeadAttention (ONNX Runtime only): the source of the CPU
+# encoder variant; encoder.onnx itself stays standard ONNX (TensorRT, INT8 quantisation).
+ENCODER_FUSED_FILE = "encoder.fused.onnx"
 
 DYNAMIC_AXES = {
     "point_coords": {0: "num_prompts", 1: "num_points"},
@@ -148,17 +153,24 @@ def export_model(
             encoder, decoder = ImageEncoderGraph(model).eval(), PromptDecoderGraph(model).eval()
             image = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
-                feats = encoder(image)
+                feats = encoder(image)  # the reference: the model's own forward_image path
+            exported_encoder = ImageEncoderGraph(model, fold=True).eval()  # neck convolutions folded
         enc_path, dec_path, nomask_path = out / ENCODER_FILE, out / DECODER_FILE, out / DECODER_NOMASK_FILE
         prep_path, fast_path = out / DECODER_PREP_FILE, out / DECODER_FAST_FILE
+        fused_path = out / ENCODER_FUSED_FILE
         decoder_nomask = PromptDecoderNoMaskGraph(model).eval()
         decoder_prep, decoder_fast = DecoderPrepGraph(model).eval(), FastDecoderGraph(model).eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with steps.step("exporting encoder.onnx"), torch.no_grad(), chunked_encoder_attention():
                 torch.onnx.export(
-                    encoder, (image,), str(enc_path), input_names=ENCODER_INPUTS, output_names=ENCODER_OUTPUTS,
-                    opset_version=opset, dynamo=False,
+                    exported_encoder, (image,), str(enc_path), input_names=ENCODER_INPUTS,
+                    output_names=ENCODER_OUTPUTS, opset_version=opset, dynamo=False,
+                )
+            with steps.step("exporting encoder.fused.onnx"), torch.no_grad(), fused_encoder_attention():
+                torch.onnx.export(
+                    exported_encoder, (image,), str(fused_path), input_names=ENCODER_INPUTS,
+                    output_names=ENCODER_OUTPUTS, opset_version=opset, dynamo=False, custom_opsets={MHA_DOMAIN: 1},
                 )
             with steps.step("exporting decoder.onnx"), torch.no_grad():
                 torch.onnx.export(
@@ -185,7 +197,7 @@ def export_model(
                     opset_version=opset, dynamo=False,
                 )
         with steps.step("onnx.checker"):
-            for path in (enc_path, dec_path, nomask_path, prep_path, fast_path):
+            for path in (enc_path, fused_path, dec_path, nomask_path, prep_path, fast_path):
                 try:
                     onnx.checker.check_model(str(path), full_check=True)
                 except Exception as exc:
@@ -198,12 +210,17 @@ def export_model(
             nomask_sess = ort.InferenceSession(str(nomask_path), so, providers=["CPUExecutionProvider"])
             prep_sess = ort.InferenceSession(str(prep_path), so, providers=["CPUExecutionProvider"])
             fast_sess = ort.InferenceSession(str(fast_path), so, providers=["CPUExecutionProvider"])
-            ort_feats = enc_sess.run(ENCODER_OUTPUTS, {"image": image.numpy()})
+            fused_sess = ort.InferenceSession(str(fused_path), so, providers=["CPUExecutionProvider"])
+            diffs = {}
+            for label, sess in (("encoder", enc_sess), ("encoder_fused", fused_sess)):
+                ort_feats = sess.run(ENCODER_OUTPUTS, {"image": image.numpy()})
+                diffs.update({
+                    f"{label}.{n}": _check_close(f"{label} output {n}", o, t.numpy(), ENCODER_TOLERANCE)
+                    for n, o, t in zip(ENCODER_OUTPUTS, ort_feats, feats)
+                })
+            del fused_sess
+            # the fast decoder runs on the CPU encoder's (fused graph's) outputs, as in the runtime
             prep_out = dict(zip(PREP_OUTPUTS, prep_sess.run(PREP_OUTPUTS, dict(zip(PREP_INPUTS, ort_feats)))))
-            diffs = {
-                f"encoder.{n}": _check_close(f"encoder output {n}", o, t.numpy(), ENCODER_TOLERANCE)
-                for n, o, t in zip(ENCODER_OUTPUTS, ort_feats, feats)
-            }
             for batch, points in ((1, 2), (3, 5), (2, FAST_MAX_POINTS)):
                 inputs = _sample_decoder_inputs(feats, batch, points, seed=batch)
                 with torch.no_grad():
@@ -274,7 +291,17 @@ def export_model(
                         "low_res_logit_clamp": 32.0,
                     },
                     "graphs": {
-                        "encoder": {"file": ENCODER_FILE, "sha256": sha256_file(enc_path), **_io_spec(enc_sess)},
+                        "encoder": {
+                            "file": ENCODER_FILE, "sha256": sha256_file(enc_path), **_io_spec(enc_sess),
+                            "variants": {
+                                "fused": {
+                                    "file": ENCODER_FUSED_FILE, "sha256": sha256_file(fused_path), "precision": "fp32",
+                                    "derived_from_sha256": sha256_file(enc_path),  # exported with this encoder
+                                    "use": "ONNX Runtime (CPU): attention as com.microsoft MultiHeadAttention, same function",
+                                    **_io_spec(enc_sess),
+                                },
+                            },
+                        },
                         "decoder": {
                             "file": DECODER_FILE, "sha256": sha256_file(dec_path), **_io_spec(dec_sess),
                             "variants": {

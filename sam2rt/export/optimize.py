@@ -8,6 +8,8 @@ model directory: `add_variants(DIR, int8=True)`. Each variant is recorded in the
   fusions of MatMul+Add, GELU, LayerNorm, ...), saved once so loading skips that work. The
   hardware-specific layout passes (NCHWc, ORT_ENABLE_ALL) still run at load, so the file is
   portable between CPUs. It computes the same function as the base graph.
+  The encoder's is made from its `fused` variant where the export wrote one (attention as ONNX
+  Runtime's MultiHeadAttention; recorded as `source: fused`), otherwise from encoder.onnx.
 - `int8`: the encoder with dynamic INT8 quantisation of its MatMul weights (onnxruntime.quantization,
   per-channel, activations quantised at run time). REDUCED PRECISION: opt-in only
   (`precision="int8"`), never the default; its mask IoU against FP32 is measured by `sam2rt bench`.
@@ -64,8 +66,15 @@ def add_variants(model_dir: str | Path, optimized: bool = True, int8: bool = Fal
         variants = entry.setdefault("variants", {})
         base = manifest.verify_graph(role)
         if optimized:
-            out = save_optimized(base, d / (base.name[: -len(".onnx")] + OPTIMIZED_SUFFIX))
-            variants["optimized"] = _entry(out, entry["sha256"], precision="fp32", optimization="ORT_ENABLE_EXTENDED")
+            # the encoder's ORT-only `fused` form (MultiHeadAttention) when the export made one
+            fused = variants.get("fused")
+            if fused is not None and fused.get("derived_from_sha256") == entry["sha256"]:
+                src, source = manifest.verify_file(fused), {"source": "fused"}
+                derived = fused["sha256"]
+            else:
+                src, source, derived = base, {}, entry["sha256"]
+            out = save_optimized(src, d / (base.name[: -len(".onnx")] + OPTIMIZED_SUFFIX))
+            variants["optimized"] = _entry(out, derived, precision="fp32", optimization="ORT_ENABLE_EXTENDED", **source)
         for name in DERIVED_DECODER_VARIANTS if optimized else ():
             derived = variants.get(name)
             if not derived:

@@ -62,7 +62,8 @@ def low_memory_default() -> bool:
     """Whether the CPU backend trades encoder speed for a lower peak RSS (opt-in: env SAM2RT_LOW_MEMORY=1).
 
     Measured on the 2-core benchmark machine: peak RSS of a process that embeds one image and answers
-    one prompt 0.63 GiB instead of 0.75 GiB, but set_image 1.6x slower (page faults of fresh memory).
+    one prompt 0.63 GiB instead of 0.75 GiB, but set_image 1.6x slower (page faults of fresh memory);
+    with the chunked MultiHeadAttention encoder (encoder.fused.onnx) 485 instead of ~580 MiB.
     """
     return os.environ.get("SAM2RT_LOW_MEMORY", "0").strip().lower() in ("1", "true", "yes", "on")
 
@@ -117,15 +118,17 @@ def _fresh_variant(manifest: Manifest, role: str, name: str) -> dict[str, Any] |
     """Variant `name` of `role`, or None if absent or stale (made from another version of the base graph).
 
     A variant records the sha256 of what it was made from (`derived_from_sha256`): the base graph,
-    or for `X_optimized` (X = nomask, prep, fast) the variant X. If the base graph was replaced (and the
+    or the variant named by its `source` (the encoder's `optimized` is made from `fused`), or for
+    `X_optimized` (X = nomask, prep, fast) the variant X. If the base graph was replaced (and the
     manifest updated to it), its old variants no longer describe it and are ignored.
     """
     entry = manifest.variant(role, name)
     if entry is None:
         return None
     source = manifest.graph(role)
-    if name.endswith("_optimized"):
-        source = _fresh_variant(manifest, role, name[: -len("_optimized")])
+    parent = name[: -len("_optimized")] if name.endswith("_optimized") else entry.get("source")
+    if parent:  # made from another variant (e.g. the encoder's `optimized` from `fused`): that one must be fresh
+        source = _fresh_variant(manifest, role, parent)
         if source is None:
             return None
     if entry.get("derived_from_sha256") not in (None, source.get("sha256")):
@@ -138,7 +141,8 @@ def cpu_graph_entries(manifest: Manifest, precision: str = "fp32") -> dict[str, 
 
     Slots: encoder, decoder, decoder_nomask, and decoder_prep + decoder_fast (the fast mask-free
     decoder and its per-image part; both or neither). Prefers the ORT-optimised copies saved at export
-    time (`X_optimized`, same function, faster to load); the INT8 encoder only with precision="int8".
+    time (`optimized` / `X_optimized`, same function, faster to load; the encoder's is made from its
+    MultiHeadAttention form `fused`), then the encoder's `fused` form; the INT8 encoder only with precision="int8".
     Exports without variants fall back to the base encoder.onnx / decoder.onnx.
     """
     if precision not in CPU_PRECISIONS:
@@ -153,7 +157,8 @@ def cpu_graph_entries(manifest: Manifest, precision: str = "fp32") -> dict[str, 
                 "(or run `sam2rt.export.optimize.add_variants(DIR, int8=True)`)"
             )
     else:
-        enc = _fresh_variant(manifest, "encoder", "optimized") or manifest.graph("encoder")
+        enc = (_fresh_variant(manifest, "encoder", "optimized") or _fresh_variant(manifest, "encoder", "fused")
+               or manifest.graph("encoder"))
     out = {"encoder": enc, "decoder": _fresh_variant(manifest, "decoder", "optimized") or manifest.graph("decoder")}
     nomask = _fresh_variant(manifest, "decoder", "nomask_optimized") or _fresh_variant(manifest, "decoder", "nomask")
     if nomask is not None:
