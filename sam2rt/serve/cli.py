@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="auto, onnxruntime-cpu, onnxruntime-cuda, tensorrt, ...")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads per model (default: all CPUs)")
     p.add_argument("--cache-mb", type=float, default=1024, help="embedding cache bound in MB (default 1024; "
-                   "a hiera embedding is 16 MB)")
+                   "a hiera embedding is 38 MB on the CPU backend (16 MB of features + 22 MB of fast-decoder "
+                   "tensors), 16 MB on GPU backends)")
     p.add_argument("--logits-cache-mb", type=float, default=64, help="logits cache bound in MB (default 64)")
     p.add_argument("--api-key", default=env_key, help="require this key (?api_key=, Bearer, or body api_key); "
                    "default $SAM2RT_API_KEY")
