@@ -128,6 +128,9 @@ def test_stats_and_flop_counter_units():
     assert s["p50"] == pytest.approx(1.25) and s["min"] == pytest.approx(0.5) and s["n"] == 4
     assert node_flops("MatMul", [[1, 4096, 256], [256, 128]], [[1, 4096, 128]], {}) == 2 * 4096 * 256 * 128
     assert node_flops("FusedMatMul", [[1, 256, 4096], [256, 128]], [[1, 4096, 128]], {"transA": 1}) == 2 * 4096 * 256 * 128
+    # fused attention: scores (Sq x Sk per head, summed over heads: D) and the weighted sum of v
+    assert node_flops("MultiHeadAttention", [[25, 196, 384], [25, 196, 384], [25, 196, 384]], [[25, 196, 384]], {}) == (
+        4 * 25 * 196 * 196 * 384)
     assert node_flops("Conv", [[1, 3, 8, 8], [16, 3, 3, 3]], [[1, 16, 8, 8]], {}) == 2 * 16 * 64 * 27
     assert node_flops("ConvTranspose", [[1, 8, 4, 4], [8, 4, 2, 2]], [[1, 4, 8, 8]], {}) == 2 * 8 * 16 * 16
     assert node_flops("Add", [[1, 2]], [[1, 2]], {}) == 0

@@ -8,6 +8,7 @@ kernel time from the profile. FLOPs (multiply + add = 2) are counted for the com
 
 - MatMul-like (MatMul, FusedMatMul, Gemm, MatMulInteger*, DynamicQuantizeMatMul): 2 * |out| * K,
   K = last dim of input A;
+- com.microsoft MultiHeadAttention with q (B,Sq,D), k (B,Sk,D): 4 * B * Sq * Sk * D (scores and weighted sum);
 - Conv / FusedConv: 2 * |out| * (Cin / groups) * kh * kw (from the weight's shape);
 - ConvTranspose: 2 * |in| * (Cout / groups) * kh * kw.
 
@@ -49,6 +50,12 @@ def node_flops(op: str, inputs: list[list[int] | None], outputs: list[list[int]]
         a = inputs[0]
         k = (a[-2] if attrs.get("transA") else a[-1]) if len(a) >= 2 else (a[-1] if a else 1)
         return 2 * out * int(k)
+    if op == "MultiHeadAttention":  # com.microsoft, q (B,Sq,D) and k (B,Sk,D): q k^T and the weights times v
+        k = inputs[1] if len(inputs) > 1 else None
+        if k is None or len(inputs[0]) != 3 or len(k) != 3:
+            return 0
+        b, sq, d = inputs[0]
+        return 2 * 2 * int(b) * int(sq) * int(k[1]) * int(d)
     w = inputs[1] if len(inputs) > 1 else None
     if w is None or len(w) < 3:
         return 0

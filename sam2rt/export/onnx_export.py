@@ -135,7 +135,9 @@ def export_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = _Steps(
-        ["weights", "encoder", "decoder", "decoder_nomask", "decoder_fast", "check", "verify", "manifest", "variants"], progress
+        ["weights", "encoder", "encoder_fused", "decoder", "decoder_nomask", "decoder_fast", "check", "verify",
+         "manifest", "variants"],
+        progress,
     )
     try:
         with steps.step("building model + loading weights"):
