@@ -137,3 +137,46 @@ def test_fast_decoder_can_be_turned_off(model_dir):
     model = Sam2Model(manifest, OnnxRuntimeBackend(manifest, "onnxruntime-cpu", fast_decoder=False))
     assert "decoder_fast" not in model.backend.files
     assert model.embed(photo("chelsea")).prepared == {}
+
+
+def test_fast_graph_is_exported_for_one_prompt_without_slow_fusions(model_dir):
+    """decoder_fast takes one prompt (only the point count is dynamic); its saved optimised copy keeps ORT's
+    slower fusions (SkipLayerNormalization, MatMul + full-size Add -> Gemm) out, as the manifest says."""
+    import onnx
+
+    from sam2rt.export.fast_decoder import FAST_DISABLED_OPTIMIZERS
+    from sam2rt.manifest import Manifest
+
+    m = Manifest.load(model_dir)
+    fast, opt = m.variant("decoder", "fast"), m.variant("decoder", "fast_optimized")
+    assert fast["prompts_per_run"] == 1 and opt["prompts_per_run"] == 1
+    assert fast["ort_disabled_optimizers"] == list(FAST_DISABLED_OPTIMIZERS) == opt["ort_disabled_optimizers"]
+    graph = onnx.load(str(model_dir / fast["file"])).graph
+    dims = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims["point_coords"][0] == 1 and isinstance(dims["point_coords"][1], str) and dims["point_coords"][2] == 2
+    optimized = onnx.load(str(model_dir / opt["file"])).graph
+    assert "SkipLayerNormalization" not in {n.op_type for n in optimized.node}
+    init = {t.name: t for t in optimized.initializer}
+    for n in optimized.node:  # MatMul + Add -> Gemm only where the Add was a weight's 1-D bias
+        if n.op_type == "Gemm" and len(n.input) == 3:
+            assert n.input[2] in init and len(init[n.input[2]].dims) <= 1, n.name
+
+
+def test_a_batch_decodes_on_parallel_lanes_as_prompt_by_prompt(sam2rt_model):
+    """A batch on the fast decoder runs on single-threaded sessions side by side; each prompt's result is
+    the one the main session gives it alone."""
+    emb = sam2rt_model.embed(photo("coffee"))
+    b = sam2rt_model.backend
+    if b.threads < 2:
+        pytest.skip("one thread: batches run prompt by prompt on the main session")
+    rng = np.random.default_rng(7)
+    xy = rng.uniform(0, 1024, size=(5, 3, 2)).astype(np.float32)
+    lab = np.tile(np.array([[2.0, 3.0, -1.0]], np.float32), (5, 1))
+    no_mask = np.zeros((5, 1, 256, 256), np.float32), np.zeros((5,), np.float32)
+    feats = {**emb.features, **emb.prepared}
+    low_res, iou = b.decode(feats, xy, lab, *no_mask)
+    assert b._fast_lanes is not None and len(b._fast_lanes) == min(b.threads, 8)
+    for i in range(5):
+        one = b.decode(feats, xy[i : i + 1], lab[i : i + 1], no_mask[0][:1], no_mask[1][:1])
+        np.testing.assert_allclose(low_res[i : i + 1], one[0], atol=1e-5)
+        np.testing.assert_allclose(iou[i : i + 1], one[1], atol=1e-6)

@@ -15,9 +15,22 @@ and values in every cross-attention, once per prompt. Two exact rewrites remove 
    image->token queries and output projection. The image side then costs 8*T x 256 per token
    instead of 128 x 256 per projection: with T <= 16 never more, with one point or a box half.
 
-The upscaling runs channels-last as plain matrix products (a 2x2 stride-2 transposed convolution is
-a per-pixel 256 -> 4*64 product), so no per-prompt transposes of the 64x64x256 map remain.
-Token-side layers (self-attention, MLPs, IoU and hypernetwork heads) are the official modules.
+Per prompt, the image side is then nothing but large products and the unavoidable per-token passes:
+
+3. **Biases folded into constants.** Each image->token output-projection bias is added to the image
+   tokens once: layer 0's in `prep_keys0`, the next layer's in the LayerNorm beta that makes the tokens
+   (the positional encoding and the token->image values take the constant shift back exactly).
+4. **No transposes of image-sized tensors.** Layer 0's image->token scores come from one product with
+   block-diagonal token keys (heads stay inner); the final token->image attention runs only for the
+   IoU and mask tokens (the others' results are unused); the upscaling runs channels-last as plain
+   products, one per kernel row of each transposed convolution, so the masks come out in row-major
+   blocks and only the 1 MB result is interleaved.
+5. **One prompt per run.** Every shape but the point count is a graph constant, so no shape arithmetic
+   runs per prompt; a batch is decoded prompt by prompt (on the CPU, on parallel single-threaded
+   sessions; see the ONNX Runtime backend). ONNX Runtime's SkipLayerNormalization and MatMul+Add->Gemm
+   fusions, which the static shapes would enable, are slower here and left out (FAST_DISABLED_OPTIMIZERS).
+
+Token-side layers (self-attention, MLPs, IoU and hypernetwork heads) are the official modules' weights.
 The results equal the reference to float32 rounding (checked at export, and by tests/test_parity.py).
 """
 
@@ -30,6 +43,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime.embedding import FAST_MAX_POINTS, FEATURE_NAMES, PREPARED_NAMES
+
+# ONNX Runtime fusions left out when decoder_fast is optimised and loaded (recorded in the manifest as
+# `ort_disabled_optimizers`): with the graph's static shapes ORT would fuse the image-token residual
+# Add + LayerNorm into SkipLayerNormalization and MatMul + full-size Add into Gemm, both slower on the
+# benchmark CPU than the ops they replace (SkipLayerNormalization ~3x, e.g. 2.9 vs 0.9 ms).
+FAST_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion", "MatMulAddFusion")
 
 PREP_INPUTS = list(FEATURE_NAMES)
 PREP_OUTPUTS = list(PREPARED_NAMES)
@@ -45,11 +64,11 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 class DecoderPrepGraph(nn.Module):
     """Per-image tensors of the fast decoder, from the encoder's three features.
 
-    Outputs: prep_keys0 (1,4096,256) = image tokens + no_mask_embed; prep_t2i_k0 (1,8,16,4096) and
-    prep_t2i_v0 (1,8,4096,16), the first layer's token->image keys (transposed) and values;
-    prep_i2t_q0 (1,8,4096,16), its image->token queries; prep_feat_s1 (1,4096,4,64) and prep_feat_s0
-    (1,4096,16,32), the high-res features (+ transposed-convolution biases) channels-last in the
-    upscaling's pixel order.
+    Outputs: prep_keys0 (4096,256) = image tokens + no_mask_embed + the first layer's image->token
+    output-projection bias; prep_t2i_k0 (1,8,16,4096) and prep_t2i_v0 (1,8,4096,16), the first layer's
+    token->image keys (transposed) and values; prep_i2t_q0 (4096,128), its image->token queries (head
+    h in channels 16h..16h+15); prep_feat_s1 (2,8192,64) and prep_feat_s0 (2,2,16384,32), the high-res
+    features (+ transposed-convolution biases) channels-last in the upscaling's pixel order.
     """
 
     def __init__(self, sam_model: nn.Module) -> None:
@@ -69,23 +88,26 @@ class DecoderPrepGraph(nn.Module):
         t2i, i2t = self.layer0.cross_attn_token_to_image, self.layer0.cross_attn_image_to_token
         k0 = _heads(t2i.k_proj(keys0 + key_pe), t2i.num_heads).transpose(2, 3)
         v0 = _heads(t2i.v_proj(keys0), t2i.num_heads)
-        q0 = _heads(i2t.q_proj(keys0 + key_pe), i2t.num_heads)
-        # high-res features in the order the upscaling below produces pixels:
-        # s1 pixel (2y+a, 2x+b) -> [y*w+x, a*2+b, channel]; s0 pixel (4y+2a+c, 4x+2b+d) -> [y*w+x, (a,b,c,d), channel]
+        q0 = i2t.q_proj(keys0 + key_pe)  # (1,N,heads*d): heads stay in the channels (see FastDecoderGraph)
+        # high-res features in the order the upscaling below produces pixels: s1 pixel (2y+a, 2x+b) ->
+        # [a, (y*w+x)*2+b, channel]; s0 pixel (4y+2a+c, 4x+2b+d) -> [a, c, (y*w+x)*4+b*2+d, channel]
         s1 = high_res_feats_1 + self.dc1_bias.reshape(1, -1, 1, 1)
         c1 = s1.shape[1]
-        s1 = s1.reshape(1, c1, h, 2, w, 2).permute(0, 2, 4, 3, 5, 1).reshape(1, h * w, 4, c1)
+        s1 = s1.reshape(c1, h, 2, w, 2).permute(2, 1, 3, 4, 0).reshape(2, h * w * 2, c1)
         s0 = high_res_feats_0 + self.dc2_bias.reshape(1, -1, 1, 1)
         c0 = s0.shape[1]
-        s0 = s0.reshape(1, c0, h, 2, 2, w, 2, 2).permute(0, 2, 5, 3, 6, 4, 7, 1).reshape(1, h * w, 16, c0)
-        return keys0, k0, v0, q0, s1, s0
+        s0 = s0.reshape(c0, h, 2, 2, w, 2, 2).permute(2, 3, 1, 4, 5, 6, 0).reshape(2, 2, h * w * 4, c0)
+        # layer 0's image->token output bias, added to the image tokens here once instead of per prompt
+        return keys0[0] + i2t.out_proj.bias, k0, v0, q0[0], s1, s0
 
 
 class FastDecoderGraph(nn.Module):
-    """Mask-free prompt decoder over DecoderPrepGraph's outputs (inputs FAST_INPUTS).
+    """Mask-free prompt decoder over DecoderPrepGraph's outputs (inputs FAST_INPUTS), one prompt per run.
 
-    point_coords (B,N,2) / point_labels (B,N) as PromptDecoderGraph; outputs low_res_masks
-    (B,4,256,256) and iou_predictions (B,4), equal to PromptDecoderNoMaskGraph's.
+    point_coords (1,N,2) / point_labels (1,N) as PromptDecoderGraph; outputs low_res_masks
+    (1,4,256,256) and iou_predictions (1,4), equal to PromptDecoderNoMaskGraph's. Every shape but the
+    token count is a constant of the graph (no shape arithmetic at run time); the runtime decodes a
+    batch one prompt after another, which on the CPU costs no more per prompt than a batched run.
     """
 
     def __init__(self, sam_model: nn.Module) -> None:
@@ -98,53 +120,72 @@ class FastDecoderGraph(nn.Module):
         self.md = md
         self.transformer = md.transformer
         self.s = 1 if md.pred_obj_scores else 0
-        self.grid = tuple(self.prompt_encoder.image_embedding_size)
+        self.grid = tuple(int(g) for g in self.prompt_encoder.image_embedding_size)
+        self.n = self.grid[0] * self.grid[1]
         dc1, ln1, _, dc2, _ = md.output_upscaling
         c, c1 = dc1.weight.shape[:2]
         c2 = dc2.weight.shape[1]
-        # ConvTranspose2d weights (in, out, 2, 2) -> (in, [a, b, out]) for a channels-last product
-        self.register_buffer("w1", dc1.weight.detach().permute(0, 2, 3, 1).reshape(c, 4 * c1).clone())
-        self.register_buffer("w2", dc2.weight.detach().permute(0, 2, 3, 1).reshape(c1, 4 * c2).clone())
+        # ConvTranspose2d weights (in, out, kh, kw) -> (kh, in, [kw, out]): one channels-last product per kernel row
+        self.register_buffer("w1", dc1.weight.detach().permute(2, 0, 3, 1).reshape(2, c, 2 * c1).clone())
+        self.register_buffer("w2", dc2.weight.detach().permute(2, 0, 3, 1).reshape(2, c1, 2 * c2).clone())
         self.ln1_weight, self.ln1_bias, self.ln1_eps = ln1.weight, ln1.bias, float(ln1.eps)
-        self.c1, self.c2 = c1, c2
+        self.dim, self.c1, self.c2 = int(c), int(c1), int(c2)
 
-    # --- attention rewrites -------------------------------------------------------------------
+    # --- attention rewrites (shapes from the modules' constants; -1 is the token axis) -----------
     @staticmethod
-    def _token_to_image(attn: nn.Module, q_tokens: torch.Tensor, keys: torch.Tensor, keys_pe: torch.Tensor) -> torch.Tensor:
-        """attn(q=q_tokens, k=keys_pe, v=keys) with the projections moved to the token side."""
+    def _split(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """(1,T,internal) -> (1,heads,T,d)."""
         h = attn.num_heads
-        b, t, _ = q_tokens.shape
-        d = attn.internal_dim // h
-        q = _heads(attn.q_proj(q_tokens), h) * (1.0 / math.sqrt(d))  # (B,h,T,d)
-        wk = attn.k_proj.weight.reshape(h, d, -1)  # (h,d,C)
-        qk = torch.matmul(q, wk).reshape(b, h * t, -1)  # (B,hT,C); k_proj's bias only shifts each row
-        weights = torch.softmax(torch.matmul(qk, keys_pe.transpose(1, 2)), dim=-1)  # (B,hT,N)
-        ax = torch.matmul(weights, keys).reshape(b, h, t, -1)  # (B,h,T,C)
-        wv = attn.v_proj.weight.reshape(h, d, -1).transpose(1, 2)  # (h,C,d)
-        out = torch.matmul(ax, wv) + attn.v_proj.bias.reshape(1, h, 1, d)  # rows of softmax sum to 1
-        return attn.out_proj(out.transpose(1, 2).reshape(b, t, h * d))
+        return x.reshape(1, -1, h, attn.internal_dim // h).transpose(1, 2)
 
     @staticmethod
-    def _image_output(attn: nn.Module, weights: torch.Tensor, v_tokens: torch.Tensor) -> torch.Tensor:
-        """out_proj(heads(softmax) @ v) as one product: weights (B,N,h,T), v_tokens (B,T,internal) -> (B,N,C)."""
-        h = attn.num_heads
-        b, n, _, t = weights.shape
+    def _merge(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """(1,heads,T,d) -> out_proj of (1,T,internal)."""
+        return attn.out_proj(x.transpose(1, 2).reshape(1, -1, attn.internal_dim))
+
+    def _self_attention(self, attn: nn.Module, qk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """attn(q=qk, k=qk, v=v) over the tokens, as SAM 2's Attention.forward."""
+        q, k = self._split(attn, attn.q_proj(qk)), self._split(attn, attn.k_proj(qk))
+        return self._merge(attn, F.scaled_dot_product_attention(q, k, self._split(attn, attn.v_proj(v))))
+
+    def _token_to_image(
+        self, attn: nn.Module, q_tokens: torch.Tensor, keys: torch.Tensor, keys_pe: torch.Tensor,
+        shift: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """attn(q=q_tokens, k=keys_pe, v=keys - shift) with the projections moved to the token side.
+
+        q_tokens (1,T,C); keys, keys_pe (N,C) -> (1,T,C). The image tokens stay 2-D: ONNX Runtime would
+        fuse a 3-D residual Add + LayerNorm into SkipLayerNormalization, 3x slower than the two here.
+        """
+        h, c = attn.num_heads, self.dim
         d = attn.internal_dim // h
-        wo = attn.out_proj.weight.transpose(0, 1).reshape(h, d, -1)  # (h,d,C)
-        u = torch.matmul(_heads(v_tokens, h), wo).reshape(b, h * t, -1)  # (B,hT,C)
-        return torch.matmul(weights.reshape(b, n, h * t), u) + attn.out_proj.bias
+        q = self._split(attn, attn.q_proj(q_tokens)) * (1.0 / math.sqrt(d))  # (1,h,T,d)
+        wk = attn.k_proj.weight.reshape(h, d, c)
+        qk = torch.matmul(q, wk).reshape(1, -1, c)  # (1,hT,C); k_proj's bias only shifts each row
+        weights = torch.softmax(torch.matmul(qk, keys_pe.transpose(0, 1)), dim=-1)  # (1,hT,N)
+        ax = torch.matmul(weights, keys).reshape(1, h, -1, c)  # (1,h,T,C)
+        if shift is not None:
+            ax = ax - shift  # rows of softmax sum to 1: the shift of every value comes off once
+        wv = attn.v_proj.weight.reshape(h, d, c).transpose(1, 2)  # (h,C,d)
+        return self._merge(attn, torch.matmul(ax, wv) + attn.v_proj.bias.reshape(1, h, 1, d))
+
+    def _image_output(self, attn: nn.Module, weights: torch.Tensor, v_tokens: torch.Tensor) -> torch.Tensor:
+        """out_proj(heads(softmax) @ v) without out_proj's bias, as one product: weights (N,h,T), v_tokens (1,T,internal) -> (N,C)."""
+        h, c = attn.num_heads, self.dim
+        wo = attn.out_proj.weight.transpose(0, 1).reshape(h, attn.internal_dim // h, c)  # (h,d,C)
+        u = torch.matmul(self._split(attn, v_tokens), wo).reshape(-1, c)  # (hT,C)
+        return torch.matmul(weights.reshape(self.n, -1), u)
 
     def _image_to_token(self, attn: nn.Module, keys_pe: torch.Tensor, q_tokens: torch.Tensor, v_tokens: torch.Tensor) -> torch.Tensor:
-        """attn(q=keys_pe, k=q_tokens, v=v_tokens) with the image-side projections moved to the tokens."""
-        h = attn.num_heads
-        b, t, _ = q_tokens.shape
+        """attn(q=keys_pe, k=q_tokens, v=v_tokens) less out_proj's bias, with the image-side projections moved to the tokens."""
+        h, c = attn.num_heads, self.dim
         d = attn.internal_dim // h
-        k = _heads(attn.k_proj(q_tokens), h) * (1.0 / math.sqrt(d))  # (B,h,T,d)
-        wq = attn.q_proj.weight.reshape(h, d, -1)  # (h,d,C)
-        g = torch.matmul(k, wq).reshape(b, h * t, -1)  # (B,hT,C)
-        shift = torch.matmul(k, attn.q_proj.bias.reshape(h, d, 1)).reshape(b, 1, h * t)  # q_proj's bias
-        scores = torch.matmul(keys_pe, g.transpose(1, 2)) + shift  # (B,N,hT)
-        weights = torch.softmax(scores.reshape(b, -1, h, t), dim=-1)
+        k = self._split(attn, attn.k_proj(q_tokens)) * (1.0 / math.sqrt(d))  # (1,h,T,d)
+        wq = attn.q_proj.weight.reshape(h, d, c)
+        g = torch.matmul(k, wq).reshape(-1, c)  # (hT,C)
+        shift = torch.matmul(k, attn.q_proj.bias.reshape(h, d, 1)).reshape(1, -1)  # q_proj's bias
+        scores = torch.matmul(keys_pe, g.transpose(0, 1)) + shift  # (N,hT)
+        weights = torch.softmax(scores.reshape(self.n, h, -1), dim=-1)
         return self._image_output(attn, weights, attn.v_proj(v_tokens))
 
     # --- forward ------------------------------------------------------------------------------
@@ -159,55 +200,73 @@ class FastDecoderGraph(nn.Module):
         point_coords: torch.Tensor,
         point_labels: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        md, tr = self.md, self.transformer
+        md, tr, n = self.md, self.transformer, self.n
         sparse = self._points._embed_points(point_coords, point_labels)
-        b = sparse.shape[0]
         out_tokens = [md.obj_score_token.weight] if md.pred_obj_scores else []
         out_tokens = torch.cat(out_tokens + [md.iou_token.weight, md.mask_tokens.weight], dim=0)
-        point_emb = torch.cat((out_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)  # (B,T,C)
-        t = point_emb.shape[1]
-        key_pe = self.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)  # (1,N,C), a constant
+        point_emb = torch.cat((out_tokens.unsqueeze(0), sparse), dim=1)  # (1,T,C)
+        key_pe = self.prompt_encoder.get_dense_pe().reshape(self.dim, n).transpose(0, 1)  # (N,C), a constant
+        # Each layer's image tokens are held as `keys + carry`, carry being the next layer's image->token
+        # output bias (folded into the LayerNorm's beta that makes them): a constant shift that the
+        # positional encoding, the token->image values and the next residual sum take back exactly,
+        # each on a constant or on the few tokens, so no per-prompt bias pass over the image tokens remains.
+        nxt = [layer.cross_attn_image_to_token.out_proj.bias for layer in tr.layers[1:]] + [None]
 
         # layer 0: the image side of both cross-attentions comes precomputed from DecoderPrepGraph
         l0 = tr.layers[0]
-        queries = l0.norm1(l0.self_attn(q=point_emb, k=point_emb, v=point_emb))
+        queries = l0.norm1(self._self_attention(l0.self_attn, point_emb, point_emb))
         a = l0.cross_attn_token_to_image
         h, d = a.num_heads, a.internal_dim // a.num_heads
-        q = _heads(a.q_proj(queries + point_emb), h) * (1.0 / math.sqrt(d))
-        o = torch.matmul(torch.softmax(torch.matmul(q, prep_t2i_k0), dim=-1), prep_t2i_v0)  # (B,h,T,d)
-        queries = l0.norm2(queries + a.out_proj(o.transpose(1, 2).reshape(b, t, h * d)))
+        q = self._split(a, a.q_proj(queries + point_emb)) * (1.0 / math.sqrt(d))
+        o = torch.matmul(torch.softmax(torch.matmul(q, prep_t2i_k0), dim=-1), prep_t2i_v0)  # (1,h,T,d)
+        queries = l0.norm2(queries + self._merge(a, o))
         queries = l0.norm3(queries + l0.mlp(queries))
         a = l0.cross_attn_image_to_token
-        k = _heads(a.k_proj(queries + point_emb), h) * (1.0 / math.sqrt(d))  # (B,h,T,d)
-        weights = torch.softmax(torch.matmul(prep_i2t_q0, k.transpose(2, 3)), dim=-1).transpose(1, 2)  # (B,N,h,T)
-        keys = l0.norm4(prep_keys0 + self._image_output(a, weights, a.v_proj(queries)))
-
-        for layer in tr.layers[1:]:
-            queries = layer.norm1(queries + layer.self_attn(q=queries + point_emb, k=queries + point_emb, v=queries))
-            keys_pe = keys + key_pe
-            queries = layer.norm2(
-                queries + self._token_to_image(layer.cross_attn_token_to_image, queries + point_emb, keys, keys_pe)
-            )
-            queries = layer.norm3(queries + layer.mlp(queries))
-            keys = layer.norm4(
-                keys + self._image_to_token(layer.cross_attn_image_to_token, keys_pe, queries + point_emb, queries)
-            )
-        queries = tr.norm_final_attn(
-            queries + self._token_to_image(tr.final_attn_token_to_image, queries + point_emb, keys, keys + key_pe)
+        k = self._split(a, a.k_proj(queries + point_emb)) * (1.0 / math.sqrt(d))  # (1,h,T,d)
+        # block-diagonal keys (h*d, h*T): one product gives every head's scores, heads-inner, with no transpose
+        eye = torch.eye(h, dtype=k.dtype).reshape(h, 1, h, 1)
+        kbd = (k[0].transpose(1, 2).unsqueeze(2) * eye).reshape(h * d, -1)
+        weights = torch.softmax(torch.matmul(prep_i2t_q0, kbd).reshape(n, h, -1), dim=-1)  # (N,h,T)
+        carry = nxt[0]
+        keys = F.layer_norm(  # prep_keys0 holds the output bias
+            prep_keys0 + self._image_output(a, weights, a.v_proj(queries)), (self.dim,),
+            l0.norm4.weight, l0.norm4.bias if carry is None else l0.norm4.bias + carry, l0.norm4.eps,
         )
 
-        # upscaling, channels-last: (B,N,C) -> (B,N,4,c1) -> (B,N,16,c2)
-        up = torch.matmul(keys, self.w1).reshape(b, -1, 4, self.c1) + prep_feat_s1
-        up = F.gelu(F.layer_norm(up, (self.c1,), self.ln1_weight, self.ln1_bias, self.ln1_eps))
-        up = torch.matmul(up, self.w2).reshape(b, -1, 16, self.c2) + prep_feat_s0
-        up = F.gelu(up).reshape(b, -1, self.c2)  # (B, N*16, c2)
+        for i, layer in enumerate(tr.layers[1:], start=1):
+            queries = layer.norm1(queries + self._self_attention(layer.self_attn, queries + point_emb, queries))
+            keys_pe = keys + (key_pe if carry is None else key_pe - carry)
+            queries = layer.norm2(
+                queries
+                + self._token_to_image(layer.cross_attn_token_to_image, queries + point_emb, keys, keys_pe, carry)
+            )
+            queries = layer.norm3(queries + layer.mlp(queries))
+            i2t = layer.cross_attn_image_to_token
+            carry = nxt[i]  # this layer's output bias was the carry: the residual sum needs no bias pass
+            keys = F.layer_norm(
+                keys + self._image_to_token(i2t, keys_pe, queries + point_emb, queries), (self.dim,),
+                layer.norm4.weight, layer.norm4.bias if carry is None else layer.norm4.bias + carry, layer.norm4.eps,
+            )
+        # the final attention only for the tokens read below (IoU + mask tokens): the others' results are unused
+        s, m = self.s, md.num_mask_tokens
+        used = queries[:, s : s + 1 + m]
+        used = tr.norm_final_attn(
+            used + self._token_to_image(
+                tr.final_attn_token_to_image, used + point_emb[:, s : s + 1 + m], keys, keys + key_pe
+            )
+        )
 
-        s = self.s
-        mask_tokens = queries[:, s + 1 : s + 1 + md.num_mask_tokens, :]
-        hyper = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(md.output_hypernetworks_mlps)], dim=1)
-        masks = torch.matmul(up, hyper.transpose(1, 2))  # (B, N*16, 4), pixels in (y, x, a, b, c, d) order
+        # upscaling, channels-last, one product per kernel row so that the masks come out in row-major
+        # blocks: pixel (4y+2a+c, 4x+2b+d) of a mask is element [a, c, y*4w + x*4 + b*2 + d]
+        c1, c2 = self.c1, self.c2
+        up = torch.matmul(keys, self.w1).reshape(2, 2 * n, c1)  # [a, (y,x,b), c1]
+        up = F.gelu(F.layer_norm(up + prep_feat_s1, (c1,), self.ln1_weight, self.ln1_bias, self.ln1_eps))
+        up = torch.matmul(up.unsqueeze(1), self.w2).reshape(2, 2, 4 * n, c2)  # [a, c, (y,x,b,d), c2]
+        up = F.gelu(up + prep_feat_s0)
+
+        hyper = torch.stack([mlp(used[0, 1 + i]) for i, mlp in enumerate(md.output_hypernetworks_mlps)])  # (m,c2)
+        masks = torch.matmul(hyper, up.transpose(2, 3))  # [a, c, mask, (y,x,b,d)]
         gh, gw = self.grid
-        m = hyper.shape[1]
-        masks = masks.reshape(b, gh, gw, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, m, 4 * gh, 4 * gw)
-        iou = md.iou_prediction_head(queries[:, s, :])
+        masks = masks.reshape(2, 2, m, gh, 4 * gw).permute(2, 3, 0, 1, 4).reshape(1, m, 4 * gh, 4 * gw)
+        iou = md.iou_prediction_head(used[:, 0, :])
         return masks, iou

@@ -31,7 +31,9 @@ from .graphs import (
     chunked_encoder_attention,
     fused_encoder_attention,
 )
-from .fast_decoder import FAST_INPUTS, FAST_MAX_POINTS, PREP_INPUTS, PREP_OUTPUTS, DecoderPrepGraph, FastDecoderGraph
+from .fast_decoder import (
+    FAST_DISABLED_OPTIMIZERS, FAST_INPUTS, FAST_MAX_POINTS, PREP_INPUTS, PREP_OUTPUTS, DecoderPrepGraph, FastDecoderGraph,
+)
 from .optimize import add_variants
 
 DEFAULT_OPSET = 17
@@ -192,10 +194,10 @@ def export_model(
                     opset_version=opset, dynamo=False,
                 )
                 prep_feats = decoder_prep(*feats)
-                torch.onnx.export(
-                    decoder_fast, (*prep_feats, *_sample_decoder_inputs(feats, 2, 3)[3:5]), str(fast_path),
+                torch.onnx.export(  # one prompt per run: only the number of points is dynamic
+                    decoder_fast, (*prep_feats, *_sample_decoder_inputs(feats, 1, 3)[3:5]), str(fast_path),
                     input_names=FAST_INPUTS, output_names=DECODER_OUTPUTS,
-                    dynamic_axes={k: v for k, v in DYNAMIC_AXES.items() if k in FAST_INPUTS + DECODER_OUTPUTS},
+                    dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}},
                     opset_version=opset, dynamo=False,
                 )
         with steps.step("onnx.checker"):
@@ -251,9 +253,12 @@ def export_model(
                 # torch's reference runs on the same encoder outputs
                 with torch.no_grad():
                     ref_masks, ref_iou = decoder(*(torch.from_numpy(f) for f in ort_feats), *no_mask[3:])
-                got_masks, got_iou = fast_sess.run(
-                    DECODER_OUTPUTS, {**prep_out, "point_coords": inputs[3].numpy(), "point_labels": inputs[4].numpy()}
-                )
+                fast_runs = [  # one prompt per run, as the runtime decodes a batch
+                    fast_sess.run(DECODER_OUTPUTS, {**prep_out, "point_coords": inputs[3][i : i + 1].numpy(),
+                                                    "point_labels": inputs[4][i : i + 1].numpy()})
+                    for i in range(batch)
+                ]
+                got_masks, got_iou = (np.concatenate(parts) for parts in zip(*fast_runs))
                 diffs[f"decoder_fast.low_res_masks[B={batch},N={points}]"] = _check_close(
                     "decoder_fast low_res_masks", got_masks, ref_masks.numpy(), DECODER_LOGIT_TOLERANCE
                 )
@@ -322,8 +327,11 @@ def export_model(
                                 "fast": {
                                     "file": DECODER_FAST_FILE, "sha256": sha256_file(fast_path), "precision": "fp32",
                                     "derived_from_sha256": sha256_file(dec_path), "max_points": FAST_MAX_POINTS,
+                                    "prompts_per_run": 1,
+                                    "ort_disabled_optimizers": list(FAST_DISABLED_OPTIMIZERS),
                                     "use": f"prompts without mask_input and at most {FAST_MAX_POINTS} points (padding "
-                                           "included), over decoder_prep's outputs (same outputs as nomask)",
+                                           "included), one prompt per run, over decoder_prep's outputs (same outputs "
+                                           "as nomask)",
                                     **_io_spec(fast_sess),
                                 },
                             },

@@ -27,15 +27,15 @@ INT8_SUFFIX = ".int8.onnx"
 DERIVED_DECODER_VARIANTS = ("nomask", "prep", "fast")
 
 
-def save_optimized(src: str | Path, dst: str | Path) -> Path:
-    """Run ORT's EXTENDED optimisations on `src` once and write the optimised graph to `dst`."""
+def save_optimized(src: str | Path, dst: str | Path, disabled_optimizers: tuple[str, ...] | list[str] = ()) -> Path:
+    """Run ORT's EXTENDED optimisations (less `disabled_optimizers`) on `src` once and write the result to `dst`."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     so.optimized_model_filepath = str(dst)
     so.log_severity_level = 3
-    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled_optimizers))
     return Path(dst)
 
 
@@ -80,10 +80,12 @@ def add_variants(model_dir: str | Path, optimized: bool = True, int8: bool = Fal
             if not derived:
                 continue
             src = d / derived["file"]
-            out = save_optimized(src, d / (src.name[: -len(".onnx")] + OPTIMIZED_SUFFIX))
+            disabled = derived.get("ort_disabled_optimizers", [])
+            out = save_optimized(src, d / (src.name[: -len(".onnx")] + OPTIMIZED_SUFFIX), disabled)
             variants[f"{name}_optimized"] = _entry(
                 out, derived["sha256"], precision="fp32", optimization="ORT_ENABLE_EXTENDED",
-                **{k: derived[k] for k in ("inputs", "outputs", "max_points") if k in derived},
+                **{k: derived[k] for k in ("inputs", "outputs", "max_points", "prompts_per_run",
+                                           "ort_disabled_optimizers") if k in derived},
             )
     if int8:
         entry = manifest.graph("encoder")

@@ -17,6 +17,9 @@ FEATURE_NAMES = ("image_embed", "high_res_feats_0", "high_res_feats_1")
 PREPARED_NAMES = ("prep_keys0", "prep_t2i_k0", "prep_t2i_v0", "prep_i2t_q0", "prep_feat_s1", "prep_feat_s0")
 # With more points per prompt (6 + points > 16 tokens) the fast decoder's rewrite costs more than it saves.
 FAST_MAX_POINTS = 10
+# Prompts per fast-decoder run (the manifest's `prompts_per_run`, for exports that record none): the
+# graph is exported for one prompt, so that every shape but the point count is a constant.
+FAST_BATCH = 1
 
 
 @dataclass
