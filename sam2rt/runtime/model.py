@@ -16,7 +16,7 @@ from ..manifest import Manifest
 from ..models import LOW_RES_SIZE
 from .backends import Backend, create_backend
 from .embedding import Embedding
-from .postprocess import clamp_logits, select_masks, upsample_logits
+from .postprocess import Upsampler, clamp_logits, select_masks
 from .preprocess import check_image, preprocess
 from .prompts import Prompt
 
@@ -57,6 +57,7 @@ class Sam2Model:
         )
         self.mask_threshold = manifest.mask_threshold
         self.image_size = manifest.image_size
+        self._upsample = Upsampler(getattr(backend, "threads", None))
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, backend: str = "auto", threads: int | None = None, verify: bool = True) -> "Sam2Model":
@@ -145,12 +146,19 @@ class Sam2Model:
         orig_hw: tuple[int, int],
         multimask_output: bool,
         return_logits: bool = False,
+        threshold: float | None = None,
+        float_masks: bool = False,
     ) -> Masks:
-        """Select tokens, upsample to the original size and threshold, as the reference predictor."""
+        """Select tokens, upsample to the original size and threshold, as the reference predictor.
+
+        Masks are bool (float32 0/1 with `float_masks`) above `threshold` (default the manifest's), or
+        the upsampled float32 logits with `return_logits`.
+        """
         logits, scores = select_masks(low_res, iou, multimask_output, **self._select)
-        masks = upsample_logits(logits, orig_hw)
-        if not return_logits:
-            masks = masks > self.mask_threshold
+        if return_logits:
+            masks = self._upsample(logits, orig_hw)
+        else:
+            masks = self._upsample(logits, orig_hw, self.mask_threshold if threshold is None else threshold, float_masks)
         return Masks(masks, scores, clamp_logits(logits))
 
     def decode(
