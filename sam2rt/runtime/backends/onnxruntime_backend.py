@@ -279,7 +279,8 @@ class OnnxRuntimeBackend:
             self.files.pop("decoder_prep", None), self.files.pop("decoder_fast", None)
         fast = self.files.get("decoder_fast")
         self.fast_max_points = int(fast.get("max_points", FAST_MAX_POINTS)) if fast else 0
-        # exports before sam2rt 0.1's one-prompt fast graph took whole batches; each decodes prompt by prompt
+        # exports made before the one-prompt fast graph (no `prompts_per_run`) take batches, but run them
+        # prompt by prompt too: a batched run costs no less per prompt on the CPU
         self.fast_batch = int(fast.get("prompts_per_run", FAST_BATCH)) if fast else FAST_BATCH
         # Loaded now: the decoder graphs that plain point/box prompts use. The others (the full decoder for
         # mask prompts, the mask-free one for prompts of many points) load on first use: most processes never
