@@ -180,3 +180,25 @@ def test_a_batch_decodes_on_parallel_lanes_as_prompt_by_prompt(sam2rt_model):
         one = b.decode(feats, xy[i : i + 1], lab[i : i + 1], no_mask[0][:1], no_mask[1][:1])
         np.testing.assert_allclose(low_res[i : i + 1], one[0], atol=1e-5)
         np.testing.assert_allclose(iou[i : i + 1], one[1], atol=1e-6)
+
+
+def test_an_export_without_the_new_manifest_keys_still_decodes_batches(model_copy):
+    """A manifest from before `prompts_per_run` / `ort_disabled_optimizers` loads, and a batch gives each
+    prompt's own result (it is decoded prompt by prompt, as the current graph is)."""
+    import json
+
+    from sam2rt.runtime import Prompt, Sam2Model
+
+    path = model_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for name in ("fast", "fast_optimized"):
+        manifest["graphs"]["decoder"]["variants"][name].pop("prompts_per_run")
+        manifest["graphs"]["decoder"]["variants"][name].pop("ort_disabled_optimizers")
+    path.write_text(json.dumps(manifest))
+    model = Sam2Model.from_dir(model_copy, backend="onnxruntime-cpu")
+    assert model.backend.fast_batch == 1 and "decoder_fast" in model.backend.files
+    emb = model.embed(photo("chelsea"))
+    boxes = [Prompt(box=np.array([10.0 + 20 * i, 15.0, 200.0 + 10 * i, 260.0])) for i in range(3)]
+    together = model.decode(emb, boxes)
+    for i, prompt in enumerate(boxes):
+        np.testing.assert_allclose(together.low_res_logits[i : i + 1], model.decode(emb, prompt).low_res_logits, atol=1e-5)
