@@ -1,25 +1,26 @@
 #!/usr/bin/env python
-"""GPU latency benchmark: sam2rt's GPU backends beside the PyTorch reference, same GPU, same run.
+"""GPU benchmark: sam2rt's precision modes beside the PyTorch reference, same GPU, same run.
 
-    python benchmarks/gpu_bench.py                      # hiera_tiny + hiera_small, every GPU backend found
-    python benchmarks/gpu_bench.py --models hiera_tiny --runs 500 --checkpoint-dir ~/.cache/sam2rt
+    python benchmarks/gpu_bench.py                               # hiera_tiny, onnxruntime-cuda fp32/tf32/fp16
+    python benchmarks/gpu_bench.py --model-dir DIR --runs 300    # an existing export
 
-For each model it exports the ONNX graphs (random weights, seed 0, unless --checkpoint-dir holds the
-official checkpoint; latency does not depend on the weights' values), builds FP32 and FP16 TensorRT
-engines on this GPU, then times, after --warmup runs, --runs runs (>= 200) of:
+For the model it exports the ONNX graphs (random weights, seed 0, unless --checkpoint names an official
+checkpoint; latency does not depend on the weights' values) or uses --model-dir, then times, after
+--warmup runs, --runs runs (>= 200) of each stage, p50/p90/p99/mean in milliseconds:
 
-  encoder      backend encode of a preprocessed 1x3x1024x1024 image (sam2rt) / set_image (reference)
-  decoder_1    one click, all four mask tokens, outputs on the host (sam2rt decode_raw)
-  decoder_16   16 boxes in one batch (sam2rt decode_raw)
-  decode_1     one click through Sam2Model.decode: + token choice, upsampling to the image, threshold
-  predict_1    reference SAM2ImagePredictor.predict for one click (its postprocessing included)
-  predict_16   reference predict with 16 boxes
-  end_to_end   Predictor.set_image + predict(one click) from an RGB uint8 photo (both sides)
+  encoder          sam2rt: backend.encode of the image already on the device; reference: set_image
+  embed_512        sam2rt: Sam2Model.embed of the 512x512 photo (preprocessing included)
+  decode_1         one click through Sam2Model.decode, masks on the host (reference: predict)
+  decode_16        16 boxes through Sam2Model.decode, masks on the host (reference: predict(box=16 boxes))
+  end_to_end_512   Predictor.set_image + predict(one click), 512x512 RGB uint8 photo (both sides)
+  end_to_end_1080  the same at 1920x1080
 
-for each backend (tensorrt:fp32, tensorrt:fp16, onnxruntime-cuda, onnxruntime-tensorrt) and for the
-PyTorch reference in eager FP32 and under bf16 autocast. p50/p90/p99/mean in milliseconds go to
-benchmarks/results/<date>-<gpu>.json (and a table on stdout). A stage that fails is recorded with its
-error instead of stopping the run. Needs a CUDA GPU, sam2rt[export,trt,gpu] and torch with CUDA.
+for every sam2rt backend named (default onnxruntime-cuda:fp32, :tf32, :fp16; TensorRT ones when TensorRT
+is installed) and for the reference SAM2ImagePredictor in eager FP32 and under bf16 autocast. It also
+measures each mode's parity against ONNX Runtime CPU FP32 on the parity prompt set (points, boxes, mixed;
+two photos) and records which sessions ran as CUDA graphs. Writes benchmarks/results/<date>-<gpu>.json,
+.md and .png. A stage that fails is recorded with its error instead of stopping the run. Needs a CUDA GPU,
+onnxruntime-gpu, torch with CUDA and the official `sam2`.
 """
 
 from __future__ import annotations
@@ -39,10 +40,17 @@ from typing import Any, Callable
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-MODELS = ("hiera_tiny", "hiera_small")
-BACKENDS = ("tensorrt:fp32", "tensorrt:fp16", "onnxruntime-cuda", "onnxruntime-tensorrt")
-# The issue's targets for hiera_tiny FP16 TensorRT on an H100 (recorded beside the measurements, not asserted).
-TARGETS_H100_TINY_FP16 = {"encoder_ms": 2.0, "decoder_1_ms": 0.4, "decoder_16_ms": 2.0, "end_to_end_speedup_vs_eager_fp32": 5.0}
+BACKENDS = ("onnxruntime-cuda:fp32", "onnxruntime-cuda:tf32", "onnxruntime-cuda:fp16")
+# Issue 11's targets for hiera_tiny on an H100/H200 (recorded beside the measurements, not asserted).
+TARGETS = {
+    "end_to_end_512 speedup vs pytorch-eager-fp32, onnxruntime-cuda:tf32": ">= 2.0",
+    "end_to_end_512 speedup vs pytorch-eager-fp32, onnxruntime-cuda:fp16": ">= 3.0",
+    "end_to_end_512 speedup vs pytorch-bf16-autocast, onnxruntime-cuda:fp16": ">= 2.0",
+    "end_to_end_1080 / end_to_end_512 (p50), every mode": "<= 1.2",
+    "decode_1 p50 ms, onnxruntime-cuda:fp16": "<= 1.0",
+    "decode_16 p50 ms, onnxruntime-cuda:fp16": "<= 3.0",
+    "encoder p50 ms, onnxruntime-cuda:fp16": "<= 5.0",
+}
 
 
 def percentiles(samples_s: list[float]) -> dict[str, float]:
@@ -76,15 +84,14 @@ def version(dist: str) -> str | None:
         return None
 
 
-def test_image() -> np.ndarray:
-    """A real photograph (scikit-image's astronaut, 512x512) or, without scikit-image, a 768x1024 pattern."""
-    try:
-        from skimage import data
+def photos() -> dict[str, np.ndarray]:
+    """Real photographs: scikit-image's astronaut (512x512) and coffee (400x600), and the astronaut at 1920x1080."""
+    import cv2
+    from skimage import data
 
-        return np.ascontiguousarray(data.astronaut()[..., :3])
-    except Exception:
-        yy, xx = np.mgrid[0:768, 0:1024]
-        return np.stack([(xx * 255 // 1023), (yy * 255 // 767), ((xx + yy) % 256)], -1).astype(np.uint8)
+    astronaut = np.ascontiguousarray(data.astronaut()[..., :3])
+    return {"512": astronaut, "1080": cv2.resize(astronaut, (1920, 1080), interpolation=cv2.INTER_LINEAR),
+            "coffee": np.ascontiguousarray(data.coffee()[..., :3])}
 
 
 def boxes16(h: int, w: int) -> np.ndarray:
@@ -93,80 +100,117 @@ def boxes16(h: int, w: int) -> np.ndarray:
     return np.stack([x0, y0, x0 + rng.uniform(0.1, 0.5) * w, y0 + rng.uniform(0.1, 0.5) * h], 1)
 
 
+def parity_prompts(h: int, w: int) -> list:
+    """Points, negative points, boxes, box + point, spread over the image (the GPU tests' set)."""
+    from sam2rt.runtime import Prompt
+
+    rng = np.random.default_rng(7)
+    prompts = [Prompt(points=np.array([[rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h]]), labels=np.array([1]))
+               for _ in range(8)]
+    prompts.append(Prompt(points=np.array([[0.5 * w, 0.5 * h], [0.2 * w, 0.3 * h]]), labels=np.array([1, 0])))
+    prompts.append(Prompt(points=np.array([[0.3 * w, 0.6 * h], [0.35 * w, 0.65 * h], [0.8 * w, 0.2 * h]]), labels=np.array([1, 1, 0])))
+    for _ in range(8):
+        x0, y0 = rng.uniform(0, 0.5) * w, rng.uniform(0, 0.5) * h
+        prompts.append(Prompt(box=np.array([x0, y0, x0 + rng.uniform(0.2, 0.5) * w, y0 + rng.uniform(0.2, 0.5) * h])))
+    prompts.append(Prompt(points=np.array([[0.5 * w, 0.4 * h]]), labels=np.array([1]), box=np.array([0.2 * w, 0.1 * h, 0.8 * w, 0.9 * h])))
+    return prompts
+
+
 # --- model preparation -----------------------------------------------------------------------------
-def prepare(name: str, work: Path, checkpoint_dir: Path | None, precisions: list[str], log) -> tuple[Path, Path, dict]:
-    """Checkpoint (official or seeded random), ONNX export and engines for `name`; returns (dir, ckpt, weights)."""
+def prepare(name: str, work: Path, model_dir: Path | None, checkpoint: Path | None, log) -> tuple[Path, Path, dict]:
+    """(model dir, checkpoint, weights record): the given export, or an export of `checkpoint` / seeded random weights."""
     from sam2rt.export import build_model, export_model, save_checkpoint
-    from sam2rt.manifest import Manifest
     from sam2rt.models import get_spec
 
     spec = get_spec(name, "2.1")
-    ckpt = checkpoint_dir / spec.checkpoint_filename if checkpoint_dir else None
-    if ckpt is not None and ckpt.is_file():
-        weights = {"random": False, "checkpoint": str(ckpt)}
+    if checkpoint is not None:
+        weights = {"random": False, "checkpoint": str(checkpoint)}
     else:
-        ckpt = work / f"{spec.model_id}_random_seed0.pt"
-        if not ckpt.is_file():
-            save_checkpoint(build_model(spec, seed=0), ckpt)
+        checkpoint = work / f"{spec.model_id}_random_seed0.pt"
+        if not checkpoint.is_file():
+            save_checkpoint(build_model(spec, seed=0), checkpoint)
         weights = {"random": True, "seed": 0, "note": "random weights: latency does not depend on the weights' values"}
-    out = work / name
-    if not (out / "manifest.json").is_file():
-        log(f"exporting {name}")
-        export_model(spec, out, checkpoint=ckpt, progress=False)
-    if precisions:
-        try:
-            from sam2rt.export.tensorrt_build import build_engines
-            from sam2rt.runtime.engines import EngineEnvironment, check_engines
-
-            env = EngineEnvironment.detect()
-            for precision in precisions:
-                try:
-                    check_engines(Manifest.load(out), precision, env)
-                    log(f"{name}: {precision} engines already built for this GPU")
-                except Exception:
-                    log(f"building {precision} engines for {name}")
-                    build_engines(Manifest.load(out), precision, progress=True)
-        except Exception as exc:
-            log(f"engines for {name} not built: {exc}")
-    return out, ckpt, weights
+    if model_dir is None:
+        model_dir = work / name
+        if not (model_dir / "manifest.json").is_file():
+            log(f"exporting {name}")
+            export_model(spec, model_dir, checkpoint=checkpoint, progress=False)
+    return model_dir, checkpoint, weights
 
 
 # --- measurements ----------------------------------------------------------------------------------
-def bench_sam2rt(model_dir: Path, backend: str, image: np.ndarray, runs: int, warmup: int) -> dict[str, dict]:
+def bench_sam2rt(model_dir: Path, backend: str, images: dict[str, np.ndarray], runs: int, warmup: int) -> dict[str, Any]:
     from sam2rt.runtime import Predictor, Prompt, Sam2Model
-    from sam2rt.runtime.preprocess import preprocess
 
     model = Sam2Model.from_dir(model_dir, backend=backend)
+    out: dict[str, Any] = {}
+    image = images["512"]
     h, w = image.shape[:2]
-    x = preprocess(image, model.image_size)
-    out: dict[str, dict] = {}
+    x = model.backend.preprocess(image, model.image_size)
     out["encoder"] = timed(lambda: model.backend.encode(x), runs, warmup)
+    out["embed_512"] = timed(lambda: model.embed(image), runs, warmup)
     emb = model.embed(image)
-    click = np.array([[[0.5 * 1024, 0.45 * 1024], [0.0, 0.0]]], np.float32)
-    click_labels = np.array([[1.0, -1.0]], np.float32)
-    out["decoder_1"] = timed(lambda: model.decode_raw(emb, click, click_labels, None), runs, warmup)
-    b = boxes16(h, w)
-    scale = np.array([1024 / w, 1024 / h, 1024 / w, 1024 / h])
-    corners = (b * scale).reshape(16, 2, 2)
-    box_coords = np.concatenate([corners, np.zeros((16, 1, 2))], axis=1).astype(np.float32)  # + SAM's padding point
-    box_labels = np.tile(np.array([[2.0, 3.0, -1.0]], np.float32), (16, 1))
-    out["decoder_16"] = timed(lambda: model.decode_raw(emb, box_coords, box_labels, None), runs, warmup)
     prompt = Prompt(points=np.array([[0.5 * w, 0.45 * h]]), labels=np.array([1]))
     out["decode_1"] = timed(lambda: model.decode(emb, prompt), runs, warmup)
+    boxes = [Prompt(box=b) for b in boxes16(h, w)]
+    out["decode_16"] = timed(lambda: model.decode(emb, boxes, multimask_output=False), runs, warmup)
     pred = Predictor(model)
-    pt, lab = np.array([[0.5 * w, 0.45 * h]]), np.array([1])
+    for key in ("512", "1080"):
+        img = images[key]
+        pt, lab = np.array([[0.5 * img.shape[1], 0.45 * img.shape[0]]]), np.array([1])
 
-    def end_to_end():
-        pred.set_image(image)
-        pred.predict(point_coords=pt, point_labels=lab, multimask_output=True)
+        def end_to_end(img=img, pt=pt, lab=lab):
+            pred.set_image(img)
+            pred.predict(point_coords=pt, point_labels=lab, multimask_output=True)
 
-    out["end_to_end"] = timed(end_to_end, runs, warmup)
-    if hasattr(model.backend, "captured_shapes"):
-        out["_cuda_graphs"] = {f"{k[0]}x{k[1]}": v for k, v in model.backend.captured_shapes.items()}
+        out[f"end_to_end_{key}"] = timed(end_to_end, runs, warmup)
+    out["_cuda_graphs"] = dict(getattr(model.backend, "cuda_graphs", {}))
+    out["_files"] = {k: v.get("file") for k, v in model.backend.files.items()}
+    model.close()
     return out
 
 
-def bench_reference(name: str, ckpt: Path, image: np.ndarray, runs: int, warmup: int, bf16: bool) -> dict[str, dict]:
+def parity(model_dir: Path, backend: str, images: dict[str, np.ndarray], cpu_cache: dict) -> dict[str, Any]:
+    """`backend` against ONNX Runtime CPU FP32 on the parity prompts (two photos): what the precision modes cost."""
+    from sam2rt.runtime import Sam2Model
+
+    if "model" not in cpu_cache:
+        cpu_cache["model"] = Sam2Model.from_dir(model_dir, backend="onnxruntime-cpu")
+    cpu = cpu_cache["model"]
+    model = Sam2Model.from_dir(model_dir, backend=backend)
+    lr, sc, choice, flips, ious = [], [], [], [], []
+    for key in ("512", "coffee"):
+        img = images[key]
+        prompts = parity_prompts(*img.shape[:2])
+        if key not in cpu_cache:
+            emb = cpu.embed(img)
+            cpu_cache[key] = (cpu.decode(emb, prompts, multimask_output=True), cpu.decode(emb, prompts, multimask_output=False))
+        ref_multi, ref_single = cpu_cache[key]
+        emb = model.embed(img)
+        got_multi, got_single = model.decode(emb, prompts, multimask_output=True), model.decode(emb, prompts, multimask_output=False)
+        lr.append(np.abs(got_multi.low_res_logits - ref_multi.low_res_logits).reshape(len(prompts), -1))
+        sc.append(np.abs(got_multi.scores - ref_multi.scores).ravel())
+        choice.append(np.argmax(got_multi.scores, 1) == np.argmax(ref_multi.scores, 1))
+        strong = np.abs(ref_multi.low_res_logits) > 0.5
+        flips.append(float(((got_multi.low_res_logits > 0) != (ref_multi.low_res_logits > 0))[strong].mean()) if strong.any() else 0.0)
+        inter = (got_single.masks & ref_single.masks).sum(axis=(-2, -1))
+        union = (got_single.masks | ref_single.masks).sum(axis=(-2, -1))
+        ious.append(np.where(union > 0, inter / np.maximum(union, 1), 1.0).ravel())
+    model.close()
+    lr_all, iou_all = np.concatenate(lr), np.concatenate(ious)
+    return {
+        "low_res_logits_max_abs": float(lr_all.max()),
+        "low_res_logits_mean_abs": float(lr_all.mean()),
+        "scores_max_abs": float(np.concatenate(sc).max()),
+        "same_multimask_choice_fraction": float(np.concatenate(choice).mean()),
+        "pixels_flipped_where_abs_logit_gt_0.5": float(np.mean(flips)),
+        "mask_iou_single_min": float(iou_all.min()),
+        "mask_iou_single_p5": float(np.percentile(iou_all, 5)),
+        "prompts": int(lr_all.shape[0]),
+    }
+
+
+def bench_reference(name: str, ckpt: Path, images: dict[str, np.ndarray], runs: int, warmup: int, bf16: bool) -> dict[str, dict]:
     import contextlib
 
     import torch
@@ -180,59 +224,136 @@ def bench_reference(name: str, ckpt: Path, image: np.ndarray, runs: int, warmup:
     pred = SAM2ImagePredictor(model)
     sync = torch.cuda.synchronize
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    image = images["512"]
     h, w = image.shape[:2]
     pt, lab = np.array([[0.5 * w, 0.45 * h]]), np.array([1])
     b = boxes16(h, w)
     out: dict[str, dict] = {}
     with torch.inference_mode(), ctx():
         out["encoder"] = timed(lambda: pred.set_image(image), runs, warmup, sync)
-        out["predict_1"] = timed(lambda: pred.predict(point_coords=pt, point_labels=lab, multimask_output=True), runs, warmup, sync)
-        out["predict_16"] = timed(lambda: pred.predict(box=b, multimask_output=False), runs, warmup, sync)
+        out["decode_1"] = timed(lambda: pred.predict(point_coords=pt, point_labels=lab, multimask_output=True), runs, warmup, sync)
+        out["decode_16"] = timed(lambda: pred.predict(box=b, multimask_output=False), runs, warmup, sync)
+        for key in ("512", "1080"):
+            img = images[key]
+            ipt = np.array([[0.5 * img.shape[1], 0.45 * img.shape[0]]])
 
-        def end_to_end():
-            pred.set_image(image)
-            pred.predict(point_coords=pt, point_labels=lab, multimask_output=True)
+            def end_to_end(img=img, ipt=ipt):
+                pred.set_image(img)
+                pred.predict(point_coords=ipt, point_labels=lab, multimask_output=True)
 
-        out["end_to_end"] = timed(end_to_end, runs, warmup, sync)
+            out[f"end_to_end_{key}"] = timed(end_to_end, runs, warmup, sync)
     del pred, model
     torch.cuda.empty_cache()
     return out
 
 
 def environment() -> dict[str, Any]:
-    from sam2rt.runtime.gpu import gpu_info, import_cudart
-
-    info = gpu_info(0)
-    env: dict[str, Any] = {
-        "gpu": info.name, "compute_capability": info.compute_capability, "gpu_memory_gib": round(info.total_memory / 2**30, 1),
-        "integrated_gpu": info.integrated, "machine": platform.machine(), "python": platform.python_version(),
-    }
+    env: dict[str, Any] = {"machine": platform.machine(), "python": platform.python_version()}
     try:
+        from sam2rt.runtime.gpu import gpu_info, import_cudart
+
+        info = gpu_info(0)
+        env.update(gpu=info.name, compute_capability=info.compute_capability,
+                   gpu_memory_gib=round(info.total_memory / 2**30, 1), integrated_gpu=info.integrated)
         cudart = import_cudart()
         env["cuda_driver"] = int(cudart.cudaDriverGetVersion()[1])
         env["cuda_runtime"] = int(cudart.cudaRuntimeGetVersion()[1])
-    except Exception:
-        pass
+    except Exception as exc:  # cuda-python missing: ask torch
+        try:
+            import torch
+
+            env.update(gpu=torch.cuda.get_device_name(0), note=f"cuda-python: {exc}")
+        except Exception as exc2:
+            env.update(gpu="no GPU", note=f"{exc}; {exc2}")
     try:
         import tensorrt
 
         env["tensorrt"] = tensorrt.__version__
     except ImportError:
         env["tensorrt"] = None
-    for dist in ("sam2rt", "onnxruntime-gpu", "onnxruntime", "torch", "sam2", "cuda-python", "cuda-bindings", "numpy"):
+    for dist in ("sam2rt", "onnxruntime-gpu", "onnxruntime", "torch", "sam2", "cuda-bindings", "numpy"):
         env[dist] = version(dist)
+    try:
+        import onnxruntime
+
+        env["onnxruntime_loaded"] = onnxruntime.__version__
+    except ImportError:
+        pass
     return env
+
+
+# --- report ----------------------------------------------------------------------------------------
+def speedups(results: list[dict], reference: str, stage: str = "end_to_end_512") -> dict[str, float]:
+    out = {}
+    for model in sorted({r["model"] for r in results}):
+        ref = next((r for r in results if r["model"] == model and r["backend"] == reference and r["stage"] == stage), None)
+        for r in results:
+            if ref and r["model"] == model and r["stage"] == stage and not r["backend"].startswith("pytorch"):
+                out[f"{model} {r['backend']}"] = round(ref["p50_ms"] / r["p50_ms"], 2)
+    return out
+
+
+def markdown(doc: dict) -> str:
+    env = doc["environment"]
+    lines = [f"# GPU benchmark {doc['date']}: {env.get('gpu')}", "",
+             f"hiera_tiny, {'RANDOM seeded weights' if any(w.get('random') for w in doc['weights'].values()) else 'checkpoint weights'}; "
+             f"onnxruntime {env.get('onnxruntime_loaded')}, torch {env.get('torch')}; {doc['runs']} runs after {doc['warmup']} warm-up, ms.", "",
+             "| backend | stage | p50 | p90 | p99 |", "| --- | --- | ---: | ---: | ---: |"]
+    for r in doc["results"]:
+        lines.append(f"| {r['backend']} | {r['stage']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} |")
+    lines += ["", "End to end (512x512, p50) speedup:", ""]
+    for key, label in (("end_to_end_speedup_p50_vs_pytorch_eager_fp32", "vs PyTorch eager FP32"),
+                       ("end_to_end_speedup_p50_vs_pytorch_bf16_autocast", "vs PyTorch bf16 autocast")):
+        for k, v in doc[key].items():
+            lines.append(f"- {k} {label}: **{v}x**")
+    lines += ["", "Parity against ONNX Runtime CPU FP32 (parity prompts, two photos):", "",
+              "| backend | logits max | logits mean | scores max | same multimask choice | flipped (abs logit > 0.5) | single-mask IoU min |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for b, p in doc["parity"].items():
+        if "error" in p:
+            lines.append(f"| {b} | error: {p['error']} | | | | | |")
+            continue
+        lines.append(f"| {b} | {p['low_res_logits_max_abs']:.2e} | {p['low_res_logits_mean_abs']:.2e} | {p['scores_max_abs']:.2e} | "
+                     f"{p['same_multimask_choice_fraction']:.3f} | {p['pixels_flipped_where_abs_logit_gt_0.5']:.2e} | {p['mask_iou_single_min']:.4f} |")
+    if doc["cuda_graphs"]:
+        lines += ["", "CUDA graphs:", ""] + [f"- {b}: {g}" for b, g in doc["cuda_graphs"].items()]
+    if doc["errors"]:
+        lines += ["", "Failures:", ""] + [f"- {e['backend']}: {e['error']}" for e in doc["errors"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = ["encoder", "decode_1", "decode_16", "end_to_end_512", "end_to_end_1080"]
+    backends = list(dict.fromkeys(r["backend"] for r in doc["results"]))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / max(1, len(backends))
+    for i, b in enumerate(backends):
+        vals = [next((r["p50_ms"] for r in doc["results"] if r["backend"] == b and r["stage"] == s), np.nan) for s in stages]
+        ax.bar(np.arange(len(stages)) + i * width, vals, width, label=b)
+    ax.set_xticks(np.arange(len(stages)) + 0.4 - width / 2, stages)
+    ax.set_ylabel("p50 latency (ms, log)")
+    ax.set_yscale("log")
+    ax.set_title(f"hiera_tiny on {doc['environment'].get('gpu')} ({doc['date']}; random weights)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=("hiera_tiny", "hiera_small", "hiera_base_plus", "hiera_large"))
+    p.add_argument("--model", default="hiera_tiny", choices=("hiera_tiny", "hiera_small", "hiera_base_plus", "hiera_large"))
+    p.add_argument("--model-dir", type=Path, help="an existing export of --model (else one is made under --work)")
+    p.add_argument("--checkpoint", type=Path, help="the official checkpoint (else seeded random weights)")
     p.add_argument("--backends", nargs="+", default=list(BACKENDS))
     p.add_argument("--runs", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference")
-    p.add_argument("--checkpoint-dir", type=Path, help="directory holding official sam2.1_hiera_*.pt checkpoints")
-    p.add_argument("--work", type=Path, default=HERE / "work", help="where exports and engines are kept between runs")
+    p.add_argument("--work", type=Path, default=HERE / "work", help="where exports are kept between runs")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
     if args.runs < 200:
@@ -241,83 +362,78 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[gpu_bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    from sam2rt.runtime.gpu import cuda_status
-
-    status = cuda_status()
-    if status != "available":
-        print(f"gpu_bench needs a CUDA GPU: {status}", file=sys.stderr)
-        return 2
     env = environment()
-    log(f"GPU: {env['gpu']} (compute capability {env['compute_capability']}), TensorRT {env['tensorrt']}")
+    log(f"GPU: {env.get('gpu')}")
     args.work.mkdir(parents=True, exist_ok=True)
-    (args.work / ".gitignore").write_text("*\n")  # checkpoints, exports and engines stay out of git
-    image = test_image()
-    precisions = [b.split(":", 1)[1] for b in args.backends if b.startswith("tensorrt:")]
+    (args.work / ".gitignore").write_text("*\n")  # checkpoints and exports stay out of git
+    images = photos()
+    model_dir, ckpt, weights = prepare(args.model, args.work, args.model_dir, args.checkpoint, log)
     results: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
-    weights_used: dict[str, Any] = {}
+    graphs: dict[str, Any] = {}
+    parities: dict[str, Any] = {}
+    cpu_cache: dict[str, Any] = {}
 
-    def record(model: str, backend: str, stages: dict[str, dict]) -> None:
+    def record(backend: str, stages: dict[str, Any]) -> None:
         for stage, stats in stages.items():
-            if stage.startswith("_"):
-                continue
-            results.append({"model": model, "backend": backend, "stage": stage, **stats})
-        extra = {k: v for k, v in stages.items() if k.startswith("_")}
-        if extra:
-            results.append({"model": model, "backend": backend, "stage": "info", **extra})
+            if not stage.startswith("_"):
+                results.append({"model": args.model, "backend": backend, "stage": stage, **stats})
+                log(f"  {stage:16s} p50 {stats['p50_ms']:8.3f} ms  p99 {stats['p99_ms']:8.3f} ms")
 
-    for name in args.models:
-        model_dir, ckpt, weights = prepare(name, args.work, args.checkpoint_dir, precisions, log)
-        weights_used[name] = weights
-        for backend in args.backends:
-            log(f"{name} on {backend}")
+    for backend in args.backends:
+        log(f"{args.model} on {backend}")
+        try:
+            stages = bench_sam2rt(model_dir, backend, images, args.runs, args.warmup)
+            record(backend, stages)
+            graphs[backend] = stages.get("_cuda_graphs", {})
+            log(f"  graphs {graphs[backend]}")
+        except Exception as exc:
+            errors.append({"backend": backend, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=4)})
+            log(f"  failed: {exc}")
+            continue
+        try:
+            parities[backend] = parity(model_dir, backend, images, cpu_cache)
+            log(f"  parity {parities[backend]}")
+        except Exception as exc:
+            parities[backend] = {"error": f"{type(exc).__name__}: {exc}"}
+            log(f"  parity failed: {exc}")
+    if not args.no_reference:
+        for label, bf16 in (("pytorch-eager-fp32", False), ("pytorch-bf16-autocast", True)):
+            log(f"{args.model} on {label}")
             try:
-                record(name, backend, bench_sam2rt(model_dir, backend, image, args.runs, args.warmup))
+                record(label, bench_reference(args.model, ckpt, images, args.runs, args.warmup, bf16))
             except Exception as exc:
-                errors.append({"model": name, "backend": backend, "error": f"{type(exc).__name__}: {exc}",
-                               "traceback": traceback.format_exc(limit=3)})
+                errors.append({"backend": label, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=4)})
                 log(f"  failed: {exc}")
-        if not args.no_reference:
-            for label, bf16 in (("pytorch-eager-fp32", False), ("pytorch-bf16-autocast", True)):
-                log(f"{name} on {label}")
-                try:
-                    record(name, label, bench_reference(name, ckpt, image, args.runs, args.warmup, bf16))
-                except Exception as exc:
-                    errors.append({"model": name, "backend": label, "error": f"{type(exc).__name__}: {exc}",
-                                   "traceback": traceback.format_exc(limit=3)})
-                    log(f"  failed: {exc}")
 
-    speedups = {}
-    for name in args.models:
-        ref = next((r for r in results if r["model"] == name and r["backend"] == "pytorch-eager-fp32" and r["stage"] == "end_to_end"), None)
-        for r in results:
-            if ref and r["model"] == name and r["stage"] == "end_to_end" and not r["backend"].startswith("pytorch"):
-                speedups[f"{name} {r['backend']}"] = round(ref["p50_ms"] / r["p50_ms"], 2)
     today = dt.date.today().isoformat()
-    slug = re.sub(r"[^a-z0-9]+", "-", env["gpu"].lower()).strip("-")
+    slug = re.sub(r"[^a-z0-9]+", "-", str(env.get("gpu", "gpu")).lower()).strip("-")
     doc = {
         "date": today, "environment": env, "runs": args.runs, "warmup": args.warmup,
-        "image_shape": list(image.shape), "weights": weights_used, "results": results, "errors": errors,
-        "end_to_end_speedup_p50_vs_pytorch_eager_fp32": speedups,
-        "targets_hiera_tiny_fp16_tensorrt_h100": TARGETS_H100_TINY_FP16,
+        "images": {k: list(v.shape) for k, v in images.items()}, "weights": {args.model: weights},
+        "results": results, "errors": errors, "parity": parities, "cuda_graphs": graphs,
+        "end_to_end_speedup_p50_vs_pytorch_eager_fp32": speedups(results, "pytorch-eager-fp32"),
+        "end_to_end_speedup_p50_vs_pytorch_bf16_autocast": speedups(results, "pytorch-bf16-autocast"),
+        "end_to_end_1080_speedup_p50_vs_pytorch_eager_fp32": speedups(results, "pytorch-eager-fp32", "end_to_end_1080"),
+        "targets_hiera_tiny": TARGETS,
         "stages": {
-            "encoder": "sam2rt: backend encode of the preprocessed image; reference: SAM2ImagePredictor.set_image",
-            "decoder_1 / decoder_16": "sam2rt decode_raw: 1 click / 16 boxes, all 4 tokens, results on the host",
-            "decode_1": "sam2rt Sam2Model.decode, 1 click, with token choice + upsampling + threshold",
-            "predict_1 / predict_16": "reference SAM2ImagePredictor.predict, 1 click / 16 boxes",
-            "end_to_end": "set_image + predict(1 click), from an RGB uint8 image",
+            "encoder": "sam2rt: backend.encode of the image already preprocessed on the device; reference: set_image (its preprocessing included)",
+            "embed_512": "sam2rt Sam2Model.embed of the 512x512 photo, preprocessing included",
+            "decode_1": "one click, masks at the image size on the host (sam2rt Sam2Model.decode; reference predict)",
+            "decode_16": "16 boxes, one mask each, on the host (sam2rt Sam2Model.decode; reference predict(box=...))",
+            "end_to_end_512 / end_to_end_1080": "Predictor.set_image + predict(1 click) from an RGB uint8 image",
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{today}-{slug}.json"
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"{'model':12s} {'backend':24s} {'stage':12s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s}")
-    for r in results:
-        if r["stage"] != "info":
-            print(f"{r['model']:12s} {r['backend']:24s} {r['stage']:12s} {r['p50_ms']:9.3f} {r['p90_ms']:9.3f} {r['p99_ms']:9.3f}")
-    for e in errors:
-        print(f"{e['model']:12s} {e['backend']:24s} FAILED: {e['error']}")
-    print(f"written {path}")
+    stem = args.out / f"{today}-{slug}"
+    Path(f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    Path(f"{stem}.md").write_text(markdown(doc))
+    try:
+        plot(doc, Path(f"{stem}.png"))
+    except Exception as exc:  # matplotlib missing: the JSON and Markdown still stand
+        log(f"no plot: {exc}")
+    print(markdown(doc))
+    print(f"written {stem}.json/.md/.png")
     return 0 if results else 1
 
 

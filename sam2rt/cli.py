@@ -61,6 +61,8 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8", action="store_true",
                    help="also write the opt-in INT8 (reduced precision) encoder, used only with precision='int8'")
     p.add_argument("--no-optimize", action="store_true", help="skip the ORT-optimised graph copies")
+    p.add_argument("--no-fp16", action="store_true",
+                   help="skip encoder.fused.fp16.onnx, the encoder of onnxruntime-cuda:fp16 (reduced precision, GPU only)")
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -76,6 +78,7 @@ def _run_export(args: argparse.Namespace) -> int:
         spec, args.out, checkpoint=args.checkpoint, random_seed=args.random_weights,
         opset=args.opset or DEFAULT_OPSET, progress=not args.quiet,
         optimize=not getattr(args, "no_optimize", False), int8=getattr(args, "int8", False),
+        fp16=not getattr(args, "no_fp16", False),
     )
     worst = max(manifest.data["verification"]["max_abs_diff"].values())
     print(f"exported {spec.model_id} to {args.out} in {time.perf_counter() - t0:.1f} s "

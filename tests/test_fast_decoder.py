@@ -30,7 +30,7 @@ def counted(model_dir):
     # only what plain prompts need is loaded up front (the other decoders' weights would add to peak memory)
     assert set(b._sessions) == {"decoder_prep", "decoder_fast"}
     for slot in ("decoder_prep", "decoder_fast", "decoder_nomask"):
-        b._sessions[slot] = _Counting(b._graph(slot))
+        b._sessions[slot] = _Counting(b._decoder_session(slot))
     b._prep, b._fast, b._decoder_nomask = (b._sessions[s] for s in ("decoder_prep", "decoder_fast", "decoder_nomask"))
     return model
 

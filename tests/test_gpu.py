@@ -293,28 +293,174 @@ def test_engine_for_another_gpu_is_refused_at_load(engine_dir, tmp_path):
     assert Sam2Model.from_dir(d, backend="auto").backend_name != "tensorrt"
 
 
-# --- ONNX Runtime CUDA / TensorRT providers ----------------------------------------------------------------
-def _ort_case(backend: str, provider: str):
-    reason = _ort_skip_reason(provider)
-    return pytest.param(backend, marks=pytest.mark.skipif(reason is not None, reason=reason or ""), id=backend)
+# --- ONNX Runtime CUDA / TensorRT providers: the device path and its precision modes -----------------------
+CUDA_REASON = _ort_skip_reason("CUDAExecutionProvider")
+requires_ort_cuda = pytest.mark.skipif(CUDA_REASON is not None, reason=CUDA_REASON or "")
+FP32_DEVICE_LOGIT_ATOL = 1e-5  # onnxruntime-cuda:fp32 (TF32 off) against the CPU
+TF32_LOGIT_ATOL = 2e-3
+FP16_LOGIT_MEAN_ATOL = 0.05
+FP16_SAME_CHOICE = 0.95
+FP16_MAX_FLIPPED = 0.01  # of the pixels where the FP32 logit's magnitude exceeds 0.5
 
 
-@pytest.mark.parametrize("backend", [_ort_case("onnxruntime-cuda", "CUDAExecutionProvider"),
-                                     _ort_case("onnxruntime-tensorrt", "TensorrtExecutionProvider")])
-def test_onnxruntime_gpu_providers_match_cpu(model_dir, cpu_model, backend, tmp_path):
+def _ort_trt_reason() -> str | None:
+    reason = _ort_skip_reason("TensorrtExecutionProvider")
+    if reason is None:
+        from sam2rt.runtime.backends.ort_device_backend import tensorrt_libraries_status
+
+        reason = tensorrt_libraries_status()
+    return reason
+
+
+@pytest.fixture(scope="module")
+def cuda_models(model_dir):
+    if CUDA_REASON is not None:
+        pytest.skip(CUDA_REASON)
     from sam2rt.runtime import Sam2Model
+
+    models = {mode: Sam2Model.from_dir(model_dir, backend=f"onnxruntime-cuda:{mode}") for mode in ("fp32", "tf32", "fp16")}
+    yield models
+    for m in models.values():
+        m.close()
+
+
+@requires_ort_cuda
+@pytest.mark.parametrize("hw", [(512, 512), (300, 200), (1080, 1920), (1920, 1080), (2000, 3000)])
+def test_device_preprocessing_equals_numpy(cuda_models, hw):
+    from sam2rt.runtime.preprocess import preprocess
+
+    img = np.random.default_rng(hw[0]).integers(0, 256, (*hw, 3), np.uint8)
+    model = cuda_models["tf32"]  # the preprocessing sessions run TF32-off in every mode
+    got = model.backend.preprocess(img, model.image_size).to_host()
+    diff = float(np.abs(got - preprocess(img, model.image_size)).max())
+    assert diff <= 1e-5, f"device preprocessing differs from numpy by {diff:.2e} at {hw}"
+
+
+@requires_ort_cuda
+@pytest.mark.parametrize("multimask", [True, False])
+def test_device_postprocessing_equals_host(cuda_models, multimask):
+    from sam2rt.runtime.backends import Backend, MaskRequest
+
+    rng = np.random.default_rng(3)
+    low = (rng.standard_normal((6, 4, 256, 256)) * 3).astype(np.float32)
+    low[1, 0] = 8.0  # a stable single-mask token: kept
+    iou = rng.random((6, 4)).astype(np.float32)
+    backend = cuda_models["fp32"].backend
+    for threshold, float_masks in ((0.0, False), (0.0, True), (None, False)):
+        request = MaskRequest(multimask, (1080, 1920), threshold, float_masks)
+        got, ref = backend.postprocess(low, iou, request), Backend.postprocess(backend, low, iou, request)
+        np.testing.assert_array_equal(got.scores, ref.scores)
+        np.testing.assert_array_equal(got.low_res_logits, ref.low_res_logits)
+        assert got.masks.dtype == ref.masks.dtype and got.masks.shape == ref.masks.shape
+        if threshold is None:
+            assert np.abs(got.masks - ref.masks).max() <= 1e-5
+        else:
+            mismatched = float((got.masks != ref.masks).mean())
+            assert mismatched <= 1e-6, f"{mismatched:.2e} of the pixels differ from the host path"
+
+
+def _mode_outputs(model, cpu_model, image_name):
+    img = photo(image_name)
+    prompts = parity_prompts(*img.shape[:2])
+    emb, ref_emb = model.embed(img), cpu_model.embed(img)
+    return model.decode(emb, prompts), cpu_model.decode(ref_emb, prompts)
+
+
+@requires_ort_cuda
+@pytest.mark.parametrize("image_name", IMAGES)
+def test_fp32_mode_equals_cpu(cuda_models, cpu_model, image_name):
+    got, ref = _mode_outputs(cuda_models["fp32"], cpu_model, image_name)
+    diff = float(np.abs(got.low_res_logits - ref.low_res_logits).max())
+    assert diff <= FP32_DEVICE_LOGIT_ATOL, f"fp32 (TF32 off) logits differ from the CPU by {diff:.2e}"
+    assert mask_iou(got.masks, ref.masks).min() >= FP32_MIN_IOU
+
+
+@requires_ort_cuda
+@pytest.mark.parametrize("image_name", IMAGES)
+def test_tf32_mode_within_bound(cuda_models, cpu_model, image_name):
+    got, ref = _mode_outputs(cuda_models["tf32"], cpu_model, image_name)
+    diff = float(np.abs(got.low_res_logits - ref.low_res_logits).max())
+    assert diff <= TF32_LOGIT_ATOL, f"tf32 logits differ from the CPU by {diff:.2e}"
+
+
+@requires_ort_cuda
+@pytest.mark.parametrize("image_name", IMAGES)
+def test_fp16_mode_within_bounds(cuda_models, cpu_model, image_name):
+    got, ref = _mode_outputs(cuda_models["fp16"], cpu_model, image_name)
+    mean_abs = float(np.abs(got.low_res_logits - ref.low_res_logits).mean())
+    assert mean_abs <= FP16_LOGIT_MEAN_ATOL, f"fp16 low-res logits differ by {mean_abs:.4f} on average"
+    assert np.abs(got.scores - ref.scores).max() <= FP16_SCORE_ATOL
+    same = float((np.argmax(got.scores, 1) == np.argmax(ref.scores, 1)).mean())
+    assert same >= FP16_SAME_CHOICE, f"fp16 picks another multimask token for {1 - same:.0%} of the prompts"
+    strong = np.abs(ref.low_res_logits) > 0.5
+    flipped = float(((got.low_res_logits > 0) != (ref.low_res_logits > 0))[strong].mean())
+    assert flipped <= FP16_MAX_FLIPPED, f"fp16 flips {flipped:.2%} of the confident pixels"
+
+
+@requires_ort_cuda
+def test_cuda_embedding_round_trips_through_the_host(cuda_models):
     from sam2rt.runtime.backends.onnxruntime_backend import OrtDeviceTensor
 
-    d = Path(shutil.copytree(model_dir, tmp_path / "m"))  # the TensorRT provider writes its engine cache here
-    model = Sam2Model.from_dir(d, backend=backend)
+    model = cuda_models["fp32"]
     img = photo("coffee")
     emb = model.embed(img)
     assert emb.device == "cuda:0" and all(isinstance(v, OrtDeviceTensor) for v in emb.features.values())
     assert "cuda" in emb.features["image_embed"].device.lower()
     prompts = parity_prompts(*img.shape[:2])
-    got, ref = model.decode(emb, prompts), cpu_model.decode(cpu_model.embed(img), prompts)
+    got = model.decode(emb, prompts)
+    host = emb.to_host()
+    for other in (model.decode(host, prompts), model.decode(host.to_device(model), prompts)):
+        np.testing.assert_array_equal(other.masks, got.masks)
+        np.testing.assert_allclose(other.low_res_logits, got.low_res_logits, rtol=0, atol=1e-6)
+
+
+@requires_ort_cuda
+def test_cuda_graphs_are_captured_and_change_nothing(model_dir, cuda_models):
+    from sam2rt.runtime import Prompt, Sam2Model
+
+    model = cuda_models["fp32"]  # the same graphs as a fresh backend without CUDA graphs: same outputs
+    img = photo("astronaut")
+    one = Prompt(points=np.array([[200.0, 150.0]]), labels=np.array([1]))
+    boxes = [Prompt(box=np.array([10.0 + i, 20.0, 300.0, 400.0 - i])) for i in range(16)]
+    emb = model.embed(img)
+    results = [model.decode(emb, one), model.decode(emb, boxes)]
+    for _ in range(3):  # replays
+        again = [model.decode(model.embed(img), one), model.decode(emb, boxes)]
+    graphs = model.backend.cuda_graphs
+    assert graphs.get("encoder") == "captured", f"the encoder did not run as a CUDA graph: {graphs}"
+    from sam2rt.manifest import Manifest
+    from sam2rt.runtime.backends import OrtDeviceBackend
+
+    m = Manifest.load(model_dir)
+    with Sam2Model(m, OrtDeviceBackend(m, "onnxruntime-cuda", precision="fp32", cuda_graphs=False)) as plain:
+        pe = plain.embed(img)
+        for got, ref in zip(again, [plain.decode(pe, one), plain.decode(pe, boxes)]):
+            np.testing.assert_allclose(got.low_res_logits, ref.low_res_logits, rtol=0, atol=1e-5)
+    for a, b in zip(results, again):
+        np.testing.assert_array_equal(a.masks, b.masks)
+
+
+@requires_ort_cuda
+def test_no_onnxruntime_warnings_at_load(model_dir):
+    import subprocess
+    import sys
+
+    code = (f"from sam2rt.runtime import Sam2Model; import numpy as np; m = Sam2Model.from_dir({str(model_dir)!r}, "
+            "backend='onnxruntime-cuda:fp16'); m.embed(np.zeros((64, 64, 3), np.uint8))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    noise = [line for line in run.stderr.splitlines() if ":onnxruntime:" in line]
+    assert not noise, "ONNX Runtime printed warnings at load:\n" + "\n".join(noise[:5])
+
+
+@pytest.mark.skipif(_ort_trt_reason() is not None, reason=_ort_trt_reason() or "")
+def test_onnxruntime_tensorrt_matches_cpu(model_dir, cpu_model, tmp_path):
+    from sam2rt.runtime import Sam2Model
+
+    d = Path(shutil.copytree(model_dir, tmp_path / "m"))  # the TensorRT provider writes its engine cache here
+    model = Sam2Model.from_dir(d, backend="onnxruntime-tensorrt")
+    img = photo("coffee")
+    prompts = parity_prompts(*img.shape[:2])
+    got, ref = model.decode(model.embed(img), prompts), cpu_model.decode(cpu_model.embed(img), prompts)
     assert np.abs(got.low_res_logits - ref.low_res_logits).max() <= FP32_LOGIT_ATOL
     assert mask_iou(got.masks, ref.masks).min() >= FP32_MIN_IOU
-    host = emb.to_host()
-    np.testing.assert_array_equal(model.decode(host, prompts).masks, got.masks)
-    np.testing.assert_array_equal(model.decode(host.to_device(model), prompts).masks, got.masks)

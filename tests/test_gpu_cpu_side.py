@@ -14,6 +14,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from sam2rt.runtime.tensors import DeviceTensor
 import pytest
 
 from conftest import photo
@@ -304,12 +306,16 @@ def test_gpu_modules_stay_torch_free(model_dir):
 
 
 # --- embeddings across devices, ONNX Runtime IO binding ----------------------------------------------
-class _FakeDeviceTensor:
+class _FakeDeviceTensor(DeviceTensor):
     """Stands for a GPU buffer: only reachable through to_host()."""
 
     def __init__(self, array):
         self._array = np.array(array)
-        self.nbytes = self._array.nbytes
+        self.shape, self.dtype, self.nbytes = self._array.shape, self._array.dtype, self._array.nbytes
+
+    @property
+    def device(self) -> str:
+        return "cuda:0"
 
     def to_host(self):
         return self._array.copy()
@@ -345,27 +351,46 @@ def test_embedding_moves_between_devices(sam2rt_model, coffee):
     np.testing.assert_array_equal(got.masks, ref.masks)
 
 
-def test_onnxruntime_io_binding_matches_plain_run(model_dir, sam2rt_model, coffee):
-    """The IO-binding path the CUDA/TensorRT providers use, exercised on the CPU provider."""
+@pytest.mark.parametrize("fixed_buffers", [False, True], ids=["fresh-buffers", "fixed-buffers"])
+def test_device_backend_on_the_cpu_provider_matches_the_cpu_backend(model_dir, sam2rt_model, coffee, fixed_buffers):
+    """OrtDeviceBackend's whole path (device pre/postprocessing, IO binding, the fixed buffers its CUDA graphs
+    replay from) on the CPU provider equals the CPU backend."""
     import onnxruntime as ort
 
-    from sam2rt.runtime import Sam2Model
-    from sam2rt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend, OrtDeviceTensor
+    from sam2rt.runtime import Predictor, Sam2Model
+    from sam2rt.runtime.backends import OrtDeviceBackend
+    from sam2rt.runtime.backends.onnxruntime_backend import OrtDeviceTensor
 
     m = Manifest.load(model_dir)
-    bound = Sam2Model(m, OnnxRuntimeBackend(m, "onnxruntime-cpu", io_binding=True))
-    ref_emb, emb = sam2rt_model.embed(coffee), bound.embed(coffee)
-    for k in ref_emb.features:
-        np.testing.assert_allclose(emb.features[k], ref_emb.features[k], rtol=0, atol=1e-6)
-    ref, got = sam2rt_model.decode(ref_emb, _prompts()), bound.decode(emb, _prompts())
-    np.testing.assert_allclose(got.low_res_logits, ref.low_res_logits, rtol=0, atol=1e-5)
-    np.testing.assert_array_equal(got.masks, ref.masks)
-    # features held as OrtValues (what the GPU providers return) are bound without a host copy
-    as_values = {k: OrtDeviceTensor(ort.OrtValue.ortvalue_from_numpy(np.asarray(v))) for k, v in emb.features.items()}
-    assert as_values["image_embed"].shape == (1, 256, 64, 64) and as_values["image_embed"].nbytes == 256 * 64 * 64 * 4
-    dev_emb = type(emb)(as_values, emb.original_size, emb.model_key, "cpu")
-    np.testing.assert_array_equal(bound.decode(dev_emb, _prompts()).masks, ref.masks)
-    np.testing.assert_array_equal(sam2rt_model.decode(dev_emb, _prompts()).masks, ref.masks)  # plain path: to_host()
+    with Sam2Model(m, OrtDeviceBackend(m, "onnxruntime-cpu", fixed_buffers=fixed_buffers)) as bound:
+        ref_emb, emb = sam2rt_model.embed(coffee), bound.embed(coffee)
+        assert all(isinstance(v, OrtDeviceTensor) for v in emb.features.values())
+        for k in ref_emb.features:
+            np.testing.assert_allclose(emb.features[k].to_host(), ref_emb.features[k], rtol=0, atol=1e-5)
+        for multimask in (True, False):
+            ref, got = sam2rt_model.decode(ref_emb, _prompts(), multimask), bound.decode(emb, _prompts(), multimask)
+            np.testing.assert_allclose(got.low_res_logits, ref.low_res_logits, rtol=0, atol=1e-5)
+            np.testing.assert_allclose(got.scores, ref.scores, rtol=0, atol=1e-6)
+            np.testing.assert_array_equal(got.masks, ref.masks)
+        # a second image through the same fixed buffers, then back to the first: nothing mixes
+        other = coffee[::-1].copy()
+        ref_other, emb_other = sam2rt_model.embed(other), bound.embed(other)
+        got_other = bound.decode(emb_other, _prompts())
+        np.testing.assert_array_equal(got_other.masks, sam2rt_model.decode(ref_other, _prompts()).masks)
+        np.testing.assert_array_equal(bound.decode(emb, _prompts()).masks, sam2rt_model.decode(ref_emb, _prompts()).masks)
+        # host features (a loaded embedding) and OrtValues made elsewhere decode the same
+        host = emb.to_host()
+        np.testing.assert_array_equal(bound.decode(host, _prompts()).masks, got.masks)
+        as_values = {k: OrtDeviceTensor(ort.OrtValue.ortvalue_from_numpy(v)) for k, v in host.features.items()}
+        dev_emb = type(emb)(as_values, emb.original_size, emb.model_key, "cpu")
+        np.testing.assert_array_equal(bound.decode(dev_emb, _prompts()).masks, got.masks)
+        # the Predictor's outputs keep their dtypes and shapes
+        p, r = Predictor(bound), Predictor(sam2rt_model)
+        p.set_image(coffee), r.set_image(coffee)
+        for a, b in zip(p.predict(point_coords=np.array([[300, 200]]), point_labels=np.array([1])),
+                        r.predict(point_coords=np.array([[300, 200]]), point_labels=np.array([1]))):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
 # --- FP16 mixed precision (what FP16 engines are built from) -----------------------------------------

@@ -120,6 +120,7 @@ def export_model(
     progress: bool = True,
     optimize: bool = True,
     int8: bool = False,
+    fp16: bool = True,
 ) -> Manifest:
     """Export `spec` to out_dir and return its manifest.
 
@@ -127,7 +128,7 @@ def export_model(
     recorded as such), or else from the official download (CheckpointError when offline).
     Besides the two graphs it writes the mask-free decoder (decoder_nomask.onnx, used for prompts
     without mask_input), ORT-optimised copies of each graph (`optimize`), and with `int8` the
-    opt-in INT8 encoder; all are recorded in the manifest with their sha256 (see export.optimize).
+    opt-in INT8 encoder, and with `fp16` the encoder for `onnxruntime-cuda:fp16`; all are recorded in the manifest with their sha256 (see export.optimize).
     """
     if checkpoint is not None and random_seed is not None:
         raise ExportError("give at most one of --checkpoint and --random-weights")
@@ -353,8 +354,8 @@ def export_model(
             )
             manifest.save()
         with steps.step("saving optimised graph variants"):
-            if optimize or int8:
-                manifest = add_variants(out, optimized=optimize, int8=int8)
+            if optimize or int8 or fp16:
+                manifest = add_variants(out, optimized=optimize, int8=int8, fp16=fp16)
     except Exception:
         steps.bar.close()
         raise

@@ -10,6 +10,10 @@ model directory: `add_variants(DIR, int8=True)`. Each variant is recorded in the
   portable between CPUs. It computes the same function as the base graph.
   The encoder's is made from its `fused` variant where the export wrote one (attention as ONNX
   Runtime's MultiHeadAttention; recorded as `source: fused`), otherwise from encoder.onnx.
+- `fp16`: the encoder for ONNX Runtime's CUDA provider in FP16 (`onnxruntime-cuda:fp16`): made from its
+  `fused` form (attention as MultiHeadAttention, which the CUDA provider runs as fused FP16 kernels with
+  FP32 softmax statistics), FP16 weights and activations except LayerNormalization and the Casts of shape
+  arithmetic (sam2rt.export.fp16); inputs and outputs stay FP32. REDUCED PRECISION: used only when asked for.
 - `int8`: the encoder with dynamic INT8 quantisation of its MatMul weights (onnxruntime.quantization,
   per-channel, activations quantised at run time). REDUCED PRECISION: opt-in only
   (`precision="int8"`), never the default; its mask IoU against FP32 is measured by `sam2rt bench`.
@@ -23,6 +27,7 @@ from ..manifest import Manifest, sha256_file
 
 OPTIMIZED_SUFFIX = ".opt.onnx"
 INT8_SUFFIX = ".int8.onnx"
+FP16_SUFFIX = ".fp16.onnx"
 # decoder variants exported beside decoder.onnx that get an `<name>_optimized` copy too
 DERIVED_DECODER_VARIANTS = ("nomask", "prep", "fast")
 
@@ -57,8 +62,26 @@ def _entry(path: Path, derived_from: str, **extra) -> dict:
             "onnxruntime": ort.__version__, **extra}
 
 
-def add_variants(model_dir: str | Path, optimized: bool = True, int8: bool = False) -> Manifest:
-    """Add the `optimized` (and, if asked, `int8`) variants of each graph to a model directory's manifest."""
+def add_fp16_encoder(manifest: Manifest) -> None:
+    """Write encoder.fused.fp16.onnx from the encoder's `fused` form and record it as the encoder's `fp16` variant."""
+    from .fp16 import convert_to_mixed_fp16, summarize
+
+    entry = manifest.graph("encoder")
+    fused = (entry.get("variants") or {}).get("fused")
+    if fused is None or fused.get("derived_from_sha256") != entry["sha256"]:
+        return  # exports without the MultiHeadAttention form: the CUDA provider's FP16 mode needs it
+    src = manifest.verify_file(fused)
+    # encoder.fused.fp16.onnx: not encoder.fp16.onnx, the name of build-engine's temporary TensorRT graph
+    out = manifest.directory / (src.name[: -len(".onnx")] + FP16_SUFFIX)
+    keep = convert_to_mixed_fp16(src, out)
+    entry["variants"]["fp16"] = _entry(
+        out, fused["sha256"], precision="fp16", source="fused", fp32_summary=summarize(keep),
+        use="onnxruntime-cuda:fp16 (reduced precision): FP16 weights and activations, LayerNorm in FP32",
+    )
+
+
+def add_variants(model_dir: str | Path, optimized: bool = True, int8: bool = False, fp16: bool = False) -> Manifest:
+    """Add the `optimized` (and, if asked, `int8` / `fp16`) variants of each graph to a model directory's manifest."""
     manifest = Manifest.load(model_dir)
     d = manifest.directory
     for role in ("encoder", "decoder"):
@@ -87,6 +110,8 @@ def add_variants(model_dir: str | Path, optimized: bool = True, int8: bool = Fal
                 **{k: derived[k] for k in ("inputs", "outputs", "max_points", "prompts_per_run",
                                            "ort_disabled_optimizers") if k in derived},
             )
+    if fp16:
+        add_fp16_encoder(manifest)
     if int8:
         entry = manifest.graph("encoder")
         base = manifest.graph_path("encoder")

@@ -18,6 +18,26 @@ UPSAMPLE_GRAPH = Path(__file__).resolve().parent.parent / "runtime" / "graphs" /
 UPSAMPLE_OUTPUTS = ("upsampled", "masks", "mask_values")
 
 
+def add_upsample_nodes(src: str, dst: str) -> list:
+    """Nodes that upsample `src` (B,C,h,w) to `dst` (B,C,H,W) with the taps c0/c1/r0/r1 and weights
+    cw0_col/cw1_col/rw0/rw1 (graph inputs), as upsample_logits does (the same operations in the same order)."""
+    from onnx import helper
+
+    node = helper.make_node
+    # Gathers along the last axis copy element by element (slow in ONNX Runtime): the column pass runs on
+    # the transposed logits, gathering whole rows, and its result is transposed back for the row pass.
+    return [
+        node("Transpose", [src], ["xt"], perm=[0, 1, 3, 2]),
+        node("Gather", ["xt", "c0"], ["x0"], axis=2), node("Mul", ["x0", "cw0_col"], ["a0"]),
+        node("Gather", ["xt", "c1"], ["x1"], axis=2), node("Mul", ["x1", "cw1_col"], ["a1"]),
+        node("Add", ["a0", "a1"], ["cols_t"]),
+        node("Transpose", ["cols_t"], ["cols"], perm=[0, 1, 3, 2]),
+        node("Gather", ["cols", "r0"], ["y0"], axis=2), node("Mul", ["y0", "rw0"], ["b0"]),
+        node("Gather", ["cols", "r1"], ["y1"], axis=2), node("Mul", ["y1", "rw1"], ["b1"]),
+        node("Add", ["b0", "b1"], [dst]),
+    ]
+
+
 def build_upsample_graph():
     """logits (B,C,h,w) + taps -> upsampled (B,C,H,W) float, masks bool (> threshold), mask_values float 0/1."""
     from onnx import TensorProto, checker, helper
@@ -28,17 +48,7 @@ def build_upsample_graph():
     inputs += [helper.make_tensor_value_info(n, f32, s) for n, s in
                (("cw0_col", ["W", 1]), ("cw1_col", ["W", 1]), ("rw0", ["H", 1]), ("rw1", ["H", 1]), ("threshold", []))]
     node = helper.make_node
-    # Gathers along the last axis copy element by element (slow in ONNX Runtime): the column pass runs on
-    # the transposed logits, gathering whole rows, and its result is transposed back for the row pass.
-    nodes = [
-        node("Transpose", ["logits"], ["xt"], perm=[0, 1, 3, 2]),
-        node("Gather", ["xt", "c0"], ["x0"], axis=2), node("Mul", ["x0", "cw0_col"], ["a0"]),
-        node("Gather", ["xt", "c1"], ["x1"], axis=2), node("Mul", ["x1", "cw1_col"], ["a1"]),
-        node("Add", ["a0", "a1"], ["cols_t"]),
-        node("Transpose", ["cols_t"], ["cols"], perm=[0, 1, 3, 2]),
-        node("Gather", ["cols", "r0"], ["y0"], axis=2), node("Mul", ["y0", "rw0"], ["b0"]),
-        node("Gather", ["cols", "r1"], ["y1"], axis=2), node("Mul", ["y1", "rw1"], ["b1"]),
-        node("Add", ["b0", "b1"], ["upsampled"]),
+    nodes = add_upsample_nodes("logits", "upsampled") + [
         node("Greater", ["upsampled", "threshold"], ["masks"]),
         node("Cast", ["masks"], ["mask_values"], to=f32),
     ]

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidEmbeddingError
+from .tensors import as_host
 
 FEATURE_NAMES = ("image_embed", "high_res_feats_0", "high_res_feats_1")
 # Per-image tensors the fast mask-free decoder reads instead of FEATURE_NAMES (decoder_prep.onnx makes
@@ -52,7 +53,7 @@ class Embedding:
         """Return an Embedding whose features are numpy arrays in host memory."""
         if self.device == "cpu":
             return self
-        feats = {k: (v.to_host() if hasattr(v, "to_host") else np.asarray(v)) for k, v in self.features.items()}
+        feats = {k: as_host(v) for k, v in self.features.items()}
         return Embedding(feats, self.original_size, self.model_key, "cpu", dict(self.meta))
 
     def to_device(self, target: Any) -> "Embedding":
@@ -62,17 +63,21 @@ class Embedding:
         the host features are uploaded once, so later decodes need no copy from the host; on a CPU
         backend this is `to_host()`. An embedding already on that device is returned as is.
         """
-        backend = target
-        for attr in ("model", "backend"):  # Predictor -> Sam2Model -> backend
-            backend = getattr(backend, attr, backend)
-        device = getattr(backend, "device", "cpu")
-        if device == self.device:
+        from .backends.base import Backend
+
+        if isinstance(target, Backend):
+            backend = target
+        elif isinstance(getattr(target, "backend", None), Backend):  # a Sam2Model
+            backend = target.backend
+        else:  # a Predictor
+            backend = target.model.backend
+        if backend.device == self.device:
             return self
         host = self.to_host()
-        upload = getattr(backend, "upload_features", None)
-        if device == "cpu" or upload is None:
+        if backend.device == "cpu":
             return host
-        return Embedding(upload(host.features), self.original_size, self.model_key, device, dict(self.meta))
+        return Embedding(backend.upload_features(host.features), self.original_size, self.model_key, backend.device,
+                         dict(self.meta))
 
     def save(self, path: str | Path) -> Path:
         """Write the embedding to an .npz file (no pickling); load it back with Embedding.load."""

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailableError, Sam2rtError
+from .tensors import DeviceTensor
 
 log = logging.getLogger("sam2rt")
 
@@ -114,7 +115,7 @@ def _memcpy_kind(name: str):
     return getattr(import_cudart().cudaMemcpyKind, name)
 
 
-class DeviceArray:
+class DeviceArray(DeviceTensor):
     """A C-contiguous array in GPU memory: `shape`, `dtype`, `nbytes`, `ptr`; `to_host()` copies it back.
 
     Each allocation gets a unique `token`, so a consumer can tell "the same buffer as last time" without
@@ -166,10 +167,6 @@ class DeviceArray:
         if self.nbytes:
             call(self._cudart.cudaMemcpy, out.ctypes.data, self.ptr, self.nbytes, _memcpy_kind("cudaMemcpyDeviceToHost"))
         return out
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        host = self.to_host()
-        return host if dtype is None else host.astype(dtype)
 
     def free(self) -> None:
         if self.ptr:

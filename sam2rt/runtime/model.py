@@ -14,10 +14,9 @@ import numpy as np
 from ..errors import InvalidEmbeddingError, InvalidPromptError
 from ..manifest import Manifest
 from ..models import LOW_RES_SIZE
-from .backends import Backend, create_backend
+from .backends import Backend, MaskRequest, TokenChoice, create_backend
 from .embedding import Embedding
-from .postprocess import Upsampler, clamp_logits, select_masks
-from .preprocess import check_image, preprocess
+from .preprocess import check_image
 from .prompts import Prompt
 
 log = logging.getLogger("sam2rt")
@@ -48,16 +47,15 @@ class Sam2Model:
     def __init__(self, manifest: Manifest, backend: Backend) -> None:
         self.manifest = manifest
         self.backend = backend
-        self.model_key = getattr(backend, "encoder_key", None) or manifest.graph("encoder")["sha256"]
+        self.model_key = backend.encoder_key
         cfg = manifest.decoder_config
-        self._select = dict(
+        self.token_choice = TokenChoice(
             dynamic_via_stability=bool(cfg.get("dynamic_multimask_via_stability", True)),
             stability_delta=float(cfg.get("dynamic_multimask_stability_delta", 0.05)),
             stability_thresh=float(cfg.get("dynamic_multimask_stability_thresh", 0.98)),
         )
         self.mask_threshold = manifest.mask_threshold
         self.image_size = manifest.image_size
-        self._upsample = Upsampler(getattr(backend, "threads", None))
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, backend: str = "auto", threads: int | None = None, verify: bool = True) -> "Sam2Model":
@@ -74,16 +72,26 @@ class Sam2Model:
     def backend_name(self) -> str:
         return self.backend.name
 
+    def close(self) -> None:
+        """Free the backend's sessions, threads and device memory (also on leaving a `with` block)."""
+        self.backend.close()
+
+    def __enter__(self) -> "Sam2Model":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # --- embed --------------------------------------------------------------------------
     def embed(self, image: Any, color_order: str = "RGB") -> Embedding:
         """Run the image encoder once on an HxWx3 uint8 image (RGB unless color_order="BGR")."""
         rgb = check_image(image, color_order)
         t0 = time.perf_counter()
-        x = preprocess(rgb, self.image_size)
+        x = self.backend.preprocess(rgb, self.image_size)
         t1 = time.perf_counter()
         feats = self.backend.encode(x)
         t2 = time.perf_counter()
-        prepared = self._prepare(feats)
+        prepared = self.backend.prepare(feats)
         t3 = time.perf_counter()
         return Embedding(
             feats,
@@ -94,11 +102,6 @@ class Sam2Model:
             prepared,
         )
 
-    def _prepare(self, features: dict[str, Any]) -> dict[str, Any]:
-        """The backend's per-image decoder tensors ({} if it has none): part of embedding, not of decoding."""
-        prepare = getattr(self.backend, "prepare", None)
-        return prepare(features) if prepare is not None else {}
-
     # --- decode -------------------------------------------------------------------------
     def _check_embedding(self, embedding: Embedding) -> None:
         if not isinstance(embedding, Embedding):
@@ -108,20 +111,16 @@ class Sam2Model:
                 "this embedding was made by another model's encoder; embed the image again with this model"
             )
 
-    def decode_raw(
+    def _inputs(
         self, embedding: Embedding, point_coords: np.ndarray, point_labels: np.ndarray, mask_input: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """One decoder run over an already assembled batch in the 1024 input frame.
-
-        point_coords (B,N,2), point_labels (B,N) (padding included), mask_input (B,1,256,256)
-        or None. Returns all four tokens: low-res logits (B,4,256,256) and IoU (B,4).
-        """
+    ) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The backend's decoder inputs for an assembled batch: features (+ prepared tensors), prompts, mask."""
         self._check_embedding(embedding)
         b = point_coords.shape[0]
         features = embedding.features
         if mask_input is None:
             if not embedding.prepared and embedding.device == self.backend.device:
-                embedding.prepared = self._prepare(features)  # e.g. an Embedding.load()ed file: once
+                embedding.prepared = self.backend.prepare(features)  # e.g. an Embedding.load()ed file: once
             if embedding.prepared:
                 features = {**features, **embedding.prepared}
             mask = np.zeros((b, 1, LOW_RES_SIZE, LOW_RES_SIZE), np.float32)
@@ -131,13 +130,34 @@ class Sam2Model:
                 raise InvalidPromptError(f"mask_input has {mask_input.shape[0]} masks for {b} prompts; give one per prompt")
             mask = np.ascontiguousarray(np.broadcast_to(mask_input, (b, 1, LOW_RES_SIZE, LOW_RES_SIZE)), dtype=np.float32)
             has_mask = np.ones((b,), np.float32)
-        return self.backend.decode(
-            features,
-            np.ascontiguousarray(point_coords, dtype=np.float32),
-            np.ascontiguousarray(point_labels, dtype=np.float32),
-            mask,
-            has_mask,
-        )
+        return (features, np.ascontiguousarray(point_coords, dtype=np.float32),
+                np.ascontiguousarray(point_labels, dtype=np.float32), mask, has_mask)
+
+    def mask_request(
+        self, orig_hw: tuple[int, int], multimask_output: bool, return_logits: bool = False,
+        threshold: float | None = None, float_masks: bool = False,
+    ) -> MaskRequest:
+        """What postprocessing makes: masks above `threshold` (default the manifest's), or logits with return_logits."""
+        thr = None if return_logits else (self.mask_threshold if threshold is None else float(threshold))
+        return MaskRequest(bool(multimask_output), (int(orig_hw[0]), int(orig_hw[1])), thr, float_masks, self.token_choice)
+
+    def decode_raw(
+        self, embedding: Embedding, point_coords: np.ndarray, point_labels: np.ndarray, mask_input: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One decoder run over an already assembled batch in the 1024 input frame.
+
+        point_coords (B,N,2), point_labels (B,N) (padding included), mask_input (B,1,256,256)
+        or None. Returns all four tokens on the host: low-res logits (B,4,256,256) and IoU (B,4).
+        """
+        return self.backend.decode(*self._inputs(embedding, point_coords, point_labels, mask_input))
+
+    def decode_batch(
+        self, embedding: Embedding, point_coords: np.ndarray, point_labels: np.ndarray, mask_input: np.ndarray | None,
+        request: MaskRequest,
+    ) -> Masks:
+        """decode_raw + finish in one backend call: on a device backend the logits never leave the device."""
+        out = self.backend.decode_masks(*self._inputs(embedding, point_coords, point_labels, mask_input), request)
+        return Masks(out.masks, out.scores, out.low_res_logits)
 
     def finish(
         self,
@@ -154,12 +174,9 @@ class Sam2Model:
         Masks are bool (float32 0/1 with `float_masks`) above `threshold` (default the manifest's), or
         the upsampled float32 logits with `return_logits`.
         """
-        logits, scores = select_masks(low_res, iou, multimask_output, **self._select)
-        if return_logits:
-            masks = self._upsample(logits, orig_hw)
-        else:
-            masks = self._upsample(logits, orig_hw, self.mask_threshold if threshold is None else threshold, float_masks)
-        return Masks(masks, scores, clamp_logits(logits))
+        out = self.backend.postprocess(low_res, iou, self.mask_request(orig_hw, multimask_output, return_logits,
+                                                                       threshold, float_masks))
+        return Masks(out.masks, out.scores, out.low_res_logits)
 
     def decode(
         self,
@@ -184,12 +201,18 @@ class Sam2Model:
         groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
         for i, (xy, _, mask) in enumerate(checked):
             groups[(xy.shape[1], mask is not None)].append(i)
-        low_res = np.empty((len(prompts), 4, LOW_RES_SIZE, LOW_RES_SIZE), np.float32)
-        iou = np.empty((len(prompts), 4), np.float32)
+        request = self.mask_request(embedding.original_size, multimask_output, return_logits)
+        parts = []
         for (_, has_mask), idx in groups.items():
             xy = np.concatenate([checked[i][0] for i in idx])
             lab = np.concatenate([checked[i][1] for i in idx])
             mask = np.concatenate([checked[i][2] for i in idx]) if has_mask else None
-            lr, sc = self.decode_raw(embedding, xy, lab, mask)
-            low_res[idx], iou[idx] = lr, sc
-        return self.finish(low_res, iou, embedding.original_size, multimask_output, return_logits)
+            parts.append((idx, self.decode_batch(embedding, xy, lab, mask, request)))
+        if len(parts) == 1:
+            return parts[0][1]
+        first = parts[0][1]
+        n = len(prompts)
+        out = Masks(*(np.empty((n, *a.shape[1:]), a.dtype) for a in (first.masks, first.scores, first.low_res_logits)))
+        for idx, part in parts:
+            out.masks[idx], out.scores[idx], out.low_res_logits[idx] = part.masks, part.scores, part.low_res_logits
+        return out

@@ -96,9 +96,8 @@ class Predictor:
         xy, lab = assemble(coords, labels, boxes)
         if mask is not None and xy.shape[1] == 0:
             xy, lab = np.zeros((mask.shape[0], 0, 2), np.float32), np.zeros((mask.shape[0], 0), np.float32)
-        low_res, iou = self.model.decode_raw(emb, xy, lab, mask)
-        out = self.model.finish(low_res, iou, (h, w), multimask_output, return_logits=return_logits,
-                                threshold=self.mask_threshold, float_masks=True)
+        request = self.model.mask_request((h, w), multimask_output, return_logits, self.mask_threshold, float_masks=True)
+        out = self.model.decode_batch(emb, xy, lab, mask, request)
         masks = out.masks  # float32: 0/1 masks, or the logits
         if masks.shape[0] == 1:
             return masks[0], out.scores[0], out.low_res_logits[0]

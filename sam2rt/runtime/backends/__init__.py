@@ -6,8 +6,9 @@ import logging
 
 from ...errors import BackendUnavailableError, EngineMismatchError
 from ...manifest import Manifest
-from .base import Backend
+from .base import Backend, BackendClosedError, DecodedMasks, MaskRequest, TokenChoice
 from .onnxruntime_backend import PROVIDERS, OnnxRuntimeBackend, available_providers
+from .ort_device_backend import GPU_PRECISIONS, OrtDeviceBackend, tensorrt_libraries_status
 
 ALIASES = {"cpu": "onnxruntime-cpu", "onnxruntime": "onnxruntime-cpu", "cuda": "onnxruntime-cuda"}
 BACKENDS = ("auto", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt")
@@ -24,6 +25,8 @@ def available_backends() -> dict[str, str]:
     status = {}
     for name, wanted in PROVIDERS.items():
         status[name] = "available" if wanted[0] in providers else f"unavailable: onnxruntime lacks {wanted[0]}"
+    if status["onnxruntime-tensorrt"] == "available" and tensorrt_libraries_status():
+        status["onnxruntime-tensorrt"] = f"unavailable: {tensorrt_libraries_status()}"
     try:
         from .tensorrt_backend import tensorrt_status
 
@@ -38,12 +41,14 @@ def create_backend(manifest: Manifest, name: str = "auto", threads: int | None =
 
     `tensorrt` loads the fastest engines built for the directory; `tensorrt:fp32`, `tensorrt:fp16` or
     `tensorrt:int8` asks for one precision. `onnxruntime-cpu:int8` runs the opt-in INT8 encoder
-    (reduced precision; exports made with --int8); plain `onnxruntime-cpu` is FP32.
+    (reduced precision; exports made with --int8); plain `onnxruntime-cpu` is FP32. `onnxruntime-cuda:fp32`,
+    `:tf32` (the default) and `:fp16` name the GPU precision modes (see OrtDeviceBackend).
     """
     name = ALIASES.get(name, name)
     precision = None
-    if name.startswith(("tensorrt:", "onnxruntime-cpu:")):  # "tensorrt:fp16" picks the engines of one precision
+    if ":" in name:  # "tensorrt:fp16", "onnxruntime-cuda:fp16": one precision
         name, precision = name.split(":", 1)
+        name = ALIASES.get(name, name)
     if name not in BACKENDS:
         raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "auto":
@@ -57,13 +62,14 @@ def create_backend(manifest: Manifest, name: str = "auto", threads: int | None =
                 logging.getLogger("sam2rt").warning("backend 'auto' skips %s: %s", candidate, exc)
                 reasons.append(f"{candidate}: {exc}")
         raise BackendUnavailableError("no backend is available:\n  " + "\n  ".join(reasons))
+    if name == "onnxruntime-cpu":
+        return OnnxRuntimeBackend(manifest, name, threads, precision=precision)
     if name in PROVIDERS:
-        if precision is not None:
-            return OnnxRuntimeBackend(manifest, name, threads, precision=precision)
-        return OnnxRuntimeBackend(manifest, name, threads)
+        return OrtDeviceBackend(manifest, name, precision=precision, threads=threads)
     from .tensorrt_backend import TensorRTBackend  # imported lazily: needs tensorrt + cuda-python
 
     return TensorRTBackend(manifest, threads=threads, precision=precision)
 
 
-__all__ = ["Backend", "BACKENDS", "OnnxRuntimeBackend", "available_backends", "available_providers", "create_backend", "auto_order"]
+__all__ = ["Backend", "BackendClosedError", "BACKENDS", "DecodedMasks", "GPU_PRECISIONS", "MaskRequest", "OnnxRuntimeBackend",
+           "OrtDeviceBackend", "TokenChoice", "available_backends", "available_providers", "create_backend", "auto_order"]

@@ -13,6 +13,8 @@ from ...errors import BackendUnavailableError, ModelFileError
 from ...manifest import Manifest
 from ...models import LOW_RES_SIZE
 from ..embedding import FAST_BATCH, FAST_MAX_POINTS, FEATURE_NAMES, PREPARED_NAMES
+from ..tensors import DeviceTensor, as_host
+from .base import Backend
 
 # At most this many single-threaded fast-decoder sessions decode the prompts of a batch side by side.
 MAX_LANES = 8
@@ -24,13 +26,26 @@ PROVIDERS = {
 }
 
 
+_QUIETED = False
+
+
 def _import_ort():
+    """onnxruntime, with its process-wide logger at ERROR.
+
+    ONNX Runtime logs warnings through its default logger before any session option applies (e.g. "No
+    registered plugin EP device found for 'CUDAExecutionProvider'" at every CUDA session): sam2rt reports
+    what matters itself, so those warnings are silenced once, when sam2rt first loads onnxruntime.
+    """
+    global _QUIETED
     try:
         import onnxruntime as ort
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise BackendUnavailableError(
-            "onnxruntime is not installed: `pip install 'sam2rt[cpu]'` (or 'sam2rt[gpu]' for CUDA)"
+            "onnxruntime is not installed: `pip install -e '.[cpu]'` (or '.[gpu]' for CUDA)"
         ) from exc
+    if not _QUIETED:
+        ort.set_default_logger_severity(3)
+        _QUIETED = True
     return ort
 
 
@@ -175,8 +190,8 @@ def cpu_graph_entries(manifest: Manifest, precision: str = "fp32") -> dict[str, 
     return out
 
 
-class OrtDeviceTensor:
-    """An encoder output kept where ONNX Runtime put it (GPU memory with the CUDA/TensorRT providers).
+class OrtDeviceTensor(DeviceTensor):
+    """A tensor kept where ONNX Runtime put it (GPU memory with the CUDA/TensorRT providers).
 
     Wraps an `onnxruntime.OrtValue`; `to_host()` copies it to a numpy array.
     """
@@ -194,10 +209,6 @@ class OrtDeviceTensor:
     def to_host(self) -> np.ndarray:
         return np.asarray(self.value.numpy())
 
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        host = self.to_host()
-        return host if dtype is None else host.astype(dtype)
-
     def __repr__(self) -> str:
         return f"OrtDeviceTensor(shape={self.shape}, device={self.device!r})"
 
@@ -213,15 +224,13 @@ def _trt_profile_option(profiles: list[dict]) -> dict[str, str]:
     return opts
 
 
-class OnnxRuntimeBackend:
-    """Runs encoder.onnx and decoder.onnx with ONNX Runtime on the given execution providers.
+class OnnxRuntimeBackend(Backend):
+    """Runs the exported graphs on ONNX Runtime's CPU provider, tuned for SAM 2's embed-once / decode-many use.
 
-    With the CUDA / TensorRT providers it uses IO binding: the encoder's outputs stay in GPU memory
-    (as OrtDeviceTensor) and are bound straight to the decoder's inputs, so an embedding never makes a
-    host round trip; only the prompts go up and the masks come down. `io_binding=True` forces the same
-    path on the CPU provider (used by the tests to exercise it without a GPU).
+    GPU providers run through OrtDeviceBackend (ort_device_backend.py), which keeps the whole path on the device.
     """
 
+    name = "onnxruntime-cpu"
     device = "cpu"
 
     def __init__(
@@ -229,59 +238,42 @@ class OnnxRuntimeBackend:
         manifest: Manifest,
         name: str = "onnxruntime-cpu",
         threads: int | None = None,
-        io_binding: bool | None = None,
-        device_id: int = 0,
         precision: str | None = None,
         spinning: bool | None = None,
         low_memory: bool | None = None,
         fast_decoder: bool = True,
     ) -> None:
+        super().__init__()
         ort = _import_ort()
-        if name not in PROVIDERS:
-            raise BackendUnavailableError(f"unknown onnxruntime backend {name!r}; choose one of {sorted(PROVIDERS)}")
-        wanted = PROVIDERS[name]
-        if wanted[0] not in ort.get_available_providers():
+        if name != "onnxruntime-cpu":
             raise BackendUnavailableError(
-                f"backend {name!r} needs {wanted[0]}, which this onnxruntime does not offer "
-                f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
-                "(on Jetson: NVIDIA's onnxruntime-gpu wheel for your JetPack) or use backend='onnxruntime-cpu'"
+                f"OnnxRuntimeBackend runs the CPU provider only; {name!r} is served by OrtDeviceBackend "
+                "(create_backend picks it)"
             )
-        self.name = name
         self.threads = threads or default_threads()
-        self.device_id = device_id
-        on_gpu = name != "onnxruntime-cpu"
-        self.device = f"cuda:{device_id}" if on_gpu else "cpu"
-        self._ort_device = "cuda" if on_gpu else "cpu"
-        self.io_binding = on_gpu if io_binding is None else bool(io_binding)
         self._ort = ort
         self.spinning = spinning_default() if spinning is None else bool(spinning)
-        # low memory (CPU): the encoder runs without ORT's arena, with large blocks given back to the OS
-        self.low_memory = (not on_gpu) and (low_memory_default() if low_memory is None else bool(low_memory))
+        # low memory: the encoder runs without ORT's arena, with large blocks given back to the OS
+        self.low_memory = low_memory_default() if low_memory is None else bool(low_memory)
         if self.low_memory:
             self.low_memory = release_large_allocations()
-        if on_gpu:
-            if precision not in (None, "fp32"):
-                raise BackendUnavailableError(f"precision {precision!r} is offered by onnxruntime-cpu only")
-            self.precision = "fp32"
-            self.files = {"encoder": manifest.graph("encoder"), "decoder": manifest.graph("decoder")}
-        else:
-            self.precision = precision or "fp32"
-            self.files = cpu_graph_entries(manifest, self.precision)
+        self.precision = precision or "fp32"
+        self.files = cpu_graph_entries(manifest, self.precision)
         # embeddings of the INT8 encoder differ from FP32 ones: they get their own model key
         self.encoder_key = manifest.graph("encoder")["sha256"] if self.precision == "fp32" else self.files["encoder"]["sha256"]
-        self._encoder = self._session(ort, manifest, "encoder", self._providers(manifest, wanted, "encoder"))
-        self._manifest, self._wanted = manifest, wanted
+        self._manifest = manifest
         self._sessions: dict[str, Any] = {}
         self._sessions_lock = threading.Lock()
         self._fast_lanes: list[Any] | None = None
         self._lane_pool: ThreadPoolExecutor | None = None
-        if not fast_decoder:  # the plain graphs only (as the GPU backends run them)
+        if not fast_decoder:  # the plain graphs only
             self.files.pop("decoder_prep", None), self.files.pop("decoder_fast", None)
         fast = self.files.get("decoder_fast")
         self.fast_max_points = int(fast.get("max_points", FAST_MAX_POINTS)) if fast else 0
         # exports made before the one-prompt fast graph (no `prompts_per_run`) take batches, but run them
         # prompt by prompt too: a batched run costs no less per prompt on the CPU
         self.fast_batch = int(fast.get("prompts_per_run", FAST_BATCH)) if fast else FAST_BATCH
+        self._encoder = self._session(manifest, "encoder")
         # Loaded now: the decoder graphs that plain point/box prompts use. The others (the full decoder for
         # mask prompts, the mask-free one for prompts of many points) load on first use: most processes never
         # need them, and their weights would add to every process's peak memory.
@@ -290,76 +282,46 @@ class OnnxRuntimeBackend:
         else:
             eager = ["decoder_nomask"] if "decoder_nomask" in self.files else ["decoder"]
         for slot in eager:
-            self._graph(slot)
-        if on_gpu and wanted[0] not in self._graph("decoder").get_providers():
-            raise BackendUnavailableError(
-                f"backend {name!r}: onnxruntime could not initialise {wanted[0]} (is a CUDA GPU with a matching "
-                f"CUDA/cuDNN present?); providers in use: {', '.join(self._graph('decoder').get_providers())}"
-            )
+            self._decoder_session(slot)
         self._enc_outputs = [o.name for o in self._encoder.get_outputs()]
 
-    def _providers(self, manifest: Manifest, wanted: list[str], role: str) -> list:
-        out: list = []
-        for provider in wanted:
-            if provider == "CUDAExecutionProvider":
-                out.append((provider, {"device_id": self.device_id}))
-            elif provider == "TensorrtExecutionProvider":
-                opts: dict[str, Any] = {"device_id": self.device_id, "trt_fp16_enable": False}
-                cache = manifest.directory / "ort_trt_cache"
-                try:
-                    cache.mkdir(exist_ok=True)
-                    opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache),
-                                trt_timing_cache_enable=True, trt_timing_cache_path=str(cache))
-                except OSError:  # read-only model directory: build engines at every start instead
-                    pass
-                if role == "decoder":
-                    from ..engines import decoder_profiles
+    def close(self) -> None:
+        """Drop the sessions and shut the lane threads down."""
+        with self._sessions_lock:
+            if self._lane_pool is not None:
+                self._lane_pool.shutdown(wait=True)
+            self._lane_pool, self._fast_lanes = None, None
+            self._sessions.clear()
+        super().close()
 
-                    opts.update(_trt_profile_option(decoder_profiles()))
-                out.append((provider, opts))
-            else:
-                out.append(provider)
-        return out
-
-    def _graph(self, slot: str):
+    def _decoder_session(self, slot: str):
         """The session of decoder slot `slot` (see cpu_graph_entries), created on first use."""
         session = self._sessions.get(slot)
         if session is None:
             with self._sessions_lock:
                 session = self._sessions.get(slot)
                 if session is None:
-                    session = self._sessions[slot] = self._session(
-                        self._ort, self._manifest, slot, self._providers(self._manifest, self._wanted, "decoder")
-                    )
+                    session = self._sessions[slot] = self._session(self._manifest, slot)
         return session
 
-    def _session(self, ort, manifest: Manifest, role: str, providers: list):
-        entry = self.files[role]
-        if entry is manifest.data["graphs"].get(role):
-            path = manifest.graph_path(role)  # a base graph: Sam2Model.from_dir verifies it
+    def _session(self, manifest: Manifest, slot: str):
+        entry = self.files[slot]
+        if entry is manifest.data["graphs"].get(slot):
+            path = manifest.graph_path(slot)  # a base graph: Sam2Model.from_dir verifies it
         else:
             path = manifest.verify_file(entry)  # a variant: check its sha256 here
         try:
-            so = session_options(self.threads, self.spinning, mem_pattern=self.device != "cpu",
-                                 arena=not (self.low_memory and role == "encoder"))
-            return ort.InferenceSession(str(path), sess_options=so, providers=providers,
-                                        disabled_optimizers=list(entry.get("ort_disabled_optimizers", [])))
+            so = session_options(self.threads, self.spinning, mem_pattern=False,
+                                 arena=not (self.low_memory and slot == "encoder"))
+            return self._ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"],
+                                              disabled_optimizers=list(entry.get("ort_disabled_optimizers", [])))
         except Exception as exc:
             raise ModelFileError(f"{path} could not be loaded by onnxruntime ({exc}); re-run `sam2rt export`") from exc
 
-    def encode(self, image: np.ndarray) -> dict[str, Any]:
-        if not self.io_binding:
-            outs = self._encoder.run(self._enc_outputs, {"image": image})
-            return dict(zip(self._enc_outputs, outs))
-        io = self._encoder.io_binding()
-        io.bind_cpu_input("image", np.ascontiguousarray(image, dtype=np.float32))
-        for name in self._enc_outputs:
-            io.bind_output(name, self._ort_device, self.device_id)
-        self._encoder.run_with_iobinding(io)
-        values = io.get_outputs()
-        if self.device == "cpu":  # forced IO binding on the CPU provider: plain numpy, as without it
-            return {name: np.asarray(v.numpy()) for name, v in zip(self._enc_outputs, values)}
-        return {name: OrtDeviceTensor(v) for name, v in zip(self._enc_outputs, values)}
+    def encode(self, image: Any) -> dict[str, Any]:
+        self._check_open()
+        outs = self._encoder.run(self._enc_outputs, {"image": as_host(image)})
+        return dict(zip(self._enc_outputs, outs))
 
     def prepare(self, features: dict[str, Any]) -> dict[str, Any]:
         """The per-image tensors of the fast mask-free decoder (PREPARED_NAMES), or {} without one.
@@ -368,17 +330,9 @@ class OnnxRuntimeBackend:
         """
         if "decoder_prep" not in self.files:
             return {}
-        feeds = {n: np.asarray(features[n].to_host() if hasattr(features[n], "to_host") else features[n])
-                 for n in FEATURE_NAMES}
-        return dict(zip(PREPARED_NAMES, self._graph("decoder_prep").run(list(PREPARED_NAMES), feeds)))
-
-    def upload_features(self, features: dict[str, Any]) -> dict[str, Any]:
-        """Host features -> OrtValues on this backend's device (Embedding.to_device uses this)."""
-        return {
-            k: OrtDeviceTensor(self._ort.OrtValue.ortvalue_from_numpy(
-                np.ascontiguousarray(np.asarray(v), dtype=np.float32), self._ort_device, self.device_id))
-            for k, v in features.items()
-        }
+        self._check_open()
+        feeds = {n: as_host(features[n]) for n in FEATURE_NAMES}
+        return dict(zip(PREPARED_NAMES, self._decoder_session("decoder_prep").run(list(PREPARED_NAMES), feeds)))
 
     def decode(
         self,
@@ -395,16 +349,17 @@ class OnnxRuntimeBackend:
         constants but for the point count; a batched run would cost no less per prompt on the CPU); no
         mask -> decoder_nomask; else the full decoder.
         """
+        self._check_open()
         prompts = dict(point_coords=point_coords, point_labels=point_labels)
         no_mask = not np.any(has_mask_input)
         if (no_mask and "decoder_fast" in self.files and point_coords.shape[1] <= self.fast_max_points
                 and all(n in features for n in PREPARED_NAMES)):
-            decoder = self._graph("decoder_fast")
+            decoder = self._decoder_session("decoder_fast")
             features = {n: features[n] for n in PREPARED_NAMES}
             b = point_coords.shape[0]
             if b <= self.fast_batch:
                 return self._run(decoder, features, prompts)
-            if b > 1 and not self.io_binding and self.threads > 1:
+            if b > 1 and self.threads > 1:
                 return self._run_lanes(features, prompts)
             step = self.fast_batch
             parts = [self._run(decoder, features, {k: v[i : i + step] for k, v in prompts.items()})
@@ -412,9 +367,9 @@ class OnnxRuntimeBackend:
             return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         if no_mask and "decoder_nomask" in self.files:
             # no prompt carries a mask: the mask-free graph gives the same outputs without the mask convolutions
-            decoder = self._graph("decoder_nomask")
+            decoder = self._decoder_session("decoder_nomask")
         else:
-            decoder = self._graph("decoder")
+            decoder = self._decoder_session("decoder")
             prompts.update(mask_input=mask_input, has_mask_input=has_mask_input)
         return self._run(decoder, {n: features[n] for n in FEATURE_NAMES}, prompts)
 
@@ -439,13 +394,12 @@ class OnnxRuntimeBackend:
     def _run_lanes(self, features: dict[str, Any], prompts: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """A batch on the fast decoder, prompts dealt round-robin to single-threaded sessions running in parallel.
 
-        On the 2-core benchmark machine two such lanes decode 16 boxes in 15.1 ms per prompt against
-        21.6 ms one prompt at a time on one 2-thread session: a lone prompt's small ops leave the second
-        core idle between the large ones, two prompts keep both busy.
+        A lone prompt's small ops leave the other cores idle between the large ones; prompts side by side keep
+        them busy (benchmarks/README.md has the measurements).
         """
         lanes, pool = self._lanes()
         b = next(iter(prompts.values())).shape[0]
-        feeds = {k: (v.to_host() if hasattr(v, "to_host") else v) for k, v in features.items()}
+        feeds = {k: as_host(v) for k, v in features.items()}
         low_res = np.empty((b, 4, LOW_RES_SIZE, LOW_RES_SIZE), np.float32)
         iou = np.empty((b, 4), np.float32)
 
@@ -462,23 +416,8 @@ class OnnxRuntimeBackend:
         return low_res, iou
 
     def _run(self, decoder, features: dict[str, Any], prompts: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """One decoder run: `features` (numpy or OrtDeviceTensor) and host `prompts` -> (low_res, iou) on the host."""
-        if not self.io_binding:
-            feeds = {k: (v.to_host() if hasattr(v, "to_host") else v) for k, v in features.items()}
-            feeds.update(prompts)
-            low_res, iou = decoder.run(["low_res_masks", "iou_predictions"], feeds)
-            return low_res, iou
-        io = decoder.io_binding()
-        for name, value in features.items():
-            if isinstance(value, OrtDeviceTensor):
-                io.bind_ortvalue_input(name, value.value)  # already on the device: no copy
-            else:
-                host = value.to_host() if hasattr(value, "to_host") else value
-                io.bind_cpu_input(name, np.ascontiguousarray(host, dtype=np.float32))
-        for name, value in prompts.items():
-            io.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.float32))
-        for name in ("low_res_masks", "iou_predictions"):
-            io.bind_output(name, "cpu")
-        decoder.run_with_iobinding(io)
-        low_res, iou = io.copy_outputs_to_cpu()
+        """One decoder run: `features` (numpy or device tensors) and host `prompts` -> (low_res, iou) on the host."""
+        feeds = {k: as_host(v) for k, v in features.items()}
+        feeds.update(prompts)
+        low_res, iou = decoder.run(["low_res_masks", "iou_predictions"], feeds)
         return low_res, iou

@@ -36,6 +36,8 @@ from ..engines import (
     tensorrt_missing_message,
 )
 from ..gpu import CudaError, CudaGraph, DeviceArray, PinnedBuffer, Stream, cuda_status, set_device
+from ..tensors import as_host
+from .base import Backend
 
 log = logging.getLogger("sam2rt")
 
@@ -157,8 +159,12 @@ class _ShapeExec:
         self.engine = None
 
 
-class TensorRTBackend:
-    """Runs encoder.<precision>.engine and decoder.<precision>.engine on CUDA device `device`."""
+class TensorRTBackend(Backend):
+    """Runs encoder.<precision>.engine and decoder.<precision>.engine on CUDA device `device`.
+
+    Preprocessing and postprocessing are the base class's host (numpy) paths: the device pipeline of
+    OrtDeviceBackend is ONNX Runtime's, and TensorRT could not be installed to build and measure one here.
+    """
 
     name = "tensorrt"
 
@@ -171,6 +177,7 @@ class TensorRTBackend:
         use_cuda_graph: bool = True,
         verify: bool = True,
     ) -> None:
+        super().__init__()
         trt = _import_trt()
         status = cuda_status(device)
         if status != "available":
@@ -181,6 +188,7 @@ class TensorRTBackend:
                 f"`sam2rt build-engine --model-dir {manifest.directory} --fp16`"
             )
         self.precision = select_precision(manifest, precision)
+        self.threads = threads
         set_device(device)
         env = EngineEnvironment.detect(device)
         paths = check_engines(manifest, self.precision, env, verify_sha=verify)
@@ -190,6 +198,7 @@ class TensorRTBackend:
         self.use_cuda_graph = use_cuda_graph
         self.environment = env
         entry = engine_entries(manifest)[self.precision]
+        self.files = {"encoder": entry["encoder"], "decoder": entry["decoder"]}
         # FP32 engines compute what the ONNX graphs compute; reduced-precision embeddings get their own key
         self.encoder_key = manifest.graph("encoder")["sha256"] if self.precision == "fp32" else entry["encoder"]["sha256"]
         self._profiles = entry["decoder"]["profiles"]
@@ -230,6 +239,7 @@ class TensorRTBackend:
     # --- encoder ------------------------------------------------------------------------------
     def encode(self, image: np.ndarray) -> dict[str, Any]:
         """Normalised (1,3,S,S) image -> the three features as DeviceArrays (they stay on the GPU)."""
+        self._check_open()
         with self._lock:
             return self._encode(image)
 
@@ -275,8 +285,7 @@ class TensorRTBackend:
             return
         for n in FEATURE_NAMES:  # host (numpy) or another device: copy in every time
             value = features[n]
-            arr = value.to_host() if hasattr(value, "to_host") else np.asarray(value)
-            arr = np.ascontiguousarray(arr, dtype=self._dec.dtypes[n])
+            arr = np.ascontiguousarray(as_host(value), dtype=self._dec.dtypes[n])
             if arr.shape != self._dec.static_shape(n):
                 raise InvalidEmbeddingError(f"feature {n} has shape {arr.shape}, the decoder takes {self._dec.static_shape(n)}")
             self._feat_dev[n].copy_from_host(arr, self.stream)
@@ -356,6 +365,7 @@ class TensorRTBackend:
         mask_input: np.ndarray,
         has_mask_input: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
+        self._check_open()
         with self._lock:
             return self._decode(features, point_coords, point_labels, mask_input, has_mask_input)
 
@@ -382,7 +392,9 @@ class TensorRTBackend:
         return {k: v.graph is not None for k, v in self._shapes.items()}
 
     def close(self) -> None:
+        """Destroy the captured CUDA graphs and contexts; the engines and buffers go with the object."""
         with self._lock:
             for ex in self._shapes.values():
                 ex.destroy()
             self._shapes.clear()
+        super().close()

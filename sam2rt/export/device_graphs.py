@@ -1,0 +1,182 @@
+"""The small ONNX graphs that move SAM 2's pre- and postprocessing onto the device running the model.
+
+They ship in the package (sam2rt/runtime/graphs/*.onnx), because the runtime has no `onnx` dependency;
+tests/test_device_graphs.py checks that each shipped file is exactly what its builder here makes.
+Regenerate them with `python -m sam2rt.export.device_graphs`.
+
+- `preprocess.onnx`: uint8 HxWx3 RGB -> normalised float32 1x3xSxS, as SAM2Transforms (ToTensor, the
+  antialiased bilinear Resize of torchvision, Normalize). The antialiased resize is linear and
+  separable, so it is two matrix products with the tap weights of `sam2rt.runtime.preprocess._aa_taps`
+  laid out as dense matrices (inputs, cached per image size by the runtime): width first, then height,
+  as ATen does. ONNX Runtime's own antialiased Resize differs from torchvision when downscaling, so it is
+  not used. The products must run in true FP32 (TF32 would move pixels by ~1e-3): the runtime loads
+  this graph with TF32 off whatever the model's precision.
+- `postprocess_multi.onnx` / `postprocess_single.onnx`: the decoder's four tokens -> the masks a caller
+  asked for: token choice (the three multimask tokens, or the single-mask token replaced by the best
+  multimask token where its stability score is below the threshold, as SAM 2's MaskDecoder), the
+  low-res logits clamped to +-32, bilinear upsampling to the original size (the operations of
+  upsample.onnx in the same order) and the threshold. Outputs the masks as bool (`masks`) or float 0/1
+  (`mask_values`), or the upsampled logits, so only what the caller needs leaves the device.
+- `copy.onnx`: one Identity: a device-to-device copy of a float tensor into a buffer bound as its output
+  (how the CUDA-graph path moves tensors in and out of its fixed buffers without a host round trip).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .upsample_graph import add_upsample_nodes
+
+GRAPH_DIR = Path(__file__).resolve().parent.parent / "runtime" / "graphs"
+PREPROCESS_GRAPH = GRAPH_DIR / "preprocess.onnx"
+POSTPROCESS_MULTI_GRAPH = GRAPH_DIR / "postprocess_multi.onnx"
+POSTPROCESS_SINGLE_GRAPH = GRAPH_DIR / "postprocess_single.onnx"
+COPY_GRAPH = GRAPH_DIR / "copy.onnx"
+OPSET = 17
+LOGIT_CLAMP = 32.0
+POSTPROCESS_OUTPUTS = ("low_res_logits", "scores", "upsampled", "masks", "mask_values")
+
+
+def _model(nodes: list, name: str, inputs: list, outputs: list, initializers: list | None = None,
+           check: bool = True) -> Any:
+    from onnx import checker, helper
+
+    model = helper.make_model(helper.make_graph(nodes, name, inputs, outputs, initializer=initializers or []),
+                              opset_imports=[helper.make_opsetid("", OPSET)], producer_name="sam2rt")
+    model.ir_version = 8
+    if check:
+        checker.check_model(model)
+    return model
+
+
+def build_preprocess_graph() -> Any:
+    """image uint8 (H,W,3), resize_w (W,S), resize_h (S,H), scale (3,1,1), offset (3,1,1) -> image (1,3,S,S).
+
+    image = (resize_h @ (image^T as CHW) @ resize_w) * scale - offset, scale = 1/(255 std), offset = mean/std.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+    import numpy as np
+
+    f32 = TensorProto.FLOAT
+    inputs = [
+        helper.make_tensor_value_info("image", TensorProto.UINT8, ["H", "W", 3]),
+        helper.make_tensor_value_info("resize_w", f32, ["W", "S"]),
+        helper.make_tensor_value_info("resize_h", f32, ["S", "H"]),
+        helper.make_tensor_value_info("scale", f32, [3, 1, 1]),
+        helper.make_tensor_value_info("offset", f32, [3, 1, 1]),
+    ]
+    node = helper.make_node
+    nodes = [
+        node("Cast", ["image"], ["pixels"], to=f32),
+        node("Transpose", ["pixels"], ["chw"], perm=[2, 0, 1]),
+        node("MatMul", ["chw", "resize_w"], ["cols"]),  # (3,H,S): width first, as ATen
+        node("MatMul", ["resize_h", "cols"], ["resized"]),  # (3,S,S)
+        node("Mul", ["resized", "scale"], ["scaled"]),
+        node("Sub", ["scaled", "offset"], ["normalised"]),
+        node("Unsqueeze", ["normalised", "axis0"], ["image_out"]),
+    ]
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "axis0")]
+    outputs = [helper.make_tensor_value_info("image_out", f32, [1, 3, "S", "S"])]
+    return _model(nodes, "sam2rt_preprocess", inputs, outputs, inits)
+
+
+def build_postprocess_graph(multimask: bool) -> Any:
+    """low_res_masks (B,4,h,w), iou_predictions (B,4) + upsampling taps -> the chosen tokens' outputs.
+
+    Outputs: low_res_logits (B,C,h,w) clamped, scores (B,C), upsampled (B,C,H,W) float, masks bool
+    (upsampled > threshold), mask_values float 0/1; C = 3 (multimask) or 1. The single-token graph takes
+    stability_delta and stability_thresh (-inf turns the stability fallback off).
+    """
+    from onnx import TensorProto, helper, numpy_helper
+    import numpy as np
+
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    node = helper.make_node
+    inputs = [helper.make_tensor_value_info("low_res_masks", f32, ["B", 4, "h", "w"]),
+              helper.make_tensor_value_info("iou_predictions", f32, ["B", 4])]
+    inputs += [helper.make_tensor_value_info(n, i64, [d]) for n, d in (("c0", "W"), ("c1", "W"), ("r0", "H"), ("r1", "H"))]
+    inputs += [helper.make_tensor_value_info(n, f32, s) for n, s in
+               (("cw0_col", ["W", 1]), ("cw1_col", ["W", 1]), ("rw0", ["H", 1]), ("rw1", ["H", 1]), ("threshold", []))]
+    inits = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+             (("one", [1]), ("four", [4]), ("zero", [0]), ("axis1", [1]), ("axes_hw", [2, 3]))]
+    inits += [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in
+              (("clamp_lo", -LOGIT_CLAMP), ("clamp_hi", LOGIT_CLAMP), ("f_zero", 0.0), ("f_one", 1.0))]
+    if multimask:  # the three multimask tokens
+        nodes = [node("Slice", ["low_res_masks", "one", "four", "axis1"], ["chosen"]),
+                 node("Slice", ["iou_predictions", "one", "four", "axis1"], ["scores"])]
+    else:
+        inputs += [helper.make_tensor_value_info("stability_delta", f32, []),
+                   helper.make_tensor_value_info("stability_thresh", f32, [])]
+        inits.append(numpy_helper.from_array(np.arange(4, dtype=np.int64)[None], "tokens"))
+        nodes = [
+            # stability score of the single-mask token: IoU of its masks thresholded at +delta and -delta
+            node("Slice", ["low_res_masks", "zero", "one", "axis1"], ["single"]),
+            node("Neg", ["stability_delta"], ["neg_delta"]),
+            node("Greater", ["single", "stability_delta"], ["inner_b"]), node("Cast", ["inner_b"], ["inner"], to=f32),
+            node("Greater", ["single", "neg_delta"], ["outer_b"]), node("Cast", ["outer_b"], ["outer"], to=f32),
+            node("ReduceSum", ["inner", "axes_hw"], ["area_i"], keepdims=0),
+            node("ReduceSum", ["outer", "axes_hw"], ["area_u"], keepdims=0),
+            node("Max", ["area_u", "f_one"], ["area_u1"]), node("Div", ["area_i", "area_u1"], ["ratio"]),
+            node("Greater", ["area_u", "f_zero"], ["nonempty"]),
+            node("Where", ["nonempty", "ratio", "f_one"], ["stability"]),
+            node("GreaterOrEqual", ["stability", "stability_thresh"], ["stable"]),  # (B,1)
+            # else the multimask token with the highest predicted IoU (first on ties, as numpy's argmax)
+            node("Slice", ["iou_predictions", "one", "four", "axis1"], ["multi_iou"]),
+            node("ArgMax", ["multi_iou"], ["best0"], axis=1, keepdims=1),
+            node("Add", ["best0", "one"], ["best"]),
+            node("Where", ["stable", "zero", "best"], ["pick"]),
+            node("Equal", ["tokens", "pick"], ["onehot"]),  # (B,4)
+            # one token's values plus three zeros: exact
+            node("Where", ["onehot", "iou_predictions", "f_zero"], ["iou_masked"]),
+            node("ReduceSum", ["iou_masked", "axis1"], ["scores"], keepdims=1),
+            node("Unsqueeze", ["onehot", "axes_hw"], ["onehot4"]),
+            node("Where", ["onehot4", "low_res_masks", "f_zero"], ["masked"]),
+            node("ReduceSum", ["masked", "axis1"], ["chosen"], keepdims=1),
+        ]
+    nodes.append(node("Clip", ["chosen", "clamp_lo", "clamp_hi"], ["low_res_logits"]))
+    nodes += add_upsample_nodes("chosen", "upsampled")
+    nodes += [node("Greater", ["upsampled", "threshold"], ["masks"]), node("Cast", ["masks"], ["mask_values"], to=f32)]
+    c = 3 if multimask else 1
+    shape = ["B", c, "H", "W"]
+    outputs = [
+        helper.make_tensor_value_info("low_res_logits", f32, ["B", c, "h", "w"]),
+        helper.make_tensor_value_info("scores", f32, ["B", c]),
+        helper.make_tensor_value_info("upsampled", f32, shape),
+        helper.make_tensor_value_info("masks", TensorProto.BOOL, shape),
+        helper.make_tensor_value_info("mask_values", f32, shape),
+    ]
+    return _model(nodes, f"sam2rt_postprocess_{'multi' if multimask else 'single'}", inputs, outputs, inits)
+
+
+def build_copy_graph() -> Any:
+    """x -> y (Identity) for a float tensor of any rank.
+
+    onnx.checker insists on a rank for graph inputs; ONNX Runtime does not, and this graph must take
+    tensors of every rank, so it is the one graph here not passed through the checker (its loading and
+    its result are tested).
+    """
+    from onnx import TensorProto, helper
+
+    return _model([helper.make_node("Identity", ["x"], ["y"])], "sam2rt_copy",
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], check=False)
+
+
+BUILDERS = {
+    PREPROCESS_GRAPH: build_preprocess_graph,
+    POSTPROCESS_MULTI_GRAPH: lambda: build_postprocess_graph(True),
+    POSTPROCESS_SINGLE_GRAPH: lambda: build_postprocess_graph(False),
+    COPY_GRAPH: build_copy_graph,
+}
+
+
+def main() -> None:
+    GRAPH_DIR.mkdir(parents=True, exist_ok=True)
+    for path, build in BUILDERS.items():
+        path.write_bytes(build().SerializeToString())
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,395 @@
+"""ONNX Runtime on a GPU: the whole image -> mask path on the device, in a named precision, with CUDA graphs.
+
+- Preprocessing, postprocessing and the model all run on the device (OrtPipeline): the uint8 image goes up
+  once, the features and the decoder's logits never leave the device, only the final masks, scores and
+  256x256 logits come down.
+- Precisions (`onnxruntime-cuda:<mode>`): `fp32` (TF32 off: equal to the CPU path to float rounding),
+  `tf32` (the default: TF32 tensor cores for matrix products and convolutions), `fp16` (the encoder's
+  FP16 variant with fused MultiHeadAttention, made at export; the decoders stay FP32 weights with TF32:
+  they are bound by kernel launches, not arithmetic, and FP16 there costs point prompts their parity).
+  The pre/postprocessing sessions always run in true FP32.
+- CUDA graphs (ONNX Runtime's `enable_cuda_graph`): the encoder and each decoder shape (slot, prompts,
+  points) seen, up to MAX_CAPTURED_SHAPES, run from fixed device buffers; data is copied into them on the
+  device (`copy.onnx`), so a run is one graph replay. Where ONNX Runtime refuses to capture a graph (a
+  node it places on the CPU), that session runs without one and `cuda_graphs` says why.
+- The same class runs on the CPU provider (`OrtDeviceBackend(manifest, "onnxruntime-cpu")`, CUDA graphs
+  off): CI tests the device path's data flow that way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+
+from ...errors import BackendUnavailableError, InvalidEmbeddingError, ModelFileError
+from ...manifest import Manifest
+from ..embedding import FAST_MAX_POINTS, FEATURE_NAMES, PREPARED_NAMES
+from .base import Backend, DecodedMasks, MaskRequest
+from .onnxruntime_backend import PROVIDERS, OrtDeviceTensor, _fresh_variant, _import_ort, _trt_profile_option, session_options
+from .ort_pipeline import OrtPipeline
+
+log = logging.getLogger("sam2rt")
+
+GPU_PRECISIONS = ("fp32", "tf32", "fp16")
+DEFAULT_GPU_PRECISION = "tf32"
+MAX_CAPTURED_SHAPES = 8
+DECODER_OUTPUTS = ("low_res_masks", "iou_predictions")
+
+
+def tensorrt_libraries_status() -> str | None:
+    """None when TensorRT's runtime library (libnvinfer) can be loaded, else why not."""
+    names = [ctypes.util.find_library("nvinfer")] + [f"libnvinfer.so.{v}" for v in (10, 11, 8)]
+    for name in filter(None, names):
+        try:
+            ctypes.CDLL(name)
+            return None
+        except OSError:
+            continue
+    return ("TensorRT libraries not found (libnvinfer could not be loaded): install TensorRT "
+            "(`pip install tensorrt`, or JetPack's) or use backend='onnxruntime-cuda'")
+
+
+def device_graph_entries(manifest: Manifest, precision: str) -> dict[str, dict[str, Any]]:
+    """Manifest entries of the graphs the device backend loads, by slot.
+
+    The encoder: its `fp16` variant for precision fp16, else its MultiHeadAttention form `fused` (the base
+    graph where an export has none). Decoders: the exported (not CPU-optimised) graphs; ONNX Runtime
+    optimises them for the device at load. decoder_prep + decoder_fast serve single plain prompts.
+    """
+    if precision == "fp16":
+        enc = _fresh_variant(manifest, "encoder", "fp16")
+        if enc is None:
+            raise ModelFileError(
+                f"{manifest.directory} has no FP16 encoder: re-export it with this sam2rt (`sam2rt export ...`), "
+                "or run `python -c \"from sam2rt.export.optimize import add_variants; add_variants('DIR', fp16=True)\"`"
+            )
+    else:
+        enc = _fresh_variant(manifest, "encoder", "fused") or manifest.graph("encoder")
+    out = {"encoder": enc, "decoder": manifest.graph("decoder")}
+    for slot in ("nomask", "prep", "fast"):
+        entry = _fresh_variant(manifest, "decoder", slot)
+        if entry is not None:
+            out[f"decoder_{slot}"] = entry
+    if ("decoder_prep" in out) != ("decoder_fast" in out):
+        out.pop("decoder_prep", None), out.pop("decoder_fast", None)
+    return out
+
+
+class _Captured:
+    """A session run from fixed buffers: `inputs`/`outputs` OrtValues bound once in `binding` (a CUDA graph replays it)."""
+
+    def __init__(self, session: Any, binding: Any, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
+        self.session, self.binding, self.inputs, self.outputs = session, binding, inputs, outputs
+        self.loaded: tuple[int, ...] | None = None  # which embedding's tensors the feature buffers hold
+
+
+class OrtDeviceBackend(Backend):
+    """Runs a model directory on ONNX Runtime's CUDA (or TensorRT) provider with the whole path on the GPU."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        name: str = "onnxruntime-cuda",
+        precision: str | None = None,
+        device_id: int = 0,
+        threads: int | None = None,
+        cuda_graphs: bool = True,
+        fixed_buffers: bool | None = None,
+    ) -> None:
+        super().__init__()
+        ort = _import_ort()
+        if name not in PROVIDERS:
+            raise BackendUnavailableError(f"unknown onnxruntime backend {name!r}; choose one of {sorted(PROVIDERS)}")
+        precision = precision or (DEFAULT_GPU_PRECISION if name == "onnxruntime-cuda" else "fp32")
+        allowed = GPU_PRECISIONS if name == "onnxruntime-cuda" else ("fp32",)
+        if precision not in allowed:
+            raise BackendUnavailableError(f"backend {name!r} offers precisions {', '.join(allowed)}, not {precision!r}")
+        wanted = PROVIDERS[name]
+        if wanted[0] not in ort.get_available_providers():
+            raise BackendUnavailableError(
+                f"backend {name!r} needs {wanted[0]}, which this onnxruntime does not offer "
+                f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
+                "(on Jetson: NVIDIA's onnxruntime-gpu wheel for your JetPack) or use backend='onnxruntime-cpu'"
+            )
+        if name == "onnxruntime-tensorrt":
+            missing = tensorrt_libraries_status()
+            if missing:
+                raise BackendUnavailableError(missing)
+        self._ort, self._manifest, self._wanted = ort, manifest, wanted
+        self.name = name
+        self.precision = precision
+        self.device_id = device_id
+        self.threads = threads
+        on_gpu = name != "onnxruntime-cpu"
+        self.device = f"cuda:{device_id}" if on_gpu else "cpu"
+        self.ort_device = "cuda" if on_gpu else "cpu"
+        self.files = device_graph_entries(manifest, precision)
+        # TF32 and FP16 compute other numbers than the FP32 graph: their embeddings get their own key
+        base_key = manifest.graph("encoder")["sha256"]
+        self.encoder_key = base_key if precision == "fp32" else f"{self.files['encoder']['sha256']}:{precision}"
+        self.fast_max_points = int(self.files["decoder_fast"].get("max_points", FAST_MAX_POINTS)) if "decoder_fast" in self.files else 0
+        # CUDA graphs need the CUDA provider; fixed buffers (their data flow) can be forced on the CPU for tests
+        self.use_cuda_graphs = bool(cuda_graphs) and name == "onnxruntime-cuda"
+        self.fixed_buffers = self.use_cuda_graphs if fixed_buffers is None else bool(fixed_buffers)
+        self.cuda_graphs: dict[str, str] = {}  # session -> "captured" or why not
+        self._lock = threading.RLock()
+        self._pipeline = OrtPipeline(ort, self._providers("pipeline", tf32=False, graph=False), self.ort_device, device_id,
+                                     lambda: session_options(threads))
+        self._sessions: dict[str, Any] = {}
+        self._captured: dict[Any, _Captured] = {}
+        self._slot_buffers: dict[str, dict[str, Any]] = {}
+        self._slot_loaded: dict[str, tuple[int, ...]] = {}  # which embedding's tensors each slot's buffers hold
+        self._slot_owner: dict[str, list[Any]] = {}  # and those tensors, kept alive so their ids stay unique
+        self._encoder_fixed: _Captured | None = None
+        self._load_encoder()
+        self._session("decoder_fast" if "decoder_fast" in self.files else "decoder")  # fail now, not at the first click
+        if on_gpu:
+            providers = self._session("encoder").get_providers()
+            if wanted[0] not in providers:
+                raise BackendUnavailableError(
+                    f"backend {name!r}: onnxruntime could not initialise {wanted[0]} (is a CUDA GPU with a matching "
+                    f"CUDA/cuDNN present?); providers in use: {', '.join(providers)}"
+                )
+
+    # --- sessions ---------------------------------------------------------------------------------
+    def _providers(self, role: str, tf32: bool, graph: bool) -> list:
+        out: list = []
+        for provider in self._wanted:
+            if provider == "CUDAExecutionProvider":
+                out.append((provider, {"device_id": str(self.device_id), "use_tf32": "1" if tf32 else "0",
+                                       "enable_cuda_graph": "1" if graph else "0"}))
+            elif provider == "TensorrtExecutionProvider":
+                opts: dict[str, Any] = {"device_id": self.device_id, "trt_fp16_enable": False}
+                cache = self._manifest.directory / "ort_trt_cache"
+                try:
+                    cache.mkdir(exist_ok=True)
+                    opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache),
+                                trt_timing_cache_enable=True, trt_timing_cache_path=str(cache))
+                except OSError:  # read-only model directory: build engines at every start instead
+                    pass
+                if role.startswith("decoder"):
+                    from ..engines import decoder_profiles
+
+                    opts.update(_trt_profile_option(decoder_profiles()))
+                out.append((provider, opts))
+            else:
+                out.append(provider)
+        return out
+
+    def _new_session(self, slot: str, graph: bool) -> Any:
+        entry = self.files[slot]
+        path = self._manifest.verify_file(entry)
+        tf32 = self.precision in ("tf32", "fp16")
+        try:
+            return self._ort.InferenceSession(str(path), sess_options=session_options(self.threads, mem_pattern=True),
+                                              providers=self._providers(slot, tf32, graph))
+        except Exception as exc:
+            if graph:
+                raise
+            raise ModelFileError(f"{path} could not be loaded by onnxruntime ({exc}); re-run `sam2rt export`") from exc
+
+    def _session(self, slot: str) -> Any:
+        """The plain (no CUDA graph) session of `slot`, created on first use."""
+        s = self._sessions.get(slot)
+        if s is None:
+            with self._lock:
+                s = self._sessions.get(slot)
+                if s is None:
+                    s = self._sessions[slot] = self._new_session(slot, graph=False)
+        return s
+
+    def _fixed(self, key: Any, slot: str, input_shapes: dict[str, tuple[int, ...]], shared: dict[str, Any]) -> _Captured | None:
+        """A session of `slot` bound to fixed buffers for one input shape (a CUDA graph when the provider allows it).
+
+        `shared` holds buffers several shapes of the slot bind (the features), `input_shapes` the others.
+        None when no more shapes may be captured: the caller runs the plain session.
+        """
+        cap = self._captured.get(key)
+        if cap is not None or len(self._captured) >= MAX_CAPTURED_SHAPES + 1:  # +1: the encoder
+            return cap
+        session = None
+        if self.use_cuda_graphs:
+            try:
+                session = self._new_session(slot, graph=True)
+                self.cuda_graphs[str(key)] = "captured"
+            except Exception as exc:  # ONNX Runtime refuses graphs with nodes it runs on the CPU
+                self.cuda_graphs[str(key)] = f"not captured: {str(exc).splitlines()[0][:200]}"
+                log.info("sam2rt: no CUDA graph for %s: %s", key, exc)
+        if session is None:
+            session = self._session(slot)
+        inputs = dict(shared)
+        for name, shape in input_shapes.items():
+            inputs[name] = self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, self.ort_device, self.device_id)
+        io = session.io_binding()
+        for name, value in inputs.items():
+            io.bind_ortvalue_input(name, value)
+        outputs = {}
+        for name, shape in self._output_shapes(session, input_shapes).items():
+            outputs[name] = self._ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.ort_device, self.device_id)
+            io.bind_ortvalue_output(name, outputs[name])
+        cap = self._captured[key] = _Captured(session, io, inputs, outputs)
+        return cap
+
+    def _output_shapes(self, session: Any, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
+        """Output shapes of a run with `input_shapes`: the encoder's are static; a decoder's follow its prompt count."""
+        if "point_coords" not in input_shapes:
+            return {o.name: [int(d) for d in o.shape] for o in session.get_outputs()}
+        b, low = int(input_shapes["point_coords"][0]), int(self._manifest.data.get("low_res_size", 256))
+        return {"low_res_masks": [b, 4, low, low], "iou_predictions": [b, 4]}
+
+    def _buffers_like(self, names: tuple[str, ...], values: dict[str, Any]) -> dict[str, Any]:
+        return {n: self._ort.OrtValue.ortvalue_from_shape_and_type(list(self._shape_of(values[n])), np.float32,
+                                                                   self.ort_device, self.device_id) for n in names}
+
+    @staticmethod
+    def _shape_of(value: Any) -> tuple[int, ...]:
+        return tuple(int(d) for d in (value.shape if isinstance(value, (np.ndarray, OrtDeviceTensor)) else value.shape()))
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            self._captured.clear()
+            self._slot_buffers.clear()
+            self._slot_loaded.clear()
+            self._slot_owner.clear()
+            self._sessions.clear()
+            self._encoder_fixed = None
+            self._pipeline.close()
+        super().close()
+
+    # --- values on the device --------------------------------------------------------------------------
+    def _as_value(self, value: Any) -> Any:
+        """A numpy array or device tensor -> an OrtValue on this backend's device."""
+        if isinstance(value, OrtDeviceTensor) and value.value.device_name().lower() == self.ort_device:
+            return value.value
+        return self._pipeline.to_device(np.ascontiguousarray(self.to_host(value), dtype=np.float32))
+
+    def upload_features(self, features: dict[str, Any]) -> dict[str, Any]:
+        return {k: OrtDeviceTensor(self._as_value(v)) for k, v in features.items()}
+
+    # --- image path -------------------------------------------------------------------------------------
+    def preprocess(self, image_rgb: np.ndarray, size: int) -> OrtDeviceTensor:
+        self._check_open()
+        return OrtDeviceTensor(self._pipeline.preprocess(image_rgb, size))
+
+    def _load_encoder(self) -> None:
+        if not self.fixed_buffers:
+            self._session("encoder")
+            return
+        shape = tuple(int(d) for d in self._new_session_shape())
+        self._encoder_fixed = self._fixed("encoder", "encoder", {"image": shape}, {})
+        self._sessions.setdefault("encoder", self._encoder_fixed.session)
+
+    def _new_session_shape(self) -> list[int]:
+        size = self._manifest.image_size
+        return [1, 3, size, size]
+
+    def encode(self, image: Any) -> dict[str, Any]:
+        self._check_open()
+        with self._lock:
+            src = self._as_value(image)
+            fixed = self._encoder_fixed
+            if fixed is None:
+                session = self._session("encoder")
+                io = session.io_binding()
+                io.bind_ortvalue_input("image", src)
+                names = [o.name for o in session.get_outputs()]
+                for name in names:
+                    io.bind_output(name, self.ort_device, self.device_id)
+                session.run_with_iobinding(io)
+                return {n: OrtDeviceTensor(v) for n, v in zip(names, io.get_outputs())}
+            self._pipeline.copy(src, fixed.inputs["image"])
+            fixed.session.run_with_iobinding(fixed.binding)
+            # the fixed outputs are overwritten by the next image: each embedding gets its own copy
+            return {n: OrtDeviceTensor(self._pipeline.copy(v)) for n, v in fixed.outputs.items()}
+
+    def prepare(self, features: dict[str, Any]) -> dict[str, Any]:
+        if "decoder_prep" not in self.files:
+            return {}
+        self._check_open()
+        with self._lock:
+            session = self._session("decoder_prep")
+            io = session.io_binding()
+            for n in FEATURE_NAMES:
+                io.bind_ortvalue_input(n, self._as_value(features[n]))
+            for n in PREPARED_NAMES:
+                io.bind_output(n, self.ort_device, self.device_id)
+            session.run_with_iobinding(io)
+            return {n: OrtDeviceTensor(v) for n, v in zip(PREPARED_NAMES, io.get_outputs())}
+
+    def _slot(self, features: dict[str, Any], b: int, n: int, has_mask: bool) -> tuple[str, tuple[str, ...]]:
+        """Which decoder serves this batch, and the per-image tensors it reads.
+
+        One plain prompt of few points: the fast decoder over prepare()'s tensors; a batch without masks:
+        the mask-free decoder in one run (on a GPU one batched run beats B single-prompt runs); masks: the full one.
+        """
+        if (not has_mask and b == 1 and "decoder_fast" in self.files and n <= self.fast_max_points
+                and all(k in features for k in PREPARED_NAMES)):
+            return "decoder_fast", PREPARED_NAMES
+        if not has_mask and "decoder_nomask" in self.files:
+            return "decoder_nomask", FEATURE_NAMES
+        return "decoder", FEATURE_NAMES
+
+    def _decode_device(self, features, point_coords, point_labels, mask_input, has_mask_input) -> tuple[Any, Any]:
+        """One decoder run -> (low_res_masks, iou_predictions) as OrtValues on the device (valid until the next decode)."""
+        missing = [k for k in FEATURE_NAMES if k not in features]
+        if missing:
+            raise InvalidEmbeddingError(f"embedding lacks features {missing}")
+        b, n = int(point_coords.shape[0]), int(point_coords.shape[1])
+        has_mask = bool(np.any(has_mask_input))
+        slot, tensor_names = self._slot(features, b, n, has_mask)
+        prompts = {"point_coords": point_coords, "point_labels": point_labels}
+        if slot == "decoder":
+            prompts.update(mask_input=mask_input, has_mask_input=has_mask_input)
+        prompts = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in prompts.items()}
+        tensors = {k: features[k] for k in tensor_names}
+        fixed = None
+        if self.fixed_buffers:
+            shared = self._slot_buffers.get(slot)
+            if shared is None:
+                shared = self._slot_buffers[slot] = self._buffers_like(tensor_names, tensors)
+            fixed = self._fixed((slot, b, n), slot, {k: v.shape for k, v in prompts.items()}, shared)
+        if fixed is None:
+            session = self._session(slot)
+            io = session.io_binding()
+            for k, v in tensors.items():
+                io.bind_ortvalue_input(k, self._as_value(v))
+            for k, v in prompts.items():
+                io.bind_cpu_input(k, v)
+            for k in DECODER_OUTPUTS:
+                io.bind_output(k, self.ort_device, self.device_id)
+            session.run_with_iobinding(io)
+            low_res, iou = io.get_outputs()
+            return low_res, iou
+        token = tuple(id(tensors[k]) for k in tensor_names)  # the embedding's own objects, kept alive below
+        if self._slot_loaded.get(slot) != token:  # a new embedding: its tensors into the slot's buffers, on the device
+            for k in tensor_names:
+                self._pipeline.copy(self._as_value(tensors[k]), self._slot_buffers[slot][k])
+            self._slot_loaded[slot] = token
+            self._slot_owner[slot] = [tensors[k] for k in tensor_names]
+        for k, v in prompts.items():
+            fixed.inputs[k].update_inplace(v)
+        fixed.session.run_with_iobinding(fixed.binding)
+        return fixed.outputs["low_res_masks"], fixed.outputs["iou_predictions"]
+
+    def decode(self, features, point_coords, point_labels, mask_input, has_mask_input) -> tuple[np.ndarray, np.ndarray]:
+        self._check_open()
+        with self._lock:
+            low_res, iou = self._decode_device(features, point_coords, point_labels, mask_input, has_mask_input)
+            return np.asarray(low_res.numpy()), np.asarray(iou.numpy())
+
+    def decode_masks(self, features, point_coords, point_labels, mask_input, has_mask_input,
+                     request: MaskRequest) -> DecodedMasks:
+        self._check_open()
+        with self._lock:
+            low_res, iou = self._decode_device(features, point_coords, point_labels, mask_input, has_mask_input)
+            return self._pipeline.postprocess(low_res, iou, request)
+
+    def postprocess(self, low_res: np.ndarray, iou: np.ndarray, request: MaskRequest) -> DecodedMasks:
+        self._check_open()
+        return self._pipeline.postprocess(low_res, iou, request)

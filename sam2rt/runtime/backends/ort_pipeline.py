@@ -1,0 +1,179 @@
+"""SAM 2's pre- and postprocessing as ONNX Runtime sessions on the device that runs the model.
+
+The graphs ship with the package (sam2rt/runtime/graphs, built by sam2rt.export.device_graphs):
+preprocessing is the exact antialiased resize + normalisation as two matrix products; postprocessing is
+the token choice, the clamp, the bilinear upsampling and the threshold. On a GPU provider the image goes up
+once as uint8 and only the final masks, scores and 256x256 logits come down. The sessions always compute in
+true FP32 (TF32 off), whatever the model's precision: they must equal the numpy path (sam2rt.runtime.
+preprocess / postprocess) within 1e-5, and they are cheap.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..postprocess import _linear_taps
+from ..preprocess import _OFFSET, _SCALE, _aa_taps
+from .base import DecodedMasks, MaskRequest
+
+GRAPH_DIR = Path(__file__).resolve().parent.parent / "graphs"
+CACHED_SIZES = 8  # image sizes whose resize matrices / upsampling taps stay on the device
+
+
+def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) float32 matrix of torch's antialiased bilinear resize along one axis (the taps of _aa_taps)."""
+    idx, w = _aa_taps(in_size, out_size)
+    m = np.zeros((out_size, in_size), np.float64)
+    rows = np.repeat(np.arange(out_size), idx.shape[1])
+    np.add.at(m, (rows, idx.ravel()), w.ravel().astype(np.float64))  # clipped taps carry weight 0
+    return m.astype(np.float32)
+
+
+class _SizeCache:
+    """A small LRU of per-size device tensors (resize matrices, upsampling taps)."""
+
+    def __init__(self, make) -> None:
+        self._make = make
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, key: Any) -> Any:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                return hit
+        value = self._make(*key)
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > CACHED_SIZES:
+                self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+class OrtPipeline:
+    """preprocess / postprocess / copy on one ONNX Runtime provider, with their inputs cached on its device.
+
+    `ort_device` is ONNX Runtime's device name for OrtValues ("cuda" or "cpu"); `providers` the session
+    providers (with options). The CPU provider runs the same graphs: that is how CI tests them.
+    """
+
+    def __init__(self, ort: Any, providers: list, ort_device: str, device_id: int, session_options) -> None:
+        self._ort = ort
+        self._providers = providers
+        self.ort_device = ort_device
+        self.device_id = device_id
+        self._so = session_options
+        self._sessions: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._resize = _SizeCache(self._make_resize)
+        self._taps = _SizeCache(self._make_taps)
+        self._consts: dict[str, Any] = {}
+
+    # --- sessions and device constants -------------------------------------------------------
+    def session(self, name: str) -> Any:
+        s = self._sessions.get(name)
+        if s is None:
+            with self._lock:
+                s = self._sessions.get(name)
+                if s is None:
+                    s = self._sessions[name] = self._ort.InferenceSession(
+                        str(GRAPH_DIR / f"{name}.onnx"), sess_options=self._so(), providers=self._providers)
+        return s
+
+    def to_device(self, array: np.ndarray) -> Any:
+        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.ort_device, self.device_id)
+
+    def _const(self, name: str, value: np.ndarray) -> Any:
+        v = self._consts.get(name)
+        if v is None:
+            v = self._consts[name] = self.to_device(value)
+        return v
+
+    def _make_resize(self, h: int, w: int, size: int) -> tuple[Any, Any]:
+        return self.to_device(resize_matrix(w, size).T), self.to_device(resize_matrix(h, size))
+
+    def _make_taps(self, h: int, w: int, lh: int, lw: int) -> dict[str, Any]:
+        c0, c1, cl = _linear_taps(lw, w)
+        r0, r1, rl = _linear_taps(lh, h)
+        host = {"c0": c0, "c1": c1, "r0": r0, "r1": r1, "cw0_col": (1 - cl)[:, None], "cw1_col": cl[:, None],
+                "rw0": (1 - rl)[:, None], "rw1": rl[:, None]}
+        return {k: self.to_device(v) for k, v in host.items()}
+
+    # --- the three operations -----------------------------------------------------------------
+    def preprocess(self, image_rgb: np.ndarray, size: int, out: Any | None = None) -> Any:
+        """uint8 HxWx3 RGB (host) -> normalised (1,3,size,size) float32 OrtValue on the device (into `out` if given)."""
+        h, w = int(image_rgb.shape[0]), int(image_rgb.shape[1])
+        resize_w, resize_h = self._resize((h, w, size))
+        sess = self.session("preprocess")
+        io = sess.io_binding()
+        io.bind_cpu_input("image", np.ascontiguousarray(image_rgb, dtype=np.uint8))
+        io.bind_ortvalue_input("resize_w", resize_w)
+        io.bind_ortvalue_input("resize_h", resize_h)
+        io.bind_ortvalue_input("scale", self._const("scale", _SCALE.reshape(3, 1, 1)))
+        io.bind_ortvalue_input("offset", self._const("offset", _OFFSET.reshape(3, 1, 1)))
+        if out is None:
+            io.bind_output("image_out", self.ort_device, self.device_id)
+        else:
+            io.bind_ortvalue_output("image_out", out)
+        sess.run_with_iobinding(io)
+        return out if out is not None else io.get_outputs()[0]
+
+    def copy(self, value: Any, out: Any | None = None) -> Any:
+        """A device-to-device copy of a float32 OrtValue (into `out`, or a fresh allocation)."""
+        sess = self.session("copy")
+        io = sess.io_binding()
+        io.bind_ortvalue_input("x", value)
+        if out is None:
+            io.bind_output("y", self.ort_device, self.device_id)
+        else:
+            io.bind_ortvalue_output("y", out)
+        sess.run_with_iobinding(io)
+        return out if out is not None else io.get_outputs()[0]
+
+    def postprocess(self, low_res: Any, iou: Any, request: MaskRequest) -> DecodedMasks:
+        """The decoder's (B,4,h,w) logits and (B,4) scores (OrtValues on the device, or numpy) -> host results.
+
+        Only what `request` asks for comes back: the masks (bool, or float32 0/1) or the upsampled logits,
+        and the chosen tokens' scores and clamped low-res logits.
+        """
+        single = not request.multimask_output
+        sess = self.session("postprocess_single" if single else "postprocess_multi")
+        lh, lw = (int(d) for d in (low_res.shape()[-2:] if callable(getattr(low_res, "shape", None)) else low_res.shape[-2:]))
+        h, w = (int(d) for d in request.orig_hw)
+        io = sess.io_binding()
+        for name, value in (("low_res_masks", low_res), ("iou_predictions", iou)):
+            if isinstance(value, np.ndarray):
+                io.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.float32))
+            else:
+                io.bind_ortvalue_input(name, value)
+        for name, value in self._taps((h, w, lh, lw)).items():
+            io.bind_ortvalue_input(name, value)
+        io.bind_cpu_input("threshold", np.asarray(0.0 if request.threshold is None else request.threshold, np.float32))
+        if single:
+            choice = request.choice
+            thresh = choice.stability_thresh if choice.dynamic_via_stability else -np.inf
+            io.bind_cpu_input("stability_delta", np.asarray(choice.stability_delta, np.float32))
+            io.bind_cpu_input("stability_thresh", np.asarray(thresh, np.float32))
+        wanted = "upsampled" if request.threshold is None else ("mask_values" if request.float_masks else "masks")
+        for name in ("low_res_logits", "scores", wanted):
+            io.bind_output(name, "cpu")
+        sess.run_with_iobinding(io)
+        low, scores, masks = io.copy_outputs_to_cpu()
+        return DecodedMasks(masks, scores, low)
+
+    def close(self) -> None:
+        with self._lock:
+            self._sessions.clear()
+        self._resize.clear()
+        self._taps.clear()
+        self._consts.clear()

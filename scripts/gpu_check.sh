@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole GPU check, in one script, for the lent GPU machine (see ../shared/gpu/README.md: run it through
+# `.gpu/device.sh run -- bash scripts/gpu_check.sh`, which brings onnxruntime-gpu and sam2). Each step has its
+# own timeout so one hung step cannot eat the device time; results land in $OUT (benchmark JSON/Markdown/PNG,
+# the test log) for committing under benchmarks/results/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/benchmarks/results}
+W=${SAM2RT_GPU_WORK:-/tmp/sam2rt-gpu-work}
+mkdir -p "$OUT" "$W"
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+step() { local t=$1; shift; echo "== $(date +%T) $* (timeout ${t}s)"; timeout --kill-after=10 "$t" "$@"; echo "== rc=$?"; }
+
+step 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+step 30 python3 -c "import onnxruntime as o, torch; print('onnxruntime', o.__version__, o.get_available_providers()); print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+# the benchmark first: its figures are what this device time is for
+step ${BENCH_TIMEOUT:-300} python3 benchmarks/gpu_bench.py --work "$W" --out "$OUT" --runs ${RUNS:-200} --warmup 20 2>&1 | tee "$OUT/gpu_bench.log"
+step ${TEST_TIMEOUT:-200} python3 -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log"
+ls -la "$OUT"
