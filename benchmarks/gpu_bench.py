@@ -9,6 +9,8 @@ checkpoint; latency does not depend on the weights' values) or uses --model-dir,
 --warmup runs, --runs runs (>= 200) of each stage, p50/p90/p99/mean in milliseconds:
 
   encoder          sam2rt: backend.encode of the image already on the device; reference: set_image
+  preprocess_*     sam2rt: uint8 image (host) -> normalised 1024x1024 input on the device, 512x512 / 1920x1080
+  postprocess_*    sam2rt: one click's four tokens (host) -> three float 0/1 masks on the host (Predictor's output)
   embed_512        sam2rt: Sam2Model.embed of the 512x512 photo (preprocessing included)
   decode_1         one click through Sam2Model.decode, masks on the host (reference: predict)
   decode_16        16 boxes through Sam2Model.decode, masks on the host (reference: predict(box=16 boxes))
@@ -148,12 +150,19 @@ def bench_sam2rt(model_dir: Path, backend: str, images: dict[str, np.ndarray], r
     h, w = image.shape[:2]
     x = model.backend.preprocess(image, model.image_size)
     out["encoder"] = timed(lambda: model.backend.encode(x), runs, warmup)
+    for key in ("512", "1080"):  # where end to end time goes: the image path's two ends
+        img = images[key]
+        out[f"preprocess_{key}"] = timed(lambda img=img: model.backend.preprocess(img, model.image_size), runs, warmup)
     out["embed_512"] = timed(lambda: model.embed(image), runs, warmup)
     emb = model.embed(image)
     prompt = Prompt(points=np.array([[0.5 * w, 0.45 * h]]), labels=np.array([1]))
     out["decode_1"] = timed(lambda: model.decode(emb, prompt), runs, warmup)
     boxes = [Prompt(box=b) for b in boxes16(h, w)]
     out["decode_16"] = timed(lambda: model.decode(emb, boxes, multimask_output=False), runs, warmup)
+    low, iou = model.decode_raw(emb, np.array([[[0.5 * 1024, 0.45 * 1024], [0, 0]]], np.float32), np.array([[1, -1]], np.float32), None)
+    for key in ("512", "1080"):
+        hw = images[key].shape[:2]
+        out[f"postprocess_{key}"] = timed(lambda hw=hw: model.finish(low, iou, hw, True, float_masks=True), runs, warmup)
     pred = Predictor(model)
     for key in ("512", "1080"):
         img = images[key]
@@ -419,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         "stages": {
             "encoder": "sam2rt: backend.encode of the image already preprocessed on the device; reference: set_image (its preprocessing included)",
             "embed_512": "sam2rt Sam2Model.embed of the 512x512 photo, preprocessing included",
+            "preprocess_512 / preprocess_1080": "sam2rt backend.preprocess: host uint8 image -> normalised input on the device",
+            "postprocess_512 / postprocess_1080": "sam2rt Sam2Model.finish: 4 tokens (host) -> 3 float32 0/1 masks on the host",
             "decode_1": "one click, masks at the image size on the host (sam2rt Sam2Model.decode; reference predict)",
             "decode_16": "16 boxes, one mask each, on the host (sam2rt Sam2Model.decode; reference predict(box=...))",
             "end_to_end_512 / end_to_end_1080": "Predictor.set_image + predict(1 click) from an RGB uint8 image",

@@ -181,13 +181,17 @@ class OrtDeviceBackend(Backend):
                 out.append(provider)
         return out
 
-    def _new_session(self, slot: str, graph: bool) -> Any:
+    def _new_session(self, slot: str, graph: bool, dims: dict[str, int] | None = None) -> Any:
+        """A session of `slot`; `dims` fixes symbolic dimensions (e.g. num_prompts) so that ONNX Runtime folds the
+        shape arithmetic into constants and every node runs on the device, as a CUDA graph requires."""
         entry = self.files[slot]
         path = self._manifest.verify_file(entry)
         tf32 = self.precision in ("tf32", "fp16")
+        so = session_options(self.threads, mem_pattern=True)
+        for name, value in (dims or {}).items():
+            so.add_free_dimension_override_by_name(name, int(value))
         try:
-            return self._ort.InferenceSession(str(path), sess_options=session_options(self.threads, mem_pattern=True),
-                                              providers=self._providers(slot, tf32, graph))
+            return self._ort.InferenceSession(str(path), sess_options=so, providers=self._providers(slot, tf32, graph))
         except Exception as exc:
             if graph:
                 raise
@@ -214,8 +218,11 @@ class OrtDeviceBackend(Backend):
             return cap
         session = None
         if self.use_cuda_graphs:
+            dims = {}
+            if "point_coords" in input_shapes:
+                dims = {"num_prompts": input_shapes["point_coords"][0], "num_points": input_shapes["point_coords"][1]}
             try:
-                session = self._new_session(slot, graph=True)
+                session = self._new_session(slot, graph=True, dims=dims)
                 self.cuda_graphs[str(key)] = "captured"
             except Exception as exc:  # ONNX Runtime refuses graphs with nodes it runs on the CPU
                 self.cuda_graphs[str(key)] = f"not captured: {str(exc).splitlines()[0][:200]}"
@@ -245,6 +252,13 @@ class OrtDeviceBackend(Backend):
     def _buffers_like(self, names: tuple[str, ...], values: dict[str, Any]) -> dict[str, Any]:
         return {n: self._ort.OrtValue.ortvalue_from_shape_and_type(list(self._shape_of(values[n])), np.float32,
                                                                    self.ort_device, self.device_id) for n in names}
+
+    @staticmethod
+    def _replay(fixed: _Captured) -> None:
+        """Run a fixed-buffer session and wait for it: a CUDA-graph replay returns before the GPU is done, and the
+        next step (a copy, the postprocessing) runs on another session's stream."""
+        fixed.session.run_with_iobinding(fixed.binding)
+        fixed.binding.synchronize_outputs()
 
     @staticmethod
     def _shape_of(value: Any) -> tuple[int, ...]:
@@ -304,7 +318,7 @@ class OrtDeviceBackend(Backend):
                 session.run_with_iobinding(io)
                 return {n: OrtDeviceTensor(v) for n, v in zip(names, io.get_outputs())}
             self._pipeline.copy(src, fixed.inputs["image"])
-            fixed.session.run_with_iobinding(fixed.binding)
+            self._replay(fixed)
             # the fixed outputs are overwritten by the next image: each embedding gets its own copy
             return {n: OrtDeviceTensor(self._pipeline.copy(v)) for n, v in fixed.outputs.items()}
 
@@ -374,7 +388,7 @@ class OrtDeviceBackend(Backend):
             self._slot_owner[slot] = [tensors[k] for k in tensor_names]
         for k, v in prompts.items():
             fixed.inputs[k].update_inplace(v)
-        fixed.session.run_with_iobinding(fixed.binding)
+        self._replay(fixed)
         return fixed.outputs["low_res_masks"], fixed.outputs["iou_predictions"]
 
     def decode(self, features, point_coords, point_labels, mask_input, has_mask_input) -> tuple[np.ndarray, np.ndarray]:
