@@ -55,6 +55,17 @@ TARGETS = {
 }
 
 
+STAGES = {
+    "encoder": "sam2rt: backend.encode of the image already preprocessed on the device; reference: set_image (its preprocessing included)",
+    "preprocess_512 / preprocess_1080": "sam2rt backend.preprocess: host uint8 image -> normalised input on the device",
+    "embed_512": "sam2rt Sam2Model.embed of the 512x512 photo, preprocessing included",
+    "decode_1": "one click, masks at the image size on the host (sam2rt Sam2Model.decode; reference predict)",
+    "decode_16": "16 boxes, one mask each, on the host (sam2rt Sam2Model.decode; reference predict(box=...))",
+    "postprocess_512 / postprocess_1080": "sam2rt Sam2Model.finish: 4 tokens (host) -> 3 float32 0/1 masks on the host",
+    "end_to_end_512 / end_to_end_1080": "Predictor.set_image + predict(1 click) from an RGB uint8 image",
+}
+
+
 def percentiles(samples_s: list[float]) -> dict[str, float]:
     ms = np.asarray(samples_s) * 1e3
     return {
@@ -174,20 +185,21 @@ def bench_sam2rt(model_dir: Path, backend: str, images: dict[str, np.ndarray], r
 
         out[f"end_to_end_{key}"] = timed(end_to_end, runs, warmup)
     out["_cuda_graphs"] = dict(getattr(model.backend, "cuda_graphs", {}))
+    out["_cuda_graphs"]["fast_decoder"] = getattr(model.backend, "fast_decoder_check", "n/a")
     out["_files"] = {k: v.get("file") for k, v in model.backend.files.items()}
-    model.close()
+    out["_model"] = model
     return out
 
 
-def parity(model_dir: Path, backend: str, images: dict[str, np.ndarray], cpu_cache: dict) -> dict[str, Any]:
-    """`backend` against ONNX Runtime CPU FP32 on the parity prompts (two photos): what the precision modes cost."""
+def parity(model_dir: Path, model: Any, images: dict[str, np.ndarray], cpu_cache: dict) -> dict[str, Any]:
+    """`model` (after its timed runs: CUDA-graph replays included) against ONNX Runtime CPU FP32 on the parity
+    prompts (two photos), and single clicks decoded one at a time (the one-click path): what the modes cost."""
     from sam2rt.runtime import Sam2Model
 
     if "model" not in cpu_cache:
         cpu_cache["model"] = Sam2Model.from_dir(model_dir, backend="onnxruntime-cpu")
     cpu = cpu_cache["model"]
-    model = Sam2Model.from_dir(model_dir, backend=backend)
-    lr, sc, choice, flips, ious = [], [], [], [], []
+    lr, sc, choice, flips, ious, click = [], [], [], [], [], []
     for key in ("512", "coffee"):
         img = images[key]
         prompts = parity_prompts(*img.shape[:2])
@@ -205,7 +217,9 @@ def parity(model_dir: Path, backend: str, images: dict[str, np.ndarray], cpu_cac
         inter = (got_single.masks & ref_single.masks).sum(axis=(-2, -1))
         union = (got_single.masks | ref_single.masks).sum(axis=(-2, -1))
         ious.append(np.where(union > 0, inter / np.maximum(union, 1), 1.0).ravel())
-    model.close()
+        ref_emb = cpu_cache.setdefault(f"emb_{key}", cpu.embed(img))
+        for p in prompts[:4]:  # single clicks, one per call
+            click.append(float(np.abs(model.decode(emb, p).low_res_logits - cpu.decode(ref_emb, p).low_res_logits).max()))
     lr_all, iou_all = np.concatenate(lr), np.concatenate(ious)
     return {
         "low_res_logits_max_abs": float(lr_all.max()),
@@ -216,6 +230,7 @@ def parity(model_dir: Path, backend: str, images: dict[str, np.ndarray], cpu_cac
         "mask_iou_single_min": float(iou_all.min()),
         "mask_iou_single_p5": float(np.percentile(iou_all, 5)),
         "prompts": int(lr_all.shape[0]),
+        "single_click_low_res_logits_max_abs": float(max(click)),
     }
 
 
@@ -383,6 +398,29 @@ def main(argv: list[str] | None = None) -> int:
     parities: dict[str, Any] = {}
     cpu_cache: dict[str, Any] = {}
 
+    today = dt.date.today().isoformat()
+    slug = re.sub(r"[^a-z0-9]+", "-", str(env.get("gpu", "gpu")).lower()).strip("-")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{today}-{slug}"
+
+    def document() -> dict[str, Any]:
+        return {
+            "date": today, "environment": env, "runs": args.runs, "warmup": args.warmup,
+            "images": {k: list(v.shape) for k, v in images.items()}, "weights": {args.model: weights},
+            "results": results, "errors": errors, "parity": parities, "cuda_graphs": graphs,
+            "end_to_end_speedup_p50_vs_pytorch_eager_fp32": speedups(results, "pytorch-eager-fp32"),
+            "end_to_end_speedup_p50_vs_pytorch_bf16_autocast": speedups(results, "pytorch-bf16-autocast"),
+            "end_to_end_1080_speedup_p50_vs_pytorch_eager_fp32": speedups(results, "pytorch-eager-fp32", "end_to_end_1080"),
+            "targets_hiera_tiny": TARGETS,
+            "stages": STAGES,
+        }
+
+    def write() -> None:
+        """After every backend: a run cut short still leaves what it measured."""
+        doc = document()
+        Path(f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
+        Path(f"{stem}.md").write_text(markdown(doc))
+
     def record(backend: str, stages: dict[str, Any]) -> None:
         for stage, stats in stages.items():
             if not stage.startswith("_"):
@@ -401,11 +439,13 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  failed: {exc}")
             continue
         try:
-            parities[backend] = parity(model_dir, backend, images, cpu_cache)
+            parities[backend] = parity(model_dir, stages["_model"], images, cpu_cache)
             log(f"  parity {parities[backend]}")
         except Exception as exc:
             parities[backend] = {"error": f"{type(exc).__name__}: {exc}"}
             log(f"  parity failed: {exc}")
+        stages["_model"].close()
+        write()
     if not args.no_reference:
         for label, bf16 in (("pytorch-eager-fp32", False), ("pytorch-bf16-autocast", True)):
             log(f"{args.model} on {label}")
@@ -414,31 +454,10 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:
                 errors.append({"backend": label, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=4)})
                 log(f"  failed: {exc}")
+            write()
 
-    today = dt.date.today().isoformat()
-    slug = re.sub(r"[^a-z0-9]+", "-", str(env.get("gpu", "gpu")).lower()).strip("-")
-    doc = {
-        "date": today, "environment": env, "runs": args.runs, "warmup": args.warmup,
-        "images": {k: list(v.shape) for k, v in images.items()}, "weights": {args.model: weights},
-        "results": results, "errors": errors, "parity": parities, "cuda_graphs": graphs,
-        "end_to_end_speedup_p50_vs_pytorch_eager_fp32": speedups(results, "pytorch-eager-fp32"),
-        "end_to_end_speedup_p50_vs_pytorch_bf16_autocast": speedups(results, "pytorch-bf16-autocast"),
-        "end_to_end_1080_speedup_p50_vs_pytorch_eager_fp32": speedups(results, "pytorch-eager-fp32", "end_to_end_1080"),
-        "targets_hiera_tiny": TARGETS,
-        "stages": {
-            "encoder": "sam2rt: backend.encode of the image already preprocessed on the device; reference: set_image (its preprocessing included)",
-            "embed_512": "sam2rt Sam2Model.embed of the 512x512 photo, preprocessing included",
-            "preprocess_512 / preprocess_1080": "sam2rt backend.preprocess: host uint8 image -> normalised input on the device",
-            "postprocess_512 / postprocess_1080": "sam2rt Sam2Model.finish: 4 tokens (host) -> 3 float32 0/1 masks on the host",
-            "decode_1": "one click, masks at the image size on the host (sam2rt Sam2Model.decode; reference predict)",
-            "decode_16": "16 boxes, one mask each, on the host (sam2rt Sam2Model.decode; reference predict(box=...))",
-            "end_to_end_512 / end_to_end_1080": "Predictor.set_image + predict(1 click) from an RGB uint8 image",
-        },
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{today}-{slug}"
-    Path(f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    Path(f"{stem}.md").write_text(markdown(doc))
+    write()
+    doc = document()
     try:
         plot(doc, Path(f"{stem}.png"))
     except Exception as exc:  # matplotlib missing: the JSON and Markdown still stand

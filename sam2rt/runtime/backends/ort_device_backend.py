@@ -38,6 +38,10 @@ log = logging.getLogger("sam2rt")
 GPU_PRECISIONS = ("fp32", "tf32", "fp16")
 DEFAULT_GPU_PRECISION = "tf32"
 MAX_CAPTURED_SHAPES = 8
+# A fixed-shape decoder session whose first outputs differ from the dynamic session's by more than this is not used.
+FIXED_SHAPE_TOLERANCE = 1e-3
+# decoder_fast against decoder_nomask on the backend's provider (TF32 rounding included).
+FAST_DECODER_TOLERANCE = 1e-2
 DECODER_OUTPUTS = ("low_res_masks", "iou_predictions")
 
 
@@ -85,7 +89,7 @@ class _Captured:
 
     def __init__(self, session: Any, binding: Any, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
         self.session, self.binding, self.inputs, self.outputs = session, binding, inputs, outputs
-        self.loaded: tuple[int, ...] | None = None  # which embedding's tensors the feature buffers hold
+        self.checked = False  # whether its first outputs were compared with the dynamic session's
 
 
 class OrtDeviceBackend(Backend):
@@ -146,8 +150,9 @@ class OrtDeviceBackend(Backend):
         self._slot_loaded: dict[str, tuple[int, ...]] = {}  # which embedding's tensors each slot's buffers hold
         self._slot_owner: dict[str, list[Any]] = {}  # and those tensors, kept alive so their ids stay unique
         self._encoder_fixed: _Captured | None = None
+        self._rejected: set[Any] = set()  # fixed-shape sessions whose outputs disagreed with the dynamic session's
         self._load_encoder()
-        self._session("decoder_fast" if "decoder_fast" in self.files else "decoder")  # fail now, not at the first click
+        self.fast_decoder_check = self._check_fast_decoder()
         if on_gpu:
             providers = self._session("encoder").get_providers()
             if wanted[0] not in providers:
@@ -216,11 +221,13 @@ class OrtDeviceBackend(Backend):
         cap = self._captured.get(key)
         if cap is not None or len(self._captured) >= MAX_CAPTURED_SHAPES + 1:  # +1: the encoder
             return cap
+        if key in self._rejected:
+            return None
+        dims = {}
+        if "point_coords" in input_shapes:
+            dims = {"num_prompts": input_shapes["point_coords"][0], "num_points": input_shapes["point_coords"][1]}
         session = None
         if self.use_cuda_graphs:
-            dims = {}
-            if "point_coords" in input_shapes:
-                dims = {"num_prompts": input_shapes["point_coords"][0], "num_points": input_shapes["point_coords"][1]}
             try:
                 session = self._new_session(slot, graph=True, dims=dims)
                 self.cuda_graphs[str(key)] = "captured"
@@ -228,7 +235,7 @@ class OrtDeviceBackend(Backend):
                 self.cuda_graphs[str(key)] = f"not captured: {str(exc).splitlines()[0][:200]}"
                 log.info("sam2rt: no CUDA graph for %s: %s", key, exc)
         if session is None:
-            session = self._session(slot)
+            session = self._new_session(slot, graph=False, dims=dims) if dims else self._session(slot)
         inputs = dict(shared)
         for name, shape in input_shapes.items():
             inputs[name] = self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, self.ort_device, self.device_id)
@@ -240,6 +247,7 @@ class OrtDeviceBackend(Backend):
             outputs[name] = self._ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.ort_device, self.device_id)
             io.bind_ortvalue_output(name, outputs[name])
         cap = self._captured[key] = _Captured(session, io, inputs, outputs)
+        cap.checked = not dims  # a static-shape session is checked against the dynamic one on its first run
         return cap
 
     def _output_shapes(self, session: Any, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
@@ -263,6 +271,35 @@ class OrtDeviceBackend(Backend):
     @staticmethod
     def _shape_of(value: Any) -> tuple[int, ...]:
         return tuple(int(d) for d in (value.shape if isinstance(value, (np.ndarray, OrtDeviceTensor)) else value.shape()))
+
+    def _check_fast_decoder(self) -> str:
+        """decoder_fast computes decoder_nomask's function with rewritten arithmetic, and ONNX Runtime fuses and runs
+        it differently on each provider: a probe (a click and a box over seeded features) compares the two here,
+        and a disagreement turns the fast path off for this backend. Returns what was found."""
+        if "decoder_fast" not in self.files or "decoder_nomask" not in self.files:
+            return "no fast decoder in this export"
+        shapes = {o["name"]: [int(d) for d in o["shape"]] for o in self._manifest.graph("encoder")["outputs"]}
+        rng = np.random.default_rng(0)
+        feats = {n: OrtDeviceTensor(self._pipeline.to_device(rng.standard_normal(shapes[n]).astype(np.float32)))
+                 for n in FEATURE_NAMES}
+        prepared = self.prepare(feats)
+        size = float(self._manifest.image_size)
+        probes = [(np.array([[[0.4 * size, 0.55 * size], [0.0, 0.0]]], np.float32), np.array([[1, -1]], np.float32)),
+                  (np.array([[[0.1 * size, 0.2 * size], [0.7 * size, 0.8 * size], [0.0, 0.0]]], np.float32),
+                   np.array([[2, 3, -1]], np.float32))]
+        worst = 0.0
+        for coords, labels in probes:
+            prompts = {"point_coords": coords, "point_labels": labels}
+            fast = self._run_plain("decoder_fast", prepared, prompts)
+            ref = self._run_plain("decoder_nomask", feats, prompts)
+            worst = max(worst, *(float(np.abs(a.numpy() - b.numpy()).max()) for a, b in zip(fast, ref)))
+        if worst > FAST_DECODER_TOLERANCE:
+            self.files.pop("decoder_fast"), self.files.pop("decoder_prep")
+            self._sessions.pop("decoder_fast", None), self._sessions.pop("decoder_prep", None)
+            message = f"off: on {self.name} it differs from decoder_nomask by {worst:.3g}"
+            log.warning("sam2rt: fast decoder %s; every prompt runs on the mask-free decoder", message)
+            return message
+        return f"on: within {worst:.2g} of decoder_nomask"
 
     # --- lifecycle ----------------------------------------------------------------------------------
     def close(self) -> None:
@@ -369,17 +406,7 @@ class OrtDeviceBackend(Backend):
                 shared = self._slot_buffers[slot] = self._buffers_like(tensor_names, tensors)
             fixed = self._fixed((slot, b, n), slot, {k: v.shape for k, v in prompts.items()}, shared)
         if fixed is None:
-            session = self._session(slot)
-            io = session.io_binding()
-            for k, v in tensors.items():
-                io.bind_ortvalue_input(k, self._as_value(v))
-            for k, v in prompts.items():
-                io.bind_cpu_input(k, v)
-            for k in DECODER_OUTPUTS:
-                io.bind_output(k, self.ort_device, self.device_id)
-            session.run_with_iobinding(io)
-            low_res, iou = io.get_outputs()
-            return low_res, iou
+            return self._run_plain(slot, tensors, prompts)
         token = tuple(id(tensors[k]) for k in tensor_names)  # the embedding's own objects, kept alive below
         if self._slot_loaded.get(slot) != token:  # a new embedding: its tensors into the slot's buffers, on the device
             for k in tensor_names:
@@ -389,7 +416,36 @@ class OrtDeviceBackend(Backend):
         for k, v in prompts.items():
             fixed.inputs[k].update_inplace(v)
         self._replay(fixed)
-        return fixed.outputs["low_res_masks"], fixed.outputs["iou_predictions"]
+        low_res, iou = fixed.outputs["low_res_masks"], fixed.outputs["iou_predictions"]
+        if not fixed.checked:
+            # ONNX Runtime optimises a session with fixed dimensions differently from the dynamic one; a fusion
+            # that computes something else must never reach a caller, so the first run is compared
+            ref_low, ref_iou = self._run_plain(slot, tensors, prompts)
+            diff = max(float(np.abs(low_res.numpy() - ref_low.numpy()).max()),
+                       float(np.abs(iou.numpy() - ref_iou.numpy()).max()))
+            if diff > FIXED_SHAPE_TOLERANCE:
+                key = (slot, b, n)
+                self._captured.pop(key, None)
+                self._rejected.add(key)
+                self.cuda_graphs[str(key)] = f"rejected: the fixed-shape session differs from the dynamic one by {diff:.3g}"
+                log.warning("sam2rt: %s", self.cuda_graphs[str(key)])
+                return ref_low, ref_iou
+            fixed.checked = True
+        return low_res, iou
+
+    def _run_plain(self, slot: str, tensors: dict[str, Any], prompts: dict[str, np.ndarray]) -> tuple[Any, Any]:
+        """One run of the dynamic-shape session of `slot` -> (low_res_masks, iou_predictions) OrtValues on the device."""
+        session = self._session(slot)
+        io = session.io_binding()
+        for k, v in tensors.items():
+            io.bind_ortvalue_input(k, self._as_value(v))
+        for k, v in prompts.items():
+            io.bind_cpu_input(k, v)
+        for k in DECODER_OUTPUTS:
+            io.bind_output(k, self.ort_device, self.device_id)
+        session.run_with_iobinding(io)
+        low_res, iou = io.get_outputs()
+        return low_res, iou
 
     def decode(self, features, point_coords, point_labels, mask_input, has_mask_input) -> tuple[np.ndarray, np.ndarray]:
         self._check_open()
