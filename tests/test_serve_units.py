@@ -18,7 +18,8 @@ from sam2rt.serve.cache import ByteLRU, LogitsEntry, find_prior_logits, strict_s
 from sam2rt.serve.config import ServeConfig  # noqa: E402
 from sam2rt.serve.encode import mask_to_polygons, mask_to_rle, polygons_to_mask, rle_to_mask, to_npz  # noqa: E402
 from sam2rt.serve.errors import ApiError  # noqa: E402
-from sam2rt.serve.images import content_id, decode_image  # noqa: E402
+from sam2rt.serve.ids import ContentIds  # noqa: E402
+from sam2rt.serve.images import decode_image  # noqa: E402
 from sam2rt.serve.schemas import parse_json_body, parse_mask_input, parse_prompts  # noqa: E402
 
 
@@ -158,12 +159,18 @@ def test_bad_images_are_4xx() -> None:
     assert _status({"type": "base64", "value": _b64(buf.getvalue())}, ServeConfig())[0] == 413
 
 
-def test_content_id_depends_on_pixels_and_shape() -> None:
+def test_content_id_depends_on_pixels_shape_and_the_server_secret() -> None:
+    content_id = ContentIds().of_pixels
     a = np.zeros((4, 6, 3), np.uint8)
     b = a.copy()
     b[0, 0, 0] = 1
     assert content_id(a) == content_id(a.copy()) != content_id(b)
     assert content_id(a) != content_id(a.reshape(6, 4, 3))
+    assert content_id(a).startswith("sam2rt-") and len(content_id(a)) == len("sam2rt-") + 32
+    # keyed: another server (another secret) gives another id, so nobody can compute a server's ids
+    assert ContentIds().of_pixels(a) != content_id(a)
+    import hashlib
+    assert hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()[:32] not in content_id(a)
 
 
 # --- request parsing -------------------------------------------------------------------------------------
@@ -234,7 +241,7 @@ def test_app_routing_checks_without_a_model() -> None:
     from sam2rt.serve.app import create_app
     from sam2rt.serve.state import Sam2Server
 
-    cfg = ServeConfig(api_key="k", max_body_bytes=1000, max_queue=4)
+    cfg = ServeConfig(api_keys=("k",), max_body_bytes=1000, max_queue=4)
     with TestClient(create_app(cfg, Sam2Server(cfg, models={}))) as client:
         ok = {"image_id": "i", "prompts": [{"points": [{"x": 1, "y": 1, "positive": True}]}]}
         assert client.post("/sam2/segment_image", json=ok).status_code == 401
