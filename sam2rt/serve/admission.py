@@ -25,6 +25,7 @@ from starlette.requests import Request
 
 from .config import MB, ServeConfig
 from .errors import ApiError
+from .schemas import count_json_values, too_many_values
 
 T = TypeVar("T")
 
@@ -105,11 +106,13 @@ def _too_big(limit: int) -> ApiError:
                          "(SAM 2 works at 1024x1024) or start the server with a larger --max-body-mb")
 
 
-async def read_body(request: Request, cfg: ServeConfig, *, authenticated: bool,
+async def read_body(request: Request, cfg: ServeConfig, *, authenticated: bool, max_values: int,
                     unauth: ByteBudget | None = None) -> tuple[bytes, int]:
-    """The request body, refusing bodies over --max-body-mb (413, without buffering them) and bodies that
-    miss their deadline (408). Unauthenticated bytes are counted in `unauth` (503 when it is full);
-    returns (body, bytes counted there), which the caller gives back once the body's key is checked."""
+    """The request body, refusing bodies over --max-body-mb (413, without buffering them), bodies with more
+    JSON values than any valid request (413 as soon as the count passes `max_values`, see
+    schemas.check_structure) and bodies that miss their deadline (408). Unauthenticated bytes are counted
+    in `unauth` (503 when it is full); returns (body, bytes counted there), which the caller gives back
+    once the body's key is checked."""
     limit = cfg.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -121,7 +124,7 @@ async def read_body(request: Request, cfg: ServeConfig, *, authenticated: bool,
     initial = cfg.body_timeout_s if authenticated else cfg.unauth_body_timeout_s
     start = time.monotonic()
     chunks: list[bytes] = []
-    size = counted = 0
+    size = counted = values = 0
     try:
         while True:
             deadline = start + min(initial + size / cfg.body_min_rate, cfg.body_timeout_max_s)
@@ -139,6 +142,9 @@ async def read_body(request: Request, cfg: ServeConfig, *, authenticated: bool,
             size += len(chunk)
             if size > limit:
                 raise _too_big(limit)
+            values += count_json_values(chunk)
+            if values > max_values:
+                raise too_many_values(values, max_values)  # before the rest is even received
             if unauth is not None and chunk:
                 if unauth.used + len(chunk) > unauth.total:
                     raise ApiError(503, "server busy reading other uploads that carry no Authorization header; "

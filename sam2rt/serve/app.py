@@ -23,7 +23,7 @@ from .encode import FORMATS
 from .errors import ApiError
 from .keys import UNAUTHORIZED_HELP
 from .metrics import CONTENT_TYPE
-from .schemas import (EmbedRequest, SegmentRequest, check_structure, max_json_values, parse_json_body, parse_mask_input,
+from .schemas import (EmbedRequest, SegmentRequest, max_json_values, parse_json_body, parse_mask_input,
                       parse_model, parse_prompts)
 from .state import Sam2Server, check_prompts_inside, prompt_set_key, to_runtime_prompt
 
@@ -59,9 +59,8 @@ class _MetricsMiddleware:
             m.request_seconds.labels(path).observe(time.perf_counter() - t0)
 
 
-def parse_body(body: bytes, max_values: int) -> dict[str, Any]:
-    """Size caps first (a byte count), then the JSON parse; runs in a parse pool, off the event loop."""
-    check_structure(body, max_values)
+def parse_body(body: bytes) -> dict[str, Any]:
+    """The JSON parse, in a parse pool off the event loop (read_body has applied the size caps)."""
     return parse_json_body(body)
 
 
@@ -129,14 +128,14 @@ def create_app(cfg: ServeConfig, server: Sam2Server | None = None,
             if ns is None:
                 raise unauthorized()  # before a slot is taken or a byte of the body is read
             with srv.limits.slot(ns, address, keyed=srv.keys.required):
-                body, _ = await read_body(request, cfg, authenticated=True)
-                data = await srv.run(srv.parse_pool, parse_body, body, max_values)
+                body, _ = await read_body(request, cfg, authenticated=True, max_values=max_values)
+                data = await srv.run(srv.parse_pool, parse_body, body)
                 del body
                 return await until_disconnect(request, route(ns, data))
         # the key can only be in the body (inference-sdk): read it apart, under the unauthenticated budget
-        body, counted = await read_body(request, cfg, authenticated=False, unauth=srv.unauth)
+        body, counted = await read_body(request, cfg, authenticated=False, max_values=max_values, unauth=srv.unauth)
         try:
-            data = await srv.run(srv.unauth_parse_pool, parse_body, body, max_values)
+            data = await srv.run(srv.unauth_parse_pool, parse_body, body)
         finally:
             srv.unauth.used -= counted
             del body

@@ -102,16 +102,25 @@ def max_json_values(max_prompts: int, max_points: int) -> int:
     return max_prompts * (max_points * 4 + 16) + JSON_MASK_MAX_PROMPTS * (256 * 256 + 300) + 4096
 
 
+def count_json_values(data: bytes) -> int:
+    """Commas and opening brackets: at least one per JSON value or container outside strings."""
+    return data.count(b",") + data.count(b"{") + data.count(b"[")
+
+
 def check_structure(body: bytes, max_values: int) -> None:
     """Refuse (413), before parsing, a body with more JSON values than any valid request has.
 
     Counts commas and opening brackets, one per value or container (base64 has neither, so an image
     costs nothing): parsing a million tiny objects is what made large bodies slow, not their bytes."""
-    count = body.count(b",") + body.count(b"{") + body.count(b"[")
+    count = count_json_values(body)
     if count > max_values:
-        raise ApiError(413, f"the body holds about {count} JSON values; a request here needs at most {max_values} "
-                            "(at most the prompt and point limits of this server); send fewer prompts or points, "
-                            "or mask_input as binary")
+        raise too_many_values(count, max_values)
+
+
+def too_many_values(count: int, max_values: int) -> ApiError:
+    return ApiError(413, f"the body holds {count} or more JSON values; a request here needs at most {max_values} "
+                         "(at most the prompt and point limits of this server); send fewer prompts or points, "
+                         "or mask_input as binary")
 
 
 def parse_json_body(body: bytes) -> dict[str, Any]:
