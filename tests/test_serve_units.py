@@ -464,3 +464,35 @@ def test_streamed_npz_reads_back_like_savez() -> None:
         assert np.array_equal(z["masks"], np.concatenate([p[0] for p in pieces]))
         assert np.array_equal(z["low_res_masks"], np.concatenate([p[2] for p in pieces]))
     assert done == [True] and saved[0].shape == (3, 256, 256)
+
+
+def test_streamed_npz_stops_when_the_reader_leaves() -> None:
+    """A client that disconnects mid-answer: the producer stops at its next write (it does not decode the
+    remaining prompts) and the memory it held is released (on_done)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sam2rt.serve.answers import stream_npz
+
+    taken: list[int] = []
+
+    def pieces():
+        for i in range(50):
+            taken.append(i)
+            yield np.random.default_rng(i).normal(size=(1, 1000, 1000)).astype(np.float32), np.ones(1), np.zeros((1, 256, 256), np.float32)
+
+    done: list[bool] = []
+
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            stream = stream_npz(pool, 50, (1000, 1000), pieces(), lambda low: None, lambda: done.append(True))
+            await stream.__anext__()
+            await stream.aclose()
+            for _ in range(200):
+                if done:
+                    break
+                await asyncio.sleep(0.02)
+
+    asyncio.run(main())
+    assert done == [True]
+    assert len(taken) < 50
