@@ -14,7 +14,7 @@ import functools
 import logging
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 import numpy as np
@@ -80,10 +80,11 @@ def to_runtime_prompt(p: Sam2Prompt, mask_input: np.ndarray | None) -> Prompt:
 
 
 class _Flight:
-    """One encoder run that requests wait for; cancelled when its last waiter leaves before it starts."""
+    """One encoder run that requests wait for; dropped when its last waiter leaves before it starts."""
 
-    def __init__(self, task: "asyncio.Task[Embedding]") -> None:
-        self.task = task
+    def __init__(self) -> None:
+        self.task: asyncio.Task[Embedding] | None = None
+        self.job: Future[Embedding] | None = None  # the encoder pool's job, once submitted
         self.waiters = 0
         self.abandoned = False
 
@@ -183,10 +184,10 @@ class Sam2Server:
         self.metrics.embeddings.labels(version_id).inc()
         return emb
 
-    async def _encode(self, key: EmbKey, model: Sam2Model, rgb: np.ndarray) -> Embedding:
+    async def _encode(self, flight: _Flight, key: EmbKey, model: Sam2Model, rgb: np.ndarray) -> Embedding:
         """The encoder run of a flight. Cancelled while queued, it never starts; ONNX Runtime cannot stop a
         run midway, so one that has started finishes and its embedding is cached for whoever asks next."""
-        job = self.encode_pool.submit(self._embed, model, key[1], rgb)
+        job = flight.job = self.encode_pool.submit(self._embed, model, key[1], rgb)
         try:
             emb = await asyncio.wrap_future(job)
         except asyncio.CancelledError:
@@ -198,13 +199,15 @@ class Sam2Server:
         return emb
 
     async def _wait(self, flight: _Flight) -> Embedding:
+        assert flight.task is not None
         flight.waiters += 1
         try:
             return await asyncio.shield(flight.task)
         finally:
             flight.waiters -= 1
-            if flight.waiters == 0 and not flight.task.done():
-                flight.abandoned = True  # nobody waits: a queued encoder run is dropped
+            # nobody waits and the run has not started: drop it; a running one is kept for later requests to join
+            if flight.waiters == 0 and not flight.task.done() and (flight.job is None or not flight.job.running()):
+                flight.abandoned = True
                 flight.task.cancel()
 
     async def _find_or_compute(self, key: EmbKey, model: Sam2Model, rgb: np.ndarray | None) -> Embedding | None:
@@ -220,7 +223,8 @@ class Sam2Server:
                 if rgb is None:
                     return None
                 self.metrics.cache_misses.inc()
-                flight = _Flight(asyncio.ensure_future(self._encode(key, model, rgb)))
+                flight = _Flight()
+                flight.task = asyncio.ensure_future(self._encode(flight, key, model, rgb))
                 self.inflight[key] = flight
 
                 def _done(task: asyncio.Task[Embedding], key: EmbKey = key, flight: _Flight = flight) -> None:
@@ -236,7 +240,7 @@ class Sam2Server:
                 return await self._wait(flight)
             except asyncio.CancelledError:
                 me = asyncio.current_task()
-                if flight.task.cancelled() and me is not None and not me.cancelling():
+                if flight.task is not None and flight.task.cancelled() and me is not None and not me.cancelling():
                     continue  # the run was dropped by others leaving, not by us: ask again
                 raise
 
