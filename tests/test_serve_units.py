@@ -18,7 +18,8 @@ from sam2rt.serve.cache import ByteLRU, LogitsEntry, find_prior_logits, strict_s
 from sam2rt.serve.config import ServeConfig  # noqa: E402
 from sam2rt.serve.encode import mask_to_polygons, mask_to_rle, polygons_to_mask, rle_to_mask, to_npz  # noqa: E402
 from sam2rt.serve.errors import ApiError  # noqa: E402
-from sam2rt.serve.images import content_id, decode_image  # noqa: E402
+from sam2rt.serve.ids import ContentIds  # noqa: E402
+from sam2rt.serve.images import decode_image  # noqa: E402
 from sam2rt.serve.schemas import parse_json_body, parse_mask_input, parse_prompts  # noqa: E402
 
 
@@ -158,12 +159,18 @@ def test_bad_images_are_4xx() -> None:
     assert _status({"type": "base64", "value": _b64(buf.getvalue())}, ServeConfig())[0] == 413
 
 
-def test_content_id_depends_on_pixels_and_shape() -> None:
+def test_content_id_depends_on_pixels_shape_and_the_server_secret() -> None:
+    content_id = ContentIds().of_pixels
     a = np.zeros((4, 6, 3), np.uint8)
     b = a.copy()
     b[0, 0, 0] = 1
     assert content_id(a) == content_id(a.copy()) != content_id(b)
     assert content_id(a) != content_id(a.reshape(6, 4, 3))
+    assert content_id(a).startswith("sam2rt-") and len(content_id(a)) == len("sam2rt-") + 32
+    # keyed: another server (another secret) gives another id, so nobody can compute a server's ids
+    assert ContentIds().of_pixels(a) != content_id(a)
+    import hashlib
+    assert hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()[:32] not in content_id(a)
 
 
 # --- request parsing -------------------------------------------------------------------------------------
@@ -234,7 +241,7 @@ def test_app_routing_checks_without_a_model() -> None:
     from sam2rt.serve.app import create_app
     from sam2rt.serve.state import Sam2Server
 
-    cfg = ServeConfig(api_key="k", max_body_bytes=1000, max_queue=4)
+    cfg = ServeConfig(api_keys=("k",), max_body_bytes=1000, max_queue=4)
     with TestClient(create_app(cfg, Sam2Server(cfg, models={}))) as client:
         ok = {"image_id": "i", "prompts": [{"points": [{"x": 1, "y": 1, "positive": True}]}]}
         assert client.post("/sam2/segment_image", json=ok).status_code == 401
@@ -294,3 +301,198 @@ def test_embedding_bytes_counts_device_buffers() -> None:
     assert embedding_bytes(host) == 256 * 64 * 64 * 4
     device = Embedding({"image_embed": object()}, (10, 10), "k", device="cuda")  # a buffer without nbytes
     assert embedding_bytes(device) == 16 * (1 << 20)
+
+
+# --- issue 10: keys, ids, caps, memory budget ---------------------------------------------------------------
+def test_key_ring_namespaces() -> None:
+    from sam2rt.errors import Sam2rtError
+    from sam2rt.serve.keys import PUBLIC, KeyRing, read_key_file
+
+    assert KeyRing().namespace(None) == PUBLIC and not KeyRing().required
+    ring = KeyRing(["alpha", "beta"])
+    assert ring.namespace("alpha") == "key0" and ring.namespace("beta") == "key1"
+    for bad in (None, "", "alph", "alpha ", "\ud800", 5):
+        assert ring.namespace(bad) is None  # a lone surrogate is just a wrong key, never an error
+    with pytest.raises(Sam2rtError):
+        KeyRing(["a", "a"])
+
+
+def test_key_file(tmp_path) -> None:
+    from sam2rt.errors import Sam2rtError
+    from sam2rt.serve.keys import read_key_file
+
+    (tmp_path / "k").write_text("# team keys\none\n\n  two  \n")
+    assert read_key_file(tmp_path / "k") == ["one", "two"]
+    (tmp_path / "empty").write_text("# nothing\n")
+    with pytest.raises(Sam2rtError, match="no keys"):
+        read_key_file(tmp_path / "empty")
+    with pytest.raises(Sam2rtError):
+        read_key_file(tmp_path / "missing")
+
+
+def test_image_id_checks() -> None:
+    from sam2rt.serve.ids import check_image_id
+
+    check_image_id("photo.jpg")
+    for bad, fragment in (("\udcff", "surrogate"), ("x" * 300, "at most"), ("a\nb", "control"), ("", "non-empty")):
+        with pytest.raises(ApiError, match=fragment) as ei:
+            check_image_id(bad)
+        assert ei.value.status == 422
+
+
+def test_source_digest_only_for_self_contained_images() -> None:
+    ids = ContentIds()
+    a = ids.of_source({"type": "base64", "value": "QUJD"})
+    assert a == ids.of_source({"type": "BASE64", "value": "QUJD"}) != ids.of_source({"type": "numpy", "value": "QUJD"})
+    assert ids.of_source({"type": "url", "value": "http://x"}) is None and ids.of_source("QUJD") is None
+
+
+def test_structure_cap_before_parsing() -> None:
+    from sam2rt.serve.schemas import check_structure, max_json_values
+
+    limit = max_json_values(256, 128)
+    point = b'{"x":1,"y":2,"positive":true}'
+    check_structure(b'{"prompts": [{"points": [' + b",".join([point] * 128) + b"]}]}", limit)
+    check_structure(b'{"image": {"type": "base64", "value": "' + b"A" * 10_000_000 + b'"}}', limit)  # base64 is free
+    with pytest.raises(ApiError) as ei:
+        check_structure(b"[" + b",".join([point] * 200_000) + b"]", limit)
+    assert ei.value.status == 413 and "at most" in ei.value.message
+
+
+def test_prompt_counts_checked_before_validation() -> None:
+    bad_point = {"x": "not a number", "y": 1, "positive": True}
+    with pytest.raises(ApiError) as ei:  # the count is refused first, without validating 129 bad points
+        parse_prompts([{"points": [bad_point] * 129}], 256, 128)
+    assert ei.value.status == 400 and "at most 128" in ei.value.message
+    with pytest.raises(ApiError) as ei:
+        parse_prompts([{"box": {"x": 1, "y": 1, "width": 1, "height": 1}}] * 257, 256, 128)
+    assert ei.value.status == 400 and "at most 256" in ei.value.message
+
+
+def test_long_integers_get_a_plain_message() -> None:
+    with pytest.raises(ApiError) as ei:
+        parse_json_body(b'{"a": ' + b"1" * 5000 + b"}")
+    assert ei.value.status == 400 and "digits" in ei.value.message and "sys.set_int_max_str_digits" not in ei.value.message
+
+
+def test_strict_base64_and_float_images() -> None:
+    status, msg = _status({"type": "base64", "value": "!!!!@@@@####"})
+    assert status == 400 and "not valid base64" in msg and "'!'" in msg
+    arr = np.random.default_rng(4).integers(0, 255, (12, 10, 3), dtype=np.uint8)
+    wrapped = "\n".join(_b64(_png(arr))[i:i + 76] for i in range(0, len(_b64(_png(arr))), 76))  # MIME line breaks
+    assert np.array_equal(decode_image({"type": "base64", "value": wrapped}, CFG), arr)
+    gray = arr[..., 0]
+    for scale in (1 / 255, 1.0):
+        buf = io.BytesIO()
+        Image.fromarray(gray.astype(np.float32) * scale).save(buf, "TIFF")
+        out = decode_image({"type": "base64", "value": _b64(buf.getvalue())}, CFG)
+        assert np.array_equal(out[..., 0], gray)  # [0, 1] scaled, [0, 255] kept; not clipped to black
+    buf = io.BytesIO()
+    Image.fromarray(np.full((4, 4), 300.0, np.float32)).save(buf, "TIFF")
+    assert "[0, 1]" in _status({"type": "base64", "value": _b64(buf.getvalue())})[1]
+
+
+def test_probe_reads_size_without_decoding() -> None:
+    from sam2rt.serve.images import probe_image
+
+    arr = np.zeros((20, 40, 3), np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    probe = probe_image({"type": "base64", "value": _b64(_png(arr, exif=exif))}, CFG)
+    assert (probe.width, probe.height) == (20, 40)  # rotated, as the decoded image will be
+
+
+def test_memory_budget_waits_first_come_first_served_and_refuses_the_impossible() -> None:
+    import asyncio
+
+    from sam2rt.serve.budget import MemoryBudget
+
+    async def main() -> None:
+        budget = MemoryBudget(100)
+        order: list[str] = []
+        with pytest.raises(ApiError) as ei:
+            await budget.acquire(101, "too big; ask for less")
+        assert ei.value.status == 413 and "ask for less" in ei.value.message
+        first = await budget.acquire(60, "")
+
+        async def take(name: str, n: int) -> None:
+            async with budget.hold(n, ""):
+                order.append(name)
+                await asyncio.sleep(0.01)
+
+        waiting = asyncio.ensure_future(take("b", 60))
+        gone = asyncio.ensure_future(take("gone", 60))
+        await asyncio.sleep(0.01)
+        assert order == [] and budget.used == 60
+        gone.cancel()  # a waiter that leaves holds nothing
+        budget.release(first)
+        await waiting
+        await asyncio.gather(gone, return_exceptions=True)
+        assert order == ["b"] and budget.used == 0
+
+    asyncio.run(main())
+
+
+def test_answer_pixel_limit_says_how_to_ask_for_less() -> None:
+    from sam2rt.serve.answers import check_answer_size
+
+    cfg = ServeConfig(max_answer_pixels=1000)
+    check_answer_size(10, (10, 10), "binary", cfg)
+    with pytest.raises(ApiError) as ei:
+        check_answer_size(11, (10, 10), "binary", cfg)
+    assert ei.value.status == 413 and "rle" in ei.value.message and "--max-answer-pixels" in ei.value.message
+
+
+def test_streamed_npz_reads_back_like_savez() -> None:
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sam2rt.serve.answers import stream_npz
+
+    rng = np.random.default_rng(5)
+    pieces = [(rng.normal(size=(1, 30, 40)).astype(np.float32), np.ones(1), rng.normal(size=(1, 256, 256)).astype(np.float32))
+              for _ in range(3)]
+    done: list[bool] = []
+    saved: list[np.ndarray] = []
+
+    async def main() -> bytes:
+        with ThreadPoolExecutor(1) as pool:
+            return b"".join([p async for p in stream_npz(pool, 3, (30, 40), iter(pieces), saved.append, lambda: done.append(True))])
+
+    data = asyncio.run(main())
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        assert np.array_equal(z["masks"], np.concatenate([p[0] for p in pieces]))
+        assert np.array_equal(z["low_res_masks"], np.concatenate([p[2] for p in pieces]))
+    assert done == [True] and saved[0].shape == (3, 256, 256)
+
+
+def test_streamed_npz_stops_when_the_reader_leaves() -> None:
+    """A client that disconnects mid-answer: the producer stops at its next write (it does not decode the
+    remaining prompts) and the memory it held is released (on_done)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sam2rt.serve.answers import stream_npz
+
+    taken: list[int] = []
+
+    def pieces():
+        for i in range(50):
+            taken.append(i)
+            yield np.random.default_rng(i).normal(size=(1, 1000, 1000)).astype(np.float32), np.ones(1), np.zeros((1, 256, 256), np.float32)
+
+    done: list[bool] = []
+
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            stream = stream_npz(pool, 50, (1000, 1000), pieces(), lambda low: None, lambda: done.append(True))
+            await stream.__anext__()
+            await stream.aclose()
+            for _ in range(200):
+                if done:
+                    break
+                await asyncio.sleep(0.02)
+
+    asyncio.run(main())
+    assert done == [True]
+    assert len(taken) < 50

@@ -4,26 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..errors import InputError
-from .config import MB, ServeConfig
+from .admission import ClientGone, client_address, header_key, read_body, until_disconnect
+from .answers import check_answer_size, stream_npz, working_bytes, iter_decoded
+from .config import ServeConfig
 from .encode import FORMATS
 from .errors import ApiError
+from .keys import UNAUTHORIZED_HELP
 from .metrics import CONTENT_TYPE
-from .schemas import EmbedRequest, SegmentRequest, parse_json_body, parse_mask_input, parse_model, parse_prompts
-from .state import Sam2Server, prompt_set_key, to_runtime_prompt
+from .schemas import (EmbedRequest, SegmentRequest, max_json_values, parse_json_body, parse_mask_input,
+                      parse_model, parse_prompts)
+from .state import Sam2Server, check_prompts_inside, prompt_set_key, to_runtime_prompt
 
 log = logging.getLogger("sam2rt.serve")
 ROUTES = ("/sam2/embed_image", "/sam2/segment_image", "/info", "/healthz", "/readiness", "/", "/metrics")
@@ -57,40 +59,9 @@ class _MetricsMiddleware:
             m.request_seconds.labels(path).observe(time.perf_counter() - t0)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) bodies over `limit` bytes without buffering them whole."""
-    declared = request.headers.get("content-length")
-    too_big = ApiError(413, f"request body is over this server's limit of {limit / MB:g} MB; send a smaller image "
-                            "(SAM 2 works at 1024x1024) or start the server with a larger --max-body-mb")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise too_big
-        except ValueError:
-            raise ApiError(400, f"invalid Content-Length header {declared[:40]!r}") from None
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_big
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise ApiError(400, "the client disconnected before sending the whole body") from None
-    return b"".join(chunks)
-
-
-def _presented_key(request: Request, body: dict[str, Any] | None) -> str | None:
-    """The API key as the reference resolves it: query `api_key` > `Authorization: Bearer` > body `api_key`."""
-    key = request.query_params.get("api_key")
-    if key:
-        return key
-    auth = request.headers.get("authorization", "")
-    if auth[:7].lower() == "bearer " and auth[7:].strip():
-        return auth[7:].strip()
-    if body is not None and isinstance(body.get("api_key"), str) and body["api_key"]:
-        return body["api_key"]
-    return None
+def parse_body(body: bytes) -> dict[str, Any]:
+    """The JSON parse, in a parse pool off the event loop (read_body has applied the size caps)."""
+    return parse_json_body(body)
 
 
 def create_app(cfg: ServeConfig, server: Sam2Server | None = None,
@@ -130,75 +101,127 @@ def create_app(cfg: ServeConfig, server: Sam2Server | None = None,
             msg = f"{request.method} is not allowed on {request.url.path}"
         return JSONResponse({"message": msg}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone) -> Response:
+        srv.metrics.client_gone.inc()
+        return Response(status_code=499)  # nobody reads it; recorded as 499 (client closed request)
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("internal error on %s", request.url.path)
         return JSONResponse({"message": "internal server error (details are in the server log)"}, status_code=500)
 
-    # --- auth --------------------------------------------------------------------------------------------
-    def check_key(request: Request, body: dict[str, Any] | None) -> None:
-        if cfg.api_key is None:
-            return
-        key = _presented_key(request, body)
-        if key is None or not hmac.compare_digest(key.encode(), cfg.api_key.encode()):
-            raise ApiError(401, "missing or wrong API key: pass it as ?api_key=KEY, an `Authorization: Bearer KEY` "
-                                "header, or the body's api_key field")
+    # --- admission: key, slot, body, then the work (cancelled if the client leaves) ---------------------
+    max_values = max_json_values(cfg.max_prompts, cfg.max_points_per_prompt)
+    Route = Callable[[str, dict[str, Any]], Awaitable[Response]]
 
-    async def read_request(request: Request) -> dict[str, Any]:
-        if cfg.api_key is not None and _presented_key(request, None) is not None:
-            check_key(request, None)  # refuse a wrong query/header key before reading the body
-        data = parse_json_body(await read_body(request, cfg.max_body_bytes))
-        check_key(request, data)
-        return data
+    def unauthorized() -> ApiError:
+        return ApiError(401, UNAUTHORIZED_HELP)
+
+    async def admit(request: Request, route: Route) -> Response:
+        """Run `route(namespace, body)` for a /sam2 request once it is admitted (see admission.py)."""
+        srv.check_ready()
+        address = client_address(request)
+        key = header_key(request)
+        if key is not None or not srv.keys.required:
+            ns = srv.keys.namespace(key)
+            if ns is None:
+                raise unauthorized()  # before a slot is taken or a byte of the body is read
+            with srv.limits.slot(ns, address, keyed=srv.keys.required):
+                body, _ = await read_body(request, cfg, authenticated=True, max_values=max_values)
+                data = await srv.run(srv.parse_pool, parse_body, body)
+                del body
+                return await until_disconnect(request, route(ns, data))
+        # the key can only be in the body (inference-sdk): read it apart, under the unauthenticated budget
+        body, counted = await read_body(request, cfg, authenticated=False, max_values=max_values, unauth=srv.unauth)
+        try:
+            data = await srv.run(srv.unauth_parse_pool, parse_body, body)
+        finally:
+            srv.unauth.used -= counted
+            del body
+        ns = srv.keys.namespace(data.get("api_key") if isinstance(data.get("api_key"), str) else None)
+        if ns is None:
+            raise unauthorized()
+        with srv.limits.slot(ns, address, keyed=True):
+            return await until_disconnect(request, route(ns, data))
+
+    def authorized(request: Request) -> bool:
+        return not srv.keys.required or srv.keys.namespace(header_key(request)) is not None
 
     # --- the SAM 2 routes ----------------------------------------------------------------------------------
+    async def embed_route(ns: str, data: dict[str, Any]) -> Response:
+        t0 = time.perf_counter()
+        req: EmbedRequest = parse_model(EmbedRequest, data)
+        _, image_id, _ = await srv.embedding(ns, req.sam2_version_id, req.image, req.image_id)
+        return JSONResponse({"image_id": image_id, "time": time.perf_counter() - t0})
+
+    async def segment_route(ns: str, data: dict[str, Any]) -> Response:
+        t0 = time.perf_counter()
+        req: SegmentRequest = parse_model(SegmentRequest, data)
+        if req.format not in FORMATS:
+            raise ApiError(400, f"format must be one of {', '.join(FORMATS)} (json: polygons, rle: COCO RLE, "
+                                f"binary: an npz file), got {req.format!r}")
+        prompts = parse_prompts(req.prompts, cfg.max_prompts, cfg.max_points_per_prompt)
+        vid = req.sam2_version_id
+        model = srv.model_for(vid)
+        mask_inputs: list[np.ndarray | None] = [None] * len(prompts)
+        if req.mask_input is not None:
+            mask_inputs = list(parse_mask_input(req.mask_input, req.mask_input_format, len(prompts)))
+        rt_prompts = [to_runtime_prompt(p, m) for p, m in zip(prompts, mask_inputs)]
+        multimask, fmt = req.multimask_output, req.format
+        too_big = ("the answer needs more working memory than this server allows; use multimask_output=false, fewer "
+                   "prompts per request, format 'rle', or a smaller image")
+
+        def check_size(hw: tuple[int, int]) -> None:
+            """Everything that depends only on the image's size, before any embedding is computed."""
+            check_prompts_inside(rt_prompts, hw)
+            check_answer_size(len(prompts), hw, fmt, cfg)
+            if working_bytes(hw, cfg) > srv.memory.total:
+                raise ApiError(413, too_big)
+
+        emb, _, cid = await srv.embedding(ns, vid, req.image, req.image_id, check_size)
+        current = prompt_set_key(prompts)
+        if req.load_logits_from_cache and req.mask_input is None:
+            prior = srv.prior_logits(ns, vid, cid, current)
+            if prior:
+                rt_prompts = [to_runtime_prompt(p, prior[j][None] if j in prior else None) for j, p in enumerate(prompts)]
+        cost = working_bytes(emb.original_size, cfg)
+
+        def keep_logits(low_res: np.ndarray) -> None:
+            if req.save_logits_to_cache:
+                srv.save_logits(ns, vid, cid, current, low_res)
+
+        if fmt == "binary":
+            async def npz() -> AsyncIterator[bytes]:
+                held = await srv.memory.acquire(cost, too_big)
+                pieces = iter_decoded(model, emb, rt_prompts, multimask, cfg)
+                async for piece in stream_npz(srv.work_pool, len(rt_prompts), emb.original_size, pieces, keep_logits,
+                                              lambda: srv.memory.release(held)):
+                    yield piece
+
+            return StreamingResponse(npz(), media_type="application/octet-stream")
+        async with srv.memory.hold(cost, too_big):
+            preds, low_res = await srv.run(srv.work_pool, srv.decode, vid, emb, rt_prompts, multimask, fmt)
+        keep_logits(low_res)
+        return JSONResponse({"predictions": preds, "time": time.perf_counter() - t0})
+
     @app.post("/sam2/embed_image")
     async def embed_image(request: Request) -> Response:
         """Embed an image (or find it cached) and return the image_id to reuse it with."""
-        t0 = time.perf_counter()
-        async with srv.admit():
-            req: EmbedRequest = parse_model(EmbedRequest, await read_request(request))
-            _, image_id = await srv.embedding(req.sam2_version_id, req.image, req.image_id)
-            return JSONResponse({"image_id": image_id, "time": time.perf_counter() - t0})
+        return await admit(request, embed_route)
 
     @app.post("/sam2/segment_image")
     async def segment_image(request: Request) -> Response:
         """Segment with point/box prompts: one prediction (the highest-IoU mask) per prompt, in order."""
-        t0 = time.perf_counter()
-        async with srv.admit():
-            req: SegmentRequest = parse_model(SegmentRequest, await read_request(request))
-            if req.format not in FORMATS:
-                raise ApiError(400, f"format must be one of {', '.join(FORMATS)} (json: polygons, rle: COCO RLE, "
-                                    f"binary: an npz file), got {req.format!r}")
-            prompts = parse_prompts(req.prompts)
-            if len(prompts) > cfg.max_prompts:
-                raise ApiError(400, f"{len(prompts)} prompts in one request; this server takes at most "
-                                    f"{cfg.max_prompts}: split them over several requests with the same image_id")
-            for i, p in enumerate(prompts):
-                if p.points and len(p.points) > cfg.max_points_per_prompt:
-                    raise ApiError(400, f"prompts[{i}] has {len(p.points)} points; this server takes at most "
-                                        f"{cfg.max_points_per_prompt} per prompt")
-            srv.model_for(req.sam2_version_id)
-            mask_inputs: list[np.ndarray | None] = [None] * len(prompts)
-            if req.mask_input is not None:
-                mask_inputs = list(parse_mask_input(req.mask_input, req.mask_input_format, len(prompts)))
-            emb, image_id = await srv.embedding(req.sam2_version_id, req.image, req.image_id)
-            current = prompt_set_key(prompts)
-            if req.load_logits_from_cache and req.mask_input is None:
-                for j, logits in srv.prior_logits(req.sam2_version_id, image_id, current).items():
-                    mask_inputs[j] = logits[None]
-            rt_prompts = [to_runtime_prompt(p, m) for p, m in zip(prompts, mask_inputs)]
-            result, low_res = await srv.run(srv.work_pool, srv.decode, req.sam2_version_id, emb, rt_prompts,
-                                            req.multimask_output, req.format)
-            if req.save_logits_to_cache:
-                srv.save_logits(req.sam2_version_id, image_id, current, low_res)
-            if isinstance(result, bytes):
-                return Response(result, media_type="application/octet-stream")
-            return JSONResponse({"predictions": result, "time": time.perf_counter() - t0})
+        return await admit(request, segment_route)
 
     # --- service endpoints -------------------------------------------------------------------------------
     @app.get("/info")
-    async def info() -> dict[str, Any]:
+    async def info(request: Request) -> dict[str, Any]:
+        """Name, version, instance uuid and model ids for anyone; details (backends, weights) only with the key.
+        The uuid (random per process) stays public because inference-sdk's get_server_info requires it."""
+        if not authorized(request):
+            return {"name": "sam2rt", "version": __version__, "uuid": srv.uuid, "models": sorted(srv.models)}
         models = [
             {
                 "sam2_version_id": vid,
@@ -226,7 +249,10 @@ def create_app(cfg: ServeConfig, server: Sam2Server | None = None,
                             headers={"Retry-After": str(cfg.retry_after_s)})
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        if not cfg.metrics_open and not authorized(request):
+            raise ApiError(401, "/metrics needs the API key (?api_key=KEY or `Authorization: Bearer KEY`), or start "
+                                "the server with --metrics-open for a scraper")
         return Response(srv.metrics.render(srv.refresh_gauges), media_type=CONTENT_TYPE)
 
     @app.get("/", response_class=HTMLResponse)

@@ -30,6 +30,15 @@ class Metrics:
         self.logits_hits = Counter("sam2rt_logits_cache_hits", "load_logits_from_cache requests that found prior logits", registry=r)
         self.logits_misses = Counter("sam2rt_logits_cache_misses", "load_logits_from_cache requests that found none", registry=r)
         self.rejected = Counter("sam2rt_rejected_queue_full", "requests answered 503 because the queue was full", registry=r)
+        self.throttled = Counter("sam2rt_rejected_client_limit", "requests answered 429: over their key's or address's "
+                                 "in-flight limit", registry=r)
+        self.client_gone = Counter("sam2rt_client_disconnects", "requests whose client left before the answer", registry=r)
+        self.embeddings_cancelled = Counter("sam2rt_embeddings_cancelled",
+                                            "queued encoder runs dropped because nobody waited for them", registry=r)
+        self.id_mismatches = Counter("sam2rt_image_id_mismatches", "requests whose image_id named a different image than "
+                                     "the one they carried (answered from the carried image)", registry=r)
+        self.memory_reserved = Gauge("sam2rt_memory_reserved_bytes", "working memory reserved by in-flight requests",
+                                     registry=r)
         self.cache_bytes = Gauge("sam2rt_embedding_cache_bytes", "bytes held by the embedding cache", registry=r)
         self.cache_entries = Gauge("sam2rt_embedding_cache_entries", "embeddings held by the cache", registry=r)
         self.cache_max_bytes = Gauge("sam2rt_embedding_cache_max_bytes", "the embedding cache's bound", registry=r)

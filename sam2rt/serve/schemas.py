@@ -1,7 +1,9 @@
 """Request models of the wire contract, parsed leniently (unknown fields ignored) but typed strictly.
 
-Bodies are parsed with a JSON reader that refuses NaN/Infinity (and numbers that overflow to them);
-schema violations become ApiError(422) whose message names each bad field.
+Bodies are parsed with a JSON reader that refuses NaN/Infinity (and numbers that overflow to them) and
+integers of absurd length; schema violations become ApiError(422) whose message names each bad field.
+Size caps come before per-element work: `check_structure` bounds the number of JSON values with a byte
+count before parsing, and `parse_prompts` checks the prompt and point counts before validating any.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from .errors import ApiError
 Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0)]
 VERSION_IDS = ("hiera_tiny", "hiera_small", "hiera_b_plus", "hiera_large")
+MAX_INT_DIGITS = 40
+JSON_MASK_MAX_PROMPTS = 4  # json mask_input beyond this many 256x256 masks must be sent as binary
 
 
 class _Lenient(BaseModel):
@@ -86,13 +90,46 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _bounded_int(text: str) -> int:
+    if len(text) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer with {len(text)} digits; send numbers of at most {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def max_json_values(max_prompts: int, max_points: int) -> int:
+    """An upper bound on the JSON values (objects, arrays, elements) a valid request needs: every prompt
+    at its point cap, a json mask_input for JSON_MASK_MAX_PROMPTS prompts, and room for other fields."""
+    return max_prompts * (max_points * 4 + 16) + JSON_MASK_MAX_PROMPTS * (256 * 256 + 300) + 4096
+
+
+def count_json_values(data: bytes) -> int:
+    """Commas and opening brackets: at least one per JSON value or container outside strings."""
+    return data.count(b",") + data.count(b"{") + data.count(b"[")
+
+
+def check_structure(body: bytes, max_values: int) -> None:
+    """Refuse (413), before parsing, a body with more JSON values than any valid request has.
+
+    Counts commas and opening brackets, one per value or container (base64 has neither, so an image
+    costs nothing): parsing a million tiny objects is what made large bodies slow, not their bytes."""
+    count = count_json_values(body)
+    if count > max_values:
+        raise too_many_values(count, max_values)
+
+
+def too_many_values(count: int, max_values: int) -> ApiError:
+    return ApiError(413, f"the body holds {count} or more JSON values; a request here needs at most {max_values} "
+                         "(at most the prompt and point limits of this server); send fewer prompts or points, "
+                         "or mask_input as binary")
+
+
 def parse_json_body(body: bytes) -> dict[str, Any]:
     """Parse a request body as a JSON object, refusing NaN/Infinity; ApiError(400/422) otherwise."""
     if not body.strip():
         raise ApiError(400, "the request body is empty; send a JSON object such as "
                             '{"image": {"type": "base64", "value": "..."}, "prompts": [...]}')
     try:
-        data = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
+        data = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_bounded_int)
     except UnicodeDecodeError:
         raise ApiError(400, "the request body is not UTF-8 JSON; send Content-Type: application/json") from None
     except ValueError as exc:  # JSONDecodeError is a ValueError; so are our NaN/inf refusals
@@ -129,8 +166,10 @@ def parse_model(cls: type[BaseModel], data: dict[str, Any]) -> Any:
         raise validation_error(exc) from None
 
 
-def parse_prompts(raw: Any) -> list[Sam2Prompt]:
-    """`prompts` as {"prompts": [...]}, a bare list, or one prompt object -> a non-empty list of prompts."""
+def parse_prompts(raw: Any, max_prompts: int = 256, max_points: int = 128) -> list[Sam2Prompt]:
+    """`prompts` as {"prompts": [...]}, a bare list, or one prompt object -> a non-empty list of prompts.
+
+    The counts are checked before any prompt is validated, so an oversized request costs no validation."""
     where: tuple[Any, ...] = ("prompts",)
     if isinstance(raw, dict) and "prompts" in raw:
         raw, where = raw["prompts"], ("prompts", "prompts")
@@ -142,6 +181,14 @@ def parse_prompts(raw: Any) -> list[Sam2Prompt]:
         raw = [raw]
     if not isinstance(raw, list):
         raise ApiError(422, f"prompts must be a list of prompt objects (or {{\"prompts\": [...]}}), got {type(raw).__name__}")
+    if len(raw) > max_prompts:
+        raise ApiError(400, f"{len(raw)} prompts in one request; this server takes at most {max_prompts}: "
+                            "split them over several requests with the same image_id")
+    for i, p in enumerate(raw):
+        points = p.get("points") if isinstance(p, dict) else None
+        if isinstance(points, list) and len(points) > max_points:
+            raise ApiError(400, f"prompts[{i}] has {len(points)} points; this server takes at most "
+                                f"{max_points} per prompt")
     try:
         prompts = _PROMPT_LIST.validate_python(raw)
     except ValidationError as exc:
@@ -169,6 +216,9 @@ def parse_mask_input(value: Any, fmt: str, n_prompts: int) -> list[np.ndarray | 
         if not isinstance(arr, np.ndarray):
             raise ApiError(400, "mask_input must be one .npy array, not an .npz archive")
     elif fmt == "json":
+        if isinstance(value, list) and len(value) > JSON_MASK_MAX_PROMPTS and len(value) != 256:
+            raise ApiError(413, f"json mask_input with {len(value)} masks; send at most {JSON_MASK_MAX_PROMPTS} as json, "
+                                "more with mask_input_format 'binary' (base64 of np.save() bytes)")
         try:
             arr = np.asarray(value, dtype=np.float32)
         except (ValueError, TypeError):
