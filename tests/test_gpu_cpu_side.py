@@ -126,15 +126,15 @@ def test_build_engine_checks_model_dir_and_calibration_images(tmp_path, capsys, 
     assert "does not match manifest.json" in capsys.readouterr().err
 
 
-def test_build_engine_without_tensorrt_fails_clearly(model_dir, capsys, no_tensorrt):
-    before = json.loads((model_dir / "manifest.json").read_text())
-    rc = main(["build-engine", "--model-dir", str(model_dir), "--fp16", "--quiet"])
+def test_build_engine_without_tensorrt_fails_clearly(tiny_model_dir, capsys, no_tensorrt):
+    before = json.loads((tiny_model_dir / "manifest.json").read_text())
+    rc = main(["build-engine", "--model-dir", str(tiny_model_dir), "--fp16", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2
     assert "needs TensorRT" in err and "pip install 'sam2rt[trt]'" in err and "Jetson" in err
     assert "Traceback" not in err
-    assert not list(model_dir.glob("*.engine"))
-    assert json.loads((model_dir / "manifest.json").read_text()) == before
+    assert not list(tiny_model_dir.glob("*.engine"))
+    assert json.loads((tiny_model_dir / "manifest.json").read_text()) == before
 
 
 def test_build_engine_cli_subprocess_exit_code(tmp_path):
@@ -224,21 +224,21 @@ def test_decoder_profiles_cover_interactive_and_batch_use():
 
 
 # --- backends ---------------------------------------------------------------------------------------
-def test_auto_falls_back_to_cpu_here(model_dir):
+def test_auto_falls_back_to_cpu_here(tiny_model_dir):
     from sam2rt.runtime import Sam2Model
     from sam2rt.runtime.backends import available_backends
 
     status = available_backends()
     if status["tensorrt"] == "available" or status["onnxruntime-cuda"] == "available":
         pytest.fail("this test describes a machine without a GPU backend; run tests/test_gpu.py on GPU machines")
-    model = Sam2Model.from_dir(model_dir, backend="auto")
+    model = Sam2Model.from_dir(tiny_model_dir, backend="auto")
     assert model.backend_name == "onnxruntime-cpu" and model.backend.device == "cpu"
 
 
-def test_tensorrt_backend_unavailable_without_tensorrt(model_dir, no_tensorrt):
+def test_tensorrt_backend_unavailable_without_tensorrt(tiny_model_dir, no_tensorrt):
     from sam2rt.runtime.backends import available_backends, create_backend
 
-    m = Manifest.load(model_dir)
+    m = Manifest.load(tiny_model_dir)
     for name in ("tensorrt", "tensorrt:fp16"):
         with pytest.raises(BackendUnavailableError) as exc:
             create_backend(m, name)
@@ -247,34 +247,34 @@ def test_tensorrt_backend_unavailable_without_tensorrt(model_dir, no_tensorrt):
     assert available_backends()["tensorrt"].startswith("unavailable: TensorRT")
 
 
-def test_tensorrt_backend_unavailable_without_gpu(model_dir, monkeypatch):
+def test_tensorrt_backend_unavailable_without_gpu(tiny_model_dir, monkeypatch):
     """TensorRT importable but no usable CUDA device: a clear BackendUnavailableError, and `auto` moves on."""
     from sam2rt.runtime.backends import create_backend, tensorrt_backend
 
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
     monkeypatch.setattr(tensorrt_backend, "cuda_status", lambda device=0: "unavailable: no usable CUDA device (test)")
-    m = Manifest.load(model_dir)
+    m = Manifest.load(tiny_model_dir)
     with pytest.raises(BackendUnavailableError, match="needs a CUDA GPU: no usable CUDA device"):
         create_backend(m, "tensorrt")
     assert create_backend(m, "auto").name == "onnxruntime-cpu"
 
 
-def test_tensorrt_backend_unavailable_without_engines(model_dir, monkeypatch):
+def test_tensorrt_backend_unavailable_without_engines(tiny_model_dir, monkeypatch):
     from sam2rt.runtime.backends import create_backend, tensorrt_backend
 
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
     monkeypatch.setattr(tensorrt_backend, "cuda_status", lambda device=0: "available")
     with pytest.raises(BackendUnavailableError, match="no TensorRT engines in .*build-engine --model-dir"):
-        create_backend(Manifest.load(model_dir), "tensorrt")
+        create_backend(Manifest.load(tiny_model_dir), "tensorrt")
 
 
-def test_onnxruntime_gpu_backends_unavailable_on_cpu_onnxruntime(model_dir, monkeypatch):
+def test_onnxruntime_gpu_backends_unavailable_on_cpu_onnxruntime(tiny_model_dir, monkeypatch):
     import onnxruntime as ort
 
     from sam2rt.runtime.backends import create_backend
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    m = Manifest.load(model_dir)
+    m = Manifest.load(tiny_model_dir)
     for name, provider in (("onnxruntime-cuda", "CUDAExecutionProvider"), ("cuda", "CUDAExecutionProvider"),
                            ("onnxruntime-tensorrt", "TensorrtExecutionProvider")):
         with pytest.raises(BackendUnavailableError) as exc:
@@ -282,7 +282,7 @@ def test_onnxruntime_gpu_backends_unavailable_on_cpu_onnxruntime(model_dir, monk
         assert provider in str(exc.value) and "onnxruntime-gpu" in str(exc.value)
 
 
-def test_gpu_modules_stay_torch_free(model_dir):
+def test_gpu_modules_stay_torch_free(tiny_model_dir):
     code = textwrap.dedent(
         f"""
         import json, sys
@@ -292,7 +292,7 @@ def test_gpu_modules_stay_torch_free(model_dir):
         from sam2rt.runtime import Sam2Model, Prompt
         from sam2rt.runtime.backends import available_backends
         available_backends()
-        model = Sam2Model.from_dir({str(model_dir)!r}, backend="auto")
+        model = Sam2Model.from_dir({str(tiny_model_dir)!r}, backend="auto")
         emb = model.embed(np.full((64, 80, 3), 127, np.uint8))
         model.decode(emb.to_device(model), Prompt(points=np.array([[10.0, 20.0]]), labels=np.array([1])))
         print(json.dumps(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))))
@@ -330,34 +330,34 @@ def _prompts():
     ]
 
 
-def test_embedding_moves_between_devices(sam2rt_model, coffee):
+def test_embedding_moves_between_devices(tiny_model, coffee):
     from sam2rt.runtime import Embedding, Predictor
 
-    emb = sam2rt_model.embed(coffee)
-    assert emb.to_device(sam2rt_model) is emb and emb.to_device(Predictor(sam2rt_model)) is emb
+    emb = tiny_model.embed(coffee)
+    assert emb.to_device(tiny_model) is emb and emb.to_device(Predictor(tiny_model)) is emb
     on_dev = Embedding({k: _FakeDeviceTensor(v) for k, v in emb.features.items()}, emb.original_size, emb.model_key, "cuda:0")
-    back = on_dev.to_device(sam2rt_model)  # a CPU backend: to the host
+    back = on_dev.to_device(tiny_model)  # a CPU backend: to the host
     assert back.device == "cpu" and all(isinstance(v, np.ndarray) for v in back.features.values())
     for k in emb.features:
         np.testing.assert_array_equal(back.features[k], emb.features[k])
-    ref = sam2rt_model.decode(emb, _prompts())
-    got = sam2rt_model.decode(back, _prompts())
+    ref = tiny_model.decode(emb, _prompts())
+    got = tiny_model.decode(back, _prompts())
     np.testing.assert_array_equal(got.masks, ref.masks)
 
 
-def test_onnxruntime_io_binding_matches_plain_run(model_dir, sam2rt_model, coffee):
+def test_onnxruntime_io_binding_matches_plain_run(tiny_model_dir, tiny_model, coffee):
     """The IO-binding path the CUDA/TensorRT providers use, exercised on the CPU provider."""
     import onnxruntime as ort
 
     from sam2rt.runtime import Sam2Model
     from sam2rt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend, OrtDeviceTensor
 
-    m = Manifest.load(model_dir)
+    m = Manifest.load(tiny_model_dir)
     bound = Sam2Model(m, OnnxRuntimeBackend(m, "onnxruntime-cpu", io_binding=True))
-    ref_emb, emb = sam2rt_model.embed(coffee), bound.embed(coffee)
+    ref_emb, emb = tiny_model.embed(coffee), bound.embed(coffee)
     for k in ref_emb.features:
         np.testing.assert_allclose(emb.features[k], ref_emb.features[k], rtol=0, atol=1e-6)
-    ref, got = sam2rt_model.decode(ref_emb, _prompts()), bound.decode(emb, _prompts())
+    ref, got = tiny_model.decode(ref_emb, _prompts()), bound.decode(emb, _prompts())
     np.testing.assert_allclose(got.low_res_logits, ref.low_res_logits, rtol=0, atol=1e-5)
     np.testing.assert_array_equal(got.masks, ref.masks)
     # features held as OrtValues (what the GPU providers return) are bound without a host copy
@@ -365,7 +365,7 @@ def test_onnxruntime_io_binding_matches_plain_run(model_dir, sam2rt_model, coffe
     assert as_values["image_embed"].shape == (1, 256, 64, 64) and as_values["image_embed"].nbytes == 256 * 64 * 64 * 4
     dev_emb = type(emb)(as_values, emb.original_size, emb.model_key, "cpu")
     np.testing.assert_array_equal(bound.decode(dev_emb, _prompts()).masks, ref.masks)
-    np.testing.assert_array_equal(sam2rt_model.decode(dev_emb, _prompts()).masks, ref.masks)  # plain path: to_host()
+    np.testing.assert_array_equal(tiny_model.decode(dev_emb, _prompts()).masks, ref.masks)  # plain path: to_host()
 
 
 # --- FP16 mixed precision (what FP16 engines are built from) -----------------------------------------
@@ -532,7 +532,6 @@ class _FakeTrt(types.ModuleType):
 def test_build_engines_records_what_the_runtime_checks(model_dir, tmp_path, monkeypatch):
     import shutil
 
-    from sam2rt.export import tensorrt_build
     from sam2rt.runtime import gpu
 
     d = Path(shutil.copytree(model_dir, tmp_path / "m"))
@@ -571,7 +570,7 @@ def test_build_engines_records_what_the_runtime_checks(model_dir, tmp_path, monk
     assert "int8" not in Manifest.load(d).data["engines"]
 
 
-def test_embedding_features_must_fit_the_model(sam2rt_model, coffee):
+def test_embedding_features_must_fit_the_model(tiny_model, coffee):
     """A GPU backend refuses features of the wrong shape when uploading (checked here on the TensorRT helper)."""
     from sam2rt.runtime.backends.tensorrt_backend import TensorRTBackend
 
