@@ -41,6 +41,23 @@ def test_segment_writes_annotated_png_and_json(tiny_model_dir, image_file, tmp_p
     annotated = cv2.imread(str(out))
     assert annotated.shape == (400, 600, 3)
     assert not np.array_equal(annotated[..., ::-1], photo("coffee")), "nothing was drawn"
+    from sam2rt.annotate import BANNER_COLOR
+
+    banner = np.all(annotated[:30, :, ::-1] == np.array(BANNER_COLOR, np.uint8), axis=-1)
+    assert banner.mean() > 0.5, "a random-weight model's picture carries the RANDOM WEIGHTS banner"
+
+
+def test_segment_checks_prompts_before_the_encoder(tiny_model_dir, image_file, monkeypatch, capsys):
+    """A point outside the image is refused before the (seconds-long) embed."""
+    from sam2rt.cli import main
+    from sam2rt.runtime import Sam2Model
+
+    def embed(*args, **kwargs):
+        raise AssertionError("embed ran before the prompts were checked")
+
+    monkeypatch.setattr(Sam2Model, "embed", embed)
+    assert main(["segment", "--model-dir", str(tiny_model_dir), "--image", str(image_file), "--point", "601,10"]) == 2
+    assert "outside the image" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -111,3 +128,12 @@ def test_export_random_weights_is_labelled(tmp_path, image_file):
     res = sam2rt("segment", "--model-dir", str(out), "--image", str(image_file), "--point", "10,10", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["weights"].startswith("RANDOM weights")
+
+
+def test_hiera_b_plus_is_accepted_as_a_model_name():
+    from sam2rt.cli import build_parser
+    from sam2rt.models import get_spec
+
+    for name in ("hiera_b_plus", "hiera_base_plus"):
+        args = build_parser().parse_args(["export", "--model", name, "--out", "o"])
+        assert get_spec(args.model).name == "hiera_base_plus" and get_spec(args.model).serve_id == "hiera_b_plus"

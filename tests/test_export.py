@@ -142,6 +142,8 @@ def test_model_registry():
     assert get_spec("hiera_base_plus", "2.0").config_name == "configs/sam2/sam2_hiera_b+.yaml"
     assert get_spec("hiera_large").checkpoint_filename == "sam2.1_hiera_large.pt"
     assert get_spec("hiera_base_plus").serve_id == "hiera_b_plus"
+    assert get_spec("hiera_b_plus") == get_spec("hiera_base_plus")  # Roboflow's spelling, accepted everywhere
+    assert get_spec("hiera_b_plus", "2.0").config_name == "configs/sam2/sam2_hiera_b+.yaml"
     with pytest.raises(Sam2rtError, match="choose one of"):
         get_spec("hiera_huge")
 

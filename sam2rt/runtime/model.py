@@ -18,7 +18,7 @@ from .backends import Backend, create_backend
 from .embedding import Embedding
 from .postprocess import Upsampler, clamp_logits, select_masks
 from .preprocess import check_image, preprocess
-from .prompts import Prompt
+from .prompts import CheckedPrompt, Prompt
 
 log = logging.getLogger("sam2rt")
 
@@ -175,21 +175,30 @@ class Sam2Model:
         extra padding ever changes a result). Results come back in prompt order.
         """
         self._check_embedding(embedding)
+        checked = self.check_prompts(prompts, embedding.original_size)
+        groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
+        for i, prompt in enumerate(checked):
+            groups[(prompt.coords.shape[1], prompt.mask is not None)].append(i)
+        low_res = np.empty((len(checked), 4, LOW_RES_SIZE, LOW_RES_SIZE), np.float32)
+        iou = np.empty((len(checked), 4), np.float32)
+        for (_, has_mask), idx in groups.items():
+            xy = np.concatenate([checked[i].coords for i in idx])
+            lab = np.concatenate([checked[i].labels for i in idx])
+            mask = np.concatenate([checked[i].mask for i in idx]) if has_mask else None
+            lr, sc = self.decode_raw(embedding, xy, lab, mask)
+            low_res[idx], iou[idx] = lr, sc
+        return self.finish(low_res, iou, embedding.original_size, multimask_output, return_logits)
+
+    @staticmethod
+    def check_prompts(prompts: Prompt | Sequence[Prompt], image_size: tuple[int, int]) -> list[CheckedPrompt]:
+        """Validate prompts against an image of image_size (H, W) without running anything.
+
+        Raises InvalidPromptError for the first bad prompt (e.g. a point outside the image). `decode`
+        calls it; call it yourself before `embed` to reject bad prompts without the encoder's cost.
+        """
         if isinstance(prompts, Prompt):
             prompts = [prompts]
         prompts = list(prompts)
         if not prompts:
             raise InvalidPromptError("decode() needs at least one Prompt")
-        checked = [p.checked(embedding.original_size) for p in prompts]
-        groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
-        for i, (xy, _, mask) in enumerate(checked):
-            groups[(xy.shape[1], mask is not None)].append(i)
-        low_res = np.empty((len(prompts), 4, LOW_RES_SIZE, LOW_RES_SIZE), np.float32)
-        iou = np.empty((len(prompts), 4), np.float32)
-        for (_, has_mask), idx in groups.items():
-            xy = np.concatenate([checked[i][0] for i in idx])
-            lab = np.concatenate([checked[i][1] for i in idx])
-            mask = np.concatenate([checked[i][2] for i in idx]) if has_mask else None
-            lr, sc = self.decode_raw(embedding, xy, lab, mask)
-            low_res[idx], iou[idx] = lr, sc
-        return self.finish(low_res, iou, embedding.original_size, multimask_output, return_logits)
+        return [p.checked(image_size) for p in prompts]
