@@ -19,6 +19,7 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "build-engine": ("sam2rt.export.tensorrt_build", "build TensorRT engines from an exported model directory"),
     "bench": ("sam2rt.bench.cli", "benchmark a model directory against the PyTorch reference"),
     "serve": ("sam2rt.serve.cli", "run the Roboflow-compatible SAM 2 HTTP server"),
+    "verify": ("sam2rt.verify", "compare an exported model directory with the official model from its checkpoint"),
 }
 
 
