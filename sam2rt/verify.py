@@ -132,9 +132,11 @@ class Samples:
         return cls([], [], [])
 
     def add(self, ours: tuple, ref: tuple) -> None:
-        self.logit_diffs.append(float(np.abs(np.asarray(ours[2]) - np.asarray(ref[2])).max()))
-        self.score_diffs.append(float(np.abs(np.asarray(ours[1]) - np.asarray(ref[1])).max()))
-        self.ious.extend(np.ravel(mask_iou(ours[0], ref[0])).astype(float).tolist())
+        """One call's (masks, scores, low-res logits) from each side, as `predict` returns them."""
+        (masks, scores, logits), (ref_masks, ref_scores, ref_logits) = ours, ref
+        self.logit_diffs.append(float(np.abs(np.asarray(logits) - np.asarray(ref_logits)).max()))
+        self.score_diffs.append(float(np.abs(np.asarray(scores) - np.asarray(ref_scores)).max()))
+        self.ious.extend(np.ravel(mask_iou(masks, ref_masks)).astype(float).tolist())
 
     def extend(self, other: "Samples") -> None:
         self.logit_diffs += other.logit_diffs
@@ -200,8 +202,9 @@ def build_reference(manifest, checkpoint: Path, threads: int | None):
     return SAM2ImagePredictor(model), spec
 
 
-def _with_mask(kwargs: dict[str, Any], logits: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+def _with_mask(kwargs: dict[str, Any], previous: tuple) -> dict[str, Any]:
     """A refinement click: the first point again, with the best low-res logits of a previous call as mask_input."""
+    _, scores, logits = previous
     return dict(point_coords=kwargs["point_coords"][:1], point_labels=kwargs["point_labels"][:1],
                 mask_input=logits[int(np.argmax(scores))][None], multimask_output=False)
 
@@ -215,21 +218,19 @@ def compare(ref, ours, images: dict[str, np.ndarray], ref_cache: dict, log: Call
     for name, image in images.items():
         h, w = image.shape[:2]
         t0 = time.perf_counter()
+        grid = prompt_grid(h, w)
+        first_case, first_kwargs = grid[0]
         if name not in ref_cache:
             ref.set_image(image)
-            cache = ref_cache[name] = {}
-            for case, kwargs in prompt_grid(h, w):
-                cache[case] = ref.predict(**kwargs)
-            first_case, first = prompt_grid(h, w)[0]
-            refine = _with_mask(first, cache[first_case][2], cache[first_case][1])
-            cache["mask_refine"] = (refine, ref.predict(**refine))
+            cache = ref_cache[name] = {case: ref.predict(**kwargs) for case, kwargs in grid}
+            # the mask prompt is the reference's own earlier answer, for both sides alike
+            cache["mask_refine"] = ref.predict(**_with_mask(first_kwargs, cache[first_case]))
             ref.reset_predictor()
         cache = ref_cache[name]
+        refine = _with_mask(first_kwargs, cache[first_case])
         ours.set_image(image)
-        for case, kwargs in prompt_grid(h, w):
+        for case, kwargs in [*grid, ("mask_refine", refine)]:
             by_case.setdefault(case.split("@")[0], Samples.empty()).add(ours.predict(**kwargs), cache[case])
-        refine, ref_out = cache["mask_refine"]
-        by_case.setdefault("mask_refine", Samples.empty()).add(ours.predict(**refine), ref_out)
         log(f"  {name} ({w}x{h}) in {time.perf_counter() - t0:.1f} s")
     return by_case
 
