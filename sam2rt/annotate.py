@@ -39,14 +39,41 @@ def write_image(path: str | Path, rgb: np.ndarray) -> Path:
     return path
 
 
+RANDOM_WEIGHTS_TEXT = "RANDOM WEIGHTS: masks are meaningless"
+BANNER_COLOR = (200, 0, 0)  # RGB: the banner's background; its text is white
+
+
+def mark_random_weights(rgb: np.ndarray, text: str = RANDOM_WEIGHTS_TEXT) -> np.ndarray:
+    """Draw a red banner across the top of the image saying its masks come from random weights (in place).
+
+    The banner is 1/12 of the image height (at least 16 pixels, at most the image), the text scaled
+    to fit its width, so anyone who sees the picture without the command's output sees the warning.
+    """
+    h, w = rgb.shape[:2]
+    band = min(h, max(16, h // 12))
+    rgb[:band] = BANNER_COLOR
+    font, thickness = cv2.FONT_HERSHEY_SIMPLEX, max(1, band // 16)
+    (tw, th), _ = cv2.getTextSize(text, font, 1.0, thickness)
+    scale = min((band * 0.6) / th, (w * 0.95) / tw)
+    (tw, th), _ = cv2.getTextSize(text, font, scale, thickness)
+    origin = (max(0, (w - tw) // 2), (band + th) // 2)
+    cv2.putText(rgb, text, origin, font, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+    return rgb
+
+
 def annotate(
     rgb: np.ndarray,
     masks: np.ndarray,
     points: Sequence[Sequence[float]] = (),
     boxes: Sequence[Sequence[float]] = (),
     alpha: float = 0.5,
+    random_weights: bool = False,
 ) -> np.ndarray:
-    """Overlay (K,H,W) boolean masks in distinct colours with their outlines, plus the prompts."""
+    """Overlay (K,H,W) boolean masks in distinct colours with their outlines, plus the prompts.
+
+    With `random_weights` (a model exported with random weights) a red "RANDOM WEIGHTS" banner is
+    drawn across the top, so the picture cannot be mistaken for a trained model's result.
+    """
     out = rgb.astype(np.float32)
     for i, mask in enumerate(np.asarray(masks, dtype=bool)):
         color = PALETTE[i % len(PALETTE)]
@@ -62,4 +89,6 @@ def annotate(
         label = int(p[2]) if len(p) > 2 else 1
         cv2.circle(out, (x, y), 6, (0, 255, 0) if label == 1 else (255, 0, 0), -1)
         cv2.circle(out, (x, y), 6, (255, 255, 255), 1)
+    if random_weights:
+        mark_random_weights(out)
     return out

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 from . import __version__
 from .errors import Sam2rtError
-from .models import MODEL_NAMES, VERSIONS
+from .models import ACCEPTED_MODEL_NAMES, VERSIONS
 
 # Subcommands contributed by other modules: name -> (module path, help). Each module defines
 # `add_arguments(parser)` and `run(args) -> int`; they are imported only when used.
@@ -19,6 +19,7 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "build-engine": ("sam2rt.export.tensorrt_build", "build TensorRT engines from an exported model directory"),
     "bench": ("sam2rt.bench.cli", "benchmark a model directory against the PyTorch reference"),
     "serve": ("sam2rt.serve.cli", "run the Roboflow-compatible SAM 2 HTTP server"),
+    "verify": ("sam2rt.verify", "compare an exported model directory with the official model from its checkpoint"),
 }
 
 
@@ -47,7 +48,8 @@ def _parse_box(text: str) -> tuple[float, float, float, float]:
 
 # --- export ----------------------------------------------------------------------------
 def _add_export(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=MODEL_NAMES, required=True, help="SAM 2 variant")
+    p.add_argument("--model", choices=ACCEPTED_MODEL_NAMES, required=True,
+                   help="SAM 2 variant (hiera_b_plus is another spelling of hiera_base_plus)")
     p.add_argument("--version", choices=VERSIONS, default="2.1", help="SAM release (default 2.1)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", type=Path, help="official SAM 2 checkpoint (.pt) to export")
@@ -108,13 +110,6 @@ def _run_segment(args: argparse.Namespace) -> int:
 
     if not args.point and not args.box:
         raise Sam2rtError("give at least one --point X,Y[,LABEL] or --box X0,Y0,X1,Y1")
-    t0 = time.perf_counter()
-    model = Sam2Model.from_dir(args.model_dir, backend=args.backend)
-    t_load = time.perf_counter() - t0
-    image = read_image(args.image)
-    t0 = time.perf_counter()
-    emb = model.embed(image)
-    t_embed = time.perf_counter() - t0
     pts = np.array([p[:2] for p in args.point], dtype=np.float64).reshape(-1, 2)
     labels = np.array([p[2] for p in args.point], dtype=np.float64)
     if args.box:
@@ -122,13 +117,22 @@ def _run_segment(args: argparse.Namespace) -> int:
     else:
         prompts = [Prompt(pts, labels)]
     t0 = time.perf_counter()
+    model = Sam2Model.from_dir(args.model_dir, backend=args.backend)
+    t_load = time.perf_counter() - t0
+    image = read_image(args.image)
+    Sam2Model.check_prompts(prompts, image.shape[:2])  # a bad prompt fails here, not after the encoder
+    t0 = time.perf_counter()
+    emb = model.embed(image)
+    t_embed = time.perf_counter() - t0
+    t0 = time.perf_counter()
     result = model.decode(emb, prompts, multimask_output=not args.single_mask).best()
     t_decode = time.perf_counter() - t0
     masks = result.masks[:, 0]
     timings = {"load_s": t_load, "embed_s": t_embed, "decode_s": t_decode}
     weights = model.manifest.describe_weights()
     if args.out:
-        write_image(args.out, annotate(image, masks, points=args.point, boxes=args.box))
+        write_image(args.out, annotate(image, masks, points=args.point, boxes=args.box,
+                                       random_weights=model.manifest.random_weights))
     if args.json:
         print(json.dumps({
             "model": model.manifest.model["model_id"], "weights": weights, "backend": model.backend_name,

@@ -9,6 +9,9 @@ from .errors import Sam2rtError
 
 MODEL_NAMES = ("hiera_tiny", "hiera_small", "hiera_base_plus", "hiera_large")
 VERSIONS = ("2.1", "2.0")
+# Other spellings accepted wherever a model name is: Roboflow's `sam2_version_id` spells base_plus b_plus.
+MODEL_ALIASES = {"hiera_b_plus": "hiera_base_plus"}
+ACCEPTED_MODEL_NAMES = MODEL_NAMES + tuple(MODEL_ALIASES)
 
 _SHORT = {"hiera_tiny": "t", "hiera_small": "s", "hiera_base_plus": "b+", "hiera_large": "l"}
 # Roboflow Inference's `sam2_version_id` for each model (it spells base_plus as b_plus).
@@ -63,10 +66,16 @@ class ModelSpec:
         return _SERVE_ID[self.name]
 
 
+def canonical_name(name: str) -> str:
+    """The model name for any accepted spelling (hiera_b_plus -> hiera_base_plus); unknown names unchanged."""
+    return MODEL_ALIASES.get(name, name)
+
+
 def get_spec(name: str, version: str = "2.1") -> ModelSpec:
-    """Return the spec of a model, or raise Sam2rtError naming the valid choices."""
+    """Return the spec of a model (any accepted spelling), or raise Sam2rtError naming the valid choices."""
+    name = canonical_name(name)
     if name not in MODEL_NAMES:
-        raise Sam2rtError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
+        raise Sam2rtError(f"unknown model {name!r}: choose one of {', '.join(ACCEPTED_MODEL_NAMES)}")
     if version not in VERSIONS:
         raise Sam2rtError(f"unknown SAM 2 release {version!r}: choose one of {', '.join(VERSIONS)}")
     return ModelSpec(name, version)
@@ -74,4 +83,4 @@ def get_spec(name: str, version: str = "2.1") -> ModelSpec:
 
 def serve_id_for(name: str) -> str:
     """Roboflow's `sam2_version_id` for a model name (hiera_base_plus -> hiera_b_plus)."""
-    return _SERVE_ID[name]
+    return _SERVE_ID[canonical_name(name)]

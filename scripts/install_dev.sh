@@ -7,3 +7,9 @@ cd "$(dirname "$0")/.."
 python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 SAM2_BUILD_CUDA=0 python -m pip install -q --no-build-isolation "sam2==1.1.0"
 python -m pip install -q -e ".[dev]"
+# One OpenCV: sam2rt depends on opencv-python-headless, inference-sdk (a test dependency) on opencv-python.
+# Both install the same `cv2` package, file over file, so `import cv2` would load a mix of whichever wrote
+# last. Keep the headless build: remove the others, then reinstall it so that its files are whole again.
+python -m pip uninstall -q -y opencv-python opencv-contrib-python opencv-contrib-python-headless 2>/dev/null || true
+headless=$(python -c 'from importlib.metadata import version; print(version("opencv-python-headless"))')
+python -m pip install -q --force-reinstall --no-deps "opencv-python-headless==$headless"

@@ -1,7 +1,17 @@
-"""Shared fixtures: a seeded random-weight SAM 2.1 hiera_tiny, saved as an official checkpoint and exported once."""
+"""Shared fixtures.
+
+- `tiny_model_dir` / `tiny_model`: a stand-in model directory with SAM 2's graph names, inputs, outputs and
+  manifest but tiny graphs (sam2rt/export/tiny_model.py), built in milliseconds without torch. Tests of
+  what the runtime does around the graphs (prompt checks, batching, graph choice, errors, CLI) use it.
+- `checkpoint_path` / `model_dir` / `sam2rt_model` / `reference_predictor`: a seeded random-weight SAM 2.1
+  hiera_tiny saved as an official checkpoint and exported once per session, for the tests of SAM 2's
+  numerics (parity with the reference, the export itself).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 
@@ -27,12 +37,17 @@ def checkpoint_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def model_dir(checkpoint_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """hiera_tiny exported from checkpoint_path (read back from the file, as a user's checkpoint would be)."""
-    from sam2rt.export import export_model
-    from sam2rt.models import get_spec
+    """hiera_tiny exported from checkpoint_path by `sam2rt export` (in this process; what it printed is saved
+    beside the directory for tests/test_cli.py): the session's one real export."""
+    from sam2rt.cli import main
 
     out = tmp_path_factory.mktemp("model") / MODEL_NAME
-    export_model(get_spec(MODEL_NAME, "2.1"), out, checkpoint=checkpoint_path, progress=False)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = main(["export", "--model", MODEL_NAME, "--checkpoint", str(checkpoint_path), "--out", str(out), "--quiet"])
+    (out.parent / "export_stdout.txt").write_text(stdout.getvalue())
+    (out.parent / "export_stderr.txt").write_text(stderr.getvalue())
+    assert rc == 0, stderr.getvalue()
     return out
 
 
@@ -53,6 +68,21 @@ def sam2rt_model(model_dir: Path):
     from sam2rt.runtime import Sam2Model
 
     return Sam2Model.from_dir(model_dir, backend="onnxruntime-cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny stand-in model directory (SAM 2's names and shapes, none of its numerics); do not modify it."""
+    from sam2rt.export.tiny_model import build_tiny_model_dir
+
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model").directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path):
+    from sam2rt.runtime import Sam2Model
+
+    return Sam2Model.from_dir(tiny_model_dir, backend="onnxruntime-cpu")
 
 
 def photo(name: str) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Every bad input gets a typed Sam2rtError whose message says what was wrong."""
+"""Every bad input gets a typed Sam2rtError whose message says what was wrong (on the tiny stand-in model)."""
 
 from __future__ import annotations
 
@@ -21,26 +21,26 @@ from sam2rt.manifest import sha256_file
 
 
 @pytest.fixture(scope="module")
-def predictor(model_dir):
+def predictor(tiny_model_dir):
     from sam2rt import Predictor
 
-    return Predictor.from_dir(model_dir, backend="onnxruntime-cpu")
+    return Predictor.from_dir(tiny_model_dir, backend="onnxruntime-cpu")
 
 
 @pytest.fixture(scope="module")
-def image_predictor(model_dir):
+def image_predictor(tiny_model_dir):
     """A predictor with an image set, used only by tests that never call set_image."""
     from sam2rt import Predictor
 
-    p = Predictor.from_dir(model_dir, backend="onnxruntime-cpu")
+    p = Predictor.from_dir(tiny_model_dir, backend="onnxruntime-cpu")
     p.set_image(np.zeros((100, 200, 3), np.uint8))
     return p
 
 
 @pytest.fixture()
-def model_copy(model_dir, tmp_path):
+def model_copy(tiny_model_dir, tmp_path):
     dst = tmp_path / "model"
-    shutil.copytree(model_dir, dst)
+    shutil.copytree(tiny_model_dir, dst)
     return dst
 
 
@@ -99,22 +99,22 @@ def test_bad_prompts(image_predictor, kwargs, fragment):
     assert fragment in str(info.value)
 
 
-def test_predict_before_set_image(model_dir):
+def test_predict_before_set_image(tiny_model_dir):
     from sam2rt import Predictor
 
-    p = Predictor.from_dir(model_dir, backend="onnxruntime-cpu")
+    p = Predictor.from_dir(tiny_model_dir, backend="onnxruntime-cpu")
     with pytest.raises(ImageNotSetError, match="set_image"):
         p.predict(point_coords=np.array([[1, 1]]), point_labels=np.array([1]))
 
 
-def test_empty_prompt_to_decode(sam2rt_model):
+def test_empty_prompt_to_decode(tiny_model):
     from sam2rt.runtime import Prompt
 
-    emb = sam2rt_model.embed(np.zeros((32, 32, 3), np.uint8))
+    emb = tiny_model.embed(np.zeros((32, 32, 3), np.uint8))
     with pytest.raises(InvalidPromptError, match="at least one point"):
-        sam2rt_model.decode(emb, Prompt())
+        tiny_model.decode(emb, Prompt())
     with pytest.raises(InvalidPromptError, match="at least one Prompt"):
-        sam2rt_model.decode(emb, [])
+        tiny_model.decode(emb, [])
 
 
 def test_missing_model_dir(tmp_path):
@@ -167,27 +167,27 @@ def test_corrupt_manifest(model_copy):
         Sam2Model.from_dir(model_copy)
 
 
-def test_unknown_backend(model_dir):
+def test_unknown_backend(tiny_model_dir):
     from sam2rt.errors import BackendUnavailableError
     from sam2rt.runtime import Sam2Model
 
     with pytest.raises(BackendUnavailableError, match="unknown backend"):
-        Sam2Model.from_dir(model_dir, backend="magic")
+        Sam2Model.from_dir(tiny_model_dir, backend="magic")
 
 
-def test_embedding_from_other_model_and_bad_file(sam2rt_model, tmp_path):
+def test_embedding_from_other_model_and_bad_file(tiny_model, tmp_path):
     from sam2rt.runtime import Embedding, Prompt
 
-    emb = sam2rt_model.embed(np.zeros((40, 50, 3), np.uint8))
+    emb = tiny_model.embed(np.zeros((40, 50, 3), np.uint8))
     path = emb.save(tmp_path / "e.npz")
     back = Embedding.load(path)
     assert back.original_size == (40, 50)
-    a = sam2rt_model.decode(emb, Prompt(box=np.array([1, 1, 30, 30])))
-    b = sam2rt_model.decode(back, Prompt(box=np.array([1, 1, 30, 30])))
+    a = tiny_model.decode(emb, Prompt(box=np.array([1, 1, 30, 30])))
+    b = tiny_model.decode(back, Prompt(box=np.array([1, 1, 30, 30])))
     np.testing.assert_array_equal(a.low_res_logits, b.low_res_logits)
     back.model_key = "another-model"
     with pytest.raises(InvalidEmbeddingError, match="another model"):
-        sam2rt_model.decode(back, Prompt(box=np.array([1, 1, 30, 30])))
+        tiny_model.decode(back, Prompt(box=np.array([1, 1, 30, 30])))
     (tmp_path / "bad.npz").write_bytes(b"nope")
     with pytest.raises(InvalidEmbeddingError, match="not a sam2rt embedding"):
         Embedding.load(tmp_path / "bad.npz")

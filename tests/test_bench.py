@@ -62,7 +62,7 @@ def test_bench_json_structure(bench_run):
                 "batch4_vs_singles", "batch16_vs_singles", "predict_point_cached_1080p", "e2e_640x480", "e2e_1920x1080",
                 "decoder_only_point", "postprocess_640x480"}
     assert expected <= set(cases), sorted(set(expected) - set(cases))
-    for name, c in cases.items():
+    for c in cases.values():
         _check_stats(c["sam2rt"])
         if "reference" in c:
             _check_stats(c["reference"])

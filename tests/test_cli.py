@@ -1,4 +1,8 @@
-"""The command line: segment end to end, info, export with random weights, and clean errors."""
+"""The command line: segment end to end (on the tiny stand-in model), info, export, and clean errors.
+
+The session's one real export runs through `sam2rt export` (tests/conftest.py, `model_dir`); its output
+is checked here.
+"""
 
 from __future__ import annotations
 
@@ -25,18 +29,35 @@ def image_file(tmp_path_factory) -> Path:
     return path
 
 
-def test_segment_writes_annotated_png_and_json(model_dir, image_file, tmp_path):
+def test_segment_writes_annotated_png_and_json(tiny_model_dir, image_file, tmp_path):
     out = tmp_path / "annotated.png"
-    res = sam2rt("segment", "--model-dir", str(model_dir), "--image", str(image_file), "--point", "300,200",
+    res = sam2rt("segment", "--model-dir", str(tiny_model_dir), "--image", str(image_file), "--point", "300,200",
                  "--point", "100,100,0", "--box", "50,50,500,350", "--box", "10,10,200,200", "--out", str(out), "--json")
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout)
     assert len(info["objects"]) == 2 and info["image_size"] == [400, 600]
-    assert "RANDOM" not in info["weights"] and info["backend"] == "onnxruntime-cpu"
+    assert info["weights"].startswith("RANDOM weights") and info["backend"] == "onnxruntime-cpu"
     assert set(info["timings"]) == {"load_s", "embed_s", "decode_s"}
     annotated = cv2.imread(str(out))
     assert annotated.shape == (400, 600, 3)
     assert not np.array_equal(annotated[..., ::-1], photo("coffee")), "nothing was drawn"
+    from sam2rt.annotate import BANNER_COLOR
+
+    banner = np.all(annotated[:30, :, ::-1] == np.array(BANNER_COLOR, np.uint8), axis=-1)
+    assert banner.mean() > 0.5, "a random-weight model's picture carries the RANDOM WEIGHTS banner"
+
+
+def test_segment_checks_prompts_before_the_encoder(tiny_model_dir, image_file, monkeypatch, capsys):
+    """A point outside the image is refused before the (seconds-long) embed."""
+    from sam2rt.cli import main
+    from sam2rt.runtime import Sam2Model
+
+    def embed(*args, **kwargs):
+        raise AssertionError("embed ran before the prompts were checked")
+
+    monkeypatch.setattr(Sam2Model, "embed", embed)
+    assert main(["segment", "--model-dir", str(tiny_model_dir), "--image", str(image_file), "--point", "601,10"]) == 2
+    assert "outside the image" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -49,18 +70,18 @@ def test_segment_writes_annotated_png_and_json(model_dir, image_file, tmp_path):
         ([], "at least one --point"),
     ],
 )
-def test_segment_bad_prompts_exit_cleanly(model_dir, image_file, args, fragment):
-    res = sam2rt("segment", "--model-dir", str(model_dir), "--image", str(image_file), *args)
+def test_segment_bad_prompts_exit_cleanly(tiny_model_dir, image_file, args, fragment):
+    res = sam2rt("segment", "--model-dir", str(tiny_model_dir), "--image", str(image_file), *args)
     assert res.returncode == 2
     assert fragment in res.stderr and "Traceback" not in res.stderr
 
 
-def test_segment_missing_model_and_bad_image(tmp_path, model_dir):
+def test_segment_missing_model_and_bad_image(tmp_path, tiny_model_dir):
     res = sam2rt("segment", "--model-dir", str(tmp_path / "none"), "--image", "x.png", "--point", "1,1")
     assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
-    res = sam2rt("segment", "--model-dir", str(model_dir), "--image", str(bad), "--point", "1,1")
+    res = sam2rt("segment", "--model-dir", str(tiny_model_dir), "--image", str(bad), "--point", "1,1")
     assert res.returncode == 2 and "could not be decoded" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -88,7 +109,16 @@ def test_export_offline_fails_clearly(tmp_path):
     assert "--checkpoint" in res.stderr and "--random-weights" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_session_export_ran_through_the_cli(model_dir, checkpoint_path):
+    """The session's model directory was made by `sam2rt export --checkpoint` (conftest): what it printed."""
+    out, err = (model_dir.parent / "export_stdout.txt").read_text(), (model_dir.parent / "export_stderr.txt").read_text()
+    assert out.startswith("exported sam2.1_hiera_tiny to ") and f"checkpoint {checkpoint_path}" in out
+    assert "largest ONNX-vs-PyTorch difference" in out and "RANDOM" not in out + err
+
+
+@pytest.mark.slow
 def test_export_random_weights_is_labelled(tmp_path, image_file):
+    """A second full export (random weights, seed 7): in the slow suite."""
     out = tmp_path / "random"
     res = sam2rt("export", "--model", "hiera_tiny", "--random-weights", "7", "--out", str(out), "--quiet")
     assert res.returncode == 0, res.stderr
@@ -98,3 +128,12 @@ def test_export_random_weights_is_labelled(tmp_path, image_file):
     res = sam2rt("segment", "--model-dir", str(out), "--image", str(image_file), "--point", "10,10", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["weights"].startswith("RANDOM weights")
+
+
+def test_hiera_b_plus_is_accepted_as_a_model_name():
+    from sam2rt.cli import build_parser
+    from sam2rt.models import get_spec
+
+    for name in ("hiera_b_plus", "hiera_base_plus"):
+        args = build_parser().parse_args(["export", "--model", name, "--out", "o"])
+        assert get_spec(args.model).name == "hiera_base_plus" and get_spec(args.model).serve_id == "hiera_b_plus"

@@ -1,6 +1,10 @@
-"""The fast mask-free decoder (decoder_prep + decoder_fast): used for plain prompts, equal to the reference."""
+"""The fast mask-free decoder (decoder_prep + decoder_fast): used for plain prompts, equal to the reference.
+
+Which graph runs when is checked on the tiny stand-in model; the numerics and the export on the real one."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,11 +25,11 @@ class _Counting:
 
 
 @pytest.fixture()
-def counted(model_dir):
-    """A fresh CPU model whose three mask-free graphs count their runs."""
+def counted(tiny_model_dir):
+    """A fresh CPU model (the tiny stand-in graphs) whose three mask-free graphs count their runs."""
     from sam2rt.runtime import Sam2Model
 
-    model = Sam2Model.from_dir(model_dir, backend="onnxruntime-cpu")
+    model = Sam2Model.from_dir(tiny_model_dir, backend="onnxruntime-cpu")
     b = model.backend
     # only what plain prompts need is loaded up front (the other decoders' weights would add to peak memory)
     assert set(b._sessions) == {"decoder_prep", "decoder_fast"}
@@ -36,10 +40,16 @@ def counted(model_dir):
 
 
 @pytest.fixture()
-def model_copy(model_dir, tmp_path):
-    from sam2rt.export.onnx_export import copy_model_dir
+def model_copy(tiny_model_dir, tmp_path):
+    import shutil
 
-    return copy_model_dir(model_dir, tmp_path / "model")
+    return Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+
+
+@pytest.fixture(scope="module")
+def coffee_embedding(sam2rt_model):
+    """The real export's embedding of one photo, shared by the numerical tests."""
+    return sam2rt_model.embed(photo("coffee"))
 
 
 def _points(n: int, rng: np.random.Generator, h: int, w: int):
@@ -81,9 +91,9 @@ def test_embed_prepares_and_plain_prompts_use_the_fast_graph(counted):
 
 
 @pytest.mark.parametrize("n_points", [1, 4, FAST_MAX_POINTS - 1, FAST_MAX_POINTS + 3])
-def test_fast_graph_equals_the_mask_free_graph(sam2rt_model, n_points):
+def test_fast_graph_equals_the_mask_free_graph(sam2rt_model, coffee_embedding, n_points):
     """Same prompts through decoder_fast (prepared tensors given) and decoder_nomask (not given)."""
-    emb = sam2rt_model.embed(photo("coffee"))
+    emb = coffee_embedding
     rng = np.random.default_rng(n_points)
     xy = rng.uniform(0, 1024, size=(3, n_points, 2)).astype(np.float32)
     lab = rng.integers(-1, 4, size=(3, n_points)).astype(np.float32)
@@ -128,12 +138,12 @@ def test_stale_fast_decoder_is_not_used(model_copy):
     assert emb.prepared == {}
 
 
-def test_fast_decoder_can_be_turned_off(model_dir):
+def test_fast_decoder_can_be_turned_off(tiny_model_dir):
     from sam2rt.manifest import Manifest
     from sam2rt.runtime import Sam2Model
     from sam2rt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-    manifest = Manifest.load(model_dir)
+    manifest = Manifest.load(tiny_model_dir)
     model = Sam2Model(manifest, OnnxRuntimeBackend(manifest, "onnxruntime-cpu", fast_decoder=False))
     assert "decoder_fast" not in model.backend.files
     assert model.embed(photo("chelsea")).prepared == {}
@@ -162,11 +172,11 @@ def test_fast_graph_is_exported_for_one_prompt_without_slow_fusions(model_dir):
             assert n.input[2] in init and len(init[n.input[2]].dims) <= 1, n.name
 
 
-def test_a_batch_decodes_on_parallel_lanes_as_prompt_by_prompt(sam2rt_model):
+def test_a_batch_decodes_on_parallel_lanes_as_prompt_by_prompt(tiny_model):
     """A batch on the fast decoder runs on single-threaded sessions side by side; each prompt's result is
     the one the main session gives it alone."""
-    emb = sam2rt_model.embed(photo("coffee"))
-    b = sam2rt_model.backend
+    emb = tiny_model.embed(photo("coffee"))
+    b = tiny_model.backend
     if b.threads < 2:
         pytest.skip("one thread: batches run prompt by prompt on the main session")
     rng = np.random.default_rng(7)
@@ -191,9 +201,11 @@ def test_an_export_without_the_new_manifest_keys_still_decodes_batches(model_cop
 
     path = model_copy / "manifest.json"
     manifest = json.loads(path.read_text())
+    variants = manifest["graphs"]["decoder"]["variants"]
+    assert {"fast", "fast_optimized"} <= set(variants)
     for name in ("fast", "fast_optimized"):
-        manifest["graphs"]["decoder"]["variants"][name].pop("prompts_per_run")
-        manifest["graphs"]["decoder"]["variants"][name].pop("ort_disabled_optimizers")
+        variants[name].pop("prompts_per_run")
+        variants[name].pop("ort_disabled_optimizers")
     path.write_text(json.dumps(manifest))
     model = Sam2Model.from_dir(model_copy, backend="onnxruntime-cpu")
     assert model.backend.fast_batch == 1 and "decoder_fast" in model.backend.files

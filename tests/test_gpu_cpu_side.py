@@ -128,15 +128,15 @@ def test_build_engine_checks_model_dir_and_calibration_images(tmp_path, capsys, 
     assert "does not match manifest.json" in capsys.readouterr().err
 
 
-def test_build_engine_without_tensorrt_fails_clearly(model_dir, capsys, no_tensorrt):
-    before = json.loads((model_dir / "manifest.json").read_text())
-    rc = main(["build-engine", "--model-dir", str(model_dir), "--fp16", "--quiet"])
+def test_build_engine_without_tensorrt_fails_clearly(tiny_model_dir, capsys, no_tensorrt):
+    before = json.loads((tiny_model_dir / "manifest.json").read_text())
+    rc = main(["build-engine", "--model-dir", str(tiny_model_dir), "--fp16", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2
     assert "needs TensorRT" in err and "pip install 'sam2rt[trt]'" in err and "Jetson" in err
     assert "Traceback" not in err
-    assert not list(model_dir.glob("*.engine"))
-    assert json.loads((model_dir / "manifest.json").read_text()) == before
+    assert not list(tiny_model_dir.glob("*.engine"))
+    assert json.loads((tiny_model_dir / "manifest.json").read_text()) == before
 
 
 def test_build_engine_cli_subprocess_exit_code(tmp_path):
@@ -226,21 +226,21 @@ def test_decoder_profiles_cover_interactive_and_batch_use():
 
 
 # --- backends ---------------------------------------------------------------------------------------
-def test_auto_falls_back_to_cpu_here(model_dir):
+def test_auto_falls_back_to_cpu_here(tiny_model_dir):
     from sam2rt.runtime import Sam2Model
     from sam2rt.runtime.backends import available_backends
 
     status = available_backends()
     if status["tensorrt"] == "available" or status["onnxruntime-cuda"] == "available":
         pytest.fail("this test describes a machine without a GPU backend; run tests/test_gpu.py on GPU machines")
-    model = Sam2Model.from_dir(model_dir, backend="auto")
+    model = Sam2Model.from_dir(tiny_model_dir, backend="auto")
     assert model.backend_name == "onnxruntime-cpu" and model.backend.device == "cpu"
 
 
-def test_tensorrt_backend_unavailable_without_tensorrt(model_dir, no_tensorrt):
+def test_tensorrt_backend_unavailable_without_tensorrt(tiny_model_dir, no_tensorrt):
     from sam2rt.runtime.backends import available_backends, create_backend
 
-    m = Manifest.load(model_dir)
+    m = Manifest.load(tiny_model_dir)
     for name in ("tensorrt", "tensorrt:fp16"):
         with pytest.raises(BackendUnavailableError) as exc:
             create_backend(m, name)
@@ -249,34 +249,34 @@ def test_tensorrt_backend_unavailable_without_tensorrt(model_dir, no_tensorrt):
     assert available_backends()["tensorrt"].startswith("unavailable: TensorRT")
 
 
-def test_tensorrt_backend_unavailable_without_gpu(model_dir, monkeypatch):
+def test_tensorrt_backend_unavailable_without_gpu(tiny_model_dir, monkeypatch):
     """TensorRT importable but no usable CUDA device: a clear BackendUnavailableError, and `auto` moves on."""
     from sam2rt.runtime.backends import create_backend, tensorrt_backend
 
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
     monkeypatch.setattr(tensorrt_backend, "cuda_status", lambda device=0: "unavailable: no usable CUDA device (test)")
-    m = Manifest.load(model_dir)
+    m = Manifest.load(tiny_model_dir)
     with pytest.raises(BackendUnavailableError, match="needs a CUDA GPU: no usable CUDA device"):
         create_backend(m, "tensorrt")
     assert create_backend(m, "auto").name == "onnxruntime-cpu"
 
 
-def test_tensorrt_backend_unavailable_without_engines(model_dir, monkeypatch):
+def test_tensorrt_backend_unavailable_without_engines(tiny_model_dir, monkeypatch):
     from sam2rt.runtime.backends import create_backend, tensorrt_backend
 
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
     monkeypatch.setattr(tensorrt_backend, "cuda_status", lambda device=0: "available")
     with pytest.raises(BackendUnavailableError, match="no TensorRT engines in .*build-engine --model-dir"):
-        create_backend(Manifest.load(model_dir), "tensorrt")
+        create_backend(Manifest.load(tiny_model_dir), "tensorrt")
 
 
-def test_onnxruntime_gpu_backends_unavailable_on_cpu_onnxruntime(model_dir, monkeypatch):
+def test_onnxruntime_gpu_backends_unavailable_on_cpu_onnxruntime(tiny_model_dir, monkeypatch):
     import onnxruntime as ort
 
     from sam2rt.runtime.backends import create_backend
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    m = Manifest.load(model_dir)
+    m = Manifest.load(tiny_model_dir)
     for name, provider in (("onnxruntime-cuda", "CUDAExecutionProvider"), ("cuda", "CUDAExecutionProvider"),
                            ("onnxruntime-tensorrt", "TensorrtExecutionProvider")):
         with pytest.raises(BackendUnavailableError) as exc:
@@ -284,7 +284,7 @@ def test_onnxruntime_gpu_backends_unavailable_on_cpu_onnxruntime(model_dir, monk
         assert provider in str(exc.value) and "onnxruntime-gpu" in str(exc.value)
 
 
-def test_gpu_modules_stay_torch_free(model_dir):
+def test_gpu_modules_stay_torch_free(tiny_model_dir):
     code = textwrap.dedent(
         f"""
         import json, sys
@@ -294,7 +294,7 @@ def test_gpu_modules_stay_torch_free(model_dir):
         from sam2rt.runtime import Sam2Model, Prompt
         from sam2rt.runtime.backends import available_backends
         available_backends()
-        model = Sam2Model.from_dir({str(model_dir)!r}, backend="auto")
+        model = Sam2Model.from_dir({str(tiny_model_dir)!r}, backend="auto")
         emb = model.embed(np.full((64, 80, 3), 127, np.uint8))
         model.decode(emb.to_device(model), Prompt(points=np.array([[10.0, 20.0]]), labels=np.array([1])))
         print(json.dumps(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))))
@@ -336,18 +336,18 @@ def _prompts():
     ]
 
 
-def test_embedding_moves_between_devices(sam2rt_model, coffee):
+def test_embedding_moves_between_devices(tiny_model, coffee):
     from sam2rt.runtime import Embedding, Predictor
 
-    emb = sam2rt_model.embed(coffee)
-    assert emb.to_device(sam2rt_model) is emb and emb.to_device(Predictor(sam2rt_model)) is emb
+    emb = tiny_model.embed(coffee)
+    assert emb.to_device(tiny_model) is emb and emb.to_device(Predictor(tiny_model)) is emb
     on_dev = Embedding({k: _FakeDeviceTensor(v) for k, v in emb.features.items()}, emb.original_size, emb.model_key, "cuda:0")
-    back = on_dev.to_device(sam2rt_model)  # a CPU backend: to the host
+    back = on_dev.to_device(tiny_model)  # a CPU backend: to the host
     assert back.device == "cpu" and all(isinstance(v, np.ndarray) for v in back.features.values())
     for k in emb.features:
         np.testing.assert_array_equal(back.features[k], emb.features[k])
-    ref = sam2rt_model.decode(emb, _prompts())
-    got = sam2rt_model.decode(back, _prompts())
+    ref = tiny_model.decode(emb, _prompts())
+    got = tiny_model.decode(back, _prompts())
     np.testing.assert_array_equal(got.masks, ref.masks)
 
 
@@ -557,7 +557,6 @@ class _FakeTrt(types.ModuleType):
 def test_build_engines_records_what_the_runtime_checks(model_dir, tmp_path, monkeypatch):
     import shutil
 
-    from sam2rt.export import tensorrt_build
     from sam2rt.runtime import gpu
 
     d = Path(shutil.copytree(model_dir, tmp_path / "m"))
@@ -596,7 +595,7 @@ def test_build_engines_records_what_the_runtime_checks(model_dir, tmp_path, monk
     assert "int8" not in Manifest.load(d).data["engines"]
 
 
-def test_embedding_features_must_fit_the_model(sam2rt_model, coffee):
+def test_embedding_features_must_fit_the_model(tiny_model, coffee):
     """A GPU backend refuses features of the wrong shape when uploading (checked here on the TensorRT helper)."""
     from sam2rt.runtime.backends.tensorrt_backend import TensorRTBackend
 

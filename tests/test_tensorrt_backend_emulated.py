@@ -278,15 +278,17 @@ def make_fake_trt(cudart: FakeCudart, model_dir: Path, profiles: list[dict], enc
 
 # --- fixtures -----------------------------------------------------------------------------------------------
 @pytest.fixture
-def emulated(model_dir, tmp_path, monkeypatch):
-    """A model directory with 'engines' for the emulated GPU, and the emulated modules installed."""
+def emulated(tiny_model_dir, tmp_path, monkeypatch):
+    """A model directory with 'engines' for the emulated GPU, and the emulated modules installed.
+
+    The tiny stand-in model (tests/conftest.py): what is checked is the backend's logic, not SAM 2's numerics."""
     from sam2rt.runtime import gpu
 
     d = tmp_path / "m"
     d.mkdir()
     for f in ("encoder.onnx", "decoder.onnx"):
-        (d / f).symlink_to(model_dir / f)
-    manifest = json.loads((model_dir / "manifest.json").read_text())
+        (d / f).symlink_to(tiny_model_dir / f)
+    manifest = json.loads((tiny_model_dir / "manifest.json").read_text())
     (d / "manifest.json").write_text(json.dumps(manifest))
     profiles = decoder_profiles(8, 6)
     m = Manifest.load(d)
@@ -303,7 +305,7 @@ def emulated(model_dir, tmp_path, monkeypatch):
     # encoder.onnx within float rounding): the emulated engine runs the same graph, for bitwise comparisons
     from sam2rt.runtime.backends.onnxruntime_backend import cpu_graph_entries
 
-    cpu_encoder = model_dir / cpu_graph_entries(Manifest.load(model_dir))["encoder"]["file"]
+    cpu_encoder = tiny_model_dir / cpu_graph_entries(Manifest.load(tiny_model_dir))["encoder"]["file"]
     trt = make_fake_trt(cudart, d, profiles, encoder_graph=cpu_encoder)
     monkeypatch.setattr(gpu, "_CUDART", cudart)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
@@ -311,13 +313,13 @@ def emulated(model_dir, tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def plain_cpu_model(model_dir):
+def plain_cpu_model(tiny_model_dir):
     """The CPU backend running the same decoder graphs as the emulated engines (no fast decoder)."""
     from sam2rt.manifest import Manifest
     from sam2rt.runtime import Sam2Model
     from sam2rt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-    manifest = Manifest.load(model_dir)
+    manifest = Manifest.load(tiny_model_dir)
     return Sam2Model(manifest, OnnxRuntimeBackend(manifest, "onnxruntime-cpu", fast_decoder=False))
 
 

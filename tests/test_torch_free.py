@@ -8,14 +8,14 @@ import sys
 import textwrap
 
 
-def test_runtime_embed_decode_without_torch(model_dir):
+def test_runtime_embed_decode_without_torch(tiny_model_dir):
     code = textwrap.dedent(
         f"""
         import json, sys
         import numpy as np
         import sam2rt
         from sam2rt.runtime import Sam2Model, Prompt, Predictor
-        model = Sam2Model.from_dir({str(model_dir)!r}, backend="auto")
+        model = Sam2Model.from_dir({str(tiny_model_dir)!r}, backend="auto")
         img = (np.arange(200 * 300 * 3) % 251).astype(np.uint8).reshape(200, 300, 3)
         emb = model.embed(img)
         out = model.decode(emb, [Prompt(points=np.array([[10.0, 20.0]]), labels=np.array([1])), Prompt(box=np.array([0, 0, 50, 60]))])

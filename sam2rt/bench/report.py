@@ -66,7 +66,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"- threads: sam2rt {result['threads']['sam2rt_intra_op']}, torch {result['threads']['torch']}; "
         f"runs {result['config']['runs']} after {result['config']['warmup']} warm-up, interleaved with the reference"
         + (" (QUICK mode)" if result["config"].get("quick") else ""),
-        f"- versions: " + ", ".join(f"{k} {v[k]}" for k in ("python", "sam2rt", "numpy", "onnxruntime", "torch", "sam2") if k in v),
+        "- versions: " + ", ".join(f"{k} {v[k]}" for k in ("python", "sam2rt", "numpy", "onnxruntime", "torch", "sam2") if k in v),
         f"- weights: {result['model']['weights']}",
         f"- sam2rt graphs: {result.get('sam2rt_backend', {}).get('graph_files')}",
         "",

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime.embedding import FAST_MAX_POINTS, FEATURE_NAMES, PREPARED_NAMES
+from ..runtime.embedding import FAST_MAX_POINTS, FEATURE_NAMES, PREPARED_NAMES  # noqa: F401 (FAST_MAX_POINTS: re-exported)
 
 # ONNX Runtime fusions left out when decoder_fast is optimised and loaded (recorded in the manifest as
 # `ort_disabled_optimizers`): with the graph's static shapes ORT would fuse the image-token residual

@@ -17,7 +17,7 @@ from ..models import LOW_RES_SIZE
 from .backends import Backend, MaskRequest, TokenChoice, create_backend
 from .embedding import Embedding
 from .preprocess import check_image
-from .prompts import Prompt
+from .prompts import CheckedPrompt, Prompt
 
 log = logging.getLogger("sam2rt")
 
@@ -192,27 +192,36 @@ class Sam2Model:
         extra padding ever changes a result). Results come back in prompt order.
         """
         self._check_embedding(embedding)
+        checked = self.check_prompts(prompts, embedding.original_size)
+        groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
+        for i, prompt in enumerate(checked):
+            groups[(prompt.coords.shape[1], prompt.mask is not None)].append(i)
+        request = self.mask_request(embedding.original_size, multimask_output, return_logits)
+        parts = []
+        for (_, has_mask), idx in groups.items():
+            xy = np.concatenate([checked[i].coords for i in idx])
+            lab = np.concatenate([checked[i].labels for i in idx])
+            mask = np.concatenate([checked[i].mask for i in idx]) if has_mask else None
+            parts.append((idx, self.decode_batch(embedding, xy, lab, mask, request)))
+        if len(parts) == 1:
+            return parts[0][1]
+        first = parts[0][1]
+        n = len(checked)
+        out = Masks(*(np.empty((n, *a.shape[1:]), a.dtype) for a in (first.masks, first.scores, first.low_res_logits)))
+        for idx, part in parts:
+            out.masks[idx], out.scores[idx], out.low_res_logits[idx] = part.masks, part.scores, part.low_res_logits
+        return out
+
+    @staticmethod
+    def check_prompts(prompts: Prompt | Sequence[Prompt], image_size: tuple[int, int]) -> list[CheckedPrompt]:
+        """Validate prompts against an image of image_size (H, W) without running anything.
+
+        Raises InvalidPromptError for the first bad prompt (e.g. a point outside the image). `decode`
+        calls it; call it yourself before `embed` to reject bad prompts without the encoder's cost.
+        """
         if isinstance(prompts, Prompt):
             prompts = [prompts]
         prompts = list(prompts)
         if not prompts:
             raise InvalidPromptError("decode() needs at least one Prompt")
-        checked = [p.checked(embedding.original_size) for p in prompts]
-        groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
-        for i, (xy, _, mask) in enumerate(checked):
-            groups[(xy.shape[1], mask is not None)].append(i)
-        request = self.mask_request(embedding.original_size, multimask_output, return_logits)
-        parts = []
-        for (_, has_mask), idx in groups.items():
-            xy = np.concatenate([checked[i][0] for i in idx])
-            lab = np.concatenate([checked[i][1] for i in idx])
-            mask = np.concatenate([checked[i][2] for i in idx]) if has_mask else None
-            parts.append((idx, self.decode_batch(embedding, xy, lab, mask, request)))
-        if len(parts) == 1:
-            return parts[0][1]
-        first = parts[0][1]
-        n = len(prompts)
-        out = Masks(*(np.empty((n, *a.shape[1:]), a.dtype) for a in (first.masks, first.scores, first.low_res_logits)))
-        for idx, part in parts:
-            out.masks[idx], out.scores[idx], out.low_res_logits[idx] = part.masks, part.scores, part.low_res_logits
-        return out
+        return [p.checked(image_size) for p in prompts]

@@ -91,16 +91,17 @@ def clamp_logits(logits: np.ndarray) -> np.ndarray:
     return np.clip(logits, -LOGIT_CLAMP, LOGIT_CLAMP)
 
 
-_GRAPH = Path(__file__).resolve().parent / "graphs" / "upsample.onnx"
+_GRAPH_FILE = Path(__file__).resolve().parent / "graphs" / "upsample.onnx"
 
 
 class Upsampler:
     """Logits to the original size (and masks), on ONNX Runtime's threads where it is installed, else numpy.
 
     Both give identical results: the graph (sam2rt/runtime/graphs/upsample.onnx, built by
-    sam2rt.export.upsample_graph) does upsample_logits's operations in the same order. On the 2-core
-    benchmark machine, Sam2Model.finish for three 640x480 masks took 1.6 instead of 2.0 ms in a hot loop
-    (both cores; the intermediate buffers stay in ONNX Runtime's arena instead of fresh numpy arrays).
+    sam2rt.export.upsample_graph) does upsample_logits's operations in the same order. The graph is
+    preferred because it runs on all of ONNX Runtime's intra-op threads and keeps its intermediate
+    buffers in ONNX Runtime's arena instead of allocating image-sized numpy arrays per call
+    (measurements: benchmarks/README.md).
     """
 
     def __init__(self, threads: int | None = None) -> None:
@@ -108,8 +109,8 @@ class Upsampler:
         self._session: Any = None
         self._lock = threading.Lock()
 
-    def _graph(self) -> Any:
-        """The ORT session, created on first use; False if onnxruntime or the graph file is missing."""
+    def _session_or_false(self) -> Any:
+        """The graph's ORT session, created on first use; False if onnxruntime or the graph file is missing."""
         if self._session is None:
             with self._lock:
                 if self._session is None:
@@ -119,7 +120,7 @@ class Upsampler:
                         import onnxruntime as ort
 
                         so = session_options(self.threads, mem_pattern=False)
-                        self._session = ort.InferenceSession(str(_GRAPH), so, providers=["CPUExecutionProvider"])
+                        self._session = ort.InferenceSession(str(_GRAPH_FILE), so, providers=["CPUExecutionProvider"])
                     except Exception:  # no onnxruntime (e.g. a TensorRT-only install): numpy does it
                         self._session = False
         return self._session
@@ -131,7 +132,7 @@ class Upsampler:
         (bool, or float32 0/1 with `float_masks`)."""
         x = np.ascontiguousarray(logits, dtype=np.float32)
         h, w = int(orig_hw[0]), int(orig_hw[1])
-        session = self._graph() if x.ndim == 4 and x.size else False
+        session = self._session_or_false() if x.ndim == 4 and x.size else False
         if not session:
             up = upsample_logits(x, (h, w))
             if threshold is None:

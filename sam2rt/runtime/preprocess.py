@@ -138,7 +138,8 @@ def preprocess(image_rgb: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     The same separable antialiased resize as `resize_antialiased` (width first, as ATen), done
     channel-first so the result needs no transpose, with ToTensor's 1/255 and Normalize's 1/std
     folded into the first pass's tap weights and the mean subtracted once at the end (the resize
-    weights sum to 1). Equal to the reference to ~1e-6, about 2x faster than resize-then-normalise.
+    weights sum to 1): one pass over the image fewer than resize-then-normalise. Equal to the reference
+    to ~1e-6 (tests/test_preprocess.py; timings in benchmarks/README.md).
     """
     x = np.ascontiguousarray(image_rgb.transpose(2, 0, 1), dtype=np.float32)  # (3, H, W), one pass from uint8
     scale = _SCALE

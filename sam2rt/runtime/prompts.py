@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -127,6 +128,15 @@ def assemble(
     return xy.astype(np.float32), lab.astype(np.float32)
 
 
+class CheckedPrompt(NamedTuple):
+    """One validated prompt in the decoder's input frame: coords (1,M,2), labels (1,M) (padding point
+    included), mask (1,1,256,256) or None."""
+
+    coords: np.ndarray
+    labels: np.ndarray
+    mask: np.ndarray | None
+
+
 @dataclass
 class Prompt:
     """One object's prompt, in original-image pixel coordinates.
@@ -140,8 +150,8 @@ class Prompt:
     box: np.ndarray | None = None
     mask_input: np.ndarray | None = None
 
-    def checked(self, orig_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Validate against an image of size orig_hw; return (coords (1,M,2), labels (1,M), mask (1,1,256,256)|None)."""
+    def checked(self, orig_hw: tuple[int, int]) -> CheckedPrompt:
+        """Validate against an image of size orig_hw; return it in the decoder's input frame."""
         h, w = orig_hw
         coords = labels = boxes = None
         if self.points is not None and np.size(self.points) > 0:
@@ -164,4 +174,4 @@ class Prompt:
         if coords is None and boxes is None and mask is None:
             raise InvalidPromptError("a prompt needs at least one point, a box or a mask_input")
         xy, lab = assemble(coords, labels, boxes)
-        return xy, lab, mask
+        return CheckedPrompt(xy, lab, mask)
