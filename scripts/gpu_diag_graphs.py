@@ -1,7 +1,6 @@
 """Diagnose CUDA-graph replays of OrtDeviceBackend against plain sessions (run on the GPU machine)."""
-import sys, time
+import sys
 import numpy as np
-from pathlib import Path
 
 def main(model_dir: str) -> None:
     from sam2rt.manifest import Manifest

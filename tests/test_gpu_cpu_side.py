@@ -371,7 +371,11 @@ def test_device_backend_on_the_cpu_provider_matches_the_cpu_backend(model_dir, s
             ref, got = sam2rt_model.decode(ref_emb, _prompts(), multimask), bound.decode(emb, _prompts(), multimask)
             np.testing.assert_allclose(got.low_res_logits, ref.low_res_logits, rtol=0, atol=1e-5)
             np.testing.assert_allclose(got.scores, ref.scores, rtol=0, atol=1e-6)
-            np.testing.assert_array_equal(got.masks, ref.masks)
+            # the device path runs the un-optimised graphs: logits agree to ~1e-6, so only a pixel whose logit
+            # lies within that of the threshold may differ
+            logits = sam2rt_model.decode(ref_emb, _prompts(), multimask, return_logits=True).masks
+            clear = np.abs(logits) > 1e-4
+            np.testing.assert_array_equal(got.masks[clear], ref.masks[clear])
         # a second image through the same fixed buffers, then back to the first: nothing mixes
         other = coffee[::-1].copy()
         ref_other, emb_other = sam2rt_model.embed(other), bound.embed(other)

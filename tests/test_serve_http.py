@@ -775,7 +775,7 @@ def test_million_points_refused_fast_while_healthz_answers(guarded: Server) -> N
         health: list[float] = []
         stop = threading.Event()
 
-        def poll() -> None:
+        def poll(stop: threading.Event = stop, health: list[float] = health) -> None:
             with httpx.Client(timeout=10) as c:
                 while not stop.is_set():
                     t0 = time.perf_counter()

@@ -306,7 +306,7 @@ def test_embedding_bytes_counts_device_buffers() -> None:
 # --- issue 10: keys, ids, caps, memory budget ---------------------------------------------------------------
 def test_key_ring_namespaces() -> None:
     from sam2rt.errors import Sam2rtError
-    from sam2rt.serve.keys import PUBLIC, KeyRing, read_key_file
+    from sam2rt.serve.keys import PUBLIC, KeyRing
 
     assert KeyRing().namespace(None) == PUBLIC and not KeyRing().required
     ring = KeyRing(["alpha", "beta"])

@@ -1,0 +1,179 @@
+"""The device path's graphs and the backend contract, on the CPU (CI has no GPU; tests/test_gpu.py runs them on one).
+
+- the shipped pre/postprocessing graphs are exactly what their builders make, and on ONNX Runtime's CPU
+  provider they equal the numpy path (preprocessing within 1e-5 at every size; postprocessing exactly);
+- the Backend contract: close() is idempotent, `with` closes, a closed backend refuses work;
+- the GPU backends' refusals: unknown precisions, a missing CUDA provider, TensorRT's libraries absent;
+- the export's FP16 encoder variant is recorded and keeps LayerNorm in FP32.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sam2rt.errors import BackendUnavailableError
+from sam2rt.manifest import Manifest
+from sam2rt.runtime.backends import Backend, BackendClosedError, MaskRequest, TokenChoice, create_backend
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    import onnxruntime as ort
+
+    from sam2rt.runtime.backends.onnxruntime_backend import session_options
+    from sam2rt.runtime.backends.ort_pipeline import OrtPipeline
+
+    return OrtPipeline(ort, ["CPUExecutionProvider"], "cpu", 0, lambda: session_options(2))
+
+
+class _HostOnly(Backend):
+    """The base class's host postprocessing, nothing else."""
+
+    name = "host"
+    threads = 2
+
+    def encode(self, image):  # pragma: no cover - not used
+        raise NotImplementedError
+
+    def decode(self, *args):  # pragma: no cover - not used
+        raise NotImplementedError
+
+
+def test_shipped_device_graphs_are_what_the_builders_make():
+    from sam2rt.export.device_graphs import BUILDERS
+
+    for path, build in BUILDERS.items():
+        assert path.read_bytes() == build().SerializeToString(), f"{path.name} is stale: python -m sam2rt.export.device_graphs"
+
+
+@pytest.mark.parametrize("hw", [(512, 512), (300, 200), (1080, 1920), (1920, 1080), (1024, 1024), (7, 3000)])
+def test_preprocessing_graph_equals_numpy(pipeline, hw):
+    from sam2rt.runtime.preprocess import preprocess
+
+    img = np.random.default_rng(hw[1]).integers(0, 256, (*hw, 3), np.uint8)
+    got = pipeline.preprocess(img, 1024).numpy()
+    assert got.shape == (1, 3, 1024, 1024) and got.dtype == np.float32
+    assert float(np.abs(got - preprocess(img, 1024)).max()) <= 1e-5
+
+
+def test_resize_matrix_is_the_tap_table():
+    """Each row of the dense matrix sums the antialiased taps of one output pixel (rows sum to 1)."""
+    from sam2rt.runtime.backends.ort_pipeline import resize_matrix
+    from sam2rt.runtime.preprocess import _resize_axis
+
+    for n_in, n_out in ((1920, 1024), (200, 1024), (1024, 1024), (3, 1024)):
+        m = resize_matrix(n_in, n_out)
+        assert m.shape == (n_out, n_in)
+        np.testing.assert_allclose(m.sum(1), 1.0, atol=1e-5)
+        x = np.random.default_rng(n_in).random((n_in, 1), np.float32)
+        np.testing.assert_allclose(m @ x, _resize_axis(x, n_out, axis=0), atol=1e-5)
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+@pytest.mark.parametrize("orig_hw", [(480, 640), (1080, 1920), (77, 100)])
+def test_postprocessing_graph_equals_the_host_path(pipeline, multimask, orig_hw):
+    rng = np.random.default_rng(orig_hw[0])
+    low = (rng.standard_normal((5, 4, 256, 256)) * 3).astype(np.float32)
+    low[1, 0] = 9.0  # stable single-mask token: kept
+    low[2, 0, :128] = 0.02  # unstable one: replaced by the best multimask token
+    low[3, 0, 10:20, 10:20] = 0.0  # exact zeros at the threshold
+    iou = rng.random((5, 4)).astype(np.float32)
+    iou[4, 1:] = 0.5  # a tie: the first multimask token wins, as numpy's argmax
+    host = _HostOnly()
+    for choice in (TokenChoice(), TokenChoice(dynamic_via_stability=False)):
+        for threshold, float_masks in ((0.0, False), (0.0, True), (0.5, False), (None, False)):
+            request = MaskRequest(multimask, orig_hw, threshold, float_masks, choice)
+            got, ref = pipeline.postprocess(low, iou, request), host.postprocess(low, iou, request)
+            for a, b in ((got.masks, ref.masks), (got.scores, ref.scores), (got.low_res_logits, ref.low_res_logits)):
+                assert a.dtype == b.dtype and a.shape == b.shape
+                np.testing.assert_array_equal(a, b)
+
+
+def test_copy_graph_copies_into_a_bound_buffer(pipeline):
+    import onnxruntime as ort
+
+    src = np.random.default_rng(0).random((2, 3, 4), np.float32)
+    out = ort.OrtValue.ortvalue_from_shape_and_type([2, 3, 4], np.float32, "cpu", 0)
+    assert pipeline.copy(pipeline.to_device(src), out) is out
+    np.testing.assert_array_equal(out.numpy(), src)
+    np.testing.assert_array_equal(pipeline.copy(pipeline.to_device(src[0])).numpy(), src[0])
+
+
+def test_backend_close_is_idempotent_and_final(tiny_model_dir):
+    from sam2rt.runtime import Sam2Model
+
+    with Sam2Model.from_dir(tiny_model_dir, backend="onnxruntime-cpu") as model:
+        emb = model.embed(np.zeros((32, 48, 3), np.uint8))
+        backend = model.backend
+        assert not backend.closed
+    assert backend.closed
+    backend.close()  # a second close is harmless
+    with pytest.raises(BackendClosedError, match="closed"):
+        model.embed(np.zeros((32, 48, 3), np.uint8))
+    with pytest.raises(BackendClosedError):
+        backend.decode(emb.features, np.zeros((1, 1, 2), np.float32), np.ones((1, 1), np.float32),
+                       np.zeros((1, 1, 256, 256), np.float32), np.zeros(1, np.float32))
+
+
+def test_lane_threads_end_at_close(tiny_model_dir):
+    import threading
+
+    from sam2rt.runtime import Prompt, Sam2Model
+
+    model = Sam2Model.from_dir(tiny_model_dir, backend="onnxruntime-cpu", threads=2)
+    emb = model.embed(np.zeros((64, 64, 3), np.uint8))
+    model.decode(emb, [Prompt(box=np.array([1.0, 2.0, 30.0, 40.0 + i])) for i in range(4)])  # lanes start
+    assert any(t.name.startswith("sam2rt-decode") for t in threading.enumerate())
+    model.close()
+    assert not any(t.name.startswith("sam2rt-decode") and t.is_alive() for t in threading.enumerate())
+
+
+def test_gpu_backends_refuse_clearly_here(tiny_model_dir, monkeypatch):
+    import onnxruntime as ort
+
+    from sam2rt.runtime.backends import ort_device_backend
+
+    m = Manifest.load(tiny_model_dir)
+    with pytest.raises(BackendUnavailableError, match="fp32, tf32, fp16"):
+        create_backend(m, "onnxruntime-cuda:bf16")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(BackendUnavailableError, match="CUDAExecutionProvider"):
+        create_backend(m, "onnxruntime-cuda:fp16")
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort_device_backend, "tensorrt_libraries_status",
+                        lambda: "TensorRT libraries not found (libnvinfer could not be loaded)")
+    with pytest.raises(BackendUnavailableError, match="TensorRT libraries not found"):
+        create_backend(m, "onnxruntime-tensorrt")
+
+
+def test_cpu_load_prints_no_onnxruntime_warnings(tiny_model_dir):
+    code = ("import numpy as np; from sam2rt.runtime import Sam2Model, Prompt; "
+            f"m = Sam2Model.from_dir({str(tiny_model_dir)!r}, backend='onnxruntime-cpu'); "
+            "e = m.embed(np.zeros((40, 50, 3), np.uint8)); m.decode(e, Prompt(points=np.array([[5, 5]]), labels=np.array([1])))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert ":onnxruntime:" not in run.stderr, run.stderr[-2000:]
+
+
+def test_export_records_the_fp16_encoder(model_dir):
+    import onnx
+
+    m = Manifest.load(model_dir)
+    entry = m.variant("encoder", "fp16")
+    assert entry is not None and entry["source"] == "fused" and entry["precision"] == "fp16"
+    assert entry["derived_from_sha256"] == m.variant("encoder", "fused")["sha256"]
+    assert entry["file"] != "encoder.fp16.onnx"  # that name is build-engine's temporary TensorRT graph
+    graph = onnx.load(str(m.verify_file(entry)), load_external_data=False).graph
+    halves = sum(1 for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
+    assert halves > 50, "the FP16 encoder's weights are not FP16"
+    assert entry["fp32_summary"].get("LayerNormalization", 0) > 0
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # FP32 in and out
+    from sam2rt.runtime.backends.ort_device_backend import device_graph_entries
+
+    assert device_graph_entries(m, "fp16")["encoder"]["file"] == entry["file"]
+    assert device_graph_entries(m, "tf32")["encoder"]["file"] == m.variant("encoder", "fused")["file"]
