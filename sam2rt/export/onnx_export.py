@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import ExportError
+from ..graph_table import graph_file
 from ..manifest import DECODER_FILE, ENCODER_FILE, FORMAT_VERSION, Manifest, sha256_file
 from ..models import IMAGE_SIZE, LOW_RES_SIZE, MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD, ModelSpec
 from .checkpoint import build_model, download_checkpoint, load_checkpoint
@@ -42,12 +43,11 @@ ENCODER_TOLERANCE = 1e-3
 DECODER_LOGIT_TOLERANCE = 1e-3
 DECODER_IOU_TOLERANCE = 1e-4
 
-DECODER_NOMASK_FILE = "decoder_nomask.onnx"
-DECODER_PREP_FILE = "decoder_prep.onnx"
-DECODER_FAST_FILE = "decoder_fast.onnx"
-# The encoder with com.microsoft MultiHeadAttention (ONNX Runtime only): the source of the CPU
-# encoder variant; encoder.onnx itself stays standard ONNX (TensorRT, INT8 quantisation).
-ENCODER_FUSED_FILE = "encoder.fused.onnx"
+# File names come from the table of what a model directory holds (sam2rt.graph_table).
+DECODER_NOMASK_FILE = graph_file("decoder", "nomask").file
+DECODER_PREP_FILE = graph_file("decoder", "prep").file
+DECODER_FAST_FILE = graph_file("decoder", "fast").file
+ENCODER_FUSED_FILE = graph_file("encoder", "fused").file
 
 DYNAMIC_AXES = {
     "point_coords": {0: "num_prompts", 1: "num_points"},

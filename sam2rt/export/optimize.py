@@ -23,13 +23,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..graph_table import graph_file, optimized_variants
 from ..manifest import Manifest, sha256_file
 
-OPTIMIZED_SUFFIX = ".opt.onnx"
-INT8_SUFFIX = ".int8.onnx"
-FP16_SUFFIX = ".fp16.onnx"
-# decoder variants exported beside decoder.onnx that get an `<name>_optimized` copy too
-DERIVED_DECODER_VARIANTS = ("nomask", "prep", "fast")
 
 
 def save_optimized(src: str | Path, dst: str | Path, disabled_optimizers: tuple[str, ...] | list[str] = ()) -> Path:
@@ -72,7 +68,7 @@ def add_fp16_encoder(manifest: Manifest) -> None:
         return  # exports without the MultiHeadAttention form: the CUDA provider's FP16 mode needs it
     src = manifest.verify_file(fused)
     # encoder.fused.fp16.onnx: not encoder.fp16.onnx, the name of build-engine's temporary TensorRT graph
-    out = manifest.directory / (src.name[: -len(".onnx")] + FP16_SUFFIX)
+    out = manifest.directory / graph_file("encoder", "fp16").file
     keep = convert_to_mixed_fp16(src, out)
     entry["variants"]["fp16"] = _entry(
         out, fused["sha256"], precision="fp16", source="fused", fp32_summary=summarize(keep),
@@ -84,39 +80,34 @@ def add_variants(model_dir: str | Path, optimized: bool = True, int8: bool = Fal
     """Add the `optimized` (and, if asked, `int8` / `fp16`) variants of each graph to a model directory's manifest."""
     manifest = Manifest.load(model_dir)
     d = manifest.directory
-    for role in ("encoder", "decoder"):
-        entry = manifest.graph(role)
+    for row in optimized_variants() if optimized else ():
+        entry = manifest.graph(row.role)
         variants = entry.setdefault("variants", {})
-        base = manifest.verify_graph(role)
-        if optimized:
-            # the encoder's ORT-only `fused` form (MultiHeadAttention) when the export made one
-            fused = variants.get("fused")
-            if fused is not None and fused.get("derived_from_sha256") == entry["sha256"]:
-                src, source = manifest.verify_file(fused), {"source": "fused"}
-                derived = fused["sha256"]
-            else:
-                src, source, derived = base, {}, entry["sha256"]
-            out = save_optimized(src, d / (base.name[: -len(".onnx")] + OPTIMIZED_SUFFIX))
-            variants["optimized"] = _entry(out, derived, precision="fp32", optimization="ORT_ENABLE_EXTENDED", **source)
-        for name in DERIVED_DECODER_VARIANTS if optimized else ():
-            derived = variants.get(name)
-            if not derived:
-                continue
-            src = d / derived["file"]
-            disabled = derived.get("ort_disabled_optimizers", [])
-            out = save_optimized(src, d / (src.name[: -len(".onnx")] + OPTIMIZED_SUFFIX), disabled)
-            variants[f"{name}_optimized"] = _entry(
-                out, derived["sha256"], precision="fp32", optimization="ORT_ENABLE_EXTENDED",
-                **{k: derived[k] for k in ("inputs", "outputs", "max_points", "prompts_per_run",
-                                           "ort_disabled_optimizers") if k in derived},
-            )
+        source = variants.get(row.made_from) if row.made_from else None
+        if source is not None and source.get("derived_from_sha256") not in (None, entry["sha256"]):
+            source = None  # made from another version of the base graph: stale
+        if row.made_from and source is None:
+            if row.variant != "optimized":
+                continue  # e.g. no decoder_fast in an older export: nothing to optimise
+            # the role's main optimised copy falls back to the base graph (exports without the fused encoder)
+        if source is None:
+            src, derived, origin = manifest.verify_graph(row.role), entry["sha256"], {}
+        else:
+            src, derived, origin = manifest.verify_file(source), source["sha256"], {"source": row.made_from}
+        disabled = (source or {}).get("ort_disabled_optimizers", [])
+        out = save_optimized(src, d / row.file, disabled)
+        carried = {k: source[k] for k in ("inputs", "outputs", "max_points", "prompts_per_run", "ort_disabled_optimizers")
+                   if source and k in source}
+        if row.role == "encoder" and origin:  # recorded as before: the encoder's copy names its source
+            carried.update(origin)
+        variants[row.variant] = _entry(out, derived, precision="fp32", optimization="ORT_ENABLE_EXTENDED", **carried)
     if fp16:
         add_fp16_encoder(manifest)
     if int8:
         entry = manifest.graph("encoder")
         base = manifest.graph_path("encoder")
         # quantised from the base graph (ORT's fused graph has contrib ops the quantiser cannot type)
-        out = quantize_int8(base, d / (base.name[: -len(".onnx")] + INT8_SUFFIX))
+        out = quantize_int8(base, d / graph_file("encoder", "int8").file)
         entry["variants"]["int8"] = _entry(
             out, entry["sha256"], precision="int8",
             quantization="onnxruntime.quantization.quantize_dynamic, MatMul/Gemm weights per-channel QInt8",

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import BackendUnavailableError, ExportError, Sam2rtError
+from ..graph_table import Profile
 from ..manifest import MANIFEST_NAME, Manifest, sha256_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -251,7 +252,7 @@ def build_engine(
     *,
     label: str,
     strongly_typed: bool,
-    profiles: list[dict[str, Any]] | None = None,
+    profiles: list[Profile] | None = None,
     workspace_mb: int | None = None,
     tf32: bool = False,
     int8_calibrator: Any = None,
@@ -284,8 +285,8 @@ def build_engine(
         config.progress_monitor = monitor
     for prof in profiles or []:
         p = builder.create_optimization_profile()
-        for name, shape in prof["shapes"].items():
-            p.set_shape(name, shape["min"], shape["opt"], shape["max"])
+        for name, shape in prof.shapes.items():
+            p.set_shape(name, list(shape.min), list(shape.opt), list(shape.max))
         config.add_optimization_profile(p)
     pinned: list[str] = []
     if int8_calibrator is not None:
@@ -313,7 +314,7 @@ def build_engine(
     if pinned:
         out["fp32_layers"] = pinned
     if profiles:
-        out["profiles"] = profiles
+        out["profiles"] = [p.to_dict() for p in profiles]
     return out
 
 

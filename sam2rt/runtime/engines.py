@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailableError, EngineMismatchError, ManifestError, ModelFileError
+from ..graph_table import Profile, ShapeTuple
 from ..manifest import MANIFEST_NAME, Manifest, sha256_file
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -163,24 +164,27 @@ def check_engines(
     return paths
 
 
-def profile_for(profiles: list[dict[str, Any]], batch: int, points: int) -> int | None:
+def profile_for(profiles: list[Profile] | list[dict[str, Any]], batch: int, points: int) -> int | None:
     """Index of the decoder profile that admits (batch, points), preferring the one whose opt batch is nearest."""
     best, best_key = None, None
-    for i, prof in enumerate(profiles):
-        shape = prof["shapes"]["point_coords"]
-        (bmin, nmin, _), (bopt, _, _), (bmax, nmax, _) = shape["min"], shape["opt"], shape["max"]
-        if bmin <= batch <= bmax and nmin <= points <= nmax:
-            key = (abs(bopt - batch), i)
+    for i, prof in enumerate(map(Profile.from_dict, profiles)):
+        coords = prof.shapes["point_coords"]
+        if coords.admits((batch, points, 2)):
+            key = (abs(coords.opt[0] - batch), i)
             if best_key is None or key < best_key:
                 best, best_key = i, key
     return best
 
 
-def max_decoder_shape(profiles: list[dict[str, Any]]) -> tuple[int, int]:
+def max_decoder_shape(profiles: list[Profile] | list[dict[str, Any]]) -> tuple[int, int]:
     """The largest prompt batch and point count any decoder profile admits."""
-    b = max(p["shapes"]["point_coords"]["max"][0] for p in profiles)
-    n = max(p["shapes"]["point_coords"]["max"][1] for p in profiles)
-    return int(b), int(n)
+    coords = [Profile.from_dict(p).shapes["point_coords"] for p in profiles]
+    return int(max(c.max[0] for c in coords)), int(max(c.max[1] for c in coords))
+
+
+def min_decoder_points(profiles: list[Profile] | list[dict[str, Any]]) -> int:
+    """The fewest points per prompt every decoder profile admits."""
+    return int(min(Profile.from_dict(p).shapes["point_coords"].min[1] for p in profiles))
 
 
 DECODER_PROMPT_INPUTS = ("point_coords", "point_labels", "mask_input", "has_mask_input")
@@ -195,22 +199,22 @@ def _prompt_shapes(b: int, n: int, low_res: int) -> dict[str, list[int]]:
     }
 
 
-def decoder_profiles(max_prompts: int = 32, max_points: int = 16, low_res: int = 256) -> list[dict[str, Any]]:
+def decoder_profiles(max_prompts: int = 32, max_points: int = 16, low_res: int = 256) -> list[Profile]:
     """Optimisation profiles for the decoder's dynamic prompt-batch (B) and points (N) dimensions.
 
     "single" (B 1..4, tuned for one click: B=1, N=2, the click plus SAM's padding point) and, when
     max_prompts > 4, "batch" (B 1..max_prompts, tuned for 16 boxes: N=3, two corners plus padding).
-    N runs 1..max_points in both.
+    N runs 1..max_points in both. The manifest stores them with Profile.to_dict().
     """
     if max_prompts < 1:
         raise ValueError(f"--max-prompts must be at least 1, got {max_prompts}")
     if max_points < 2:
         raise ValueError(f"--max-points must be at least 2 (a click plus its padding point, or a box), got {max_points}")
 
-    def profile(name: str, bmax: int, bopt: int, nopt: int) -> dict[str, Any]:
+    def profile(name: str, bmax: int, bopt: int, nopt: int) -> Profile:
         nopt = min(nopt, max_points)
         lo, opt, hi = _prompt_shapes(1, 1, low_res), _prompt_shapes(bopt, nopt, low_res), _prompt_shapes(bmax, max_points, low_res)
-        return {"name": name, "shapes": {k: {"min": lo[k], "opt": opt[k], "max": hi[k]} for k in DECODER_PROMPT_INPUTS}}
+        return Profile(name, {k: ShapeTuple(tuple(lo[k]), tuple(opt[k]), tuple(hi[k])) for k in DECODER_PROMPT_INPUTS})
 
     profiles = [profile("single", min(4, max_prompts), 1, 2)]
     if max_prompts > 4:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import BackendUnavailableError, ModelFileError
+from ...graph_table import CPU_SLOTS, Profile
 from ...manifest import Manifest
 from ...models import LOW_RES_SIZE
 from ..embedding import FAST_BATCH, FAST_MAX_POINTS, FEATURE_NAMES, PREPARED_NAMES
@@ -176,17 +177,25 @@ def cpu_graph_entries(manifest: Manifest, precision: str = "fp32") -> dict[str, 
                 f"{manifest.directory} has no INT8 encoder; re-export with `sam2rt export ... --int8` "
                 "(or run `sam2rt.export.optimize.add_variants(DIR, int8=True)`)"
             )
-    else:
-        enc = (_fresh_variant(manifest, "encoder", "optimized") or _fresh_variant(manifest, "encoder", "fused")
-               or manifest.graph("encoder"))
-    out = {"encoder": enc, "decoder": _fresh_variant(manifest, "decoder", "optimized") or manifest.graph("decoder")}
-    nomask = _fresh_variant(manifest, "decoder", "nomask_optimized") or _fresh_variant(manifest, "decoder", "nomask")
-    if nomask is not None:
-        out["decoder_nomask"] = nomask
-    prep = _fresh_variant(manifest, "decoder", "prep_optimized") or _fresh_variant(manifest, "decoder", "prep")
-    fast = _fresh_variant(manifest, "decoder", "fast_optimized") or _fresh_variant(manifest, "decoder", "fast")
-    if prep is not None and fast is not None:
-        out["decoder_prep"], out["decoder_fast"] = prep, fast
+    out = slot_entries(manifest, CPU_SLOTS)
+    if precision == "int8":
+        out["encoder"] = enc
+    return out
+
+
+def slot_entries(manifest: Manifest, slots: dict[str, tuple[str, tuple[str | None, ...]]]) -> dict[str, dict[str, Any]]:
+    """For each slot of a backend (graph_table.CPU_SLOTS / DEVICE_SLOTS), the first fresh entry of its preference
+    list (None = the role's base graph); a slot none of whose entries exists is left out. The fast decoder's two
+    slots come together or not at all."""
+    out: dict[str, dict[str, Any]] = {}
+    for slot, (role, preferences) in slots.items():
+        for variant in preferences:
+            entry = manifest.graph(role) if variant is None else _fresh_variant(manifest, role, variant)
+            if entry is not None:
+                out[slot] = entry
+                break
+    if ("decoder_prep" in out) != ("decoder_fast" in out):
+        out.pop("decoder_prep", None), out.pop("decoder_fast", None)
     return out
 
 
@@ -213,13 +222,13 @@ class OrtDeviceTensor(DeviceTensor):
         return f"OrtDeviceTensor(shape={self.shape}, device={self.device!r})"
 
 
-def _trt_profile_option(profiles: list[dict]) -> dict[str, str]:
+def _trt_profile_option(profiles: list[Profile]) -> dict[str, str]:
     """ORT TensorRT EP options trt_profile_{min,opt,max}_shapes for the decoder's dynamic inputs."""
-    prof = profiles[-1]["shapes"]  # the widest profile (ORT builds one engine per session)
+    widest = profiles[-1]  # ORT builds one engine per session
     opts = {}
     for key in ("min", "opt", "max"):
         opts[f"trt_profile_{key}_shapes"] = ",".join(
-            f"{name}:{'x'.join(str(d) for d in shape[key])}" for name, shape in prof.items()
+            f"{name}:{'x'.join(str(d) for d in getattr(shape, key))}" for name, shape in widest.shapes.items()
         )
     return opts
 

@@ -30,7 +30,10 @@ from ...errors import BackendUnavailableError, InvalidEmbeddingError, ModelFileE
 from ...manifest import Manifest
 from ..embedding import FAST_MAX_POINTS, FEATURE_NAMES, PREPARED_NAMES
 from .base import Backend, DecodedMasks, MaskRequest
-from .onnxruntime_backend import PROVIDERS, OrtDeviceTensor, _fresh_variant, _import_ort, _trt_profile_option, session_options
+from ...graph_table import DEVICE_SLOTS
+from .onnxruntime_backend import (
+    PROVIDERS, OrtDeviceTensor, _fresh_variant, _import_ort, _trt_profile_option, session_options, slot_entries,
+)
 from .ort_pipeline import OrtPipeline
 
 log = logging.getLogger("sam2rt")
@@ -65,6 +68,7 @@ def device_graph_entries(manifest: Manifest, precision: str) -> dict[str, dict[s
     graph where an export has none). Decoders: the exported (not CPU-optimised) graphs; ONNX Runtime
     optimises them for the device at load. decoder_prep + decoder_fast serve single plain prompts.
     """
+    out = slot_entries(manifest, DEVICE_SLOTS)
     if precision == "fp16":
         enc = _fresh_variant(manifest, "encoder", "fp16")
         if enc is None:
@@ -72,15 +76,7 @@ def device_graph_entries(manifest: Manifest, precision: str) -> dict[str, dict[s
                 f"{manifest.directory} has no FP16 encoder: re-export it with this sam2rt (`sam2rt export ...`), "
                 "or run `python -c \"from sam2rt.export.optimize import add_variants; add_variants('DIR', fp16=True)\"`"
             )
-    else:
-        enc = _fresh_variant(manifest, "encoder", "fused") or manifest.graph("encoder")
-    out = {"encoder": enc, "decoder": manifest.graph("decoder")}
-    for slot in ("nomask", "prep", "fast"):
-        entry = _fresh_variant(manifest, "decoder", slot)
-        if entry is not None:
-            out[f"decoder_{slot}"] = entry
-    if ("decoder_prep" in out) != ("decoder_fast" in out):
-        out.pop("decoder_prep", None), out.pop("decoder_fast", None)
+        out["encoder"] = enc
     return out
 
 

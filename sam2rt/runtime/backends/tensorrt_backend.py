@@ -30,6 +30,7 @@ from ..engines import (
     check_engines,
     engine_entries,
     max_decoder_shape,
+    min_decoder_points,
     profile_for,
     prompt_shapes,
     select_precision,
@@ -203,7 +204,7 @@ class TensorRTBackend(Backend):
         self.encoder_key = manifest.graph("encoder")["sha256"] if self.precision == "fp32" else entry["encoder"]["sha256"]
         self._profiles = entry["decoder"]["profiles"]
         self._max_b, self._max_n = max_decoder_shape(self._profiles)
-        self._min_n = min(int(p["shapes"]["point_coords"]["min"][1]) for p in self._profiles)
+        self._min_n = min_decoder_points(self._profiles)
         self.low_res = int(manifest.data.get("low_res_size", 256))
 
         self._logger = trt.Logger(trt.Logger.WARNING)

@@ -1,0 +1,148 @@
+"""Everything a model directory can hold, in one table, and the typed shape profiles of its dynamic graphs.
+
+`GRAPHS` lists every ONNX file an export writes: which manifest entry records it (`graphs.<role>` for a base
+graph, `graphs.<role>.variants.<variant>` for the others), what it is made from, its precision and what
+runs it. The exporter names its files from here, `export.optimize` derives its variants from here, and each
+backend chooses its graphs by slot from here (`CPU_SLOTS`, `DEVICE_SLOTS`), so a new graph is one row.
+TensorRT engines are not in the table: `sam2rt build-engine` makes them on the GPU that runs them
+(runtime/engines.py names them and records them under the manifest's `engines`).
+
+`ShapeTuple` / `Profile` (after Polygraphy's) describe the decoder's dynamic dimensions for TensorRT
+optimisation profiles and ONNX Runtime's TensorRT provider, instead of nested dicts; the manifest stores
+them with `Profile.to_dict()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+CPU, CUDA, TENSORRT = "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"
+
+
+@dataclass(frozen=True)
+class GraphFile:
+    """One file of a model directory.
+
+    role: the manifest's `graphs.<role>`; variant: None for the role's base graph, else the key under
+    `graphs.<role>.variants`; made_from: the variant it is derived from (None: the base graph, or PyTorch for
+    the files `sam2rt export` writes with torch.onnx); maker: "torch.onnx", "onnxruntime" (offline
+    optimisation), "fp16" (export.fp16), "int8" (onnxruntime.quantization); runs_on: the backends that load it.
+    """
+
+    role: str
+    variant: str | None
+    file: str
+    precision: str
+    maker: str
+    made_from: str | None
+    runs_on: tuple[str, ...]
+    use: str
+    optional: bool = False  # written only when asked (--int8) or when its source exists
+
+    @property
+    def key(self) -> str:
+        return self.role if self.variant is None else f"{self.role}.{self.variant}"
+
+
+GRAPHS: tuple[GraphFile, ...] = (
+    GraphFile("encoder", None, "encoder.onnx", "fp32", "torch.onnx", None, (TENSORRT,),
+              "image (1,3,1024,1024) -> the three features; standard ONNX ops (TensorRT, INT8 quantisation)"),
+    GraphFile("encoder", "fused", "encoder.fused.onnx", "fp32", "torch.onnx", None, (CUDA,),
+              "the same encoder with attention as com.microsoft MultiHeadAttention (ONNX Runtime only)"),
+    GraphFile("encoder", "optimized", "encoder.opt.onnx", "fp32", "onnxruntime", "fused", (CPU,),
+              "`fused` after ONNX Runtime's offline optimisations: the CPU encoder"),
+    GraphFile("encoder", "fp16", "encoder.fused.fp16.onnx", "fp16", "fp16", "fused", (CUDA,),
+              "onnxruntime-cuda:fp16: FP16 weights and activations, LayerNorm in FP32 (reduced precision)"),
+    GraphFile("encoder", "int8", "encoder.int8.onnx", "int8", "int8", None, (CPU,),
+              "onnxruntime-cpu:int8: dynamically quantised MatMul weights (reduced precision, opt-in)", optional=True),
+    GraphFile("decoder", None, "decoder.onnx", "fp32", "torch.onnx", None, (CPU, CUDA, TENSORRT),
+              "features + prompts (+ mask_input) -> four tokens' low-res logits and IoU; B and N dynamic"),
+    GraphFile("decoder", "optimized", "decoder.opt.onnx", "fp32", "onnxruntime", None, (CPU,),
+              "decoder.onnx after ONNX Runtime's offline optimisations"),
+    GraphFile("decoder", "nomask", "decoder_nomask.onnx", "fp32", "torch.onnx", None, (CUDA,),
+              "prompts without mask_input: the same outputs without the mask convolutions"),
+    GraphFile("decoder", "nomask_optimized", "decoder_nomask.opt.onnx", "fp32", "onnxruntime", "nomask", (CPU,),
+              "decoder_nomask after ONNX Runtime's offline optimisations"),
+    GraphFile("decoder", "prep", "decoder_prep.onnx", "fp32", "torch.onnx", None, (CUDA,),
+              "once per image: the prompt-independent part of decoder_fast"),
+    GraphFile("decoder", "prep_optimized", "decoder_prep.opt.onnx", "fp32", "onnxruntime", "prep", (CPU,),
+              "decoder_prep after ONNX Runtime's offline optimisations"),
+    GraphFile("decoder", "fast", "decoder_fast.onnx", "fp32", "torch.onnx", None, (CUDA,),
+              "one plain prompt of <= 10 points over decoder_prep's tensors (decoder_nomask's function, rewritten)"),
+    GraphFile("decoder", "fast_optimized", "decoder_fast.opt.onnx", "fp32", "onnxruntime", "fast", (CPU,),
+              "decoder_fast after ONNX Runtime's offline optimisations (less the fusions it records)"),
+)
+
+
+def graph_file(role: str, variant: str | None = None) -> GraphFile:
+    """The table's row for a manifest entry (KeyError for one the table does not know)."""
+    for g in GRAPHS:
+        if g.role == role and g.variant == variant:
+            return g
+    raise KeyError(f"{role}.{variant}")
+
+
+def optimized_variants() -> Iterable[GraphFile]:
+    """The rows ONNX Runtime's offline optimisation makes (export.optimize writes them)."""
+    return (g for g in GRAPHS if g.maker == "onnxruntime")
+
+
+# A backend's slots: which manifest entry serves each, first fresh one wins (None = the role's base graph).
+CPU_SLOTS: dict[str, tuple[str, tuple[str | None, ...]]] = {
+    "encoder": ("encoder", ("optimized", "fused", None)),
+    "decoder": ("decoder", ("optimized", None)),
+    "decoder_nomask": ("decoder", ("nomask_optimized", "nomask")),
+    "decoder_prep": ("decoder", ("prep_optimized", "prep")),
+    "decoder_fast": ("decoder", ("fast_optimized", "fast")),
+}
+# On a GPU provider the exported graphs themselves: ONNX Runtime optimises them for the device at load (the
+# CPU-optimised copies hold CPU-only fused kernels).
+DEVICE_SLOTS: dict[str, tuple[str, tuple[str | None, ...]]] = {
+    "encoder": ("encoder", ("fused", None)),
+    "decoder": ("decoder", (None,)),
+    "decoder_nomask": ("decoder", ("nomask",)),
+    "decoder_prep": ("decoder", ("prep",)),
+    "decoder_fast": ("decoder", ("fast",)),
+}
+
+
+# --- shape profiles ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShapeTuple:
+    """The smallest, the tuned-for and the largest shape of one dynamic input."""
+
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not (len(self.min) == len(self.opt) == len(self.max)):
+            raise ValueError(f"min/opt/max of a shape need one rank: {self.min}, {self.opt}, {self.max}")
+        if any(lo > o or o > hi for lo, o, hi in zip(self.min, self.opt, self.max)):
+            raise ValueError(f"need min <= opt <= max in every dimension: {self.min}, {self.opt}, {self.max}")
+
+    def admits(self, shape: tuple[int, ...]) -> bool:
+        return len(shape) == len(self.min) and all(lo <= d <= hi for lo, d, hi in zip(self.min, shape, self.max))
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimisation profile: a name and a ShapeTuple per dynamic input."""
+
+    name: str
+    shapes: dict[str, ShapeTuple]
+
+    def admits(self, shapes: dict[str, tuple[int, ...]]) -> bool:
+        return all(self.shapes[k].admits(tuple(v)) for k, v in shapes.items() if k in self.shapes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name,
+                "shapes": {k: {"min": list(s.min), "opt": list(s.opt), "max": list(s.max)} for k, s in self.shapes.items()}}
+
+    @classmethod
+    def from_dict(cls, data: "dict[str, Any] | Profile") -> "Profile":
+        if isinstance(data, Profile):
+            return data
+        return cls(str(data["name"]), {k: ShapeTuple(tuple(v["min"]), tuple(v["opt"]), tuple(v["max"]))
+                                       for k, v in data["shapes"].items()})
