@@ -355,6 +355,17 @@ def test_embedding_moves_between_devices(tiny_model, coffee):
     np.testing.assert_array_equal(got.masks, ref.masks)
 
 
+def _same_masks(got, ref_model, ref_emb, multimask=True) -> None:
+    """Masks equal to ref_model's wherever its logit is clear of the threshold: the device path runs the
+    un-optimised graphs, whose logits agree with the CPU backend's to ~1e-6, so only a pixel within that of
+    the threshold may differ."""
+    ref = ref_model.decode(ref_emb, _prompts(), multimask)
+    logits = ref_model.decode(ref_emb, _prompts(), multimask, return_logits=True).masks
+    clear = np.abs(logits) > 1e-4
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(got[clear], ref.masks[clear])
+
+
 @pytest.mark.parametrize("fixed_buffers", [False, True], ids=["fresh-buffers", "fixed-buffers"])
 def test_device_backend_on_the_cpu_provider_matches_the_cpu_backend(model_dir, sam2rt_model, coffee, fixed_buffers):
     """OrtDeviceBackend's whole path (device pre/postprocessing, IO binding, the fixed buffers its CUDA graphs
@@ -375,21 +386,17 @@ def test_device_backend_on_the_cpu_provider_matches_the_cpu_backend(model_dir, s
             ref, got = sam2rt_model.decode(ref_emb, _prompts(), multimask), bound.decode(emb, _prompts(), multimask)
             np.testing.assert_allclose(got.low_res_logits, ref.low_res_logits, rtol=0, atol=1e-5)
             np.testing.assert_allclose(got.scores, ref.scores, rtol=0, atol=1e-6)
-            # the device path runs the un-optimised graphs: logits agree to ~1e-6, so only a pixel whose logit
-            # lies within that of the threshold may differ
-            logits = sam2rt_model.decode(ref_emb, _prompts(), multimask, return_logits=True).masks
-            clear = np.abs(logits) > 1e-4
-            np.testing.assert_array_equal(got.masks[clear], ref.masks[clear])
+            _same_masks(got.masks, sam2rt_model, ref_emb, multimask)
         # a second image through the same fixed buffers, then back to the first: nothing mixes
         other = coffee[::-1].copy()
         ref_other, emb_other = sam2rt_model.embed(other), bound.embed(other)
-        got_other = bound.decode(emb_other, _prompts())
-        np.testing.assert_array_equal(got_other.masks, sam2rt_model.decode(ref_other, _prompts()).masks)
-        np.testing.assert_array_equal(bound.decode(emb, _prompts()).masks, sam2rt_model.decode(ref_emb, _prompts()).masks)
+        _same_masks(bound.decode(emb_other, _prompts()).masks, sam2rt_model, ref_other)
+        _same_masks(bound.decode(emb, _prompts()).masks, sam2rt_model, ref_emb)
         # host features (a loaded embedding) and OrtValues made elsewhere decode the same
         host = emb.to_host()
+        got = bound.decode(emb, _prompts())
         np.testing.assert_array_equal(bound.decode(host, _prompts()).masks, got.masks)
-        as_values = {k: OrtDeviceTensor(ort.OrtValue.ortvalue_from_numpy(v)) for k, v in host.features.items()}
+        as_values = {k: OrtDeviceTensor(ort.OrtValue.ortvalue_from_numpy(np.array(v, np.float32))) for k, v in host.features.items()}
         dev_emb = type(emb)(as_values, emb.original_size, emb.model_key, "cpu")
         np.testing.assert_array_equal(bound.decode(dev_emb, _prompts()).masks, got.masks)
         # the Predictor's outputs keep their dtypes and shapes

@@ -290,7 +290,7 @@ def emulated(tiny_model_dir, tmp_path, monkeypatch):
         (d / f).symlink_to(tiny_model_dir / f)
     manifest = json.loads((tiny_model_dir / "manifest.json").read_text())
     (d / "manifest.json").write_text(json.dumps(manifest))
-    profiles = decoder_profiles(8, 6)
+    profiles = [p.to_dict() for p in decoder_profiles(8, 6)]  # as build-engine stores them
     m = Manifest.load(d)
     entry = {"precision": "fp32", "tensorrt": "10.99.0", "gpu": {"name": "Emulated GPU", "compute_capability": "8.9"}}
     for role in ("encoder", "decoder"):
