@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ..errors import ExportError
 from ..manifest import sha256_file
 from ..runtime.video.heads import NO_POINTS_COORDS, NO_POINTS_LABELS, select_track_output, use_multimask
+from ..runtime.video.sessions import create_session, run
 from ..runtime.video.memory import FrameOutput, ObjectMemory, SlotLayout, from_bf16_bits, memory_feeds, to_bf16_bits
 from .video_graphs import (
     MASK_DOWNSAMPLE_INPUTS, MASK_DOWNSAMPLE_OUTPUTS, MEMORY_ATTENTION_INPUTS, MEMORY_ATTENTION_OUTPUTS,
@@ -70,7 +71,6 @@ def export_video_graphs(
     import onnx
     import onnxruntime as ort
 
-    from ..runtime.video.sessions import create_session
 
     if not (model.use_mask_input_as_output_without_sam and model.directly_add_no_mem_embed and model.num_maskmem > 0):
         raise ExportError("this SAM 2 config is not supported by the video export (all official configs are)")
@@ -155,7 +155,7 @@ def _verify(model, sessions, settings, layout: SlotLayout, image_embed, hr0, hr1
                 logits = torch.randn(1, 1, low, low, generator=g) * 6
                 hi = F.interpolate(logits, size=(model.image_size,) * 2, mode="bilinear", align_corners=False)
                 ref, _ = model._encode_new_memory([_flat(raw)], [(feat, feat)], hi, torch.tensor([[score]]), bool(binarize))
-                got = sessions["memory_encoder"].run(None, {
+                got = run(sessions["memory_encoder"], {
                     "image_embed": np_feats["image_embed"], "mask_logits": logits.numpy(),
                     "object_score_logits": np.array([[score]], np.float32), "binarize": np.array([binarize], np.float32),
                 })[0]
@@ -180,7 +180,7 @@ def _verify(model, sessions, settings, layout: SlotLayout, image_embed, hr0, hr1
                     frame_idx, False, [_flat(raw)], [_flat(curr_pos)], [(feat, feat)], ref_dict, num_frames
                 )
                 feeds = memory_feeds(mem, frame_idx, settings, layout, num_frames)
-                got = sessions["memory_attention"].run(None, {"image_embed": np_feats["image_embed"], **feeds})[0]
+                got = run(sessions["memory_attention"], {"image_embed": np_feats["image_embed"], **feeds})[0]
                 diffs[f"memory_attention[frame={frame_idx},num_frames={num_frames}]"] = _check(
                     "memory_attention", got, ref.numpy()
                 )
@@ -203,7 +203,7 @@ def _verify(model, sessions, settings, layout: SlotLayout, image_embed, hr0, hr1
                 )
                 coords = np.array([pts + [[0.0, 0.0]]], np.float32) if n else NO_POINTS_COORDS
                 labs = np.array([labels + [-1]], np.float32) if n else NO_POINTS_LABELS
-                lr, iou, ptrs, score = sessions["track_decoder"].run(None, {
+                lr, iou, ptrs, score = run(sessions["track_decoder"], {
                     "pix_feat": pix.numpy(), "high_res_feats_0": np_feats["high_res_feats_0"],
                     "high_res_feats_1": np_feats["high_res_feats_1"], "point_coords": coords, "point_labels": labs,
                     "mask_input": (mask_in if mask_in is not None else torch.zeros(1, 1, low, low)).numpy(),
@@ -215,7 +215,7 @@ def _verify(model, sessions, settings, layout: SlotLayout, image_embed, hr0, hr1
                 diffs[f"track_decoder[{i}].object_score"] = _check("track_decoder score", score, ref_score.numpy())
 
             binary = (torch.rand(1, 1, model.image_size, model.image_size, generator=g) > 0.5).float()
-            got = sessions["mask_downsample"].run(None, {"mask": binary.numpy()})[0]
+            got = run(sessions["mask_downsample"], {"mask": binary.numpy()})[0]
             diffs["mask_downsample"] = _check("mask_downsample", got, model.mask_downsample(binary).numpy())
     finally:
         model.binarize_mask_from_pts_for_mem_enc = saved_binarize

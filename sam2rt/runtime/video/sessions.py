@@ -33,3 +33,13 @@ def create_session(path: str | Path, backend: str = "onnxruntime-cpu", threads: 
     available = set(ort.get_available_providers())
     providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
     return ort.InferenceSession(str(path), session_options(threads, mem_pattern=False), providers=providers)
+
+
+def run(session: Any, feeds: dict[str, Any]) -> list[Any]:
+    """session.run with the feeds the graph has: inputs a model's config leaves unused (e.g. the object
+    score where SAM 2.0 has no `no_obj_embed_spatial`, pointer positions without temporal encoding)
+    are dropped from the graph by the exporter."""
+    names = getattr(session, "_sam2rt_inputs", None)
+    if names is None:
+        names = session._sam2rt_inputs = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: v for k, v in feeds.items() if k in names})
