@@ -19,6 +19,7 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "build-engine": ("sam2rt.export.tensorrt_build", "build TensorRT engines from an exported model directory"),
     "bench": ("sam2rt.bench.cli", "benchmark a model directory against the PyTorch reference"),
     "serve": ("sam2rt.serve.cli", "run the Roboflow-compatible SAM 2 HTTP server"),
+    "track": ("sam2rt.track_cli", "track prompted objects through a video file or camera (SAM 2 memory)"),
 }
 
 

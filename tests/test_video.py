@@ -273,3 +273,97 @@ def test_remove_object_leaves_others_unchanged(tracker):
 
     for a, b in zip(run(None), run(3)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_state_save_restore_continues_identically(tracker, tmp_path: Path):
+    """An npz state saved mid-stream and loaded back gives the same next frame as going on directly."""
+    frames, corners = pan_clip(3)
+    tracker.reset()
+    tracker.add_prompt(1, frame=frames[0], **point_prompt(corners[0]))
+    tracker.track(frames[1])
+    path = tracker.save_state(tmp_path / "state.npz")
+    with np.load(path, allow_pickle=False) as data:  # a plain npz: no pickled objects
+        assert "__header__" in data.files
+    direct = tracker.track(frames[2])
+    direct_logits = tracker.low_res_logits[1].copy()
+    tracker.reset()
+    tracker.load_state(path)
+    assert tracker.frame_idx == 1 and tracker.object_ids == [1]
+    restored = tracker.track(frames[2])
+    np.testing.assert_array_equal(tracker.low_res_logits[1], direct_logits)
+    np.testing.assert_array_equal(restored[1], direct[1])
+
+
+def test_track_cli_writes_overlay_video_and_jsonl(model_dir: Path, tmp_path: Path):
+    import json
+    import subprocess
+    import sys
+
+    import cv2
+
+    frames, corners = pan_clip(2)
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, FRAME_HW[::-1])
+    for f in frames:
+        writer.write(f[..., ::-1])
+    writer.release()
+    out, jsonl = tmp_path / "tracked.mp4", tmp_path / "masks.jsonl"
+    px, py = point_prompt(corners[0])["points"][0]
+    res = subprocess.run(
+        [sys.executable, "-m", "sam2rt", "track", "--model-dir", str(model_dir), "--video", str(video),
+         "--box", ",".join(str(v) for v in BOX_PROMPT["box"]), "--obj", "7", "--point", f"{px},{py}",
+         "--out", str(out), "--json", str(jsonl), "--backend", "onnxruntime-cpu", "--quiet"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "per frame" in res.stdout and "weights:" in res.stdout
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [line["frame"] for line in lines] == [0, 1]
+    assert set(lines[0]["objects"]) == {"1", "7"}
+    rle = lines[1]["objects"]["1"]["rle"]
+    assert rle["size"] == list(FRAME_HW) and sum(rle["counts"]) == FRAME_HW[0] * FRAME_HW[1]
+    cap = cv2.VideoCapture(str(out))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    assert n == 2
+
+
+def test_track_cli_groups_prompts_into_objects():
+    from sam2rt.track_cli import group_prompts, rle
+
+    objs = group_prompts([("box", (1, 2, 3, 4)), ("point", (5, 6, 1)), ("obj", ""), ("point", (7, 8, 0)), ("obj", "x"),
+                          ("box", (0, 0, 1, 1))])
+    assert objs == {1: {"box": [1, 2, 3, 4], "points": [[5, 6]], "labels": [1]},
+                    2: {"box": None, "points": [[7, 8]], "labels": [0]},
+                    "x": {"box": [0, 0, 1, 1], "points": [], "labels": []}}
+    m = np.array([[1, 0], [1, 1]], bool)
+    assert rle(m) == {"size": [2, 2], "counts": [0, 2, 1, 1]}
+
+
+def test_export_records_static_video_graphs(model_dir: Path):
+    """The video graphs are in the manifest with their sha256, pass onnx.checker, use no complex ops, and
+    every memory input has a static shape (slots fixed by the export, validity flags instead of lengths)."""
+    import onnx
+
+    from sam2rt.manifest import Manifest, sha256_file
+
+    m = Manifest.load(model_dir)
+    for role in ("memory_encoder", "memory_attention", "track_decoder", "mask_downsample", "video_constants"):
+        entry = m.graph(role)
+        assert entry["sha256"] == sha256_file(model_dir / entry["file"])
+    attn = m.graph("memory_attention")
+    assert attn["slots"] == {**attn["slots"], "cond": 1, "recent": 6, "pointers": 16}
+    shapes = {i["name"]: i["shape"] for i in attn["inputs"]}
+    assert shapes["mem_feats"] == [7, 64, 64, 64] and shapes["mem_valid"] == [7] and shapes["obj_ptrs"] == [16, 256]
+    assert all(isinstance(d, int) for s in shapes.values() for d in s)
+    graph = onnx.load(str(model_dir / attn["file"]))
+    onnx.checker.check_model(graph, full_check=True)
+    graph = onnx.shape_inference.infer_shapes(graph)
+    tensor_types = {t.type.tensor_type.elem_type for t in [*graph.graph.value_info, *graph.graph.input, *graph.graph.output]}
+    assert not tensor_types & {onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
+    v = m.data["video"]
+    assert v["num_maskmem"] == 7 and v["use_signed_tpos_enc_to_obj_ptrs"] is True and v["no_obj_embed_spatial"] is True
+    assert v["binarize_mask_from_pts_for_mem_enc"] is True and v["fill_hole_area"] == 8
+    diffs = m.data["verification"]["max_abs_diff"]
+    assert {k for k in diffs if k.startswith("memory_attention[")} and max(diffs.values()) < 1e-3

@@ -119,6 +119,18 @@ class VideoTracker:
         """Stop tracking `obj_id` (KeyError-free: unknown ids are ignored, as the reference's strict=False)."""
         self.objects.pop(obj_id, None)
 
+    def save_state(self, path: str | Path) -> Path:
+        """Save the whole tracking state to an .npz file (no pickle); see `load_state`."""
+        from .state import save_state
+
+        return save_state(self, path)
+
+    def load_state(self, path: str | Path) -> None:
+        """Replace this tracker's state with one saved by `save_state` (same model directory)."""
+        from .state import load_state
+
+        load_state(self, path)
+
     @property
     def object_ids(self) -> list[ObjId]:
         return list(self.objects)
