@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         st = np.array(step_times) * 1e3
         print(f"per frame (frames 1..{n - 1}): mean {st.mean():.0f} ms, p50 {np.percentile(st, 50):.0f} ms, "
               f"p90 {np.percentile(st, 90):.0f} ms ({1e3 / st.mean():.2f} frames/s)")
-        stages = [t for t in tracker.timings[1:] if "track_s" in t]
+        stages = [t for t in list(tracker.timings)[1:] if "track_s" in t]
         if stages:
             parts = {k: 1e3 * float(np.mean([t.get(k, 0.0) for t in stages])) for k in stages[0]}
             print("  stages (mean ms): " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in parts.items()))

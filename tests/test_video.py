@@ -367,3 +367,31 @@ def test_export_records_static_video_graphs(model_dir: Path):
     assert v["binarize_mask_from_pts_for_mem_enc"] is True and v["fill_hole_area"] == 8
     diffs = m.data["verification"]["max_abs_diff"]
     assert {k for k in diffs if k.startswith("memory_attention[")} and max(diffs.values()) < 1e-3
+
+
+def test_tracker_never_imports_torch(model_dir: Path):
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import json, sys
+        import numpy as np
+        import sam2rt
+        from sam2rt import VideoTracker
+        import sam2rt.track_cli
+        t = VideoTracker.from_dir({str(model_dir)!r})
+        a = (np.arange(120 * 160 * 3) % 251).astype(np.uint8).reshape(120, 160, 3)
+        m0 = t.add_prompt(1, box=[10, 10, 80, 90], frame=a)
+        m1 = t.track(a[::-1].copy())
+        print(json.dumps({{"torch": sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")),
+                           "shapes": [list(m0[1].shape), list(m1[1].shape)]}}))
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert info["shapes"] == [[120, 160], [120, 160]]
+    assert info["torch"] == [], f"torch was imported: {info['torch'][:5]}"

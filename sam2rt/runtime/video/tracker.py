@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -41,6 +42,7 @@ from .memory import NO_MASKS, FrameOutput, ObjectMemory, memory_feeds, to_bf16_b
 log = logging.getLogger("sam2rt")
 
 ObjId = Any  # any hashable id (ints in the reference)
+TIMINGS_KEPT = 1000  # per-step timings of the most recent steps (bounded, like everything else per stream)
 
 
 def fill_holes(logits: np.ndarray, max_area: int) -> np.ndarray:
@@ -89,7 +91,7 @@ class VideoTracker:
         self.fill_hole_area = int(self.settings.get("fill_hole_area", 0) if fill_hole_area is None else fill_hole_area)
         self.image_size = model.image_size
         self._upsample = Upsampler(getattr(model.backend, "threads", None))
-        self.timings: list[dict[str, float]] = []  # per time step: seconds spent in each stage
+        self.timings: deque[dict[str, float]] = deque(maxlen=TIMINGS_KEPT)  # per time step: seconds per stage
         self.reset()
 
     @classmethod
@@ -146,11 +148,9 @@ class VideoTracker:
 
     # --- time steps ---------------------------------------------------------------------------
     def _is_current(self, frame: Any) -> bool:
-        cur = self._frame
+        cur = self._frame  # a copy: a camera buffer refilled in place is a new frame
         if cur is None or frame is None:
             return False
-        if frame is cur:
-            return True
         arr = np.asarray(frame)
         return arr.shape == cur.shape and np.array_equal(arr, cur)
 
@@ -197,7 +197,7 @@ class VideoTracker:
         self._feats = {k: np.ascontiguousarray(v.to_host() if hasattr(v, "to_host") else v, dtype=np.float32)
                        for k, v in feats.items()}
         t2 = time.perf_counter()
-        self._frame = frame if isinstance(frame, np.ndarray) else rgb
+        self._frame = np.array(frame if isinstance(frame, np.ndarray) else rgb, copy=True)
         self._orig_hw = (int(rgb.shape[0]), int(rgb.shape[1]))
         self.frame_idx += 1
         return {"preprocess_s": t1 - t0, "encoder_s": t2 - t1}
