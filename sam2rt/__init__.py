@@ -6,7 +6,7 @@ from .errors import Sam2rtError
 
 __version__ = "0.1.0"
 
-_LAZY = {"Predictor", "Sam2Model", "Embedding", "Prompt", "Masks"}
+_LAZY = {"Predictor", "Sam2Model", "Embedding", "Prompt", "Masks", "VideoTracker"}
 
 
 def __getattr__(name: str):

@@ -20,6 +20,7 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("sam2rt.bench.cli", "benchmark a model directory against the PyTorch reference"),
     "serve": ("sam2rt.serve.cli", "run the Roboflow-compatible SAM 2 HTTP server"),
     "verify": ("sam2rt.verify", "compare an exported model directory with the official model from its checkpoint"),
+    "track": ("sam2rt.track_cli", "track prompted objects through a video file or camera (SAM 2 memory)"),
 }
 
 

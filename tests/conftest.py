@@ -20,6 +20,7 @@ import pytest
 
 SEED = 1234
 MODEL_NAME = "hiera_tiny"
+OBJ_SCORE_BIAS = 10.0
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +31,11 @@ def checkpoint_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     torch.manual_seed(SEED)
     model = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", ckpt_path=None, device="cpu")
+    # Random weights give object scores just below 0: SAM 2.1's video path would declare every object
+    # absent and every mask empty. Raise the object-score head's output so the video tests track objects
+    # that stay present (the image path never reads this head).
+    with torch.no_grad():
+        model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias += OBJ_SCORE_BIAS
     path = tmp_path_factory.mktemp("ckpt") / "sam2.1_hiera_tiny_random.pt"
     torch.save({"model": model.state_dict()}, path)
     return path

@@ -23,9 +23,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-int8", action="store_true", help="skip the opt-in INT8 encoder even if the export has one")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--video", action="store_true",
+                   help="video tracking instead: per-frame latency (frames 8-40, 1 and 3 objects) beside "
+                        "SAM2VideoPredictor, RSS over 300 frames (reference: 60); see sam2rt.bench.video")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.video:
+        import json
+        import os
+
+        from .video import run_video_benchmark
+
+        threads = args.threads or len(os.sched_getaffinity(0))
+        quick = dict(last=10, first=8, objects=(1,), rss_frames=60, ref_rss_frames=20) if args.quick else {}
+        res = run_video_benchmark(args.model_dir, args.out, threads, reference=not args.no_reference, **quick)
+        print(json.dumps(res, indent=2))
+        return 0
     from .harness import BenchConfig, run_benchmark, write_outputs
 
     cfg = BenchConfig(

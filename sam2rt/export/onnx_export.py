@@ -36,6 +36,7 @@ from .fast_decoder import (
     FAST_DISABLED_OPTIMIZERS, FAST_INPUTS, FAST_MAX_POINTS, PREP_INPUTS, PREP_OUTPUTS, DecoderPrepGraph, FastDecoderGraph,
 )
 from .optimize import add_variants
+from .video_export import export_video_graphs
 
 DEFAULT_OPSET = 17
 # Largest differences tolerated between ONNX Runtime and PyTorch before an export is refused.
@@ -139,7 +140,7 @@ def export_model(
     out.mkdir(parents=True, exist_ok=True)
     steps = _Steps(
         ["weights", "encoder", "encoder_fused", "decoder", "decoder_nomask", "decoder_fast", "check", "verify",
-         "manifest", "variants"],
+         "video", "manifest", "variants"],
         progress,
     )
     try:
@@ -266,6 +267,9 @@ def export_model(
                 diffs[f"decoder_fast.iou_predictions[B={batch},N={points}]"] = _check_close(
                     "decoder_fast iou_predictions", got_iou, ref_iou.numpy(), DECODER_IOU_TOLERANCE
                 )
+        with steps.step("exporting + verifying the video graphs"):
+            video = export_video_graphs(model, out, feats, opset)  # memory encoder/attention, tracking decoder
+            diffs.update(video["verification"])
         with steps.step("writing manifest.json"):
             md = model.sam_mask_decoder
             manifest = Manifest(
@@ -337,7 +341,9 @@ def export_model(
                                 },
                             },
                         },
+                        **video["graphs"],
                     },
+                    "video": video["video"],
                     "opset": opset,
                     "verification": {"max_abs_diff": diffs},
                     "exported_with": {

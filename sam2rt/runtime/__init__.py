@@ -5,5 +5,6 @@ from .embedding import Embedding
 from .model import Masks, Sam2Model
 from .predictor import Predictor
 from .prompts import Prompt
+from .video import VideoTracker
 
-__all__ = ["BACKENDS", "Embedding", "Masks", "Predictor", "Prompt", "Sam2Model", "available_providers", "create_backend"]
+__all__ = ["BACKENDS", "Embedding", "Masks", "Predictor", "Prompt", "Sam2Model", "VideoTracker", "available_providers", "create_backend"]

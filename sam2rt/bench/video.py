@@ -1,0 +1,184 @@
+"""`sam2rt bench --video`: per-frame tracking latency beside SAM2VideoPredictor, and memory over long streams.
+
+- latency: a 640x480 camera pan (synthetic photo-like frames with a moving object); 1 and 3 objects
+  prompted by boxes on frame 0; the reference's `propagate_in_video` and the tracker's `track()` advance
+  one frame each in turn (order flipped every frame, a pause before each), and frames FIRST..LAST are
+  timed. The reference preprocesses its frames when the video is loaded (init_state); the tracker
+  preprocesses each frame inside track(), as a live stream must: its times include that.
+- memory: RSS of a fresh process tracking 1 object over 300 frames (at frame 50 and at the end), and
+  of the reference over 60 frames (it keeps every frame's state, so it grows).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .child import synthetic_image
+
+COOLDOWN_S = 0.05
+FRAME_HW = (480, 640)
+
+
+def pan_frames(n: int, hw: tuple[int, int] = FRAME_HW) -> list[np.ndarray]:
+    """n frames of a pan over a larger synthetic photo, with a bright disc moving through them."""
+    h, w = hw
+    big = synthetic_image(h + 2 * n + 8, w + 4 * n + 8, seed=3)
+    yy, xx = np.mgrid[0:h, 0:w]
+    frames = []
+    for i in range(n):
+        f = big[2 * i : 2 * i + h, 4 * i : 4 * i + w].copy()
+        cy, cx = h // 2 + int(60 * np.sin(i / 9)), w // 4 + 5 * (i % 60)
+        f[(yy - cy) ** 2 + (xx - cx) ** 2 < 40**2] = (240, 200, 40)
+        frames.append(np.ascontiguousarray(f))
+    return frames
+
+
+BOXES = [[100.0, 160.0, 260.0, 320.0], [300.0, 60.0, 460.0, 200.0], [420.0, 260.0, 620.0, 460.0]]
+
+
+def _reference_checkpoint(manifest, workdir: Path) -> tuple[str, str]:
+    from ..export.checkpoint import build_model, save_checkpoint
+    from ..models import get_spec
+
+    spec = get_spec(manifest.model_name, manifest.model.get("version", "2.1"))
+    weights = manifest.model["weights"]
+    if weights.get("random"):
+        ckpt = save_checkpoint(build_model(spec, seed=weights.get("seed")), workdir / f"{spec.model_id}_random.pt")
+    else:
+        ckpt = Path(weights["checkpoint"])
+    return spec.config_name, str(ckpt)
+
+
+def _reference_state(predictor, frames: list[np.ndarray], workdir: Path) -> dict:
+    import cv2
+
+    folder = workdir / "frames"
+    folder.mkdir(exist_ok=True)
+    for i, f in enumerate(frames):
+        cv2.imwrite(str(folder / f"{i:05d}.jpg"), f[..., ::-1])
+    return predictor.init_state(str(folder))
+
+
+def latency(model_dir: Path, objects: int, first: int, last: int, threads: int, reference: bool = True) -> dict[str, Any]:
+    """Per-frame seconds for frames first..last, tracker and reference alternating."""
+    from ..manifest import Manifest
+    from ..runtime import VideoTracker
+
+    frames = pan_frames(last + 1)
+    tracker = VideoTracker.from_dir(model_dir, backend="onnxruntime-cpu", fill_hole_area=0, threads=threads)
+    for k in range(objects):
+        tracker.add_prompt(k + 1, box=BOXES[k], frame=frames[0])
+    ref_gen = None
+    with tempfile.TemporaryDirectory() as tmp:
+        if reference:
+            import torch
+            from sam2.build_sam import build_sam2_video_predictor
+
+            torch.set_num_threads(threads)
+            config, ckpt = _reference_checkpoint(Manifest.load(model_dir), Path(tmp))
+            predictor = build_sam2_video_predictor(config, ckpt_path=ckpt, device="cpu")
+            predictor.fill_hole_area = 0
+            state = _reference_state(predictor, frames, Path(tmp))
+            for k in range(objects):
+                predictor.add_new_points_or_box(state, 0, k + 1, box=BOXES[k])
+            ref_gen = predictor.propagate_in_video(state)
+            next(ref_gen)  # frame 0: the prompts' outputs
+        ours, ref = [], []
+        for i in range(1, last + 1):
+            steps = [("ours", lambda i=i: tracker.track(frames[i]))]
+            if ref_gen is not None:
+                steps.append(("ref", lambda: next(ref_gen)))
+            if i % 2:
+                steps.reverse()
+            for who, fn in steps:
+                gc.collect()
+                time.sleep(COOLDOWN_S)
+                t0 = time.perf_counter()
+                fn()
+                dt = time.perf_counter() - t0
+                if i >= first:
+                    (ours if who == "ours" else ref).append(dt)
+    out: dict[str, Any] = {"objects": objects, "frames": [first, last], "sam2rt_ms": _stats(ours)}
+    if ref:
+        out["reference_ms"] = _stats(ref)
+        out["speedup_p50"] = round(out["reference_ms"]["p50"] / out["sam2rt_ms"]["p50"], 3)
+    return out
+
+
+def _stats(samples: list[float]) -> dict[str, float]:
+    a = np.asarray(samples) * 1e3
+    return {"p50": round(float(np.percentile(a, 50)), 1), "p90": round(float(np.percentile(a, 90)), 1),
+            "mean": round(float(a.mean()), 1), "n": int(a.size)}
+
+
+_RSS_CHILD = r"""
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from sam2rt.bench.video import pan_frames, BOXES, _reference_checkpoint, _reference_state
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+which, n, model_dir, threads = {which!r}, {n}, {model_dir!r}, {threads}
+frames = pan_frames(min(n, 60))  # frames repeat after 60 (the pan goes back and forth)
+samples = {{}}
+if which == "sam2rt":
+    from sam2rt.runtime import VideoTracker
+    t = VideoTracker.from_dir(model_dir, backend="onnxruntime-cpu", fill_hole_area=0, threads=threads)
+    t.add_prompt(1, box=BOXES[0], frame=frames[0])
+    for i in range(1, n):
+        t.track(frames[i % 60] if (i // 60) % 2 == 0 else frames[59 - i % 60])
+        if i + 1 in (10, 50, n):
+            samples[i + 1] = rss_mib()
+else:
+    import tempfile, torch
+    from sam2.build_sam import build_sam2_video_predictor
+    from sam2rt.manifest import Manifest
+    torch.set_num_threads(threads)
+    tmp = Path(tempfile.mkdtemp())
+    config, ckpt = _reference_checkpoint(Manifest.load(model_dir), tmp)
+    p = build_sam2_video_predictor(config, ckpt_path=ckpt, device="cpu")
+    p.fill_hole_area = 0
+    state = _reference_state(p, frames[:n], tmp)
+    p.add_new_points_or_box(state, 0, 1, box=BOXES[0])
+    for idx, _, _ in p.propagate_in_video(state):
+        if idx + 1 in (10, 50, n):
+            samples[idx + 1] = rss_mib()
+print(json.dumps(samples))
+"""
+
+
+def rss(model_dir: Path, which: str, n: int, threads: int) -> dict[str, float]:
+    """RSS (MiB) of a fresh process tracking 1 object, at frames 10, 50 and n."""
+    root = str(Path(__file__).resolve().parents[2])
+    code = _RSS_CHILD.format(root=root, which=which, n=n, model_dir=str(model_dir), threads=threads)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=7200)
+    if res.returncode != 0:
+        raise RuntimeError(f"RSS child ({which}) failed: {res.stderr[-2000:]}")
+    return {f"frame_{k}": round(v, 1) for k, v in json.loads(res.stdout.strip().splitlines()[-1]).items()}
+
+
+def run_video_benchmark(model_dir: Path, out: Path, threads: int, first: int = 8, last: int = 40,
+                        objects: tuple[int, ...] = (1, 3), rss_frames: int = 300, ref_rss_frames: int = 60,
+                        reference: bool = True) -> dict[str, Any]:
+    result: dict[str, Any] = {"what": __doc__.strip().splitlines()[0], "threads": threads, "frame_hw": list(FRAME_HW),
+                              "latency": [latency(model_dir, k, first, last, threads, reference) for k in objects]}
+    if rss_frames:
+        ours = rss(model_dir, "sam2rt", rss_frames, threads)
+        result["rss_sam2rt_mib"] = ours
+        if "frame_50" in ours:
+            result["rss_growth_50_to_end"] = round(ours[f"frame_{rss_frames}"] / ours["frame_50"] - 1, 4)
+        if reference and ref_rss_frames:
+            result["rss_reference_mib"] = rss(model_dir, "reference", ref_rss_frames, threads)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "video_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -1,0 +1,72 @@
+"""The exported video graphs of a model directory, loaded and run (numpy in, numpy out)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ...errors import ManifestError
+from ...manifest import Manifest
+from .memory import SlotLayout
+from .sessions import create_session, run
+
+VIDEO_ROLES = ("memory_encoder", "memory_attention", "track_decoder", "mask_downsample")
+
+
+class VideoGraphs:
+    """Sessions over memory_encoder / memory_attention / track_decoder / mask_downsample, and the constants.
+
+    Every file is checked against its sha256 in the manifest before it is loaded.
+    """
+
+    def __init__(self, manifest: Manifest, backend: str = "onnxruntime-cpu", threads: int | None = None) -> None:
+        graphs = manifest.data.get("graphs", {})
+        if "video" not in manifest.data or any(role not in graphs for role in VIDEO_ROLES):
+            raise ManifestError(
+                f"{manifest.directory} has no video graphs (exported before video tracking was added); "
+                "re-run `sam2rt export` into it"
+            )
+        self.settings: dict[str, Any] = dict(manifest.data["video"])
+        self.sessions = {role: create_session(manifest.verify_graph(role), backend, threads) for role in VIDEO_ROLES}
+        with np.load(manifest.verify_graph("video_constants"), allow_pickle=False) as data:
+            self.no_mem_embed = np.ascontiguousarray(data["no_mem_embed"], np.float32).reshape(1, -1, 1, 1)
+            self.no_obj_ptr = np.ascontiguousarray(data["no_obj_ptr"], np.float32).reshape(-1)
+        slots = manifest.graph("memory_attention")["slots"]
+        s = self.settings
+        feat = manifest.image_size // 16
+        self.layout = SlotLayout(int(slots["cond"]), int(slots["recent"]), int(slots["pointers"]), int(s["mem_dim"]),
+                                 int(s["hidden_dim"]), (feat, feat))
+
+    def memory_attention(self, image_embed: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return run(self.sessions["memory_attention"], {"image_embed": image_embed, **feeds})[0]
+
+    def encode_memory(self, image_embed: np.ndarray, mask_logits: np.ndarray, score: float, binarize: bool) -> np.ndarray:
+        """(mem_dim,64,64) float32 memory features of one object's (256,256) mask logits."""
+        return run(self.sessions["memory_encoder"], {
+            "image_embed": image_embed,
+            "mask_logits": np.ascontiguousarray(mask_logits, np.float32).reshape(1, 1, *mask_logits.shape[-2:]),
+            "object_score_logits": np.array([[score]], np.float32),
+            "binarize": np.array([1.0 if binarize else 0.0], np.float32),
+        })[0][0]
+
+    def decode(
+        self, pix_feat: np.ndarray, feats: dict[str, np.ndarray], coords: np.ndarray, labels: np.ndarray,
+        mask_input: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """Tracking decoder: (low_res_masks (1,4,256,256), iou (1,4), obj_ptr (1,4,C), object score)."""
+        low = 4 * self.layout.feat_hw[0]
+        has_mask = mask_input is not None
+        lr, iou, ptr, score = run(self.sessions["track_decoder"], {
+            "pix_feat": np.ascontiguousarray(pix_feat, np.float32),
+            "high_res_feats_0": feats["high_res_feats_0"], "high_res_feats_1": feats["high_res_feats_1"],
+            "point_coords": np.ascontiguousarray(coords, np.float32), "point_labels": np.ascontiguousarray(labels, np.float32),
+            "mask_input": (np.ascontiguousarray(mask_input, np.float32).reshape(1, 1, low, low) if has_mask
+                           else np.zeros((1, 1, low, low), np.float32)),
+            "has_mask_input": np.array([1.0 if has_mask else 0.0], np.float32),
+        })
+        return lr, iou, ptr, float(score.reshape(-1)[0])
+
+    def mask_downsample(self, mask: np.ndarray) -> np.ndarray:
+        """(S,S) binary float mask at the input size -> (1,1,256,256) decoder mask input."""
+        return run(self.sessions["mask_downsample"], {"mask": np.ascontiguousarray(mask, np.float32)[None, None]})[0]

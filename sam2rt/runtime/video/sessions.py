@@ -1,0 +1,45 @@
+"""ONNX Runtime sessions for the video graphs: the one place they are created.
+
+Kept to one function so that it can move behind the runtime's backend contract later; the image
+encoder itself runs on the model's backend (`Sam2Model.backend.encode`), not here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ...errors import BackendUnavailableError
+
+# ONNX Runtime providers for the video graphs, by the image backend's name (TensorRT engines exist for the
+# image graphs only: with the tensorrt backend the video graphs run on ONNX Runtime's CUDA provider).
+VIDEO_PROVIDERS = {
+    "onnxruntime-cpu": ["CPUExecutionProvider"],
+    "onnxruntime-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "onnxruntime-tensorrt": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def create_session(path: str | Path, backend: str = "onnxruntime-cpu", threads: int | None = None) -> Any:
+    """An onnxruntime.InferenceSession for one video graph, on the providers that fit `backend`."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise BackendUnavailableError("onnxruntime is needed for video tracking: `pip install 'sam2rt[cpu]'`") from exc
+    from ..backends.onnxruntime_backend import session_options
+
+    wanted = VIDEO_PROVIDERS.get(backend.split(":")[0], ["CPUExecutionProvider"])
+    available = set(ort.get_available_providers())
+    providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), session_options(threads, mem_pattern=False), providers=providers)
+
+
+def run(session: Any, feeds: dict[str, Any]) -> list[Any]:
+    """session.run with the feeds the graph has: inputs a model's config leaves unused (e.g. the object
+    score where SAM 2.0 has no `no_obj_embed_spatial`, pointer positions without temporal encoding)
+    are dropped from the graph by the exporter."""
+    names = getattr(session, "_sam2rt_inputs", None)
+    if names is None:
+        names = session._sam2rt_inputs = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: v for k, v in feeds.items() if k in names})

@@ -1,0 +1,108 @@
+"""A VideoTracker's state in one .npz file (no pickle): save it, stop, and go on tracking later.
+
+The file holds a JSON header (frame index, video length, object ids, which frames each object keeps)
+and the arrays: each kept frame's bfloat16 memory (as uint16 bits), object pointer and score, the
+current frame's outputs, its image features and each object's memory-conditioned features (so a
+correction after a restore is exactly what it would have been). Restoring needs the same model
+directory (the encoder's sha256 is checked).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ...errors import Sam2rtError
+from .memory import NO_MASKS, FrameOutput, ObjectMemory
+
+if TYPE_CHECKING:
+    from .tracker import VideoTracker
+
+STATE_FORMAT = "sam2rt-video-state"
+STATE_VERSION = 1
+
+
+def _put(arrays: dict[str, np.ndarray], key: str, out: FrameOutput) -> dict[str, Any]:
+    arrays[f"{key}.ptr"] = out.obj_ptr
+    if out.maskmem is not None:
+        arrays[f"{key}.mem"] = out.maskmem
+    if out.pred_masks.size:
+        arrays[f"{key}.masks"] = out.pred_masks
+    return {"score": out.object_score, "mem": out.maskmem is not None, "masks": bool(out.pred_masks.size)}
+
+
+def _get(data: Any, key: str, meta: dict[str, Any]) -> FrameOutput:
+    return FrameOutput(
+        np.array(data[f"{key}.masks"]) if meta["masks"] else NO_MASKS,
+        np.array(data[f"{key}.ptr"]),
+        float(meta["score"]),
+        np.array(data[f"{key}.mem"]) if meta["mem"] else None,
+    )
+
+
+def save_state(tracker: "VideoTracker", path: str | Path) -> Path:
+    """Write the tracker's state to `path` (.npz). Object ids must be JSON values (int, str)."""
+    arrays: dict[str, np.ndarray] = {}
+    objects = []
+    for i, (obj_id, obj) in enumerate(tracker.objects.items()):
+        entry: dict[str, Any] = {"id": obj_id, "origin": obj.origin, "cond": {}, "non_cond": {}}
+        for kind in ("cond", "non_cond"):
+            for t, out in getattr(obj.memory, kind).items():
+                entry[kind][str(t)] = _put(arrays, f"o{i}.{kind}.{t}", out)
+        if obj.current is not None:
+            entry["current"] = _put(arrays, f"o{i}.current", obj.current)
+        if obj.pix_feat_with_mem is not None:
+            arrays[f"o{i}.pix"] = obj.pix_feat_with_mem
+        objects.append(entry)
+    if tracker._feats is not None:
+        arrays.update({f"feat.{k}": v for k, v in tracker._feats.items()})
+        arrays["frame"] = np.asarray(tracker._frame)
+    header = {
+        "format": STATE_FORMAT, "version": STATE_VERSION, "model_key": tracker.model.model_key,
+        "frame_idx": tracker.frame_idx, "num_frames": tracker.num_frames,
+        "orig_hw": list(tracker._orig_hw) if tracker._orig_hw else None, "objects": objects,
+    }
+    try:
+        header_text = json.dumps(header)
+    except TypeError as exc:
+        raise Sam2rtError(f"object ids must be ints or strings to be saved: {exc}") from exc
+    path = Path(path)
+    with open(path, "wb") as f:
+        np.savez(f, __header__=np.array(header_text), **arrays)
+    return path
+
+
+def load_state(tracker: "VideoTracker", path: str | Path) -> None:
+    """Replace the tracker's state with the one saved in `path` by save_state."""
+    try:
+        data = np.load(path, allow_pickle=False)
+        header = json.loads(str(data["__header__"]))
+    except Exception as exc:
+        raise Sam2rtError(f"{path} is not a sam2rt video state file ({exc})") from exc
+    with data:
+        if header.get("format") != STATE_FORMAT or header.get("version", 0) > STATE_VERSION:
+            raise Sam2rtError(f"{path} is not a sam2rt video state file this version reads")
+        if header["model_key"] != tracker.model.model_key:
+            raise Sam2rtError(f"{path} was saved with another model (encoder sha256 {header['model_key'][:12]}...)")
+        tracker.reset()
+        tracker.frame_idx = int(header["frame_idx"])
+        tracker.num_frames = header["num_frames"]
+        tracker._orig_hw = tuple(header["orig_hw"]) if header["orig_hw"] else None
+        if "frame" in data.files:
+            tracker._frame = np.array(data["frame"])
+            tracker._feats = {k[len("feat."):]: np.array(data[k]) for k in data.files if k.startswith("feat.")}
+        from .tracker import _Object
+
+        for i, entry in enumerate(header["objects"]):
+            obj = _Object(ObjectMemory(), None, entry["origin"], None)
+            for kind in ("cond", "non_cond"):
+                for t, meta in entry[kind].items():
+                    getattr(obj.memory, kind)[int(t)] = _get(data, f"o{i}.{kind}.{t}", meta)
+            if "current" in entry:
+                obj.current = _get(data, f"o{i}.current", entry["current"])
+            if f"o{i}.pix" in data.files:
+                obj.pix_feat_with_mem = np.array(data[f"o{i}.pix"])
+            tracker.objects[entry["id"]] = obj

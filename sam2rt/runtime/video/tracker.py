@@ -1,0 +1,336 @@
+"""VideoTracker: SAM 2's streaming multi-object tracker on the exported graphs (torch-free).
+
+It computes what `SAM2VideoPredictor` computes when a video is tracked forward, one frame at a time:
+
+- each frame is preprocessed and encoded exactly as the image path (`preprocess` + the model's image
+  encoder graph on its backend);
+- a new object's first prompt makes its conditioning frame (no memory, as `is_init_cond_frame`); a prompt
+  for an object already tracked on the current frame is a correction (the object's memory-conditioned
+  features of that frame and its previous logits as mask input, as `add_new_points_or_box` does) and,
+  as in the reference (`add_all_frames_to_correct_as_cond=False`), stays a non-conditioning frame;
+- prompted frames are encoded into memory when the time step ends (the predictor's preflight, with the
+  binarised mask); tracked frames right away (sigmoid of the logits);
+- memory features are stored rounded to bfloat16, as the reference stores them; per object the bank holds
+  its conditioning frame(s), the `num_maskmem - 1` most recent memories and `max_obj_ptrs - 1` pointers
+  (older entries are dropped), so its size does not grow with the stream.
+
+Objects are independent (the reference's defaults: no non-overlap constraint, no memory clearing), so
+removing one leaves the others' results unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from ...errors import InvalidPromptError, Sam2rtError
+from ...models import LOW_RES_SIZE
+from ..model import Sam2Model
+from ..postprocess import LOGIT_CLAMP, Upsampler
+from ..preprocess import check_image, preprocess
+from ..prompts import Prompt
+from .graphs import VideoGraphs
+from .heads import NO_POINTS_COORDS, NO_POINTS_LABELS, mask_prompt_inputs, select_track_output, use_multimask
+from .memory import NO_MASKS, FrameOutput, ObjectMemory, memory_feeds, to_bf16_bits
+
+log = logging.getLogger("sam2rt")
+
+ObjId = Any  # any hashable id (ints in the reference)
+TIMINGS_KEPT = 1000  # per-step timings of the most recent steps (bounded, like everything else per stream)
+
+
+def fill_holes(logits: np.ndarray, max_area: int) -> np.ndarray:
+    """Fill background components (logits <= 0) of at most `max_area` pixels with 0.1, as the reference's
+    `fill_holes_in_mask_scores` (8-connected components, here with OpenCV instead of its CUDA extension)."""
+    import cv2
+
+    background = (logits <= 0).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(background, connectivity=8)
+    if n <= 1:
+        return logits
+    small = np.zeros(n, bool)
+    small[1:] = stats[1:, cv2.CC_STAT_AREA] <= max_area
+    holes = small[labels]
+    if not holes.any():
+        return logits
+    return np.where(holes, np.float32(0.1), logits).astype(np.float32)
+
+
+@dataclass
+class _Object:
+    """One tracked object: its memory bank and its output on the current frame."""
+
+    memory: ObjectMemory = field(default_factory=ObjectMemory)
+    current: FrameOutput | None = None
+    origin: str = ""  # how `current` was made: "init" (first prompt), "tracked", "correction"
+    pix_feat_with_mem: np.ndarray | None = None  # memory-conditioned features of the current frame (corrections)
+
+    @property
+    def needs_memory(self) -> bool:
+        return self.current is not None and self.current.maskmem is None
+
+
+class VideoTracker:
+    """Track objects through a video or a live stream with SAM 2's memory.
+
+    >>> tracker = VideoTracker.from_dir("models/hiera_tiny")
+    >>> masks = tracker.add_prompt(1, box=[10, 20, 200, 220], frame=first_rgb_frame)
+    >>> for rgb in stream: masks = tracker.track(rgb)          # {obj_id: HxW bool mask}
+    """
+
+    def __init__(self, model: Sam2Model, graphs: VideoGraphs, fill_hole_area: int | None = None) -> None:
+        self.model = model
+        self.graphs = graphs
+        self.settings = graphs.settings
+        self.fill_hole_area = int(self.settings.get("fill_hole_area", 0) if fill_hole_area is None else fill_hole_area)
+        self.image_size = model.image_size
+        self._upsample = Upsampler(getattr(model.backend, "threads", None))
+        self.timings: deque[dict[str, float]] = deque(maxlen=TIMINGS_KEPT)  # per time step: seconds per stage
+        self.reset()
+
+    @classmethod
+    def from_dir(
+        cls, model_dir: str | Path, backend: str = "auto", fill_hole_area: int | None = None, threads: int | None = None
+    ) -> "VideoTracker":
+        """Load an exported model directory (its image graphs on `backend`, the video graphs on ONNX Runtime).
+
+        fill_hole_area: None keeps the model's setting (the video predictor's 8 pixels of the low-res mask);
+        0 turns hole filling off (the reference skips it without its CUDA extension).
+        """
+        model = Sam2Model.from_dir(model_dir, backend=backend, threads=threads)
+        graphs = VideoGraphs(model.manifest, model.backend_name, threads)
+        return cls(model, graphs, fill_hole_area)
+
+    # --- state ------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every object and frame."""
+        self.objects: dict[ObjId, _Object] = {}
+        self.frame_idx = -1
+        self.num_frames: int | None = None  # the video's length when known (pointer count as the reference)
+        self._frame: np.ndarray | None = None
+        self._feats: dict[str, np.ndarray] | None = None
+        self._orig_hw: tuple[int, int] | None = None
+
+    def remove(self, obj_id: ObjId) -> None:
+        """Stop tracking `obj_id` (KeyError-free: unknown ids are ignored, as the reference's strict=False)."""
+        self.objects.pop(obj_id, None)
+
+    def save_state(self, path: str | Path) -> Path:
+        """Save the whole tracking state to an .npz file (no pickle); see `load_state`."""
+        from .state import save_state
+
+        return save_state(self, path)
+
+    def load_state(self, path: str | Path) -> None:
+        """Replace this tracker's state with one saved by `save_state` (same model directory)."""
+        from .state import load_state
+
+        load_state(self, path)
+
+    @property
+    def object_ids(self) -> list[ObjId]:
+        return list(self.objects)
+
+    @property
+    def low_res_logits(self) -> dict[ObjId, np.ndarray]:
+        """Each object's (256,256) low-res mask logits on the current frame (the reference's pred_masks)."""
+        return {k: o.current.pred_masks for k, o in self.objects.items() if o.current is not None}
+
+    @property
+    def object_scores(self) -> dict[ObjId, float]:
+        return {k: o.current.object_score for k, o in self.objects.items() if o.current is not None}
+
+    # --- time steps ---------------------------------------------------------------------------
+    def _is_current(self, frame: Any) -> bool:
+        cur = self._frame  # a copy: a camera buffer refilled in place is a new frame
+        if cur is None or frame is None:
+            return False
+        arr = np.asarray(frame)
+        return arr.shape == cur.shape and np.array_equal(arr, cur)
+
+    def _finish_step(self) -> None:
+        """End the current time step: encode prompted outputs into memory, move outputs into the banks, prune."""
+        if self._feats is None:
+            return
+        f = self.frame_idx
+        for obj in self.objects.values():
+            out = obj.current
+            if out is None:
+                continue
+            if out.maskmem is None:  # prompted on this frame: the preflight's memory encoding
+                mem = self.graphs.encode_memory(
+                    self._feats["image_embed"], out.pred_masks, out.object_score,
+                    binarize=bool(self.settings["binarize_mask_from_pts_for_mem_enc"]),
+                )
+                out.maskmem = to_bf16_bits(mem)
+            stored = FrameOutput(NO_MASKS, out.obj_ptr, out.object_score, out.maskmem)
+            is_cond = obj.origin == "init" or (obj.origin == "correction" and self.settings["add_all_frames_to_correct_as_cond"])
+            if is_cond:
+                obj.memory.cond[f] = stored
+                obj.memory.non_cond.pop(f, None)
+                cap = self.graphs.layout.cond_slots  # bounded: keep the most recent conditioning frames
+                for t in sorted(obj.memory.cond)[:-cap]:
+                    del obj.memory.cond[t]
+            else:
+                obj.memory.non_cond[f] = stored
+            stride = int(self.settings["memory_temporal_stride_for_eval"])
+            obj.memory.prune(f + 1, keep_mem=int(self.settings["num_maskmem"]) * stride,
+                             keep_ptr=int(self.settings["max_obj_ptrs_in_encoder"]))
+            obj.current = None
+            obj.origin = ""
+            obj.pix_feat_with_mem = None
+
+    def _start_step(self, frame: Any) -> dict[str, float]:
+        """Make `frame` the current frame (the next time step) and encode it."""
+        rgb = check_image(frame)
+        self._finish_step()
+        t0 = time.perf_counter()
+        x = preprocess(rgb, self.image_size)
+        t1 = time.perf_counter()
+        feats = self.model.backend.encode(x)
+        self._feats = {k: np.ascontiguousarray(v.to_host() if hasattr(v, "to_host") else v, dtype=np.float32)
+                       for k, v in feats.items()}
+        t2 = time.perf_counter()
+        self._frame = np.array(frame if isinstance(frame, np.ndarray) else rgb, copy=True)
+        self._orig_hw = (int(rgb.shape[0]), int(rgb.shape[1]))
+        self.frame_idx += 1
+        return {"preprocess_s": t1 - t0, "encoder_s": t2 - t1}
+
+    def _fill(self, logits: np.ndarray) -> np.ndarray:
+        return fill_holes(logits, self.fill_hole_area) if self.fill_hole_area > 0 else logits
+
+    def _track_object(self, obj: _Object) -> None:
+        """Track one object on the current frame from its memory (a non-conditioning frame)."""
+        assert self._feats is not None
+        feeds = memory_feeds(obj.memory, self.frame_idx, self.settings, self.graphs.layout, self.num_frames)
+        pix = self.graphs.memory_attention(self._feats["image_embed"], feeds)
+        multimask = use_multimask(self.settings, False, 0)
+        lr, iou, ptrs, score = self.graphs.decode(pix, self._feats, NO_POINTS_COORDS, NO_POINTS_LABELS, None)
+        mask, ptr = select_track_output(self.settings, lr, iou, ptrs, multimask)
+        mem = self.graphs.encode_memory(self._feats["image_embed"], mask, score, binarize=False)
+        obj.current = FrameOutput(self._fill(mask), ptr, score, to_bf16_bits(mem))
+        obj.origin = "tracked"
+        obj.pix_feat_with_mem = pix
+
+    def _track_all(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        for obj in self.objects.values():
+            if obj.memory.cond or obj.memory.non_cond:
+                self._track_object(obj)
+        return {"track_s": time.perf_counter() - t0}
+
+    def _masks(self) -> dict[ObjId, np.ndarray]:
+        """Every object with an output on the current frame: its mask at the frame's size."""
+        ids = [k for k, o in self.objects.items() if o.current is not None]
+        if not ids:
+            return {}
+        logits = np.stack([self.objects[k].current.pred_masks for k in ids])[:, None]
+        masks = self._upsample(logits, self._orig_hw, 0.0)
+        return {k: masks[i, 0] for i, k in enumerate(ids)}
+
+    # --- public API -----------------------------------------------------------------------------
+    def add_prompt(
+        self,
+        obj_id: ObjId,
+        points: Any = None,
+        labels: Any = None,
+        box: Any = None,
+        mask: Any = None,
+        frame: Any = None,
+    ) -> dict[ObjId, np.ndarray]:
+        """Prompt `obj_id` on the current frame (or on `frame`, which then becomes the current frame).
+
+        points (N,2) x,y pixels with labels (N,) 1/0; box (4,) x0,y0,x1,y1; or mask (H,W) bool at the frame's
+        size (not with points or box). A frame given here that is not the current one starts a new time step:
+        the objects already tracked are tracked on it first. Prompts before the next `track()` belong to the
+        same time step. Returns {obj_id: HxW bool mask} for every object on the current frame.
+        """
+        if frame is not None and not self._is_current(frame):
+            timing = self._start_step(frame)
+            timing.update(self._track_all())
+            self.timings.append(timing)
+        if self._feats is None:
+            raise InvalidPromptError("no current frame: pass the frame to prompt on with add_prompt(..., frame=rgb)")
+        if mask is not None and (points is not None or box is not None):
+            raise InvalidPromptError("give either a mask or points/box for one prompt, not both")
+        obj = self.objects.get(obj_id) or _Object()  # added to self.objects once the prompt is accepted
+        is_init = obj.current is None or obj.origin == "init"
+        if not is_init and obj.pix_feat_with_mem is None:
+            raise Sam2rtError(f"object {obj_id!r} has no memory-conditioned features on this frame")
+        feats = self._feats
+        if mask is not None:
+            out = self._mask_prompt(np.asarray(mask), feats)
+        else:
+            xy, lab, _ = Prompt(points=points, labels=labels, box=box).checked(self._orig_hw)
+            multimask = use_multimask(self.settings, is_init, xy.shape[1] - 1)  # padding point not counted
+            prev = None
+            if obj.current is not None and obj.current.pred_masks.size:
+                prev = np.clip(obj.current.pred_masks, -LOGIT_CLAMP, LOGIT_CLAMP)
+            pix = feats["image_embed"] if is_init else obj.pix_feat_with_mem  # directly_add_no_mem_embed
+            lr, iou, ptrs, score = self.graphs.decode(pix, feats, xy, lab, prev)
+            low, ptr = select_track_output(self.settings, lr, iou, ptrs, multimask)
+            out = FrameOutput(self._fill(low), ptr, score, None)
+        obj.current = out
+        obj.origin = "init" if is_init else "correction"
+        self.objects.setdefault(obj_id, obj)
+        return self._masks()
+
+    def _mask_prompt(self, mask: np.ndarray, feats: dict[str, np.ndarray]) -> FrameOutput:
+        """`_use_mask_as_output`: the mask is the output; the decoder only makes its object pointer."""
+        if mask.ndim != 2 or (self._orig_hw is not None and mask.shape != self._orig_hw):
+            raise InvalidPromptError(f"mask must be (H, W) = {self._orig_hw}, the frame's size; got {mask.shape}")
+        full, low = mask_prompt_inputs(mask > 0 if mask.dtype != bool else mask, self.image_size, LOW_RES_SIZE)
+        raw = feats["image_embed"] - self.graphs.no_mem_embed  # the backbone features without no_mem_embed
+        mask_input = self.graphs.mask_downsample(full)
+        lr, iou, ptrs, _ = self.graphs.decode(raw, feats, NO_POINTS_COORDS, NO_POINTS_LABELS, mask_input)
+        _, ptr = select_track_output(self.settings, lr, iou, ptrs, False)
+        appearing = np.float32(1.0 if (full > 0).any() else 0.0)
+        if self.settings["pred_obj_scores"]:
+            if self.settings["fixed_no_obj_ptr"]:
+                ptr = appearing * ptr
+            ptr = ptr + (1 - appearing) * self.graphs.no_obj_ptr
+        score = float(20.0 * appearing - 10.0)
+        return FrameOutput(self._fill(low), ptr.astype(np.float32), score, None)
+
+    def track(self, frame: Any) -> dict[ObjId, np.ndarray]:
+        """Track every object on the next frame of a stream; returns {obj_id: HxW bool mask}."""
+        timing = self._start_step(frame)
+        timing.update(self._track_all())
+        t0 = time.perf_counter()
+        masks = self._masks()
+        timing["postprocess_s"] = time.perf_counter() - t0
+        self.timings.append(timing)
+        return masks
+
+    def propagate(self, frames: Iterable[Any], num_frames: int | None = None) -> Iterator[tuple[int, dict[ObjId, np.ndarray]]]:
+        """Track through `frames` (a video file's frames from the current one on); yields (frame_index, masks).
+
+        If the first frame is the current one (prompts were just given on it), its results are yielded as
+        they are. The video's length (`num_frames`, else len(frames) when it has one) bounds the pointers
+        used as the reference's `propagate_in_video` does for a video of that length.
+        """
+        it = iter(frames)
+        length = len(frames) if hasattr(frames, "__len__") else None  # type: ignore[arg-type]
+        first = next(it, None)
+        if first is None:
+            return
+        if num_frames is not None:
+            self.num_frames = num_frames
+        if self._is_current(first):
+            if num_frames is None and length is not None:
+                self.num_frames = self.frame_idx + length
+            yield self.frame_idx, self._masks()
+        else:
+            if num_frames is None and length is not None:
+                self.num_frames = self.frame_idx + 1 + length
+            masks = self.track(first)
+            yield self.frame_idx, masks
+        for frame in it:
+            masks = self.track(frame)
+            yield self.frame_idx, masks

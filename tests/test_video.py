@@ -1,0 +1,397 @@
+"""VideoTracker against the official SAM2VideoPredictor on the same checkpoint (random weights, FP32).
+
+Both sides get the same preprocessed frames: the reference's loader resizes JPEG frames with PIL, so its
+`inference_state["images"]` is replaced with sam2rt's preprocessing of the very frames the tracker sees
+(and the frame-0 features init_state cached are dropped). The reference runs without its CUDA extension,
+so it skips hole filling: the tracker runs with fill_hole_area=0. Clips are camera pans over a real
+photograph (skimage's astronaut) with a pasted object (a patch of skimage's chelsea) moving across them.
+
+Checked on every frame: each object's low-res logits within LOGIT_TOL of the reference, mask IoU >= 0.999.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import photo
+
+LOGIT_TOL = 1e-3
+MIN_IOU = 0.999
+FRAME_HW = (240, 320)
+PATCH_HW = (70, 80)
+
+
+def pan_clip(n: int) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+    """n RGB frames of a camera pan over a photograph, with a pasted patch moving through them.
+
+    Returns the frames and the patch's top-left corner (y, x) in each frame.
+    """
+    bg, cat = photo("astronaut"), photo("chelsea")
+    patch = cat[60 : 60 + PATCH_HW[0], 130 : 130 + PATCH_HW[1]]
+    h, w = FRAME_HW
+    frames, corners = [], []
+    for i in range(n):
+        y0, x0 = 20 + 3 * i, 10 + 4 * i  # the camera pans down-right
+        frame = bg[y0 : y0 + h, x0 : x0 + w].copy()
+        py, px = 120 - 2 * i, 30 + 5 * i  # the object moves up-right in the frame
+        frame[py : py + PATCH_HW[0], px : px + PATCH_HW[1]] = patch
+        frames.append(np.ascontiguousarray(frame))
+        corners.append((py, px))
+    return frames, corners
+
+
+def patch_mask(corner: tuple[int, int]) -> np.ndarray:
+    m = np.zeros(FRAME_HW, bool)
+    m[corner[0] : corner[0] + PATCH_HW[0], corner[1] : corner[1] + PATCH_HW[1]] = True
+    return m
+
+
+# Prompts of the clips' objects on a frame whose patch corner is (py, px).
+def point_prompt(corner):
+    py, px = corner
+    return {"points": [[px + 40.0, py + 35.0]], "labels": [1]}
+
+
+BOX_PROMPT = {"box": [150.0, 10.0, 260.0, 110.0]}  # the astronaut's helmet region (moves with the pan only)
+
+
+@pytest.fixture(scope="module")
+def video_reference(checkpoint_path: Path):
+    import torch
+    from sam2.build_sam import build_sam2_video_predictor
+
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    predictor = build_sam2_video_predictor("configs/sam2.1/sam2.1_hiera_t.yaml", ckpt_path=str(checkpoint_path), device="cpu")
+    predictor.fill_hole_area = 0  # what the reference does without its CUDA extension, said explicitly
+    return predictor
+
+
+def reference_state(predictor, frames: list[np.ndarray], tmp_path: Path) -> dict:
+    """init_state over JPEGs of `frames`, then its images replaced by sam2rt's preprocessing of `frames`."""
+    import cv2
+    import torch
+
+    from sam2rt.runtime.preprocess import preprocess
+
+    folder = tmp_path / "frames"
+    folder.mkdir(exist_ok=True)
+    for i, f in enumerate(frames):
+        cv2.imwrite(str(folder / f"{i:05d}.jpg"), f[..., ::-1])
+    state = predictor.init_state(str(folder))
+    state["images"] = torch.from_numpy(np.concatenate([preprocess(f) for f in frames]))
+    state["cached_features"] = {}
+    assert (state["video_height"], state["video_width"]) == FRAME_HW
+    return state
+
+
+def reference_logits(state: dict, frame_idx: int) -> dict:
+    """{obj_id: (256,256) low-res logits} the reference holds for frame_idx."""
+    out = {}
+    for obj_id, idx in state["obj_id_to_idx"].items():
+        d = state["output_dict_per_obj"][idx]
+        entry = d["cond_frame_outputs"].get(frame_idx) or d["non_cond_frame_outputs"].get(frame_idx)
+        if entry is not None:
+            out[obj_id] = entry["pred_masks"][0, 0].float().numpy()
+    return out
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+class Comparison:
+    """Collects per-frame, per-object differences and checks them at the end (so a failure shows them all)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, object, float, float]] = []
+
+    def add(self, frame_idx: int, ours_logits: dict, ref_logits: dict, ours_masks: dict, ref_masks: dict) -> None:
+        assert set(ours_logits) == set(ref_logits), (frame_idx, set(ours_logits), set(ref_logits))
+        for obj_id in ref_logits:
+            diff = float(np.max(np.abs(ours_logits[obj_id] - ref_logits[obj_id])))
+            self.rows.append((frame_idx, obj_id, diff, iou(ours_masks[obj_id], ref_masks[obj_id])))
+
+    def check(self) -> None:
+        assert self.rows
+        worst = max(r[2] for r in self.rows)
+        lowest = min(r[3] for r in self.rows)
+        bad = [r for r in self.rows if r[2] > LOGIT_TOL or r[3] < MIN_IOU]
+        print(f"\n{len(self.rows)} frame x object results: max |logit diff| {worst:.3g}, min IoU {lowest:.5f}")
+        assert not bad, f"frames/objects beyond tolerance (frame, obj, max diff, IoU): {bad[:10]}"
+
+
+def video_masks(ids, video_res_masks) -> dict:
+    return {obj_id: video_res_masks[i, 0].numpy() > 0 for i, obj_id in enumerate(ids)}
+
+
+@pytest.fixture(scope="module")
+def tracker(model_dir: Path):
+    from sam2rt.runtime import VideoTracker
+
+    return VideoTracker.from_dir(model_dir, backend="onnxruntime-cpu", fill_hole_area=0)
+
+
+def test_propagate_quick_two_objects(tracker, video_reference, tmp_path: Path):
+    """4 frames, a point and a box on frame 0: propagate() against propagate_in_video."""
+    frames, corners = pan_clip(4)
+    state = reference_state(video_reference, frames, tmp_path)
+    video_reference.add_new_points_or_box(state, 0, 1, **point_prompt(corners[0]))
+    video_reference.add_new_points_or_box(state, 0, 2, **BOX_PROMPT)
+    ref = {}
+    for idx, ids, masks in video_reference.propagate_in_video(state):
+        ref[idx] = (reference_logits(state, idx), video_masks(ids, masks))
+
+    tracker.reset()
+    tracker.add_prompt(1, frame=frames[0], **point_prompt(corners[0]))
+    tracker.add_prompt(2, **BOX_PROMPT)
+    cmp = Comparison()
+    seen = []
+    for idx, masks in tracker.propagate(frames):
+        seen.append(idx)
+        cmp.add(idx, tracker.low_res_logits, ref[idx][0], masks, ref[idx][1])
+        assert all(m.shape == FRAME_HW and m.dtype == bool for m in masks.values())
+    assert seen == [0, 1, 2, 3]
+    cmp.check()
+
+
+@pytest.mark.slow
+def test_stream_three_objects_point_box_mask(tracker, video_reference, tmp_path: Path):
+    """3 objects prompted by point, box and mask on frame 0; track() frame by frame vs propagate_in_video."""
+    n = 16
+    frames, corners = pan_clip(n)
+    state = reference_state(video_reference, frames, tmp_path)
+    video_reference.add_new_points_or_box(state, 0, 1, **point_prompt(corners[0]))
+    video_reference.add_new_points_or_box(state, 0, 2, **BOX_PROMPT)
+    video_reference.add_new_mask(state, 0, 3, patch_mask(corners[0]))
+    ref = {idx: (reference_logits(state, idx), video_masks(ids, m)) for idx, ids, m in video_reference.propagate_in_video(state)}
+
+    tracker.reset()
+    cmp = Comparison()
+    tracker.add_prompt(1, frame=frames[0], **point_prompt(corners[0]))
+    tracker.add_prompt(2, **BOX_PROMPT)
+    masks = tracker.add_prompt(3, mask=patch_mask(corners[0]))
+    cmp.add(0, tracker.low_res_logits, ref[0][0], masks, ref[0][1])
+    for i in range(1, n):
+        masks = tracker.track(frames[i])
+        cmp.add(i, tracker.low_res_logits, ref[i][0], masks, ref[i][1])
+    cmp.check()
+
+
+@pytest.mark.slow
+def test_stream_new_object_mid_stream(tracker, video_reference, tmp_path: Path):
+    """Object 2 appears at frame k: the reference propagates 0..k-1, adds it at k, propagates from k."""
+    n, k = 16, 5
+    frames, corners = pan_clip(n)
+    state = reference_state(video_reference, frames, tmp_path)
+    video_reference.add_new_points_or_box(state, 0, 1, **BOX_PROMPT)
+    ref = {}
+    for idx, ids, m in video_reference.propagate_in_video(state, max_frame_num_to_track=k - 1):
+        ref[idx] = (reference_logits(state, idx), video_masks(ids, m))
+    assert max(ref) == k - 1
+    video_reference.add_new_points_or_box(state, k, 2, **point_prompt(corners[k]))
+    for idx, ids, m in video_reference.propagate_in_video(state, start_frame_idx=k):
+        ref[idx] = (reference_logits(state, idx), video_masks(ids, m))
+
+    tracker.reset()
+    cmp = Comparison()
+    masks = tracker.add_prompt(1, frame=frames[0], **BOX_PROMPT)
+    cmp.add(0, tracker.low_res_logits, ref[0][0], masks, ref[0][1])
+    for i in range(1, n):
+        if i == k:
+            masks = tracker.add_prompt(2, frame=frames[k], **point_prompt(corners[k]))
+        else:
+            masks = tracker.track(frames[i])
+        cmp.add(i, tracker.low_res_logits, ref[i][0], masks, ref[i][1])
+    cmp.check()
+
+
+@pytest.mark.slow
+def test_stream_correction_click(tracker, video_reference, tmp_path: Path):
+    """A correction click at frame k on a tracked object: the reference propagates through k, adds the click
+    at k, then propagates from k+1; the tracker gets the click after track(frame_k)."""
+    n, k = 16, 6
+    frames, corners = pan_clip(n)
+    click = {"points": [[corners[k][1] + 10.0, corners[k][0] + 60.0]], "labels": [0]}
+    state = reference_state(video_reference, frames, tmp_path)
+    video_reference.add_new_points_or_box(state, 0, 1, **point_prompt(corners[0]))
+    video_reference.add_new_points_or_box(state, 0, 2, **BOX_PROMPT)
+    ref = {}
+    for idx, ids, m in video_reference.propagate_in_video(state, max_frame_num_to_track=k):
+        ref[idx] = (reference_logits(state, idx), video_masks(ids, m))
+    _, ids, m = video_reference.add_new_points_or_box(state, k, 1, **click)
+    ref_corrected = (reference_logits_temp(state, k), video_masks(ids, m))
+    for idx, ids, m in video_reference.propagate_in_video(state, start_frame_idx=k + 1):
+        ref[idx] = (reference_logits(state, idx), video_masks(ids, m))
+
+    tracker.reset()
+    cmp = Comparison()
+    tracker.add_prompt(1, frame=frames[0], **point_prompt(corners[0]))
+    masks = tracker.add_prompt(2, **BOX_PROMPT)
+    cmp.add(0, tracker.low_res_logits, ref[0][0], masks, ref[0][1])
+    for i in range(1, n):
+        masks = tracker.track(frames[i])
+        cmp.add(i, tracker.low_res_logits, ref[i][0], masks, ref[i][1])
+        if i == k:
+            masks = tracker.add_prompt(1, **click)
+            cmp.add(k, tracker.low_res_logits, ref_corrected[0], masks, ref_corrected[1])
+    cmp.check()
+
+
+def reference_logits_temp(state: dict, frame_idx: int) -> dict:
+    """Like reference_logits, but the prompt outputs not yet consolidated (temp_output_dict_per_obj) win."""
+    out = reference_logits(state, frame_idx)
+    for obj_id, idx in state["obj_id_to_idx"].items():
+        d = state["temp_output_dict_per_obj"][idx]
+        entry = d["cond_frame_outputs"].get(frame_idx) or d["non_cond_frame_outputs"].get(frame_idx)
+        if entry is not None:
+            out[obj_id] = entry["pred_masks"][0, 0].float().numpy()
+    return out
+
+
+@pytest.mark.slow
+def test_remove_object_leaves_others_unchanged(tracker):
+    """Removing object 2 after a few frames: object 1's masks and logits stay exactly what they were."""
+    frames, corners = pan_clip(6)
+
+    def run(remove_at: int | None) -> list[np.ndarray]:
+        tracker.reset()
+        tracker.add_prompt(1, frame=frames[0], **point_prompt(corners[0]))
+        tracker.add_prompt(2, **BOX_PROMPT)
+        logits = []
+        for i in range(1, len(frames)):
+            if i == remove_at:
+                tracker.remove(2)
+            masks = tracker.track(frames[i])
+            assert (2 in masks) == (remove_at is None or i < remove_at)
+            logits.append(tracker.low_res_logits[1].copy())
+        return logits
+
+    for a, b in zip(run(None), run(3)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_state_save_restore_continues_identically(tracker, tmp_path: Path):
+    """An npz state saved mid-stream and loaded back gives the same next frame as going on directly."""
+    frames, corners = pan_clip(3)
+    tracker.reset()
+    tracker.add_prompt(1, frame=frames[0], **point_prompt(corners[0]))
+    tracker.track(frames[1])
+    path = tracker.save_state(tmp_path / "state.npz")
+    with np.load(path, allow_pickle=False) as data:  # a plain npz: no pickled objects
+        assert "__header__" in data.files
+    direct = tracker.track(frames[2])
+    direct_logits = tracker.low_res_logits[1].copy()
+    tracker.reset()
+    tracker.load_state(path)
+    assert tracker.frame_idx == 1 and tracker.object_ids == [1]
+    restored = tracker.track(frames[2])
+    np.testing.assert_array_equal(tracker.low_res_logits[1], direct_logits)
+    np.testing.assert_array_equal(restored[1], direct[1])
+
+
+def test_track_cli_writes_overlay_video_and_jsonl(model_dir: Path, tmp_path: Path):
+    import json
+    import subprocess
+    import sys
+
+    import cv2
+
+    frames, corners = pan_clip(2)
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, FRAME_HW[::-1])
+    for f in frames:
+        writer.write(f[..., ::-1])
+    writer.release()
+    out, jsonl = tmp_path / "tracked.mp4", tmp_path / "masks.jsonl"
+    px, py = point_prompt(corners[0])["points"][0]
+    res = subprocess.run(
+        [sys.executable, "-m", "sam2rt", "track", "--model-dir", str(model_dir), "--video", str(video),
+         "--box", ",".join(str(v) for v in BOX_PROMPT["box"]), "--obj", "7", "--point", f"{px},{py}",
+         "--out", str(out), "--json", str(jsonl), "--backend", "onnxruntime-cpu", "--quiet"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "per frame" in res.stdout and "weights:" in res.stdout
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [line["frame"] for line in lines] == [0, 1]
+    assert set(lines[0]["objects"]) == {"1", "7"}
+    rle = lines[1]["objects"]["1"]["rle"]
+    assert rle["size"] == list(FRAME_HW) and sum(rle["counts"]) == FRAME_HW[0] * FRAME_HW[1]
+    cap = cv2.VideoCapture(str(out))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    assert n == 2
+
+
+def test_track_cli_groups_prompts_into_objects():
+    from sam2rt.track_cli import group_prompts, rle
+
+    objs = group_prompts([("box", (1, 2, 3, 4)), ("point", (5, 6, 1)), ("obj", ""), ("point", (7, 8, 0)), ("obj", "x"),
+                          ("box", (0, 0, 1, 1))])
+    assert objs == {1: {"box": [1, 2, 3, 4], "points": [[5, 6]], "labels": [1]},
+                    2: {"box": None, "points": [[7, 8]], "labels": [0]},
+                    "x": {"box": [0, 0, 1, 1], "points": [], "labels": []}}
+    m = np.array([[1, 0], [1, 1]], bool)
+    assert rle(m) == {"size": [2, 2], "counts": [0, 2, 1, 1]}
+
+
+def test_export_records_static_video_graphs(model_dir: Path):
+    """The video graphs are in the manifest with their sha256, pass onnx.checker, use no complex ops, and
+    every memory input has a static shape (slots fixed by the export, validity flags instead of lengths)."""
+    import onnx
+
+    from sam2rt.manifest import Manifest, sha256_file
+
+    m = Manifest.load(model_dir)
+    for role in ("memory_encoder", "memory_attention", "track_decoder", "mask_downsample", "video_constants"):
+        entry = m.graph(role)
+        assert entry["sha256"] == sha256_file(model_dir / entry["file"])
+    attn = m.graph("memory_attention")
+    assert attn["slots"] == {**attn["slots"], "cond": 1, "recent": 6, "pointers": 16}
+    shapes = {i["name"]: i["shape"] for i in attn["inputs"]}
+    assert shapes["mem_feats"] == [7, 64, 64, 64] and shapes["mem_valid"] == [7] and shapes["obj_ptrs"] == [16, 256]
+    assert all(isinstance(d, int) for s in shapes.values() for d in s)
+    graph = onnx.load(str(model_dir / attn["file"]))
+    onnx.checker.check_model(graph, full_check=True)
+    graph = onnx.shape_inference.infer_shapes(graph)
+    tensor_types = {t.type.tensor_type.elem_type for t in [*graph.graph.value_info, *graph.graph.input, *graph.graph.output]}
+    assert not tensor_types & {onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
+    v = m.data["video"]
+    assert v["num_maskmem"] == 7 and v["use_signed_tpos_enc_to_obj_ptrs"] is True and v["no_obj_embed_spatial"] is True
+    assert v["binarize_mask_from_pts_for_mem_enc"] is True and v["fill_hole_area"] == 8
+    diffs = m.data["verification"]["max_abs_diff"]
+    assert {k for k in diffs if k.startswith("memory_attention[")} and max(diffs.values()) < 1e-3
+
+
+def test_tracker_never_imports_torch(model_dir: Path):
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import json, sys
+        import numpy as np
+        import sam2rt
+        from sam2rt import VideoTracker
+        import sam2rt.track_cli
+        t = VideoTracker.from_dir({str(model_dir)!r})
+        a = (np.arange(120 * 160 * 3) % 251).astype(np.uint8).reshape(120, 160, 3)
+        m0 = t.add_prompt(1, box=[10, 10, 80, 90], frame=a)
+        m1 = t.track(a[::-1].copy())
+        print(json.dumps({{"torch": sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")),
+                           "shapes": [list(m0[1].shape), list(m1[1].shape)]}}))
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert info["shapes"] == [[120, 160], [120, 160]]
+    assert info["torch"] == [], f"torch was imported: {info['torch'][:5]}"
