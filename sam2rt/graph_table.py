@@ -72,6 +72,15 @@ GRAPHS: tuple[GraphFile, ...] = (
               "one plain prompt of <= 10 points over decoder_prep's tensors (decoder_nomask's function, rewritten)"),
     GraphFile("decoder", "fast_optimized", "decoder_fast.opt.onnx", "fp32", "onnxruntime", "fast", (CPU,),
               "decoder_fast after ONNX Runtime's offline optimisations (less the fusions it records)"),
+    # video tracking (sam2rt.export.video_export; the VideoTracker runs them on ONNX Runtime)
+    GraphFile("memory_encoder", None, "memory_encoder.onnx", "fp32", "torch.onnx", None, (CPU, CUDA),
+              "a frame's features + its mask -> the memory features and positional encoding it stores"),
+    GraphFile("memory_attention", None, "memory_attention.onnx", "fp32", "torch.onnx", None, (CPU, CUDA),
+              "the current frame's features attend to the memory bank (static slots with validity masks)"),
+    GraphFile("track_decoder", None, "track_decoder.onnx", "fp32", "torch.onnx", None, (CPU, CUDA),
+              "the mask decoder's tracking path: masks, object score, occlusion-aware object pointers"),
+    GraphFile("mask_downsample", None, "mask_downsample.onnx", "fp32", "torch.onnx", None, (CPU, CUDA),
+              "a mask prompt brought to the decoder's low-res mask input"),
 )
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ExportError
+from ..graph_table import graph_file
 from ..manifest import sha256_file
 from ..runtime.video.heads import NO_POINTS_COORDS, NO_POINTS_LABELS, select_track_output, use_multimask
 from ..runtime.video.sessions import create_session, run
@@ -22,10 +23,10 @@ from .video_graphs import (
     MaskDownsampleGraph, MemoryAttentionGraph, MemoryEncoderGraph, TrackDecoderGraph, video_settings,
 )
 
-MEMORY_ENCODER_FILE = "memory_encoder.onnx"
-MEMORY_ATTENTION_FILE = "memory_attention.onnx"
-TRACK_DECODER_FILE = "track_decoder.onnx"
-MASK_DOWNSAMPLE_FILE = "mask_downsample.onnx"
+MEMORY_ENCODER_FILE = graph_file("memory_encoder").file
+MEMORY_ATTENTION_FILE = graph_file("memory_attention").file
+TRACK_DECODER_FILE = graph_file("track_decoder").file
+MASK_DOWNSAMPLE_FILE = graph_file("mask_downsample").file
 VIDEO_CONSTANTS_FILE = "video_constants.npz"
 
 # Conditioning-frame slots of the memory attention. In a stream every object has exactly one conditioning

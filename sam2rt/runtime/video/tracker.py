@@ -33,7 +33,8 @@ from ...errors import InvalidPromptError, Sam2rtError
 from ...models import LOW_RES_SIZE
 from ..model import Sam2Model
 from ..postprocess import LOGIT_CLAMP, Upsampler
-from ..preprocess import check_image, preprocess
+from ..preprocess import check_image
+from ..tensors import as_host
 from ..prompts import Prompt
 from .graphs import VideoGraphs
 from .heads import NO_POINTS_COORDS, NO_POINTS_LABELS, mask_prompt_inputs, select_track_output, use_multimask
@@ -90,7 +91,7 @@ class VideoTracker:
         self.settings = graphs.settings
         self.fill_hole_area = int(self.settings.get("fill_hole_area", 0) if fill_hole_area is None else fill_hole_area)
         self.image_size = model.image_size
-        self._upsample = Upsampler(getattr(model.backend, "threads", None))
+        self._upsample = Upsampler(model.backend.threads)
         self.timings: deque[dict[str, float]] = deque(maxlen=TIMINGS_KEPT)  # per time step: seconds per stage
         self.reset()
 
@@ -191,11 +192,10 @@ class VideoTracker:
         rgb = check_image(frame)
         self._finish_step()
         t0 = time.perf_counter()
-        x = preprocess(rgb, self.image_size)
+        x = self.model.backend.preprocess(rgb, self.image_size)  # on the backend's device where it has one
         t1 = time.perf_counter()
         feats = self.model.backend.encode(x)
-        self._feats = {k: np.ascontiguousarray(v.to_host() if hasattr(v, "to_host") else v, dtype=np.float32)
-                       for k, v in feats.items()}
+        self._feats = {k: np.ascontiguousarray(as_host(v), dtype=np.float32) for k, v in feats.items()}
         t2 = time.perf_counter()
         self._frame = np.array(frame if isinstance(frame, np.ndarray) else rgb, copy=True)
         self._orig_hw = (int(rgb.shape[0]), int(rgb.shape[1]))
