@@ -170,17 +170,19 @@ def cpu_graph_entries(manifest: Manifest, precision: str = "fp32") -> dict[str, 
         raise BackendUnavailableError(
             f"unknown precision {precision!r} for onnxruntime-cpu; choose one of {', '.join(CPU_PRECISIONS)}"
         )
-    if precision == "int8":
-        enc = _fresh_variant(manifest, "encoder", "int8")
-        if enc is None:
-            raise ModelFileError(
-                f"{manifest.directory} has no INT8 encoder; re-export with `sam2rt export ... --int8` "
-                "(or run `sam2rt.export.optimize.add_variants(DIR, int8=True)`)"
-            )
     out = slot_entries(manifest, CPU_SLOTS)
     if precision == "int8":
-        out["encoder"] = enc
+        out["encoder"] = required_variant(manifest, "encoder", "int8", "re-export with `sam2rt export ... --int8` "
+                                          "(or run `sam2rt.export.optimize.add_variants(DIR, int8=True)`)")
     return out
+
+
+def required_variant(manifest: Manifest, role: str, variant: str, fix: str) -> dict[str, Any]:
+    """A fresh variant a precision needs (e.g. the INT8 or FP16 encoder), or ModelFileError saying how to make it."""
+    entry = _fresh_variant(manifest, role, variant)
+    if entry is None:
+        raise ModelFileError(f"{manifest.directory} has no {variant.upper()} {role} (`{role}` variant `{variant}`); {fix}")
+    return entry
 
 
 def slot_entries(manifest: Manifest, slots: dict[str, tuple[str, tuple[str | None, ...]]]) -> dict[str, dict[str, Any]]:

@@ -32,7 +32,7 @@ from ..embedding import FAST_MAX_POINTS, FEATURE_NAMES, PREPARED_NAMES
 from .base import Backend, DecodedMasks, MaskRequest
 from ...graph_table import DEVICE_SLOTS
 from .onnxruntime_backend import (
-    PROVIDERS, OrtDeviceTensor, _fresh_variant, _import_ort, _trt_profile_option, session_options, slot_entries,
+    PROVIDERS, OrtDeviceTensor, _import_ort, _trt_profile_option, required_variant, session_options, slot_entries,
 )
 from .ort_pipeline import OrtPipeline
 
@@ -70,13 +70,8 @@ def device_graph_entries(manifest: Manifest, precision: str) -> dict[str, dict[s
     """
     out = slot_entries(manifest, DEVICE_SLOTS)
     if precision == "fp16":
-        enc = _fresh_variant(manifest, "encoder", "fp16")
-        if enc is None:
-            raise ModelFileError(
-                f"{manifest.directory} has no FP16 encoder: re-export it with this sam2rt (`sam2rt export ...`), "
-                "or run `python -c \"from sam2rt.export.optimize import add_variants; add_variants('DIR', fp16=True)\"`"
-            )
-        out["encoder"] = enc
+        out["encoder"] = required_variant(manifest, "encoder", "fp16", "re-export with this sam2rt (`sam2rt export ...`), "
+                                          "or run `sam2rt.export.optimize.add_variants(DIR, fp16=True)`")
     return out
 
 
