@@ -242,7 +242,7 @@ def checkpoint_check(manifest, checkpoint: Path) -> dict[str, Any]:
     weights = manifest.model["weights"]
     actual = sha256_file(checkpoint)
     recorded = weights.get("checkpoint_sha256")
-    if weights.get("random"):
+    if recorded is None and weights.get("random"):
         problem = (f"{manifest.directory} was exported with RANDOM weights (seed {weights.get('seed')}), "
                    f"not from {checkpoint}")
     elif recorded != actual:

@@ -25,20 +25,17 @@ OBJ_SCORE_BIAS = 10.0
 
 @pytest.fixture(scope="session")
 def checkpoint_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An official-format checkpoint ({'model': state_dict}) of a seeded random hiera_tiny, built with `sam2`."""
-    import torch
-    from sam2.build_sam import build_sam2
+    """An official-format checkpoint ({'model': state_dict}) of a seeded random hiera_tiny, built with `sam2`.
 
-    torch.manual_seed(SEED)
-    model = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", ckpt_path=None, device="cpu")
-    # Random weights give object scores just below 0: SAM 2.1's video path would declare every object
-    # absent and every mask empty. Raise the object-score head's output so the video tests track objects
-    # that stay present (the image path never reads this head).
-    with torch.no_grad():
-        model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias += OBJ_SCORE_BIAS
+    Random weights give object scores just below 0: SAM 2.1's video path would declare every object absent
+    and every mask empty. The object-score head's output is raised so the video tests track objects that
+    stay present (the image path never reads this head). The file is marked random, so exports say so.
+    """
+    from sam2rt.export.checkpoint import random_checkpoint
+    from sam2rt.models import get_spec
+
     path = tmp_path_factory.mktemp("ckpt") / "sam2.1_hiera_tiny_random.pt"
-    torch.save({"model": model.state_dict()}, path)
-    return path
+    return random_checkpoint(get_spec(MODEL_NAME), SEED, path, object_score_bias=OBJ_SCORE_BIAS)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,9 @@ def test_manifest_records_the_export(model_dir, checkpoint_path):
     m = Manifest.load(model_dir)
     assert m.model["name"] == "hiera_tiny" and m.model["version"] == "2.1" and m.model["serve_id"] == "hiera_tiny"
     w = m.model["weights"]
-    assert w["random"] is False and w["checkpoint_sha256"] == sha256_file(checkpoint_path)
+    # conftest's checkpoint holds random weights and is marked so: the export says RANDOM, and records the file
+    assert w["random"] is True and w["checkpoint_sha256"] == sha256_file(checkpoint_path)
+    assert w["random_checkpoint"] == {"seed": 1234, "object_score_bias": 10.0}
     assert m.image_size == 1024 and m.mask_threshold == 0.0
     assert m.normalization["mean"] == [0.485, 0.456, 0.406] and m.normalization["std"] == [0.229, 0.224, 0.225]
     for role, names in (("encoder", ["image_embed", "high_res_feats_0", "high_res_feats_1"]),
@@ -182,3 +184,17 @@ def test_stale_fused_encoder_is_ignored(model_dir):
     m = Manifest.load(model_dir)
     m.data["graphs"]["encoder"]["variants"]["fused"]["sha256"] = "1" * 64  # fused replaced, optimized not remade
     assert cpu_graph_entries(m)["encoder"] is m.variant("encoder", "fused")
+
+
+def test_load_checkpoint_reports_a_random_weights_record(tmp_path):
+    """A trained (unmarked) checkpoint loads as such; one written by random_checkpoint reports its record."""
+    from sam2rt.export.checkpoint import RANDOM_WEIGHTS_KEY, load_checkpoint
+
+    layer = torch.nn.Linear(3, 2)
+    torch.save({"model": layer.state_dict()}, tmp_path / "trained.pt")
+    torch.save({"model": layer.state_dict(), RANDOM_WEIGHTS_KEY: {"seed": 5, "object_score_bias": 0.0}},
+               tmp_path / "random.pt")
+    other = torch.nn.Linear(3, 2)
+    assert load_checkpoint(other, tmp_path / "trained.pt") is None
+    assert torch.equal(other.weight, layer.weight)
+    assert load_checkpoint(torch.nn.Linear(3, 2), tmp_path / "random.pt") == {"seed": 5, "object_score_bias": 0.0}

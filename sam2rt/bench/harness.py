@@ -167,20 +167,12 @@ def build_reference(manifest, threads: int, workdir: Path) -> tuple[Any, dict[st
     from sam2.build_sam import build_sam2
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-    from ..export.checkpoint import build_model, save_checkpoint
+    from ..export.checkpoint import reference_checkpoint
     from ..models import get_spec
 
     torch.set_num_threads(threads)
     spec = get_spec(manifest.model_name, manifest.model.get("version", "2.1"))
-    weights = manifest.model["weights"]
-    if weights.get("random"):
-        # the same seeded random weights the export used, saved as an official-format checkpoint so the
-        # reference's cold start loads a .pt file exactly as a user's would
-        ckpt = save_checkpoint(build_model(spec, seed=weights.get("seed")), workdir / f"{spec.model_id}_random.pt")
-    else:
-        ckpt = Path(weights["checkpoint"])
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"the reference needs the checkpoint {ckpt} the model directory was exported from")
+    ckpt = reference_checkpoint(manifest, workdir)
     model = build_sam2(spec.config_name, ckpt_path=str(ckpt), device="cpu")
     return SAM2ImagePredictor(model), {"config": spec.config_name, "checkpoint": str(ckpt)}
 

@@ -46,16 +46,11 @@ BOXES = [[100.0, 160.0, 260.0, 320.0], [300.0, 60.0, 460.0, 200.0], [420.0, 260.
 
 
 def _reference_checkpoint(manifest, workdir: Path) -> tuple[str, str]:
-    from ..export.checkpoint import build_model, save_checkpoint
+    from ..export.checkpoint import reference_checkpoint
     from ..models import get_spec
 
     spec = get_spec(manifest.model_name, manifest.model.get("version", "2.1"))
-    weights = manifest.model["weights"]
-    if weights.get("random"):
-        ckpt = save_checkpoint(build_model(spec, seed=weights.get("seed")), workdir / f"{spec.model_id}_random.pt")
-    else:
-        ckpt = Path(weights["checkpoint"])
-    return spec.config_name, str(ckpt)
+    return spec.config_name, str(reference_checkpoint(manifest, workdir))
 
 
 def _reference_state(predictor, frames: list[np.ndarray], workdir: Path) -> dict:
@@ -167,18 +162,85 @@ def rss(model_dir: Path, which: str, n: int, threads: int) -> dict[str, float]:
     return {f"frame_{k}": round(v, 1) for k, v in json.loads(res.stdout.strip().splitlines()[-1]).items()}
 
 
+# Issue 12's CPU targets (hiera_tiny, FP32, side by side): reference p50 / sam2rt p50 per frame, by objects;
+# tracker RSS growth from frame 50 to the last frame.
+TARGETS_CPU = {"speedup_1_object": 1.2, "speedup_3_objects": 1.1, "rss_growth_50_to_end": 0.05}
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for lat in result["latency"]:
+        key = "speedup_1_object" if lat["objects"] == 1 else f"speedup_{lat['objects']}_objects"
+        if key in TARGETS_CPU and "speedup_p50" in lat:
+            rows.append({"target": f"per-frame tracking, {lat['objects']} object(s), vs reference", "threshold":
+                         f">= {TARGETS_CPU[key]}x", "measured": f"{lat['speedup_p50']}x "
+                         f"({lat['sam2rt_ms']['p50']} vs {lat['reference_ms']['p50']} ms)",
+                         "met": lat["speedup_p50"] >= TARGETS_CPU[key]})
+    if "rss_growth_50_to_end" in result:
+        g = result["rss_growth_50_to_end"]
+        rows.append({"target": "tracker RSS growth, frame 50 to the end", "threshold": "<= 5%",
+                     "measured": f"{100 * g:+.1f}%", "met": g <= TARGETS_CPU["rss_growth_50_to_end"]})
+    return rows
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [f"# Video tracking: {result['model']} ({'RANDOM weights' if result['random_weights'] else 'trained'}), "
+             f"{m['cpu']['model']}, {result['threads']} threads", "",
+             f"{result['created']}; frames {result['frame_hw'][1]}x{result['frame_hw'][0]}; load average at start "
+             f"{m['load_average_at_start']}; {result['what']}", "",
+             "| objects | frames | sam2rt p50 / p90 (ms) | reference p50 / p90 (ms) | speedup p50 |",
+             "| ---: | --- | ---: | ---: | ---: |"]
+    for lat in result["latency"]:
+        ref = lat.get("reference_ms")
+        lines.append(f"| {lat['objects']} | {lat['frames'][0]}-{lat['frames'][1]} | {lat['sam2rt_ms']['p50']} / "
+                     f"{lat['sam2rt_ms']['p90']} | " + (f"{ref['p50']} / {ref['p90']} | {lat['speedup_p50']}x |"
+                                                        if ref else "- | - |"))
+    for who in ("sam2rt", "reference"):
+        if f"rss_{who}_mib" in result:
+            lines += ["", f"RSS of {who} (MiB): " + ", ".join(f"{k.replace('_', ' ')}: {v}"
+                                                           for k, v in result[f"rss_{who}_mib"].items())]
+    if result.get("targets"):
+        lines += ["", "| target | threshold | measured | met |", "| --- | --- | --- | --- |"]
+        lines += [f"| {t['target']} | {t['threshold']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |"
+                  for t in result["targets"]]
+    return "\n".join(lines) + "\n"
+
+
 def run_video_benchmark(model_dir: Path, out: Path, threads: int, first: int = 8, last: int = 40,
                         objects: tuple[int, ...] = (1, 3), rss_frames: int = 300, ref_rss_frames: int = 60,
-                        reference: bool = True) -> dict[str, Any]:
-    result: dict[str, Any] = {"what": __doc__.strip().splitlines()[0], "threads": threads, "frame_hw": list(FRAME_HW),
-                              "latency": [latency(model_dir, k, first, last, threads, reference) for k in objects]}
+                        reference: bool = True, label: str | None = None) -> dict[str, Any]:
+    """Run the latency cases and the RSS children; write DATE_MACHINE_MODEL_video.{json,md} to `out`."""
+    import datetime as _dt
+
+    from ..manifest import Manifest
+    from .machine import machine_info, versions
+    from .harness import slug
+
+    manifest = Manifest.load(model_dir)
+    result: dict[str, Any] = {
+        "what": __doc__.strip().splitlines()[0], "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_info(label), "versions": versions(), "threads": threads, "frame_hw": list(FRAME_HW),
+        "model": manifest.model.get("model_id") or manifest.model_name, "random_weights": manifest.random_weights,
+        "weights": manifest.model["weights"], "latency": [],
+    }
+    for k in objects:
+        print(f"video bench: {k} object(s), frames 1..{last} (timed {first}..{last})", file=sys.stderr, flush=True)
+        result["latency"].append(latency(model_dir, k, first, last, threads, reference))
     if rss_frames:
+        print(f"video bench: tracker RSS over {rss_frames} frames", file=sys.stderr, flush=True)
         ours = rss(model_dir, "sam2rt", rss_frames, threads)
         result["rss_sam2rt_mib"] = ours
         if "frame_50" in ours:
             result["rss_growth_50_to_end"] = round(ours[f"frame_{rss_frames}"] / ours["frame_50"] - 1, 4)
         if reference and ref_rss_frames:
+            print(f"video bench: reference RSS over {ref_rss_frames} frames", file=sys.stderr, flush=True)
             result["rss_reference_mib"] = rss(model_dir, "reference", ref_rss_frames, threads)
+    result["targets"] = targets(result)
+    cpu = result["machine"]["cpu"]
+    machine = label or f"{slug(cpu['model'])}-{cpu['usable_cpus']}cpu"
+    stem = f"{result['created'][:10]}_{slug(machine)}_{slug(result['model'])}_video"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "video_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(result))
     return result

@@ -35,8 +35,16 @@ def build_model(spec: ModelSpec, seed: int | None = None) -> torch.nn.Module:
     return build_sam2(spec.config_name, ckpt_path=None, device="cpu", mode="eval")
 
 
-def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
-    """Load an official checkpoint (a dict whose 'model' key holds the state dict) with weights_only=True."""
+# Key of the record a checkpoint of random weights carries (see random_checkpoint): an export from such a file
+# is labelled random, like one made with --random-weights.
+RANDOM_WEIGHTS_KEY = "sam2rt_random_weights"
+
+
+def load_checkpoint(model: torch.nn.Module, path: str | Path) -> dict | None:
+    """Load an official checkpoint (a dict whose 'model' key holds the state dict) with weights_only=True.
+
+    Returns the file's random-weights record (random_checkpoint) or None for a trained checkpoint.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of an official SAM 2 .pt file")
@@ -58,6 +66,8 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
             f"{path} does not fit this model ({len(missing)} missing keys, e.g. {missing[:3]}; "
             f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}): check --model and --version match the checkpoint"
         )
+    record = ckpt.get(RANDOM_WEIGHTS_KEY)
+    return dict(record) if isinstance(record, dict) else None
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | Path) -> Path:
@@ -66,6 +76,45 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict()}, path)
     return path
+
+
+def random_checkpoint(spec: ModelSpec, seed: int, path: str | Path, object_score_bias: float = 0.0) -> Path:
+    """Save seeded random weights in the official format, marked as random, for tests and benchmarks.
+
+    With random weights SAM 2.1's object-score head scores every object just below 0, so video tracking
+    declares it absent and its masks empty; `object_score_bias` is added to that head's output so tracked
+    objects stay present (the image path never reads the head). The record under RANDOM_WEIGHTS_KEY makes
+    every export from the file say RANDOM WEIGHTS.
+    """
+    model = build_model(spec, seed=seed)
+    if object_score_bias:
+        with torch.no_grad():
+            model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias += object_score_bias
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"seed": int(seed), "object_score_bias": float(object_score_bias)}
+    torch.save({"model": model.state_dict(), RANDOM_WEIGHTS_KEY: record}, path)
+    return path
+
+
+def reference_checkpoint(manifest, workdir: str | Path) -> Path:
+    """The checkpoint file a model directory was exported from, for the PyTorch reference to load as a user would.
+
+    A directory exported with --random-weights has none: the same seeded weights are rebuilt and saved to
+    `workdir` (as an official-format .pt, marked random).
+    """
+    from ..models import get_spec
+
+    weights = manifest.model["weights"]
+    if weights.get("checkpoint"):
+        ckpt = Path(weights["checkpoint"])
+        if not ckpt.is_file():
+            raise CheckpointError(f"the reference needs the checkpoint {ckpt} that {manifest.directory} was exported from")
+        return ckpt
+    if not weights.get("random") or weights.get("seed") is None:
+        raise CheckpointError(f"{manifest.directory} records neither a checkpoint nor a random seed")
+    spec = get_spec(manifest.model_name, manifest.model.get("version", "2.1"))
+    return random_checkpoint(spec, int(weights["seed"]), Path(workdir) / f"{spec.model_id}_random.pt")
 
 
 def download_checkpoint(spec: ModelSpec, expected_sha256: str | None = None, progress: bool = True) -> Path:

@@ -148,11 +148,11 @@ def export_model(
             if random_seed is None and checkpoint is None:
                 checkpoint = download_checkpoint(spec, progress=progress)
             model = build_model(spec, seed=random_seed)
-            if checkpoint is not None:
-                load_checkpoint(model, checkpoint)
+            record = load_checkpoint(model, checkpoint) if checkpoint is not None else None
             weights = {
-                "random": checkpoint is None,
-                "seed": random_seed,
+                "random": checkpoint is None or record is not None,
+                "seed": random_seed if record is None else record.get("seed"),
+                **({} if record is None else {"random_checkpoint": record}),
                 "checkpoint": None if checkpoint is None else str(checkpoint),
                 "checkpoint_sha256": None if checkpoint is None else sha256_file(checkpoint),
             }
