@@ -17,4 +17,10 @@ step 30 python3 -c "import onnxruntime as o, torch; print('onnxruntime', o.__ver
 step ${BENCH_TIMEOUT:-300} python3 benchmarks/gpu_bench.py --work "$W" --out "$OUT" --runs ${RUNS:-200} --warmup 20 \
     ${BACKENDS:+--backends $BACKENDS} 2>&1 | tee "$OUT/gpu_bench.log"
 [ -n "${SKIP_TESTS:-}" ] || step ${TEST_TIMEOUT:-200} python3 -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log"
+# video tracking (issue 12's GPU target: >= 100 frames/s for one object with fp16), beside SAM2VideoPredictor
+# on CUDA; off unless VIDEO=1, after the image benchmark, on the model directory gpu_bench.py exported
+# (random weights: SAM 2.1 then scores the object absent, which changes no graph's work, only the masks)
+[ -z "${VIDEO:-}" ] || step ${VIDEO_TIMEOUT:-240} python3 -m sam2rt bench --video --model-dir "$W/hiera_tiny" \
+    --backend "${VIDEO_BACKEND:-onnxruntime-cuda:fp16}" --out "$OUT" --label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
+    2>&1 | tail -40 | tee "$OUT/video_bench.log"
 ls -la "$OUT"

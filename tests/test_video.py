@@ -395,3 +395,137 @@ def test_tracker_never_imports_torch(model_dir: Path):
     info = json.loads(res.stdout.strip().splitlines()[-1])
     assert info["shapes"] == [[120, 160], [120, 160]]
     assert info["torch"] == [], f"torch was imported: {info['torch'][:5]}"
+
+
+def _scipy_connected_components(mask):
+    """sam2.utils.misc.get_connected_components's contract (8-connected labels and each pixel's component
+    area, 0 off the mask) from scipy, standing in for the reference's CUDA extension."""
+    import torch
+    from scipy import ndimage
+
+    m = mask.to(torch.uint8).numpy()
+    labels, areas = np.zeros(m.shape, np.int32), np.zeros(m.shape, np.int32)
+    for i in range(m.shape[0]):
+        lab, n = ndimage.label(m[i, 0], structure=np.ones((3, 3), int))
+        labels[i, 0] = lab
+        counts = np.bincount(lab.ravel(), minlength=n + 1)
+        counts[0] = 0
+        areas[i, 0] = counts[lab]
+    return torch.from_numpy(labels), torch.from_numpy(areas)
+
+
+@pytest.mark.parametrize("max_area", [1, 8, 40])
+def test_fill_holes_equals_the_reference_function(monkeypatch, max_area: int):
+    """The tracker's hole filling (OpenCV) against sam2's `fill_holes_in_mask_scores` with its connected
+    components computed by scipy: the same pixels become 0.1, nothing else changes."""
+    import torch
+    import sam2.utils.misc as misc
+
+    from sam2rt.runtime.video.tracker import fill_holes
+
+    monkeypatch.setattr(misc, "get_connected_components", _scipy_connected_components)
+    rng = np.random.default_rng(max_area)
+    logits = rng.normal(2.0, 1.0, (256, 256)).astype(np.float32)  # mostly foreground...
+    logits[rng.random((256, 256)) < 0.04] = -3.0                   # ...with 1-pixel holes,
+    logits[100:103, 50:53] = -1.0                                  # a 9-pixel hole,
+    logits[10:17, 200:207] = -1.0                                  # a 49-pixel hole
+    logits[:, 240:] = -5.0                                         # and a large background band
+    ref = misc.fill_holes_in_mask_scores(torch.from_numpy(logits)[None, None], max_area)[0, 0].numpy()
+    ours = fill_holes(logits, max_area)
+    np.testing.assert_array_equal(ours, ref)
+    filled = (ours != logits)
+    assert filled.any(), "the clip has holes to fill"
+    assert np.all(ours[filled] == np.float32(0.1)) and not filled[:, 240:].any()
+    assert filled[101, 51] == (max_area >= 9) and filled[12, 202] == (max_area >= 49)
+
+
+@pytest.mark.slow
+def test_hole_filling_through_tracking_matches_the_reference(model_dir: Path, video_reference, monkeypatch,
+                                                              tmp_path: Path):
+    """fill_hole_area=8 (the model's setting) on both sides, the reference's connected components from scipy:
+    holes filled in the stored logits feed the next frames' memory and corrections identically."""
+    import sam2.sam2_video_predictor as svp
+    import sam2.utils.misc as misc
+
+    from sam2rt.runtime import VideoTracker
+
+    monkeypatch.setattr(misc, "get_connected_components", _scipy_connected_components)
+    filled_pixels = []
+
+    def counting_fill(mask, max_area):
+        out = misc.fill_holes_in_mask_scores(mask, max_area)
+        filled_pixels.append(int((out != mask).sum()))
+        return out
+
+    monkeypatch.setattr(svp, "fill_holes_in_mask_scores", counting_fill)
+    monkeypatch.setattr(video_reference, "fill_hole_area", 8)
+    n = 6
+    frames, corners = pan_clip(n)
+    state = reference_state(video_reference, frames, tmp_path)
+    video_reference.add_new_points_or_box(state, 0, 1, **point_prompt(corners[0]))
+    video_reference.add_new_points_or_box(state, 0, 2, **BOX_PROMPT)
+    ref = {idx: (reference_logits(state, idx), video_masks(ids, m)) for idx, ids, m in video_reference.propagate_in_video(state)}
+    assert sum(filled_pixels) > 0, "the clip's masks have holes of <= 8 pixels to fill"
+
+    tracker = VideoTracker.from_dir(model_dir, backend="onnxruntime-cpu")  # the model's own setting
+    assert tracker.fill_hole_area == 8
+    cmp = Comparison()
+    tracker.add_prompt(1, frame=frames[0], **point_prompt(corners[0]))
+    masks = tracker.add_prompt(2, **BOX_PROMPT)
+    cmp.add(0, tracker.low_res_logits, ref[0][0], masks, ref[0][1])
+    for i in range(1, n):
+        masks = tracker.track(frames[i])
+        cmp.add(i, tracker.low_res_logits, ref[i][0], masks, ref[i][1])
+    cmp.check()
+
+
+class _FakeCamera:
+    """cv2.VideoCapture for a camera index: frames as BGR, no frame count, then the stream ends."""
+
+    def __init__(self, frames: list[np.ndarray], opened: bool = True) -> None:
+        self.frames, self.opened, self.released = list(frames), opened, False
+
+    def isOpened(self) -> bool:
+        return self.opened
+
+    def get(self, prop: int) -> float:
+        return 0.0  # cameras report neither a frame count nor (often) a rate
+
+    def read(self):
+        if not self.frames:
+            return False, None
+        return True, np.ascontiguousarray(self.frames.pop(0)[..., ::-1])
+
+    def release(self) -> None:
+        self.released = True
+
+
+def test_track_cli_reads_a_camera_index(model_dir: Path, tmp_path: Path, monkeypatch, capsys):
+    """`--video 0` opens camera 0 (cv2.VideoCapture(0)) and tracks until the stream ends; a camera that
+    cannot be opened is a clear error with exit status 2."""
+    import json
+
+    import cv2
+
+    from sam2rt.cli import main
+
+    frames, corners = pan_clip(3)
+    opened: list = []
+
+    def capture(source):
+        opened.append(source)
+        cam = _FakeCamera(frames, opened=source == 0)
+        return cam
+
+    monkeypatch.setattr(cv2, "VideoCapture", capture)
+    jsonl = tmp_path / "cam.jsonl"
+    rc = main(["track", "--model-dir", str(model_dir), "--video", "0", "--box",
+               ",".join(str(v) for v in BOX_PROMPT["box"]), "--json", str(jsonl), "--backend", "onnxruntime-cpu",
+               "--quiet"])
+    assert rc == 0 and opened == [0]
+    assert [json.loads(line)["frame"] for line in jsonl.read_text().splitlines()] == [0, 1, 2]
+    assert "tracked 1 object(s) over 3 frame(s)" in capsys.readouterr().out
+
+    rc = main(["track", "--model-dir", str(model_dir), "--video", "3", "--box", "1,2,30,40", "--quiet"])
+    assert rc == 2 and opened[-1] == 3
+    assert "could not open camera 3" in capsys.readouterr().err

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         threads = args.threads or len(os.sched_getaffinity(0))
         quick = dict(last=10, first=8, objects=(1,), rss_frames=60, ref_rss_frames=20) if args.quick else {}
         res = run_video_benchmark(args.model_dir, args.out, threads, reference=not args.no_reference,
-                                  label=args.label, **quick)
+                                  label=args.label, backend=args.backend, **quick)
         print(json.dumps(res, indent=2))
         return 0
     from .harness import BenchConfig, run_benchmark, write_outputs

@@ -63,13 +63,22 @@ def _reference_state(predictor, frames: list[np.ndarray], workdir: Path) -> dict
     return predictor.init_state(str(folder))
 
 
-def latency(model_dir: Path, objects: int, first: int, last: int, threads: int, reference: bool = True) -> dict[str, Any]:
-    """Per-frame seconds for frames first..last, tracker and reference alternating."""
+GPU_BACKENDS = ("onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt")
+
+
+def latency(model_dir: Path, objects: int, first: int, last: int, threads: int, reference: bool = True,
+            backend: str = "onnxruntime-cpu") -> dict[str, Any]:
+    """Per-frame seconds for frames first..last, tracker and reference alternating.
+
+    On a GPU backend the reference runs on CUDA (eager FP32) and each of its steps ends with a
+    synchronisation, as the tracker's does when its masks reach the host.
+    """
     from ..manifest import Manifest
     from ..runtime import VideoTracker
 
+    on_gpu = backend.split(":")[0] in GPU_BACKENDS
     frames = pan_frames(last + 1)
-    tracker = VideoTracker.from_dir(model_dir, backend="onnxruntime-cpu", fill_hole_area=0, threads=threads)
+    tracker = VideoTracker.from_dir(model_dir, backend=backend, fill_hole_area=0, threads=threads)
     for k in range(objects):
         tracker.add_prompt(k + 1, box=BOXES[k], frame=frames[0])
     ref_gen = None
@@ -80,7 +89,8 @@ def latency(model_dir: Path, objects: int, first: int, last: int, threads: int, 
 
             torch.set_num_threads(threads)
             config, ckpt = _reference_checkpoint(Manifest.load(model_dir), Path(tmp))
-            predictor = build_sam2_video_predictor(config, ckpt_path=ckpt, device="cpu")
+            predictor = build_sam2_video_predictor(config, ckpt_path=ckpt, device="cuda" if on_gpu else "cpu")
+            sync = torch.cuda.synchronize if on_gpu else (lambda: None)
             predictor.fill_hole_area = 0
             state = _reference_state(predictor, frames, Path(tmp))
             for k in range(objects):
@@ -91,7 +101,7 @@ def latency(model_dir: Path, objects: int, first: int, last: int, threads: int, 
         for i in range(1, last + 1):
             steps = [("ours", lambda i=i: tracker.track(frames[i]))]
             if ref_gen is not None:
-                steps.append(("ref", lambda: next(ref_gen)))
+                steps.append(("ref", lambda: (next(ref_gen), sync())))
             if i % 2:
                 steps.reverse()
             for who, fn in steps:
@@ -102,7 +112,8 @@ def latency(model_dir: Path, objects: int, first: int, last: int, threads: int, 
                 dt = time.perf_counter() - t0
                 if i >= first:
                     (ours if who == "ours" else ref).append(dt)
-    out: dict[str, Any] = {"objects": objects, "frames": [first, last], "sam2rt_ms": _stats(ours)}
+    out: dict[str, Any] = {"objects": objects, "frames": [first, last], "backend": backend, "sam2rt_ms": _stats(ours),
+                           "sam2rt_fps_p50": round(1e3 / _stats(ours)["p50"], 1)}
     if ref:
         out["reference_ms"] = _stats(ref)
         out["speedup_p50"] = round(out["reference_ms"]["p50"] / out["sam2rt_ms"]["p50"], 3)
@@ -186,15 +197,15 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [f"# Video tracking: {result['model']} ({'RANDOM weights' if result['random_weights'] else 'trained'}), "
-             f"{m['cpu']['model']}, {result['threads']} threads", "",
+             f"{result['backend']}, {m['cpu']['model']}, {result['threads']} threads", "",
              f"{result['created']}; frames {result['frame_hw'][1]}x{result['frame_hw'][0]}; load average at start "
              f"{m['load_average_at_start']}; {result['what']}", "",
-             "| objects | frames | sam2rt p50 / p90 (ms) | reference p50 / p90 (ms) | speedup p50 |",
-             "| ---: | --- | ---: | ---: | ---: |"]
+             "| objects | frames | sam2rt p50 / p90 (ms) | sam2rt frames/s (p50) | reference p50 / p90 (ms) | speedup p50 |",
+             "| ---: | --- | ---: | ---: | ---: | ---: |"]
     for lat in result["latency"]:
         ref = lat.get("reference_ms")
         lines.append(f"| {lat['objects']} | {lat['frames'][0]}-{lat['frames'][1]} | {lat['sam2rt_ms']['p50']} / "
-                     f"{lat['sam2rt_ms']['p90']} | " + (f"{ref['p50']} / {ref['p90']} | {lat['speedup_p50']}x |"
+                     f"{lat['sam2rt_ms']['p90']} | {lat['sam2rt_fps_p50']} | " + (f"{ref['p50']} / {ref['p90']} | {lat['speedup_p50']}x |"
                                                         if ref else "- | - |"))
     for who in ("sam2rt", "reference"):
         if f"rss_{who}_mib" in result:
@@ -209,7 +220,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 def run_video_benchmark(model_dir: Path, out: Path, threads: int, first: int = 8, last: int = 40,
                         objects: tuple[int, ...] = (1, 3), rss_frames: int = 300, ref_rss_frames: int = 60,
-                        reference: bool = True, label: str | None = None) -> dict[str, Any]:
+                        reference: bool = True, label: str | None = None,
+                        backend: str = "onnxruntime-cpu") -> dict[str, Any]:
     """Run the latency cases and the RSS children; write DATE_MACHINE_MODEL_video.{json,md} to `out`."""
     import datetime as _dt
 
@@ -222,12 +234,14 @@ def run_video_benchmark(model_dir: Path, out: Path, threads: int, first: int = 8
         "what": __doc__.strip().splitlines()[0], "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "machine": machine_info(label), "versions": versions(), "threads": threads, "frame_hw": list(FRAME_HW),
         "model": manifest.model.get("model_id") or manifest.model_name, "random_weights": manifest.random_weights,
-        "weights": manifest.model["weights"], "latency": [],
+        "weights": manifest.model["weights"], "backend": backend, "latency": [],
     }
     for k in objects:
         print(f"video bench: {k} object(s), frames 1..{last} (timed {first}..{last})", file=sys.stderr, flush=True)
-        result["latency"].append(latency(model_dir, k, first, last, threads, reference))
-    if rss_frames:
+        result["latency"].append(latency(model_dir, k, first, last, threads, reference, backend))
+    if rss_frames and backend.split(":")[0] in GPU_BACKENDS:
+        result["notes"] = ["RSS is measured on the CPU backend only (host memory of a GPU run says little)"]
+    elif rss_frames:
         print(f"video bench: tracker RSS over {rss_frames} frames", file=sys.stderr, flush=True)
         ours = rss(model_dir, "sam2rt", rss_frames, threads)
         result["rss_sam2rt_mib"] = ours
