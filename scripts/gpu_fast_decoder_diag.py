@@ -1,0 +1,114 @@
+"""Why does decoder_fast disagree with decoder_nomask on ONNX Runtime's CUDA provider? (run on the GPU machine)
+
+On the lent H100 (ONNX Runtime 1.31, CUDA provider) decoder_fast's one-click logits differed from
+decoder_nomask's by 0.3-2.6, in FP32 with TF32 off as well, while both agree to 1e-6 on the CPU provider;
+OrtDeviceBackend's probe therefore turns the fast path off on CUDA. This script answers, in one short run:
+
+1. does it depend on ONNX Runtime's graph optimisations? decoder_fast on CUDA at every optimisation level,
+   with and without the optimisers the export disables, against the CPU's result;
+2. which node first goes wrong? every node output of decoder_fast made a graph output, run unoptimised on
+   CPU and on CUDA, compared in graph order (the first nodes beyond 1e-3 relative are printed with their
+   op types and input shapes).
+
+    python3 scripts/gpu_fast_decoder_diag.py MODEL_DIR
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's sam2rt
+
+
+def _inputs(manifest, size: float) -> tuple[dict, dict]:
+    rng = np.random.default_rng(0)
+    shapes = {o["name"]: [int(d) for d in o["shape"]] for o in manifest.graph("encoder")["outputs"]}
+    feats = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    prompt = {"point_coords": np.array([[[0.4 * size, 0.55 * size], [0.0, 0.0]]], np.float32),
+              "point_labels": np.array([[1, -1]], np.float32)}
+    return feats, prompt
+
+
+def main(model_dir: str) -> int:
+    import onnx
+    import onnxruntime as ort
+
+    from sam2rt.manifest import Manifest
+
+    m = Manifest.load(model_dir)
+    d = Path(model_dir)
+    files = {k: d / m.graph("decoder")["variants"][k]["file"] for k in ("prep", "fast", "nomask")}
+    feats, prompt = _inputs(m, float(m.image_size))
+    cuda = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    cpu = ["CPUExecutionProvider"]
+    GO = ort.GraphOptimizationLevel
+
+    def session(path, providers, level=GO.ORT_ENABLE_ALL, disabled=()):
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = level
+        return ort.InferenceSession(str(path), so, providers=providers, disabled_optimizers=list(disabled))
+
+    prep = dict(zip([o.name for o in session(files["prep"], cpu).get_outputs()],
+                    session(files["prep"], cpu).run(None, feats)))
+    fast_feeds = {**prep, **prompt}
+    ref_fast = session(files["fast"], cpu).run(None, fast_feeds)
+    ref_nomask = session(files["nomask"], cpu).run(None, {**feats, **prompt})
+    print(f"CPU: fast vs nomask {max(float(np.abs(a - b).max()) for a, b in zip(ref_fast, ref_nomask)):.3g}")
+
+    prep_cuda = session(files["prep"], cuda).run(None, feats)
+    print(f"CUDA decoder_prep vs CPU: {max(float(np.abs(a - b).max()) for a, b in zip(prep_cuda, prep.values())):.3g}")
+    nomask_cuda = session(files["nomask"], cuda).run(None, {**feats, **prompt})
+    print(f"CUDA decoder_nomask vs CPU: {max(float(np.abs(a - b).max()) for a, b in zip(nomask_cuda, ref_nomask)):.3g}")
+    disabled_sets = {"none": (), "export's": tuple(m.graph("decoder")["variants"]["fast"].get("ort_disabled_optimizers", []))}
+    for level in (GO.ORT_DISABLE_ALL, GO.ORT_ENABLE_BASIC, GO.ORT_ENABLE_EXTENDED, GO.ORT_ENABLE_ALL):
+        for name, disabled in disabled_sets.items():
+            try:
+                got = session(files["fast"], cuda, level, disabled).run(None, fast_feeds)
+                diff = max(float(np.abs(a - b).max()) for a, b in zip(got, ref_fast))
+                print(f"CUDA decoder_fast {level.name:20s} disabled={name:9s}: vs CPU {diff:.3g}")
+            except Exception as exc:  # noqa: BLE001 - a diagnosis prints everything
+                print(f"CUDA decoder_fast {level.name} disabled={name}: failed: {str(exc)[:200]}")
+
+    # every node output as a graph output, unoptimised on both providers
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(files["fast"])))
+    known = {v.name: v for v in list(model.graph.value_info) + list(model.graph.output)}
+    have = {o.name for o in model.graph.output}
+    order = []
+    for node in model.graph.node:
+        for out in node.output:
+            if out and out in known and out not in have:
+                model.graph.output.append(known[out])
+                have.add(out)
+            if out:
+                order.append((out, node))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fast_all_outputs.onnx"
+        onnx.save(model, str(path))
+        names = [o.name for o in model.graph.output]
+        a = dict(zip(names, session(path, cpu, GO.ORT_DISABLE_ALL).run(None, fast_feeds)))
+        b = dict(zip(names, session(path, cuda, GO.ORT_DISABLE_ALL).run(None, fast_feeds)))
+    shown = 0
+    shape = {v.name: [x.dim_value for x in v.type.tensor_type.shape.dim] for v in known.values()}
+    for out, node in order:
+        if out not in a or a[out].dtype.kind != "f":
+            continue
+        diff = float(np.abs(a[out] - b[out]).max()) if a[out].size else 0.0
+        scale = float(np.abs(a[out]).max()) if a[out].size else 0.0
+        if diff > 1e-3 * max(1.0, scale):
+            ins = ", ".join(f"{i}{shape.get(i, '')}" for i in node.input)
+            print(f"first bad nodes: {node.op_type} {node.name} -> {out} diff {diff:.3g} (scale {scale:.3g}); inputs {ins}")
+            shown += 1
+            if shown >= 10:
+                break
+    if not shown:
+        print("unoptimised, every node output agrees within 1e-3 relative")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
