@@ -133,7 +133,7 @@ def parity_prompts(h: int, w: int) -> list:
 def prepare(name: str, work: Path, model_dir: Path | None, checkpoint: Path | None, log) -> tuple[Path, Path, dict]:
     """(model dir, checkpoint, weights record): the given export, or an export of `checkpoint` / seeded random weights."""
     from sam2rt.export import build_model, export_model, save_checkpoint
-    from sam2rt.models import get_spec
+    from sam2rt.model_specs import get_spec
 
     spec = get_spec(name, "2.1")
     if checkpoint is not None:
@@ -241,7 +241,7 @@ def bench_reference(name: str, ckpt: Path, images: dict[str, np.ndarray], runs: 
     from sam2.build_sam import build_sam2
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-    from sam2rt.models import get_spec
+    from sam2rt.model_specs import get_spec
 
     spec = get_spec(name, "2.1")
     model = build_sam2(spec.config_name, ckpt_path=str(ckpt), device="cuda")

@@ -63,7 +63,7 @@ def main() -> int:
         checkpoint = args.checkpoint
         if checkpoint is None and args.video:
             from sam2rt.export.checkpoint import random_checkpoint
-            from sam2rt.models import get_spec
+            from sam2rt.model_specs import get_spec
 
             checkpoint = random_checkpoint(get_spec("hiera_tiny"), 0, args.model_dir.parent / "random_video_hiera_tiny.pt",
                                            object_score_bias=10.0)

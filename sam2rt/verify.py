@@ -192,7 +192,7 @@ def build_reference(manifest, checkpoint: Path, threads: int | None):
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
     from .export.checkpoint import build_model, load_checkpoint
-    from .models import get_spec
+    from .model_specs import get_spec
 
     if threads:
         torch.set_num_threads(threads)

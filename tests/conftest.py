@@ -32,7 +32,7 @@ def checkpoint_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     stay present (the image path never reads this head). The file is marked random, so exports say so.
     """
     from sam2rt.export.checkpoint import random_checkpoint
-    from sam2rt.models import get_spec
+    from sam2rt.model_specs import get_spec
 
     path = tmp_path_factory.mktemp("ckpt") / "sam2.1_hiera_tiny_random.pt"
     return random_checkpoint(get_spec(MODEL_NAME), SEED, path, object_score_bias=OBJ_SCORE_BIAS)

@@ -61,7 +61,7 @@ def test_unfusable_block_keeps_the_original_forward():
 @pytest.fixture(scope="module")
 def tiny_model():
     from sam2rt.export import build_model
-    from sam2rt.models import get_spec
+    from sam2rt.model_specs import get_spec
 
     return build_model(get_spec("hiera_tiny"), seed=0)
 

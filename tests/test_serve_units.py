@@ -496,3 +496,66 @@ def test_streamed_npz_stops_when_the_reader_leaves() -> None:
     asyncio.run(main())
     assert done == [True]
     assert len(taken) < 50
+
+
+# --- model ids: both spellings of base-plus ---------------------------------------------------------
+def _tiny_dir_served_as(tiny_model_dir, dst, serve_id: str):
+    """A copy of the tiny model whose manifest says it is base-plus, served under `serve_id`."""
+    import json
+    import shutil
+
+    d = shutil.copytree(tiny_model_dir, dst)
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["model"].update(name="hiera_base_plus", model_id="sam2.1_hiera_base_plus", serve_id=serve_id)
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    return d
+
+
+def test_canonical_serve_id() -> None:
+    from sam2rt.model_specs import canonical_serve_id
+    from sam2rt.serve.schemas import VERSION_IDS
+
+    assert VERSION_IDS == ("hiera_tiny", "hiera_small", "hiera_b_plus", "hiera_large")
+    assert canonical_serve_id("hiera_base_plus") == canonical_serve_id("hiera_b_plus") == "hiera_b_plus"
+    for vid in VERSION_IDS:
+        assert canonical_serve_id(vid) == vid
+    assert canonical_serve_id("hiera_huge") == "hiera_huge"  # unknown: left for the 404 that lists what is loaded
+
+
+@pytest.mark.parametrize("manifest_id", ["hiera_b_plus", "hiera_base_plus"])
+def test_server_accepts_both_spellings_of_base_plus(tiny_model_dir, tmp_path, manifest_id) -> None:
+    from fastapi.testclient import TestClient
+
+    from sam2rt.serve.app import create_app
+    from sam2rt.serve.state import Sam2Server
+
+    cfg = ServeConfig(model_dirs=[_tiny_dir_served_as(tiny_model_dir, tmp_path / "bplus", manifest_id)])
+    srv = Sam2Server(cfg)
+    srv.load_models()
+    assert sorted(srv.models) == ["hiera_b_plus"]  # whatever the manifest spells, served under Roboflow's id
+    image = {"type": "base64", "value": _b64(_png(np.full((40, 60, 3), 90, np.uint8)))}
+    prompt = [{"points": [{"x": 20, "y": 10, "positive": True}]}]
+    with TestClient(create_app(cfg, srv)) as client:
+        r = client.post("/sam2/embed_image", json={"image": image, "sam2_version_id": "hiera_base_plus"})
+        assert r.status_code == 200, r.text
+        image_id = r.json()["image_id"]
+        answers = {}
+        for vid in ("hiera_b_plus", "hiera_base_plus"):
+            # by image_id alone: the embedding cached under one spelling is found under the other
+            r = client.post("/sam2/segment_image", json={"image_id": image_id, "prompts": prompt, "sam2_version_id": vid,
+                                                          "format": "rle"})
+            assert r.status_code == 200, (vid, r.text)
+            answers[vid] = r.json()["predictions"]
+        assert answers["hiera_b_plus"] == answers["hiera_base_plus"]
+        r = client.post("/sam2/segment_image", json={"image_id": image_id, "prompts": prompt, "sam2_version_id": "hiera_large"})
+        assert r.status_code == 404 and "loaded: hiera_b_plus" in r.json()["message"]
+        assert [m["sam2_version_id"] for m in client.get("/info").json()["models"]] == ["hiera_b_plus"]
+
+
+def test_two_dirs_of_one_model_in_two_spellings_are_refused(tiny_model_dir, tmp_path) -> None:
+    from sam2rt.errors import Sam2rtError
+    from sam2rt.serve.state import Sam2Server
+
+    dirs = [_tiny_dir_served_as(tiny_model_dir, tmp_path / vid, vid) for vid in ("hiera_b_plus", "hiera_base_plus")]
+    with pytest.raises(Sam2rtError, match="hiera_b_plus"):
+        Sam2Server(ServeConfig(model_dirs=dirs)).load_models()

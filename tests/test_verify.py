@@ -20,7 +20,7 @@ def other_checkpoint(tmp_path_factory) -> Path:
     import torch
 
     from sam2rt.export import build_model
-    from sam2rt.models import get_spec
+    from sam2rt.model_specs import get_spec
 
     path = tmp_path_factory.mktemp("other") / "sam2.1_hiera_tiny_seed99.pt"
     torch.save({"model": build_model(get_spec("hiera_tiny"), seed=99).state_dict()}, path)

@@ -168,7 +168,7 @@ def build_reference(manifest, threads: int, workdir: Path) -> tuple[Any, dict[st
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
     from ..export.checkpoint import reference_checkpoint
-    from ..models import get_spec
+    from ..model_specs import get_spec
 
     torch.set_num_threads(threads)
     spec = get_spec(manifest.model_name, manifest.model.get("version", "2.1"))

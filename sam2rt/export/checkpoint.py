@@ -12,7 +12,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..manifest import sha256_file
-from ..models import ModelSpec
+from ..model_specs import ModelSpec
 
 
 def cache_dir() -> Path:
@@ -103,7 +103,7 @@ def reference_checkpoint(manifest, workdir: str | Path) -> Path:
     A directory exported with --random-weights has none: the same seeded weights are rebuilt and saved to
     `workdir` (as an official-format .pt, marked random).
     """
-    from ..models import get_spec
+    from ..model_specs import get_spec
 
     weights = manifest.model["weights"]
     if weights.get("checkpoint"):

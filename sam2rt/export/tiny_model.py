@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..manifest import DECODER_FILE, ENCODER_FILE, FORMAT_VERSION, Manifest, sha256_file
-from ..models import IMAGE_SIZE, LOW_RES_SIZE, MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD
+from ..model_specs import IMAGE_SIZE, LOW_RES_SIZE, MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD
 from ..runtime.embedding import FAST_MAX_POINTS, FEATURE_NAMES, PREPARED_NAMES
 
 OPSET = 17

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import InvalidEmbeddingError, InvalidPromptError
 from ..manifest import Manifest
-from ..models import LOW_RES_SIZE
+from ..model_specs import LOW_RES_SIZE
 from .backends import Backend, MaskRequest, TokenChoice, create_backend
 from .embedding import Embedding
 from .preprocess import check_image

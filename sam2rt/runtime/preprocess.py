@@ -7,7 +7,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..errors import InvalidImageError
-from ..models import IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD
+from ..model_specs import IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD
 
 COLOR_ORDERS = ("RGB", "BGR")
 

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import InvalidPromptError
-from ..models import IMAGE_SIZE, LOW_RES_SIZE
+from ..model_specs import IMAGE_SIZE, LOW_RES_SIZE
 
 VALID_LABELS = (-1, 0, 1, 2, 3)
 PAD_LABEL = -1.0

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ..errors import Sam2rtError
+from ..model_specs import canonical_serve_id
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
             raise Sam2rtError(f"{name} must be > 0, got {value}")
     seen: dict[str, Path] = {}
     for d in args.model_dir:  # fail fast on a wrong directory, before binding the port
-        vid = str(Manifest.load(d).model.get("serve_id"))
+        vid = canonical_serve_id(str(Manifest.load(d).model.get("serve_id")))
         if vid in seen:
             raise Sam2rtError(f"--model-dir {seen[vid]} and {d} both hold {vid}; give one directory per version")
         seen[vid] = d

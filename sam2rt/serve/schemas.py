@@ -13,13 +13,18 @@ import math
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, TypeAdapter, ValidationError
 
+from ..model_specs import MODEL_NAMES, canonical_serve_id, serve_id_for
 from .errors import ApiError
 
 Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0)]
-VERSION_IDS = ("hiera_tiny", "hiera_small", "hiera_b_plus", "hiera_large")
+# The ids models are served under (Roboflow's spelling: hiera_b_plus). A request may spell a model any way
+# `sam2rt export` accepts (hiera_base_plus too): the id is mapped to this form before anything is looked up,
+# so both spellings share one model, one embedding cache and one metrics label.
+VERSION_IDS = tuple(serve_id_for(name) for name in MODEL_NAMES)
+VersionId = Annotated[StrictStr, AfterValidator(canonical_serve_id)]
 MAX_INT_DIGITS = 40
 JSON_MASK_MAX_PROMPTS = 4  # json mask_input beyond this many 256x256 masks must be sent as binary
 
@@ -60,7 +65,7 @@ class EmbedRequest(_Lenient):
 
     image: Any = None
     image_id: StrictStr | None = None
-    sam2_version_id: StrictStr = "hiera_tiny"
+    sam2_version_id: VersionId = "hiera_tiny"
     api_key: Any = None
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 
 from ..errors import InputError, Sam2rtError
+from ..model_specs import canonical_serve_id
 from ..runtime import Embedding, Prompt, Sam2Model
 from .admission import ByteBudget, InflightLimits
 from .answers import iter_decoded
@@ -127,7 +128,7 @@ class Sam2Server:
         """Load every --model-dir (blocking); each is served under its manifest's serve_id."""
         for d in self.cfg.model_dirs:
             model = Sam2Model.from_dir(d, backend=self.cfg.backend, threads=self.cfg.threads)
-            vid = str(model.manifest.model["serve_id"])
+            vid = canonical_serve_id(str(model.manifest.model["serve_id"]))
             if vid in self.models:
                 raise Sam2rtError(f"two --model-dir hold {vid} ({self.model_dirs[vid]} and {d}); serve one per version")
             self.models[vid] = model

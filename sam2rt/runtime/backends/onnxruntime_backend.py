@@ -12,7 +12,7 @@ import numpy as np
 from ...errors import BackendUnavailableError, ModelFileError
 from ...graph_table import CPU_SLOTS, Profile
 from ...manifest import Manifest
-from ...models import LOW_RES_SIZE
+from ...model_specs import LOW_RES_SIZE
 from ..embedding import FAST_BATCH, FAST_MAX_POINTS, FEATURE_NAMES, PREPARED_NAMES
 from ..tensors import DeviceTensor, as_host
 from .base import Backend

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from ...errors import InvalidPromptError, Sam2rtError
-from ...models import LOW_RES_SIZE
+from ...model_specs import LOW_RES_SIZE
 from ..model import Sam2Model
 from ..postprocess import LOGIT_CLAMP, Upsampler
 from ..preprocess import check_image
