@@ -1,4 +1,5 @@
-"""The benchmark harness in quick mode: it runs end to end and its outputs have the right structure.
+"""The benchmark harness: in quick mode on the real export against the reference (slow), and every case
+on the tiny model without the reference (quick); its outputs have the right structure.
 
 No timing thresholds here (those live in the benchmark report); only structure and sanity.
 """
@@ -10,9 +11,6 @@ import math
 
 import numpy as np
 import pytest
-
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def bench_model_dir(model_dir, tmp_path_factory):
@@ -47,6 +45,7 @@ def _check_stats(s: dict) -> None:
     assert len(s["samples_ms"]) == s["n"]
 
 
+@pytest.mark.slow
 def test_bench_json_structure(bench_run):
     result, _, _ = bench_run
     assert result["schema"] == "sam2rt-bench/1"
@@ -73,6 +72,7 @@ def test_bench_json_structure(bench_run):
     assert cases["batch16"]["per"].startswith("per prompt (16")
 
 
+@pytest.mark.slow
 def test_bench_parity_cold_start_memory_sizes(bench_run):
     result, _, _ = bench_run
     for case, p in result["parity_spot_check"].items():  # the timed calls agree with the reference
@@ -92,6 +92,7 @@ def test_bench_parity_cold_start_memory_sizes(bench_run):
         assert t["met"] in (True, False)
 
 
+@pytest.mark.slow
 def test_bench_flops_and_int8(bench_run):
     result, _, _ = bench_run
     fl = result["flops"]
@@ -107,6 +108,7 @@ def test_bench_flops_and_int8(bench_run):
     assert q["speedup_vs_fp32_p50"] > 0
 
 
+@pytest.mark.slow
 def test_bench_markdown_and_plots(bench_run):
     result, out, files = bench_run
     names = {f.name for f in files}
@@ -135,3 +137,72 @@ def test_stats_and_flop_counter_units():
     assert node_flops("ConvTranspose", [[1, 8, 4, 4], [8, 4, 2, 2]], [[1, 4, 8, 8]], {}) == 2 * 8 * 16 * 16
     assert node_flops("Add", [[1, 2]], [[1, 2]], {}) == 0
     assert np.isfinite(s["p99"])
+
+
+# --- the case list, on the tiny model (no reference, no torch) ---------------------------------------
+REFERENCE_ONLY_CASES = {"batch4_vs_singles", "batch16_vs_singles"}
+
+
+def test_every_case_runs_on_the_tiny_model(tiny_model_dir, tmp_path):
+    from sam2rt.bench.harness import CASES, BenchConfig, run_benchmark, write_outputs
+
+    assert len({c.name for c in CASES}) == len(CASES)
+    result = run_benchmark(BenchConfig(tiny_model_dir, quick=True, reference=False, progress=False, label="tiny"))
+    cases = result["cases"]
+    expected = {"embed", "preprocess", "predict_point_cached", "decode_box", "decode_box_points", "batch4", "batch16",
+                "predict_point_cached_1080p", "e2e_640x480", "e2e_1920x1080", "decoder_only_point", "postprocess_640x480"}
+    assert set(cases) == expected, sorted(set(cases) ^ expected)
+    for c in cases.values():
+        _check_stats(c["sam2rt"])
+        assert "reference" not in c and "speedup_p50" not in c
+    assert cases["batch4"]["sam2rt"]["n"] == 2 and cases["e2e_640x480"]["sam2rt"]["n"] == 1  # quick: 2 runs, 1 heavy
+    assert result["parity_spot_check"] == {}
+    assert "int8" not in result  # the tiny export has no INT8 encoder: the case does not apply
+    assert result["cold_start"]["sam2rt"]["torch_imported"] is False
+    assert set(result["peak_rss"]) == {"sam2rt_mib"} and result["peak_rss"]["sam2rt_mib"] > 0
+    assert result["sizes"]["files_mib"]["encoder.onnx"] >= 0 and "reference_parameters" not in result["sizes"]
+    assert result["flops"]["encoder"]["timed_case"] == "embed"
+    assert all(t["met"] is None for t in result["targets"].values())
+    paths = write_outputs(result, tmp_path)
+    assert json.loads(paths["json"].read_text())["cases"].keys() == cases.keys()
+
+
+def test_run_benchmark_runs_the_cases_it_is_given_in_order(tiny_model_dir, monkeypatch):
+    from sam2rt.bench import harness
+    from sam2rt.bench.harness import CASES, BenchCase, BenchConfig, run_benchmark
+
+    bars = []
+
+    class RecordingProgress(harness.Progress):
+        def __init__(self, total, enabled):
+            super().__init__(total, False)
+            self.total, self.texts = total, []
+            bars.append(self)
+
+        def describe(self, text):
+            self.texts.append(text)
+
+    monkeypatch.setattr(harness, "Progress", RecordingProgress)
+
+    ran = []
+
+    def note(name):
+        def run(ctx):
+            ran.append(name)
+            ctx.describe(f"case {name}")
+            ctx.result.setdefault("seen", []).append(name)
+        return run
+
+    def never(ctx):
+        raise AssertionError("a case that does not apply ran")
+
+    load = next(c for c in CASES if c.name == "load")
+    cases = (BenchCase("first", note("first"), steps=lambda ctx: 3), load,
+             BenchCase("skipped", never, applies=lambda ctx: False), BenchCase("last", note("last")))
+    result = run_benchmark(BenchConfig(tiny_model_dir, quick=True, reference=False), cases)
+    assert ran == ["first", "last"] and result["seen"] == ["first", "last"]
+    assert result["cases"] == {} and result["load_in_process_s"]["sam2rt"] > 0
+    assert set(result["targets"]) == {"predict_point_cached", "embed", "batch16_vs_singles", "peak_rss"}
+    bar = bars[-1]  # the progress of the run: 3 + 1 + 1 steps, each case named as it starts
+    assert bar.total == bar.completed == 5
+    assert [t for t in bar.texts if t.startswith("case ")] == ["case first", "case last"]

@@ -96,6 +96,7 @@ class Progress:
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.enabled = enabled
+        self.completed = 0
         self._bar = None
         if not enabled:
             return
@@ -120,8 +121,14 @@ class Progress:
             print(f"bench: {text}", file=sys.stderr, flush=True)
 
     def advance(self, n: int = 1) -> None:
+        self.completed += n
         if self._bar is not None:
             self._bar.advance(self._task, n)
+
+    def advance_to(self, completed: int) -> None:
+        """Move on to `completed` steps (never back): where a case ends, whatever it advanced itself."""
+        if completed > self.completed:
+            self.advance(completed - self.completed)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -221,9 +228,9 @@ def model_sizes(model_dir: Path, ref_info: dict[str, Any] | None) -> dict[str, A
 
     manifest = Manifest.load(model_dir)
     files = {}
-    for role, g in manifest.data["graphs"].items():
+    for g in manifest.data["graphs"].values():
         files[g["file"]] = (model_dir / g["file"]).stat().st_size
-        for name, v in (g.get("variants") or {}).items():
+        for v in (g.get("variants") or {}).values():
             p = model_dir / v["file"]
             if p.is_file():
                 files[v["file"]] = p.stat().st_size
@@ -247,33 +254,356 @@ def model_sizes(model_dir: Path, ref_info: dict[str, Any] | None) -> dict[str, A
     return out
 
 
-# --- the benchmark --------------------------------------------------------------------------
-def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
-    """Run every case; return the result document (see write_outputs for the files)."""
-    import logging
+# --- the benchmark: a context, and the list of cases that run in it -------------------------
+@dataclass
+class BenchContext:
+    """What the cases share: the configuration, the result document they fill in, the two predictors
+    (set by the `load` case) and the test images. A case that leaves a predictor on another image than
+    the one `use_image` last set says so with `ctx.image_set = None`."""
 
-    from ..manifest import Manifest
+    cfg: BenchConfig
+    manifest: Any
+    result: dict[str, Any]
+    progress: Progress
+    workdir: Path
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    ours: Any = None
+    ref: Any = None
+    ref_info: dict[str, Any] | None = None
+    image_set: str | None = None
+
+    @property
+    def heavy_runs(self) -> int:
+        """Timed runs of the end-to-end cases (two embeds per run, so fewer than `runs`)."""
+        return 1 if self.cfg.quick else max(1, self.cfg.runs // 3)
+
+    @property
+    def rounds(self) -> int:
+        """Progress steps of one interleaved case: one per warm-up or timed round."""
+        return self.cfg.warmup + self.cfg.runs
+
+    @property
+    def has_int8(self) -> bool:
+        return (self.manifest.variant("encoder", "int8") is not None and self.cfg.int8
+                and self.cfg.backend == "onnxruntime-cpu")
+
+    def describe(self, text: str) -> None:
+        self.progress.describe(text)
+
+    def timed(self, ours: Callable[[], Any], ref: Callable[[], Any] | None, runs: int | None = None,
+             warmup: int | None = None) -> tuple[list[float], list[float]]:
+        """`interleaved` with the configured runs and warm-up (ref None: sam2rt alone), advancing the progress."""
+        return interleaved(ours, ref, self.cfg.runs if runs is None else runs,
+                           self.cfg.warmup if warmup is None else warmup, self.progress)
+
+    def record(self, name: str, desc: str, t_ours: list[float], t_ref: list[float], per: int = 1, **extra) -> None:
+        """One entry of result["cases"]: sam2rt's figures, the reference's and their p50 ratio (per prompt if per > 1)."""
+        entry = {"description": desc, "sam2rt": stats_ms(t_ours, per), **extra}
+        if t_ref:
+            entry["reference"] = stats_ms(t_ref, per)
+            entry["speedup_p50"] = round(entry["reference"]["p50"] / entry["sam2rt"]["p50"], 3)
+        if per > 1:
+            entry["per"] = f"per prompt ({per} prompts per call)"
+        self.result["cases"][name] = entry
+
+    def use_image(self, size: str) -> np.ndarray:
+        """Set images[size] on sam2rt and the reference (skipped when it is already set); return it."""
+        img = self.images[size]
+        if self.image_set != size:
+            self.ours.set_image(img)
+            if self.ref is not None:
+                self.ref.set_image(img)
+            self.image_set = size
+        return img
+
+    def ref_or_none(self, fn: Callable[[], Any]) -> Callable[[], Any] | None:
+        """fn when the reference is loaded, else None (sam2rt timed alone)."""
+        return fn if self.ref is not None else None
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One case: `run(ctx)` measures and writes into ctx.result; `steps(ctx)` is how many progress steps it
+    takes; `applies(ctx)` says whether it runs with this configuration."""
+
+    name: str
+    run: Callable[[BenchContext], None]
+    steps: Callable[[BenchContext], int] = lambda ctx: 1
+    applies: Callable[[BenchContext], bool] = lambda ctx: True
+
+
+def case_machine_peak(ctx: BenchContext) -> None:
+    """This machine's peak FP32 matmul rate (the FLOPs case reports fractions of it)."""
+    from .machine import measure_peak_flops
+
+    ctx.describe("measuring this machine's peak FP32 matmul")
+    quick = ctx.cfg.quick
+    ctx.result["machine"]["peak"] = measure_peak_flops(n=1024 if quick else 2048, repeats=3 if quick else 5)
+
+
+def case_load(ctx: BenchContext) -> None:
+    """Load sam2rt's Predictor and (unless --no-reference) SAM2ImagePredictor; every later case uses them."""
     from ..runtime import Predictor
+
+    cfg, result = ctx.cfg, ctx.result
+    ctx.describe("loading sam2rt and the reference")
+    t0 = time.perf_counter()
+    ours = ctx.ours = Predictor.from_dir(cfg.model_dir, backend=cfg.backend, threads=cfg.threads)
+    result["load_in_process_s"] = {"sam2rt": round(time.perf_counter() - t0, 3)}
+    result["sam2rt_backend"] = {
+        "name": ours.model.backend_name,
+        "precision": getattr(ours.model.backend, "precision", "fp32"),
+        "graph_files": {k: v["file"] for k, v in getattr(ours.model.backend, "files", {}).items()},
+        "spinning": getattr(ours.model.backend, "spinning", None),
+    }
+    if cfg.reference:
+        t0 = time.perf_counter()
+        ctx.ref, ctx.ref_info = build_reference(ctx.manifest, cfg.threads, ctx.workdir)
+        result["load_in_process_s"]["reference"] = round(time.perf_counter() - t0, 3)
+
+
+def case_embed(ctx: BenchContext) -> None:
+    """set_image / embed at 640x480 (leaves that image set on both sides)."""
+    img = ctx.images["640x480"]
+    ctx.describe("embed / set_image 640x480")
+    t_o, t_r = ctx.timed(lambda: ctx.ours.set_image(img), ctx.ref_or_none(lambda: ctx.ref.set_image(img)))
+    ctx.image_set = "640x480"
+    ctx.record("embed", "set_image / embed, 640x480 image (preprocess + encoder)", t_o, t_r)
+
+
+def case_preprocess(ctx: BenchContext) -> None:
+    """Preprocessing alone (resize to 1024, normalise)."""
     from ..runtime.preprocess import preprocess
-    from .machine import load_average, machine_info, measure_peak_flops, versions
 
-    cfg.finalize()
-    logging.getLogger("sam2rt").setLevel(logging.ERROR)
-    manifest = Manifest.load(cfg.model_dir)
-    threads = cfg.threads
-    runs, warmup = cfg.runs, cfg.warmup
-    heavy_runs = max(1, runs // 3) if not cfg.quick else 1  # set_image + predict end to end (two embeds per run)
-    has_int8 = manifest.variant("encoder", "int8") is not None and cfg.int8 and cfg.backend == "onnxruntime-cpu"
+    img = ctx.images["640x480"]
+    ctx.describe("preprocessing 640x480")
+    t_o, t_r = ctx.timed(lambda: preprocess(img), ctx.ref_or_none(lambda: ctx.ref._transforms(img)))
+    ctx.record("preprocess", "preprocessing alone (resize to 1024, normalise), 640x480", t_o, t_r)
 
-    n_steps = (
-        2  # peak flops, load
-        + (warmup + runs) * 10  # embed, preprocess, point/box/box+points, 2 sizes predict, decoder-only, ...
-        + (warmup + runs) * (len(cfg.batch_sizes) * 2 + len(cfg.single_call_batches))
-        + (warmup + heavy_runs) * 2
-        + (cfg.cold_repeats if cfg.subprocesses else 0)
-        + (2 if has_int8 else 0) + (1 if cfg.flops else 0)
-    )
-    prog = Progress(n_steps, cfg.progress)
+
+PROMPT_CASES = ("predict_point_cached", "decode_box", "decode_box_points")
+
+
+def case_predict_prompts(ctx: BenchContext) -> None:
+    """predict on a cached 640x480 embedding (postprocessing included) for a point, a box, a box + points;
+    each checked against the reference (parity_spot_check)."""
+    h, w = ctx.use_image("640x480").shape[:2]
+    box = np.array([0.2 * w, 0.2 * h, 0.7 * w, 0.8 * h])
+    prompt_cases = {
+        "predict_point_cached": ("1 point, multimask, cached embedding, masks at 640x480",
+                                 dict(point_coords=np.array([[0.5 * w, 0.45 * h]]), point_labels=np.array([1]))),
+        "decode_box": ("1 box, single mask, cached embedding, masks at 640x480", dict(box=box, multimask_output=False)),
+        "decode_box_points": ("1 box + 2 points, single mask, cached embedding, masks at 640x480",
+                              dict(box=box, point_coords=np.array([[0.4 * w, 0.5 * h], [0.25 * w, 0.7 * h]]),
+                                   point_labels=np.array([1, 0]), multimask_output=False)),
+    }
+    assert tuple(prompt_cases) == PROMPT_CASES
+    parity = {}
+    for name, (desc, kw) in prompt_cases.items():
+        ctx.describe(name)
+        t_o, t_r = ctx.timed(lambda kw=kw: ctx.ours.predict(**kw), ctx.ref_or_none(lambda kw=kw: ctx.ref.predict(**kw)))
+        ctx.record(name, desc, t_o, t_r)
+        if ctx.ref is not None:
+            parity[name] = _parity(ctx.ours.predict(**kw), ctx.ref.predict(**kw))
+    ctx.result["parity_spot_check"] = parity
+
+
+def case_decoder_only(ctx: BenchContext) -> None:
+    """sam2rt's decoder graph alone and its postprocessing alone, to split predict's time (no reference side)."""
+    h, w = ctx.use_image("640x480").shape[:2]
+    model, emb = ctx.ours.model, ctx.ours.embedding
+    ctx.describe("decoder only (sam2rt)")
+    xy = np.array([[[0.5 * 1024, 0.45 * 1024], [0.0, 0.0]]], np.float32)
+    lab = np.array([[1.0, -1.0]], np.float32)
+    t_o, _ = ctx.timed(lambda: model.decode_raw(emb, xy, lab, None), None)
+    ctx.record("decoder_only_point", "sam2rt decoder graph alone, 1 point, no postprocessing (no reference counterpart)",
+               t_o, [])
+    low_res, iou = model.decode_raw(emb, xy, lab, None)
+    t_o, _ = ctx.timed(lambda: model.finish(low_res, iou, (h, w), True), None)
+    ctx.record("postprocess_640x480", "sam2rt postprocessing alone: token choice + upsample 3 masks to 640x480 + threshold",
+               t_o, [])
+
+
+def case_batches(ctx: BenchContext) -> None:
+    """Batches of random boxes in one predict call, per prompt; for single_call_batches also a sam2rt batch
+    against as many single reference calls."""
+    h, w = ctx.use_image("640x480").shape[:2]
+    ours, ref = ctx.ours, ctx.ref
+    rng = np.random.default_rng(3)
+    for b in ctx.cfg.batch_sizes:
+        x0 = rng.uniform(0, 0.6 * w, b)
+        y0 = rng.uniform(0, 0.6 * h, b)
+        boxes = np.stack([x0, y0, x0 + rng.uniform(0.1, 0.4, b) * w, y0 + rng.uniform(0.1, 0.4, b) * h], axis=1)
+        ctx.describe(f"{b} boxes in one call")
+        kw = dict(box=boxes, multimask_output=False)
+        t_o, t_r = ctx.timed(lambda kw=kw: ours.predict(**kw), ctx.ref_or_none(lambda kw=kw: ref.predict(**kw)))
+        ctx.record(f"batch{b}", f"{b} boxes in one predict call (reference batched too), masks at 640x480", t_o, t_r, per=b)
+        if b in ctx.cfg.single_call_batches and ref is not None:
+            ctx.describe(f"{b} boxes: sam2rt batch vs {b} single reference calls")
+
+            def ref_singles(boxes=boxes):
+                for bx in boxes:
+                    ref.predict(box=bx, multimask_output=False)
+
+            t_o, t_r = ctx.timed(lambda kw=kw: ours.predict(**kw), ref_singles)
+            ctx.record(f"batch{b}_vs_singles", f"{b} boxes: one sam2rt batch call vs {b} single reference calls",
+                       t_o, t_r, per=b)
+
+
+def _batch_steps(ctx: BenchContext) -> int:
+    singles = [b for b in ctx.cfg.batch_sizes if b in ctx.cfg.single_call_batches] if ctx.cfg.reference else []
+    return ctx.rounds * (len(ctx.cfg.batch_sizes) + len(singles))
+
+
+def case_predict_1080p(ctx: BenchContext) -> None:
+    """1-point predict on a cached 1920x1080 embedding (masks upsampled to 1920x1080)."""
+    H, W = ctx.use_image("1920x1080").shape[:2]
+    kw = dict(point_coords=np.array([[0.5 * W, 0.45 * H]]), point_labels=np.array([1]))
+    ctx.describe("predict 1920x1080 (cached embedding)")
+    t_o, t_r = ctx.timed(lambda: ctx.ours.predict(**kw), ctx.ref_or_none(lambda: ctx.ref.predict(**kw)))
+    ctx.record("predict_point_cached_1080p", "1 point, multimask, cached embedding, masks at 1920x1080", t_o, t_r)
+
+
+def case_end_to_end(ctx: BenchContext) -> None:
+    """set_image + 1-point predict at each image size (heavy_runs timed runs, at most 1 warm-up)."""
+    ours, ref = ctx.ours, ctx.ref
+    for size, im in ctx.images.items():
+        ih, iw = im.shape[:2]
+        kw = dict(point_coords=np.array([[0.5 * iw, 0.45 * ih]]), point_labels=np.array([1]))
+        ctx.describe(f"set_image + predict end to end {size}")
+
+        def e2e_ours(im=im, kw=kw):
+            ours.set_image(im)
+            return ours.predict(**kw)
+
+        def e2e_ref(im=im, kw=kw):
+            ref.set_image(im)
+            return ref.predict(**kw)
+
+        t_o, t_r = ctx.timed(e2e_ours, ctx.ref_or_none(e2e_ref), ctx.heavy_runs, min(ctx.cfg.warmup, 1))
+        ctx.image_set = None
+        ctx.record(f"e2e_{size}", f"set_image + 1-point predict end to end, {size} image", t_o, t_r)
+
+
+def case_int8(ctx: BenchContext) -> None:
+    """The opt-in INT8 encoder: its embed time against FP32, and the masks it keeps against FP32's."""
+    from ..runtime import Predictor
+
+    img = ctx.images["640x480"]
+    ctx.describe("INT8 encoder (opt-in): speed")
+    q = Predictor.from_dir(ctx.cfg.model_dir, backend="onnxruntime-cpu:int8", threads=ctx.cfg.threads)
+    t_q, t_f = interleaved(lambda: q.set_image(img), lambda: ctx.ours.set_image(img), ctx.cfg.runs, ctx.cfg.warmup, None)
+    ctx.progress.advance()
+    ctx.describe("INT8 encoder (opt-in): mask IoU vs FP32")
+    ctx.result["int8"] = {
+        "what": "encoder MatMul/Gemm weights INT8 (dynamic quantisation, per-channel); decoder FP32; OPT-IN "
+                "(backend='onnxruntime-cpu:int8'), never the default",
+        "embed_int8": stats_ms(t_q),
+        "embed_fp32": stats_ms(t_f),
+        "speedup_vs_fp32_p50": round(float(np.median(t_f) / np.median(t_q)), 3),
+        **int8_agreement(ctx.ours, q, quick=ctx.cfg.quick),
+    }
+    ctx.image_set = None
+    ctx.progress.advance()
+
+
+def case_cold_start(ctx: BenchContext) -> None:
+    """Cold start and peak RSS, each in a fresh process; sam2rt and the reference alternate, and sam2rt's
+    opt-in low-memory mode runs once."""
+    cfg, result, ref_info = ctx.cfg, ctx.result, ctx.ref_info
+    ours_runs, ref_runs, lowmem_runs = [], [], []
+    ours_args = ["sam2rt", "--model-dir", str(cfg.model_dir), "--backend", cfg.backend, "--threads", str(cfg.threads)]
+    ref_args = (["reference", "--config", ref_info["config"], "--checkpoint", ref_info["checkpoint"],
+                 "--threads", str(cfg.threads)] if ref_info else None)
+    for i in range(cfg.cold_repeats):
+        ctx.describe(f"cold start + peak RSS in fresh processes ({i + 1}/{cfg.cold_repeats})")
+        order = [(ours_runs, ours_args), (ref_runs, ref_args)]
+        for bucket, args in (order if i % 2 == 0 else order[::-1]):
+            if args is not None:
+                bucket.append(run_child(args))
+        if cfg.backend == "onnxruntime-cpu" and i == 0:
+            lowmem_runs.append(run_child(ours_args, env_extra={"SAM2RT_LOW_MEMORY": "1"}))
+        ctx.progress.advance()
+    cold = result["cold_start"] = {
+        "what": "fresh process: interpreter start + import + load model + set_image + 1-point predict (640x480); "
+                "process wall time from spawn to exit",
+        "sam2rt": cold_summary(ours_runs),
+    }
+    if lowmem_runs:
+        cold["sam2rt_low_memory_opt_in"] = cold_summary(lowmem_runs)
+    if not ref_runs:
+        result["peak_rss"] = {"sam2rt_mib": cold["sam2rt"]["peak_rss_mib"]["p50"]}
+        return
+    cold["reference"] = cold_summary(ref_runs)
+    cold["speedup_p50"] = round(cold["reference"]["process_wall_s"]["p50"] / cold["sam2rt"]["process_wall_s"]["p50"], 3)
+    rss = result["peak_rss"] = {
+        "what": "ru_maxrss of a fresh process that loads hiera_tiny and answers one prompt",
+        "sam2rt_mib": cold["sam2rt"]["peak_rss_mib"]["p50"],
+        "reference_mib": cold["reference"]["peak_rss_mib"]["p50"],
+    }
+    rss["fraction_of_reference"] = round(rss["sam2rt_mib"] / rss["reference_mib"], 3)
+    if lowmem_runs:
+        lm = cold["sam2rt_low_memory_opt_in"]["peak_rss_mib"]["p50"]
+        rss["sam2rt_low_memory_opt_in_mib"] = lm
+        rss["low_memory_opt_in_fraction_of_reference"] = round(lm / rss["reference_mib"], 3)
+
+
+def case_sizes(ctx: BenchContext) -> None:
+    """File sizes of the model directory, what the CPU backend loads, and the reference's parameters."""
+    ctx.describe("model sizes")
+    sizes = ctx.result["sizes"] = model_sizes(ctx.cfg.model_dir, ctx.ref_info)
+    if ctx.ref is not None:
+        n_params = sum(p.numel() for p in ctx.ref.model.parameters())
+        sizes["reference_parameters"] = int(n_params)
+        sizes["reference_parameters_fp32_mib"] = round(n_params * 4 / 2**20, 2)
+
+
+def case_flops(ctx: BenchContext) -> None:
+    """FLOPs counted from a profiled ONNX Runtime run of each graph, and the fraction of this machine's peak
+    that the timed embed and decoder_only_point cases reach."""
+    ctx.describe("counting FLOPs (profiled ORT run of each graph)")
+    try:
+        from .flops import count_model
+    except ImportError as exc:
+        ctx.result["flops"] = {"skipped": f"needs onnx ({exc})"}
+        return
+    fl = count_model(ctx.cfg.model_dir, ctx.cfg.threads)
+    peak = ctx.result["machine"]["peak"]["peak_gflops"]
+    for role, case in (("encoder", "embed"), ("decoder", "decoder_only_point")):
+        timed = ctx.result["cases"].get(case)
+        if timed is None:
+            continue
+        p50_s = timed["sam2rt"]["p50"] / 1e3
+        fl[role]["achieved_gflops_per_s_end_to_end"] = round(fl[role]["gflops"] / p50_s, 2)
+        fl[role]["fraction_of_peak"] = round(fl[role]["gflops"] / p50_s / peak, 4)
+        fl[role]["timed_case"] = case
+    ctx.result["flops"] = fl
+
+
+# The benchmark, in the order it runs. `load` comes before every case that uses a predictor; `flops`
+# after `embed` and `decoder_only`, whose times it divides by.
+CASES: tuple[BenchCase, ...] = (
+    BenchCase("machine_peak", case_machine_peak),
+    BenchCase("load", case_load),
+    BenchCase("embed", case_embed, steps=lambda ctx: ctx.rounds),
+    BenchCase("preprocess", case_preprocess, steps=lambda ctx: ctx.rounds),
+    BenchCase("predict_prompts", case_predict_prompts, steps=lambda ctx: ctx.rounds * len(PROMPT_CASES)),
+    BenchCase("decoder_only", case_decoder_only, steps=lambda ctx: ctx.rounds * 2),
+    BenchCase("batches", case_batches, steps=_batch_steps),
+    BenchCase("predict_1080p", case_predict_1080p, steps=lambda ctx: ctx.rounds),
+    BenchCase("end_to_end", case_end_to_end,
+              steps=lambda ctx: len(ctx.images) * (ctx.heavy_runs + min(ctx.cfg.warmup, 1))),
+    BenchCase("int8", case_int8, steps=lambda ctx: 2, applies=lambda ctx: ctx.has_int8),
+    BenchCase("cold_start", case_cold_start, steps=lambda ctx: ctx.cfg.cold_repeats, applies=lambda ctx: ctx.cfg.subprocesses),
+    BenchCase("sizes", case_sizes),
+    BenchCase("flops", case_flops, applies=lambda ctx: ctx.cfg.flops),
+)
+
+
+def new_result(cfg: BenchConfig, manifest) -> dict[str, Any]:
+    """The result document before any case has run: what was measured, where, with what."""
+    from .machine import machine_info, versions
+
     result: dict[str, Any] = {
         "schema": "sam2rt-bench/1",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -286,7 +616,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "machine": machine_info(cfg.label),
         "versions": versions(),
-        "threads": {"sam2rt_intra_op": threads, "torch": threads, "numpy_blas": "default (all usable cores)"},
+        "threads": {"sam2rt_intra_op": cfg.threads, "torch": cfg.threads, "numpy_blas": "default (all usable cores)"},
         "cases": {},
         "notes": list(cfg.notes),
     }
@@ -295,228 +625,37 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
             "RANDOM seeded weights (no checkpoint can be downloaded here): timings and memory are those of the real "
             "architecture, but masks are meaningless, so IoU figures only compare implementations, not quality."
         )
-    try:
-        with tempfile.TemporaryDirectory(prefix="sam2rt-bench-") as tmp:
-            prog.describe("measuring this machine's peak FP32 matmul")
-            result["machine"]["peak"] = measure_peak_flops(n=1024 if cfg.quick else 2048, repeats=3 if cfg.quick else 5)
-            prog.advance()
+    return result
 
-            prog.describe("loading sam2rt and the reference")
-            t0 = time.perf_counter()
-            ours = Predictor.from_dir(cfg.model_dir, backend=cfg.backend, threads=threads)
-            result["load_in_process_s"] = {"sam2rt": round(time.perf_counter() - t0, 3)}
-            result["sam2rt_backend"] = {
-                "name": ours.model.backend_name,
-                "precision": getattr(ours.model.backend, "precision", "fp32"),
-                "graph_files": {k: v["file"] for k, v in getattr(ours.model.backend, "files", {}).items()},
-                "spinning": getattr(ours.model.backend, "spinning", None),
-            }
-            ref = ref_info = None
-            if cfg.reference:
-                t0 = time.perf_counter()
-                ref, ref_info = build_reference(manifest, threads, Path(tmp))
-                result["load_in_process_s"]["reference"] = round(time.perf_counter() - t0, 3)
-            prog.advance()
 
-            images = {"640x480": synthetic_image(480, 640, seed=1), "1920x1080": synthetic_image(1080, 1920, seed=2)}
-            cases = result["cases"]
+def run_benchmark(cfg: BenchConfig, cases: tuple[BenchCase, ...] = CASES) -> dict[str, Any]:
+    """Run each case of `cases` that applies, in order, with progress; return the result document
+    (see write_outputs for the files)."""
+    import logging
 
-            def record(name: str, desc: str, t_ours: list[float], t_ref: list[float], per: int = 1, **extra) -> None:
-                entry = {"description": desc, "sam2rt": stats_ms(t_ours, per), **extra}
-                if t_ref:
-                    entry["reference"] = stats_ms(t_ref, per)
-                    entry["speedup_p50"] = round(entry["reference"]["p50"] / entry["sam2rt"]["p50"], 3)
-                if per > 1:
-                    entry["per"] = f"per prompt ({per} prompts per call)"
-                cases[name] = entry
+    from ..manifest import Manifest
+    from .machine import load_average
 
-            # 1. embed (set_image) and preprocessing alone
-            img = images["640x480"]
-            prog.describe("embed / set_image 640x480")
-            t_o, t_r = interleaved(lambda: ours.set_image(img), (lambda: ref.set_image(img)) if ref else None,
-                                   runs, warmup, prog)
-            record("embed", "set_image / embed, 640x480 image (preprocess + encoder)", t_o, t_r)
-            prog.describe("preprocessing 640x480")
-            t_o, t_r = interleaved(lambda: preprocess(img), (lambda: ref._transforms(img)) if ref else None,
-                                   runs, warmup, prog)
-            record("preprocess", "preprocessing alone (resize to 1024, normalise), 640x480", t_o, t_r)
-
-            # 2. decode on a cached embedding (Predictor.predict, postprocessing to 640x480 included)
-            ours.set_image(img)
-            if ref:
-                ref.set_image(img)
-            h, w = img.shape[:2]
-            prompt_cases = {
-                "predict_point_cached": ("1 point, multimask, cached embedding, masks at 640x480",
-                                         dict(point_coords=np.array([[0.5 * w, 0.45 * h]]), point_labels=np.array([1]))),
-                "decode_box": ("1 box, single mask, cached embedding, masks at 640x480",
-                               dict(box=np.array([0.2 * w, 0.2 * h, 0.7 * w, 0.8 * h]), multimask_output=False)),
-                "decode_box_points": ("1 box + 2 points, single mask, cached embedding, masks at 640x480",
-                                      dict(box=np.array([0.2 * w, 0.2 * h, 0.7 * w, 0.8 * h]),
-                                           point_coords=np.array([[0.4 * w, 0.5 * h], [0.25 * w, 0.7 * h]]),
-                                           point_labels=np.array([1, 0]), multimask_output=False)),
-            }
-            parity = {}
-            for name, (desc, kw) in prompt_cases.items():
-                prog.describe(name)
-                t_o, t_r = interleaved(lambda: ours.predict(**kw), (lambda: ref.predict(**kw)) if ref else None,
-                                       runs, warmup, prog)
-                record(name, desc, t_o, t_r)
-                if ref:
-                    parity[name] = _parity(ours.predict(**kw), ref.predict(**kw))
-            result["parity_spot_check"] = parity
-
-            # decoder alone (no postprocessing), to split decode time from postprocessing
-            prog.describe("decoder only (sam2rt)")
-            emb = ours.embedding
-            xy = np.array([[[0.5 * 1024, 0.45 * 1024], [0.0, 0.0]]], np.float32)
-            lab = np.array([[1.0, -1.0]], np.float32)
-            t_o, _ = interleaved(lambda: ours.model.decode_raw(emb, xy, lab, None), None, runs, warmup, prog)
-            record("decoder_only_point", "sam2rt decoder graph alone, 1 point, no postprocessing (no reference counterpart)",
-                   t_o, [])
-            low_res, iou = ours.model.decode_raw(emb, xy, lab, None)
-            t_o, _ = interleaved(lambda: ours.model.finish(low_res, iou, (h, w), True), None, runs, warmup, prog)
-            record("postprocess_640x480", "sam2rt postprocessing alone: token choice + upsample 3 masks to 640x480 + threshold",
-                   t_o, [])
-
-            # 3. batches of boxes: per-prompt cost
-            rng = np.random.default_rng(3)
-            for b in cfg.batch_sizes:
-                x0 = rng.uniform(0, 0.6 * w, b)
-                y0 = rng.uniform(0, 0.6 * h, b)
-                boxes = np.stack([x0, y0, x0 + rng.uniform(0.1, 0.4, b) * w, y0 + rng.uniform(0.1, 0.4, b) * h], axis=1)
-                prog.describe(f"{b} boxes in one call")
-                kw = dict(box=boxes, multimask_output=False)
-                t_o, t_r = interleaved(lambda: ours.predict(**kw), (lambda: ref.predict(**kw)) if ref else None,
-                                       runs, warmup, prog)
-                record(f"batch{b}", f"{b} boxes in one predict call (reference batched too), masks at 640x480",
-                       t_o, t_r, per=b)
-                if b in cfg.single_call_batches and ref:
-                    prog.describe(f"{b} boxes: sam2rt batch vs {b} single reference calls")
-
-                    def ref_singles(boxes=boxes):
-                        for bx in boxes:
-                            ref.predict(box=bx, multimask_output=False)
-
-                    t_o, t_r = interleaved(lambda: ours.predict(**kw), ref_singles, runs, warmup, prog)
-                    record(f"batch{b}_vs_singles", f"{b} boxes: one sam2rt batch call vs {b} single reference calls",
-                           t_o, t_r, per=b)
-
-            # 4. predict at 1920x1080 on a cached embedding, and set_image + predict end to end
-            big = images["1920x1080"]
-            ours.set_image(big)
-            if ref:
-                ref.set_image(big)
-            H, W = big.shape[:2]
-            kw = dict(point_coords=np.array([[0.5 * W, 0.45 * H]]), point_labels=np.array([1]))
-            prog.describe("predict 1920x1080 (cached embedding)")
-            t_o, t_r = interleaved(lambda: ours.predict(**kw), (lambda: ref.predict(**kw)) if ref else None,
-                                   runs, warmup, prog)
-            record("predict_point_cached_1080p", "1 point, multimask, cached embedding, masks at 1920x1080", t_o, t_r)
-            for size, im in images.items():
-                ih, iw = im.shape[:2]
-                kw2 = dict(point_coords=np.array([[0.5 * iw, 0.45 * ih]]), point_labels=np.array([1]))
-                prog.describe(f"set_image + predict end to end {size}")
-
-                def e2e_ours(im=im, kw2=kw2):
-                    ours.set_image(im)
-                    return ours.predict(**kw2)
-
-                def e2e_ref(im=im, kw2=kw2):
-                    ref.set_image(im)
-                    return ref.predict(**kw2)
-
-                t_o, t_r = interleaved(e2e_ours, e2e_ref if ref else None, heavy_runs, min(warmup, 1), prog)
-                record(f"e2e_{size}", f"set_image + 1-point predict end to end, {size} image", t_o, t_r)
-
-            # 5. INT8 (opt-in): speed and the mask IoU it keeps against FP32
-            if has_int8:
-                prog.describe("INT8 encoder (opt-in): speed")
-                q = Predictor.from_dir(cfg.model_dir, backend="onnxruntime-cpu:int8", threads=threads)
-                t_q, t_f = interleaved(lambda: q.set_image(img), lambda: ours.set_image(img), runs, warmup, None)
-                prog.advance()
-                prog.describe("INT8 encoder (opt-in): mask IoU vs FP32")
-                result["int8"] = {
-                    "what": "encoder MatMul/Gemm weights INT8 (dynamic quantisation, per-channel); decoder FP32; OPT-IN "
-                            "(backend='onnxruntime-cpu:int8'), never the default",
-                    "embed_int8": stats_ms(t_q),
-                    "embed_fp32": stats_ms(t_f),
-                    "speedup_vs_fp32_p50": round(float(np.median(t_f) / np.median(t_q)), 3),
-                    **int8_agreement(ours, q, quick=cfg.quick),
-                }
-                del q
-                prog.advance()
-
-            # 6. cold start + peak RSS, each in a fresh process, alternating
-            if cfg.subprocesses:
-                ours_runs, ref_runs, lowmem_runs = [], [], []
-                for i in range(cfg.cold_repeats):
-                    prog.describe(f"cold start + peak RSS in fresh processes ({i + 1}/{cfg.cold_repeats})")
-                    ours_args = ["sam2rt", "--model-dir", str(cfg.model_dir), "--backend", cfg.backend,
-                                 "--threads", str(threads)]
-                    ref_args = (["reference", "--config", ref_info["config"], "--checkpoint", ref_info["checkpoint"],
-                                 "--threads", str(threads)] if ref_info else None)
-                    order = [(ours_runs, ours_args), (ref_runs, ref_args)]
-                    for bucket, args in (order if i % 2 == 0 else order[::-1]):
-                        if args is not None:
-                            bucket.append(run_child(args))
-                    if cfg.backend == "onnxruntime-cpu" and i == 0:  # the opt-in low-memory mode, once
-                        lowmem_runs.append(run_child(ours_args, env_extra={"SAM2RT_LOW_MEMORY": "1"}))
-                    prog.advance()
-                result["cold_start"] = {
-                    "what": "fresh process: interpreter start + import + load model + set_image + 1-point predict (640x480); "
-                            "process wall time from spawn to exit",
-                    "sam2rt": cold_summary(ours_runs),
-                }
-                if lowmem_runs:
-                    result["cold_start"]["sam2rt_low_memory_opt_in"] = cold_summary(lowmem_runs)
-                if ref_runs:
-                    result["cold_start"]["reference"] = cold_summary(ref_runs)
-                    result["cold_start"]["speedup_p50"] = round(
-                        result["cold_start"]["reference"]["process_wall_s"]["p50"]
-                        / result["cold_start"]["sam2rt"]["process_wall_s"]["p50"], 3)
-                    result["peak_rss"] = {
-                        "what": "ru_maxrss of a fresh process that loads hiera_tiny and answers one prompt",
-                        "sam2rt_mib": result["cold_start"]["sam2rt"]["peak_rss_mib"]["p50"],
-                        "reference_mib": result["cold_start"]["reference"]["peak_rss_mib"]["p50"],
-                    }
-                    result["peak_rss"]["fraction_of_reference"] = round(
-                        result["peak_rss"]["sam2rt_mib"] / result["peak_rss"]["reference_mib"], 3)
-                    if lowmem_runs:
-                        lm = result["cold_start"]["sam2rt_low_memory_opt_in"]["peak_rss_mib"]["p50"]
-                        result["peak_rss"]["sam2rt_low_memory_opt_in_mib"] = lm
-                        result["peak_rss"]["low_memory_opt_in_fraction_of_reference"] = round(
-                            lm / result["peak_rss"]["reference_mib"], 3)
-                else:
-                    result["peak_rss"] = {"sam2rt_mib": result["cold_start"]["sam2rt"]["peak_rss_mib"]["p50"]}
-
-            result["sizes"] = model_sizes(cfg.model_dir, ref_info)
-            if ref is not None:
-                n_params = sum(p.numel() for p in ref.model.parameters())
-                result["sizes"]["reference_parameters"] = int(n_params)
-                result["sizes"]["reference_parameters_fp32_mib"] = round(n_params * 4 / 2**20, 2)
-
-            # 7. where the time goes: FLOPs from the graphs, and the fraction of this machine's peak
-            if cfg.flops:
-                prog.describe("counting FLOPs (profiled ORT run of each graph)")
-                try:
-                    from .flops import count_model
-
-                    fl = count_model(cfg.model_dir, threads)
-                    peak = result["machine"]["peak"]["peak_gflops"]
-                    for role, case in (("encoder", "embed"), ("decoder", "decoder_only_point")):
-                        p50_s = cases[case]["sam2rt"]["p50"] / 1e3
-                        fl[role]["achieved_gflops_per_s_end_to_end"] = round(fl[role]["gflops"] / p50_s, 2)
-                        fl[role]["fraction_of_peak"] = round(fl[role]["gflops"] / p50_s / peak, 4)
-                        fl[role]["timed_case"] = case
-                    result["flops"] = fl
-                except ImportError as exc:
-                    result["flops"] = {"skipped": f"needs onnx ({exc})"}
-                prog.advance()
+    cfg.finalize()
+    logging.getLogger("sam2rt").setLevel(logging.ERROR)
+    manifest = Manifest.load(cfg.model_dir)
+    result = new_result(cfg, manifest)
+    with tempfile.TemporaryDirectory(prefix="sam2rt-bench-") as tmp:
+        ctx = BenchContext(cfg, manifest, result, Progress(0, False), Path(tmp),
+                           images={"640x480": synthetic_image(480, 640, seed=1),
+                                   "1920x1080": synthetic_image(1080, 1920, seed=2)})
+        todo = [case for case in cases if case.applies(ctx)]
+        ctx.progress = Progress(sum(case.steps(ctx) for case in todo), cfg.progress)
+        try:
+            done = 0
+            for case in todo:
+                case.run(ctx)
+                done += case.steps(ctx)
+                ctx.progress.advance_to(done)  # a case that advanced less (a skipped part) still lands here
             result["machine"]["load_average_at_end"] = load_average()
             result["targets"] = evaluate_targets(result)
-    finally:
-        prog.close()
+        finally:
+            ctx.progress.close()
     return result
 
 
