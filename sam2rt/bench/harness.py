@@ -28,7 +28,9 @@ import numpy as np
 
 from .child import synthetic_image
 
-# The issue's targets (hiera_tiny, CPU, medians, same run).
+# What sam2rt must reach against the reference on the CPU, each as (description, kind, threshold): speedups
+# are ratios of medians from one interleaved run (hiera_tiny); rss_fraction is sam2rt's peak RSS over the
+# reference's. evaluate_targets reports each as met or missed.
 TARGETS = {
     "predict_point_cached": ("single-point predict on a cached embedding (640x480)", "speedup", 3.0),
     "embed": ("set_image / embed, default FP32 (640x480)", "speedup", 1.5),
@@ -716,7 +718,7 @@ def int8_agreement(fp32, int8, quick: bool = False) -> dict[str, Any]:
 
 
 def evaluate_targets(result: dict[str, Any]) -> dict[str, Any]:
-    """Each target of the issue: the measured value, the threshold, met or missed (and by how much)."""
+    """Each of TARGETS: the measured value, the threshold, met or missed (and by how much)."""
     cases = result["cases"]
     out = {}
 

@@ -77,7 +77,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         "",
     ]
     if result.get("targets"):
-        out += ["## Targets (issue 4)", "", targets_table(result), ""]
+        out += ["## Targets", "", targets_table(result), ""]
     cs = result.get("cold_start")
     if cs:
         out += ["## Cold start and peak memory (fresh processes)", "",

@@ -46,8 +46,9 @@ from ..runtime.embedding import FAST_MAX_POINTS, FEATURE_NAMES, PREPARED_NAMES  
 
 # ONNX Runtime fusions left out when decoder_fast is optimised and loaded (recorded in the manifest as
 # `ort_disabled_optimizers`): with the graph's static shapes ORT would fuse the image-token residual
-# Add + LayerNorm into SkipLayerNormalization and MatMul + full-size Add into Gemm, both slower on the
-# benchmark CPU than the ops they replace (SkipLayerNormalization ~3x, e.g. 2.9 vs 0.9 ms).
+# Add + LayerNorm into SkipLayerNormalization and MatMul + full-size Add into Gemm; on the CPU both are
+# slower than the ops they replace (measurements: benchmarks/README.md), so the manifest records them
+# and the optimiser and the runtime's session leave them out.
 FAST_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion", "MatMulAddFusion")
 
 PREP_INPUTS = list(FEATURE_NAMES)
@@ -155,7 +156,8 @@ class FastDecoderGraph(nn.Module):
         """attn(q=q_tokens, k=keys_pe, v=keys - shift) with the projections moved to the token side.
 
         q_tokens (1,T,C); keys, keys_pe (N,C) -> (1,T,C). The image tokens stay 2-D: ONNX Runtime would
-        fuse a 3-D residual Add + LayerNorm into SkipLayerNormalization, 3x slower than the two here.
+        fuse a 3-D residual Add + LayerNorm into SkipLayerNormalization, slower on the CPU than the two here
+        (see FAST_DISABLED_OPTIMIZERS).
         """
         h, c = attn.num_heads, self.dim
         d = attn.internal_dim // h

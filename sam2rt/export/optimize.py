@@ -88,7 +88,7 @@ def add_variants(model_dir: str | Path, optimized: bool = True, int8: bool = Fal
             source = None  # made from another version of the base graph: stale
         if row.made_from and source is None:
             if row.variant != "optimized":
-                continue  # e.g. no decoder_fast in an older export: nothing to optimise
+                continue  # e.g. an export without decoder_fast: nothing to optimise
             # the role's main optimised copy falls back to the base graph (exports without the fused encoder)
         if source is None:
             src, derived, origin = manifest.verify_graph(row.role), entry["sha256"], {}

@@ -73,8 +73,9 @@ def spinning_default() -> bool:
     """Whether ORT's worker threads busy-wait between ops (env SAM2RT_ORT_SPINNING=1 turns it on).
 
     Off by default: where cores are shared (other processes, a server's threads, PyTorch in the
-    same process) spinning workers steal the cores the next op needs; on the 2-core benchmark
-    machine turning it off made the decoder 1.3-1.5x faster under load (benchmarks/README.md).
+    same process), spinning workers steal the cores the next op needs, which costs more than the
+    wake-up latency spinning saves on an idle machine. Measurements: benchmarks/README.md, "Measurements
+    behind the CPU backend's defaults".
     """
     return os.environ.get("SAM2RT_ORT_SPINNING", "0").strip().lower() in ("1", "true", "yes", "on")
 
@@ -82,9 +83,9 @@ def spinning_default() -> bool:
 def low_memory_default() -> bool:
     """Whether the CPU backend trades encoder speed for a lower peak RSS (opt-in: env SAM2RT_LOW_MEMORY=1).
 
-    Measured on the 2-core benchmark machine: peak RSS of a process that embeds one image and answers
-    one prompt 0.63 GiB instead of 0.75 GiB, but set_image 1.6x slower (page faults of fresh memory);
-    with the chunked MultiHeadAttention encoder (encoder.fused.onnx) 485 instead of ~580 MiB.
+    With it the encoder runs without ONNX Runtime's memory arena and large allocations go back to the OS
+    when freed (release_large_allocations), so a process's peak RSS is lower; every set_image then pays
+    for page faults on fresh memory, hence opt-in. Measurements: benchmarks/README.md.
     """
     return os.environ.get("SAM2RT_LOW_MEMORY", "0").strip().lower() in ("1", "true", "yes", "on")
 
@@ -96,8 +97,8 @@ def release_large_allocations() -> bool:
     """glibc only: serve allocations of 128 KiB and more with mmap, so freeing them returns them to the OS.
 
     glibc raises its mmap threshold after large frees (up to 32 MiB) and then keeps big tensors on
-    the heap, where the freed space stays resident; with the encoder's arena off this made the peak
-    RSS of a process that embeds one image 0.84 GiB instead of 0.63 GiB. Process-wide (mallopt).
+    the heap, where the freed space stays resident: with the encoder's arena off, that would keep most of
+    what the arena would have kept. Process-wide (mallopt). Measurements: benchmarks/README.md.
     """
     global _HEAP_TUNED
     if _HEAP_TUNED:
@@ -118,8 +119,8 @@ def session_options(
     """Session options for SAM 2 graphs: full graph optimisation, arena on, one op at a time, no spinning, quiet logs.
 
     mem_pattern=False (the CPU backend's choice): the memory pattern is planned after the first run
-    and then allocated on top of the arena's blocks, which took the encoder's peak RSS from 0.75 to
-    1.2 GiB at the second image on the benchmark machine, for no measurable speed gain.
+    and then allocated on top of the arena's blocks, which raises the encoder's peak RSS from the second
+    image on, for no measurable speed gain (benchmarks/README.md).
     """
     ort = _import_ort()
     so = ort.SessionOptions()
@@ -281,8 +282,8 @@ class OnnxRuntimeBackend(Backend):
             self.files.pop("decoder_prep", None), self.files.pop("decoder_fast", None)
         fast = self.files.get("decoder_fast")
         self.fast_max_points = int(fast.get("max_points", FAST_MAX_POINTS)) if fast else 0
-        # exports made before the one-prompt fast graph (no `prompts_per_run`) take batches, but run them
-        # prompt by prompt too: a batched run costs no less per prompt on the CPU
+        # a fast graph whose manifest entry has no `prompts_per_run` takes batches; it is run prompt by
+        # prompt too, since a batched run costs no less per prompt on the CPU
         self.fast_batch = int(fast.get("prompts_per_run", FAST_BATCH)) if fast else FAST_BATCH
         self._encoder = self._session(manifest, "encoder")
         # Loaded now: the decoder graphs that plain point/box prompts use. The others (the full decoder for
