@@ -203,9 +203,9 @@ class Sam2Model:
             lab = np.concatenate([checked[i].labels for i in idx])
             mask = np.concatenate([checked[i].mask for i in idx]) if has_mask else None
             parts.append((idx, self.decode_batch(embedding, xy, lab, mask, request)))
+        _, first = parts[0]
         if len(parts) == 1:
-            return parts[0][1]
-        first = parts[0][1]
+            return first
         n = len(checked)
         out = Masks(*(np.empty((n, *a.shape[1:]), a.dtype) for a in (first.masks, first.scores, first.low_res_logits)))
         for idx, part in parts:

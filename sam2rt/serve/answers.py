@@ -61,14 +61,14 @@ def _low_res_best(model: Sam2Model, emb: Embedding, prompts: list[Prompt], multi
     the token choice is Sam2Model.finish's at the low-res size, where upsampling is the identity."""
     checked = [p.checked(emb.original_size) for p in prompts]
     groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
-    for i, (xy, _, mask) in enumerate(checked):
-        groups[(xy.shape[1], mask is not None)].append(i)
+    for i, prompt in enumerate(checked):
+        groups[(prompt.coords.shape[1], prompt.mask is not None)].append(i)
     low_res = np.empty((len(prompts), 4, 256, 256), np.float32)
     iou = np.empty((len(prompts), 4), np.float32)
     for (_, has_mask), idx in groups.items():
-        xy = np.concatenate([checked[i][0] for i in idx])
-        lab = np.concatenate([checked[i][1] for i in idx])
-        mask = np.concatenate([checked[i][2] for i in idx]) if has_mask else None
+        xy = np.concatenate([checked[i].coords for i in idx])
+        lab = np.concatenate([checked[i].labels for i in idx])
+        mask = np.concatenate([checked[i].mask for i in idx]) if has_mask else None
         low_res[idx], iou[idx] = model.decode_raw(emb, xy, lab, mask)
     best = model.finish(low_res, iou, (256, 256), multimask, return_logits=True).best()
     return best.masks[:, 0], best.scores[:, 0], best.low_res_logits[:, 0]

@@ -110,7 +110,8 @@ def strict_subset_match(sub: PromptSetKey, sup: PromptSetKey) -> dict[int, int] 
     mapping: dict[int, int] = {}
     for i, (box, points) in enumerate(sub):
         for j in free:
-            if sup[j][0] == box and points <= sup[j][1]:
+            sup_box, sup_points = sup[j]
+            if sup_box == box and points <= sup_points:
                 mapping[i] = j
                 free.remove(j)
                 break
