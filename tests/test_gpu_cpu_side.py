@@ -367,31 +367,35 @@ def _same_masks(got, ref_model, ref_emb, multimask=True) -> None:
 
 
 @pytest.mark.parametrize("fixed_buffers", [False, True], ids=["fresh-buffers", "fixed-buffers"])
-def test_device_backend_on_the_cpu_provider_matches_the_cpu_backend(model_dir, sam2rt_model, coffee, fixed_buffers):
+@pytest.mark.parametrize("which", ["tiny", pytest.param("real", marks=pytest.mark.slow)])
+def test_device_backend_on_the_cpu_provider_matches_the_cpu_backend(request, which, coffee, fixed_buffers):
     """OrtDeviceBackend's whole path (device pre/postprocessing, IO binding, the fixed buffers its CUDA graphs
-    replay from) on the CPU provider equals the CPU backend."""
+    replay from) on the CPU provider equals the CPU backend: on the tiny model (the plumbing, quick) and on
+    the real export (its graphs, slow)."""
     import onnxruntime as ort
 
     from sam2rt.runtime import Predictor, Sam2Model
     from sam2rt.runtime.backends import OrtDeviceBackend
     from sam2rt.runtime.backends.onnxruntime_backend import OrtDeviceTensor
 
+    model_dir = request.getfixturevalue("tiny_model_dir" if which == "tiny" else "model_dir")
+    cpu_model = request.getfixturevalue("tiny_model" if which == "tiny" else "sam2rt_model")
     m = Manifest.load(model_dir)
     with Sam2Model(m, OrtDeviceBackend(m, "onnxruntime-cpu", fixed_buffers=fixed_buffers)) as bound:
-        ref_emb, emb = sam2rt_model.embed(coffee), bound.embed(coffee)
+        ref_emb, emb = cpu_model.embed(coffee), bound.embed(coffee)
         assert all(isinstance(v, OrtDeviceTensor) for v in emb.features.values())
         for k in ref_emb.features:
             np.testing.assert_allclose(emb.features[k].to_host(), ref_emb.features[k], rtol=0, atol=1e-5)
         for multimask in (True, False):
-            ref, got = sam2rt_model.decode(ref_emb, _prompts(), multimask), bound.decode(emb, _prompts(), multimask)
+            ref, got = cpu_model.decode(ref_emb, _prompts(), multimask), bound.decode(emb, _prompts(), multimask)
             np.testing.assert_allclose(got.low_res_logits, ref.low_res_logits, rtol=0, atol=1e-5)
             np.testing.assert_allclose(got.scores, ref.scores, rtol=0, atol=1e-6)
-            _same_masks(got.masks, sam2rt_model, ref_emb, multimask)
+            _same_masks(got.masks, cpu_model, ref_emb, multimask)
         # a second image through the same fixed buffers, then back to the first: nothing mixes
         other = coffee[::-1].copy()
-        ref_other, emb_other = sam2rt_model.embed(other), bound.embed(other)
-        _same_masks(bound.decode(emb_other, _prompts()).masks, sam2rt_model, ref_other)
-        _same_masks(bound.decode(emb, _prompts()).masks, sam2rt_model, ref_emb)
+        ref_other, emb_other = cpu_model.embed(other), bound.embed(other)
+        _same_masks(bound.decode(emb_other, _prompts()).masks, cpu_model, ref_other)
+        _same_masks(bound.decode(emb, _prompts()).masks, cpu_model, ref_emb)
         # host features (a loaded embedding) and OrtValues made elsewhere decode the same
         host = emb.to_host()
         got = bound.decode(emb, _prompts())
@@ -400,7 +404,7 @@ def test_device_backend_on_the_cpu_provider_matches_the_cpu_backend(model_dir, s
         dev_emb = type(emb)(as_values, emb.original_size, emb.model_key, "cpu")
         np.testing.assert_array_equal(bound.decode(dev_emb, _prompts()).masks, got.masks)
         # the Predictor's outputs keep their dtypes and shapes
-        p, r = Predictor(bound), Predictor(sam2rt_model)
+        p, r = Predictor(bound), Predictor(cpu_model)
         p.set_image(coffee), r.set_image(coffee)
         for a, b in zip(p.predict(point_coords=np.array([[300, 200]]), point_labels=np.array([1])),
                         r.predict(point_coords=np.array([[300, 200]]), point_labels=np.array([1]))):

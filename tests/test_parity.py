@@ -88,6 +88,18 @@ def test_predict_matches_reference(predictors, image_name):
     # return_logits returns the upsampled logits themselves
     ref_l, ours_l = ref.predict(**kwargs, return_logits=True), ours.predict(**kwargs, return_logits=True)
     assert np.abs(ours_l[0] - ref_l[0]).max() <= LOGIT_TOL
+    # the low-level decode() of a box prompt on the same embedding equals the reference's predict() of that box
+    _decode_matches_reference_predict(ours.model, ours.embedding, ref, np.array([0.15 * w, 0.1 * h, 0.65 * w, 0.85 * h]))
+
+
+def _decode_matches_reference_predict(model, emb, ref, box: np.ndarray) -> None:
+    from sam2rt.runtime import Prompt
+
+    ref_masks, ref_scores, ref_logits = ref.predict(box=box, multimask_output=False)
+    out = model.decode(emb, Prompt(box=box), multimask_output=False)
+    assert np.abs(out.low_res_logits[0] - ref_logits).max() <= LOGIT_TOL
+    assert np.abs(out.scores[0] - ref_scores).max() <= SCORE_TOL
+    assert _mask_iou(out.masks[0].astype(np.float32), ref_masks).min() >= MIN_MASK_IOU
 
 
 def test_bgr_input_equals_rgb(predictors):
@@ -118,18 +130,3 @@ def test_decode_batch_equals_single_prompts(sam2rt_model):
         alone = sam2rt_model.decode(emb, p)
         np.testing.assert_allclose(together.low_res_logits[i], alone.low_res_logits[0], atol=1e-5)
         np.testing.assert_allclose(together.scores[i], alone.scores[0], atol=1e-6)
-
-
-def test_decode_matches_reference_predict(sam2rt_model, reference_predictor):
-    """The low-level decode() of a box prompt equals the reference's predict() of the same box."""
-    from sam2rt.runtime import Prompt
-
-    image = photo("coffee")
-    reference_predictor.set_image(image)
-    emb = sam2rt_model.embed(image)
-    box = np.array([100.0, 50.0, 400.0, 350.0])
-    ref_masks, ref_scores, ref_logits = reference_predictor.predict(box=box, multimask_output=False)
-    out = sam2rt_model.decode(emb, Prompt(box=box), multimask_output=False)
-    assert np.abs(out.low_res_logits[0] - ref_logits).max() <= LOGIT_TOL
-    assert np.abs(out.scores[0] - ref_scores).max() <= SCORE_TOL
-    assert _mask_iou(out.masks[0].astype(np.float32), ref_masks).min() >= MIN_MASK_IOU

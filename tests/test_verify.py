@@ -58,8 +58,12 @@ def test_verify_refuses_a_directory_exported_from_another_checkpoint(model_dir, 
     assert "exported from another checkpoint" in err and "re-export" in err
 
 
+@pytest.mark.slow
 def test_verify_finds_the_other_weights_in_the_numbers(model_dir, other_checkpoint, tmp_path, capsys):
-    """With the sha256 check waived, the comparison itself fails: the bounds catch different weights."""
+    """With the sha256 check waived, the comparison itself fails: the bounds catch different weights.
+
+    Slow: a second full verify (the PyTorch model and the export on a photo). The quick suite keeps the
+    passing verify, the refusal of another checkpoint, and test_bounds_are_checked_one_by_one."""
     rc, report = _verify(tmp_path, "--model-dir", str(model_dir), "--checkpoint", str(other_checkpoint),
                          "--images", ONE_PHOTO, "--backend", "onnxruntime-cpu", "--ignore-sha256")
     assert rc == 1 and not report["passed"]
