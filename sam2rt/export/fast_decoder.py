@@ -28,7 +28,7 @@ Per prompt, the image side is then nothing but large products and the unavoidabl
 5. **One prompt per run.** Every shape but the point count is a graph constant, so no shape arithmetic
    runs per prompt; a batch is decoded prompt by prompt (on the CPU, on parallel single-threaded
    sessions; see the ONNX Runtime backend). ONNX Runtime's SkipLayerNormalization and MatMul+Add->Gemm
-   fusions, which the static shapes would enable, are slower here and left out (FAST_DISABLED_OPTIMIZERS).
+   fusions, which the static shapes would enable, are slower on the CPU and left out (FAST_DISABLED_OPTIMIZERS).
 
 Token-side layers (self-attention, MLPs, IoU and hypernetwork heads) are the official modules' weights.
 The results equal the reference to float32 rounding (checked at export, and by tests/test_parity.py).
