@@ -222,7 +222,8 @@ def model_sizes(model_dir: Path, ref_info: dict[str, Any] | None) -> dict[str, A
     manifest = Manifest.load(model_dir)
     files = {}
     for role, g in manifest.data["graphs"].items():
-        files[g["file"]] = (model_dir / g["file"]).stat().st_size
+        if (model_dir / g["file"]).is_file():  # a lean export (--target) leaves some base graphs out
+            files[g["file"]] = (model_dir / g["file"]).stat().st_size
         for name, v in (g.get("variants") or {}).items():
             p = model_dir / v["file"]
             if p.is_file():

@@ -11,7 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+from ..graph_table import parse_targets
 from ..models import ACCEPTED_MODEL_NAMES, VERSIONS
+
+
+def _targets(text: str) -> tuple[str, ...]:
+    try:
+        return parse_targets(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,6 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="use seeded random weights (tests/benchmarks only; the manifest records it)",
     )
     p.add_argument("--out", type=Path, required=True, help="output model directory")
+    p.add_argument("--target", type=_targets, default=None, metavar="{cpu,cuda,tensorrt,all}",
+                   help="write only the graphs these backends run: cpu (onnxruntime-cpu), cuda (onnxruntime-cuda and "
+                        "-tensorrt), tensorrt (what `sam2rt build-engine` builds engines from), all, or several "
+                        "(cpu,tensorrt); the video graphs go with every target. Default: what the runtime installed "
+                        "here can use (cuda where onnxruntime has its CUDA provider, else cpu; tensorrt too where "
+                        "the tensorrt package imports)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--int8", action="store_true",
@@ -46,9 +60,13 @@ def run(args: argparse.Namespace) -> int:
     manifest = export_model(
         spec, args.out, checkpoint=args.checkpoint, random_seed=args.random_weights,
         opset=args.opset or DEFAULT_OPSET, progress=not args.quiet,
-        optimize=not args.no_optimize, int8=args.int8, fp16=not args.no_fp16,
+        optimize=not args.no_optimize, int8=args.int8, fp16=not args.no_fp16, targets=args.target,
     )
     worst = max(manifest.data["verification"]["max_abs_diff"].values())
+    written = manifest.data["export"]["written"]
+    size = sum((manifest.directory / f).stat().st_size for f in written) / 1e6
     print(f"exported {spec.model_id} to {args.out} in {time.perf_counter() - t0:.1f} s "
           f"(weights: {manifest.describe_weights()}; largest ONNX-vs-PyTorch difference {worst:.2g})")
+    print(f"--target {','.join(manifest.targets or ())}: {len(written)} graphs, {size:.0f} MB "
+          f"({', '.join(written)})")
     return 0
