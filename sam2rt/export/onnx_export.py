@@ -131,7 +131,7 @@ class ExportRun:
     opset: int
     image: torch.Tensor  # the sample image every encoder graph is exported with and checked on
     features: tuple[torch.Tensor, ...]  # the model's own forward_image path on `image`: the reference
-    modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # by GraphFile.key (and "reference")
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # the traced modules, by GraphFile.key
     graphs: dict[str, dict[str, Any]] = field(default_factory=dict)  # manifest entries by role
     diffs: dict[str, float] = field(default_factory=dict)  # largest ONNX Runtime vs PyTorch differences
     # ONNX Runtime's outputs of the last encoder graph checked (the fused one where it is made: the CPU's
