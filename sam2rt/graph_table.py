@@ -28,7 +28,9 @@ class GraphFile:
     role: the manifest's `graphs.<role>`; variant: None for the role's base graph, else the key under
     `graphs.<role>.variants`; made_from: the variant it is derived from (None: the base graph, or PyTorch for
     the files `sam2rt export` writes with torch.onnx); maker: "torch.onnx", "onnxruntime" (offline
-    optimisation), "fp16" (export.fp16), "int8" (onnxruntime.quantization); runs_on: the backends that load it.
+    optimisation), "fp16" (export.fp16), "int8" (onnxruntime.quantization); runs_on: the backends that load it
+    where the export made what they prefer (their slots fall back to other rows: CPU_SLOTS, DEVICE_SLOTS), which
+    is also what `sam2rt export --target` keeps (rows_for_targets).
     """
 
     role: str
