@@ -92,6 +92,8 @@ def test_bad_arguments():
     assert res.returncode == 2 and "not allowed with" in res.stderr
     res = sam2rt("export", "--model", "hiera_giant", "--out", "o")
     assert res.returncode == 2 and "invalid choice" in res.stderr
+    res = sam2rt("export", "--model", "hiera_tiny", "--out", "o", "--target", "gpu")
+    assert res.returncode == 2 and "unknown export target gpu; choose from cpu, cuda, tensorrt, all" in res.stderr
 
 
 def test_info_lists_backends():

@@ -183,7 +183,8 @@ def cpu_graph_entries(manifest: Manifest, precision: str = "fp32") -> dict[str, 
 
 
 def required_variant(manifest: Manifest, role: str, variant: str, fix: str) -> dict[str, Any]:
-    """A fresh, stored variant a precision needs (e.g. the INT8 or FP16 encoder), or ModelFileError saying how to make it."""
+    """A fresh, stored variant a precision needs (e.g. the INT8 or FP16 encoder), or GraphNotExportedError saying how
+    to make it."""
     entry = _fresh_variant(manifest, role, variant)
     if entry is None or not manifest.is_stored(entry):
         raise GraphNotExportedError(f"{manifest.directory} has no {variant.upper()} {role} (`{role}` variant `{variant}`); {fix}")
