@@ -197,7 +197,7 @@ def test_cpu_lean_copy_of_the_real_export(model_dir, sam2rt_model, tmp_path):
     emb, ref_emb = model.embed(image), sam2rt_model.embed(image)
     out, ref = model.decode(emb, prompts), sam2rt_model.decode(ref_emb, prompts)
     assert np.array_equal(out.masks, ref.masks) and np.array_equal(out.low_res_logits, ref.low_res_logits)
-    refine = [Prompt(points=np.array([[300.0, 200.0]]), labels=np.array([1]), mask=ref.low_res_logits[0, 0])]
+    refine = [Prompt(points=np.array([[300.0, 200.0]]), labels=np.array([1]), mask_input=ref.low_res_logits[0, 0])]
     assert np.array_equal(model.decode(emb, refine).low_res_logits, sam2rt_model.decode(ref_emb, refine).low_res_logits)
 
 
