@@ -15,6 +15,11 @@ class ManifestError(ModelFileError):
     """manifest.json is missing, malformed, or does not match the files beside it."""
 
 
+class GraphNotExportedError(ModelFileError):
+    """A graph a backend or tool needs was left out of a lean export (`sam2rt export --target`); the message names
+    the export command that writes it."""
+
+
 class CheckpointError(Sam2rtError):
     """A SAM 2 checkpoint could not be found, downloaded, read or loaded into the model."""
 

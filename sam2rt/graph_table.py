@@ -2,8 +2,9 @@
 
 `GRAPHS` lists every ONNX file an export writes: which manifest entry records it (`graphs.<role>` for a base
 graph, `graphs.<role>.variants.<variant>` for the others), what it is made from, its precision and what
-runs it. The exporter names its files from here, `export.optimize` derives its variants from here, and each
-backend chooses its graphs by slot from here (`CPU_SLOTS`, `DEVICE_SLOTS`), so a new graph is one row.
+runs it. The exporter names its files from here, `export.optimize` derives its variants from here, each
+backend chooses its graphs by slot from here (`CPU_SLOTS`, `DEVICE_SLOTS`), and `sam2rt export --target`
+keeps the rows its targets run (`TARGETS`, `rows_for_targets`), so a new graph is one row.
 TensorRT engines are not in the table: `sam2rt build-engine` makes them on the GPU that runs them
 (runtime/engines.py names them and records them under the manifest's `engines`).
 
@@ -15,7 +16,7 @@ them with `Profile.to_dict()`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 CPU, CUDA, TENSORRT = "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"
 
@@ -27,7 +28,9 @@ class GraphFile:
     role: the manifest's `graphs.<role>`; variant: None for the role's base graph, else the key under
     `graphs.<role>.variants`; made_from: the variant it is derived from (None: the base graph, or PyTorch for
     the files `sam2rt export` writes with torch.onnx); maker: "torch.onnx", "onnxruntime" (offline
-    optimisation), "fp16" (export.fp16), "int8" (onnxruntime.quantization); runs_on: the backends that load it.
+    optimisation), "fp16" (export.fp16), "int8" (onnxruntime.quantization); runs_on: the backends that load it
+    where the export made what they prefer (their slots fall back to other rows: CPU_SLOTS, DEVICE_SLOTS), which
+    is also what `sam2rt export --target` keeps (rows_for_targets).
     """
 
     role: str
@@ -56,7 +59,7 @@ GRAPHS: tuple[GraphFile, ...] = (
               "onnxruntime-cuda:fp16: FP16 weights and activations, LayerNorm in FP32 (reduced precision)"),
     GraphFile("encoder", "int8", "encoder.int8.onnx", "int8", "int8", None, (CPU,),
               "onnxruntime-cpu:int8: dynamically quantised MatMul weights (reduced precision, opt-in)", optional=True),
-    GraphFile("decoder", None, "decoder.onnx", "fp32", "torch.onnx", None, (CPU, CUDA, TENSORRT),
+    GraphFile("decoder", None, "decoder.onnx", "fp32", "torch.onnx", None, (CUDA, TENSORRT),
               "features + prompts (+ mask_input) -> four tokens' low-res logits and IoU; B and N dynamic"),
     GraphFile("decoder", "optimized", "decoder.opt.onnx", "fp32", "onnxruntime", None, (CPU,),
               "decoder.onnx after ONNX Runtime's offline optimisations"),
@@ -72,14 +75,15 @@ GRAPHS: tuple[GraphFile, ...] = (
               "one plain prompt of <= 10 points over decoder_prep's tensors (decoder_nomask's function, rewritten)"),
     GraphFile("decoder", "fast_optimized", "decoder_fast.opt.onnx", "fp32", "onnxruntime", "fast", (CPU,),
               "decoder_fast after ONNX Runtime's offline optimisations (less the fusions it records)"),
-    # video tracking (sam2rt.export.video_export; the VideoTracker runs them on ONNX Runtime)
-    GraphFile("memory_encoder", None, "memory_encoder.onnx", "fp32", "torch.onnx", None, (CPU, CUDA),
+    # video tracking (sam2rt.export.video_export): the VideoTracker runs them on ONNX Runtime beside every image
+    # backend (beside tensorrt on ONNX Runtime's CUDA provider), so they go with every export target
+    GraphFile("memory_encoder", None, "memory_encoder.onnx", "fp32", "torch.onnx", None, (CPU, CUDA, TENSORRT),
               "a frame's features + its mask -> the memory features and positional encoding it stores"),
-    GraphFile("memory_attention", None, "memory_attention.onnx", "fp32", "torch.onnx", None, (CPU, CUDA),
+    GraphFile("memory_attention", None, "memory_attention.onnx", "fp32", "torch.onnx", None, (CPU, CUDA, TENSORRT),
               "the current frame's features attend to the memory bank (static slots with validity masks)"),
-    GraphFile("track_decoder", None, "track_decoder.onnx", "fp32", "torch.onnx", None, (CPU, CUDA),
+    GraphFile("track_decoder", None, "track_decoder.onnx", "fp32", "torch.onnx", None, (CPU, CUDA, TENSORRT),
               "the mask decoder's tracking path: masks, object score, occlusion-aware object pointers"),
-    GraphFile("mask_downsample", None, "mask_downsample.onnx", "fp32", "torch.onnx", None, (CPU, CUDA),
+    GraphFile("mask_downsample", None, "mask_downsample.onnx", "fp32", "torch.onnx", None, (CPU, CUDA, TENSORRT),
               "a mask prompt brought to the decoder's low-res mask input"),
 )
 
@@ -90,6 +94,20 @@ def graph_file(role: str, variant: str | None = None) -> GraphFile:
         if g.role == role and g.variant == variant:
             return g
     raise KeyError(f"{role}.{variant}")
+
+
+def row(key: str) -> GraphFile:
+    """The row of a GraphFile.key ("encoder", "decoder.fast", ...)."""
+    role, _, variant = key.partition(".")
+    return graph_file(role, variant or None)
+
+
+def source_of(g: GraphFile) -> GraphFile | None:
+    """The row `g` is made from: its `made_from` variant, or the role's base graph for the other variants (those
+    exported with torch record the base graph's sha256 as what they were exported with); None for a base graph."""
+    if g.variant is None:
+        return None
+    return graph_file(g.role, g.made_from)
 
 
 def optimized_variants() -> Iterable[GraphFile]:
@@ -114,6 +132,70 @@ DEVICE_SLOTS: dict[str, tuple[str, tuple[str | None, ...]]] = {
     "decoder_prep": ("decoder", ("prep",)),
     "decoder_fast": ("decoder", ("fast",)),
 }
+
+
+# --- export targets ----------------------------------------------------------------------------------
+# `sam2rt export --target T` writes the graphs the backends of T run. A directory exported for some targets
+# runs on the backends that accept one of them (BACKEND_TARGETS); exports made before targets existed hold
+# every graph and run everywhere. onnxruntime-cpu also accepts a `cuda` export: its slots fall back to the
+# graphs before ONNX Runtime's offline optimisation (same function; ONNX Runtime optimises them at load).
+# A `tensorrt` export holds the standard-ONNX encoder that TensorRT builds engines from, which the CPU would
+# run slower than the fused one: onnxruntime-cpu refuses it and says which export to make.
+TARGETS: dict[str, tuple[str, ...]] = {"cpu": (CPU,), "cuda": (CUDA,), "tensorrt": (TENSORRT,)}
+ORT_TENSORRT = "onnxruntime-tensorrt"
+BACKEND_TARGETS: dict[str, tuple[str, ...]] = {
+    CPU: ("cpu", "cuda"),
+    CUDA: ("cuda",),
+    ORT_TENSORRT: ("cuda", "tensorrt"),  # the device slots: the fused encoder, else the standard one
+    TENSORRT: ("tensorrt",),  # engines, built by `sam2rt build-engine` from encoder.onnx + decoder.onnx
+}
+BACKEND_SLOTS: dict[str, dict[str, tuple[str, tuple[str | None, ...]]]] = {CPU: CPU_SLOTS, CUDA: DEVICE_SLOTS}
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """"cpu", "cpu,tensorrt" or "all" -> the targets in table order (ValueError naming the choices)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if "all" in names:
+        return tuple(TARGETS)
+    unknown = [t for t in names if t not in TARGETS]
+    if unknown or not names:
+        raise ValueError(f"unknown export target {', '.join(unknown) or repr(text)}; choose from "
+                         f"{', '.join(TARGETS)}, all (or several: cpu,tensorrt)")
+    return tuple(t for t in TARGETS if t in names)
+
+
+def rows_for_targets(targets: Iterable[str], made: Callable[[GraphFile], bool]) -> tuple[GraphFile, ...]:
+    """The rows an export for `targets` keeps, given which rows it makes at all (`made`: e.g. no `onnxruntime`
+    rows with --no-optimize): every made row a target's backend runs, and for each slot of that backend the first
+    of its preferences that is made (so --no-optimize keeps the graphs the optimised copies would be made from)."""
+    keep: set[str] = set()
+    for target in targets:
+        for backend in TARGETS[target]:
+            keep.update(g.key for g in GRAPHS if backend in g.runs_on and made(g))
+            for role, preferences in BACKEND_SLOTS.get(backend, {}).values():
+                first = next((graph_file(role, v) for v in preferences if made(graph_file(role, v))), None)
+                if first is not None:
+                    keep.add(first.key)
+    return tuple(g for g in GRAPHS if g.key in keep)
+
+
+def rows_to_make(keep: Iterable[GraphFile]) -> tuple[GraphFile, ...]:
+    """`keep`, what it is made from (recursively) and the base graph of each of its roles (the manifest's
+    `graphs.<role>`, whose sha256 identifies the export and which every variant records), in table order."""
+    keep = tuple(keep)
+    keys = {g.key for g in keep} | {graph_file(g.role).key for g in keep}
+    todo = [row(k) for k in keys]
+    while todo:
+        src = source_of(todo.pop())
+        if src is not None and src.key not in keys:
+            keys.add(src.key)
+            todo.append(src)
+    return tuple(g for g in GRAPHS if g.key in keys)
+
+
+def targets_writing(g: GraphFile) -> tuple[str, ...]:
+    """The export targets whose backends run row `g`: the `--target` that writes it."""
+    return tuple(t for t, backends in TARGETS.items() if set(backends) & set(g.runs_on))
 
 
 # --- shape profiles ----------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ManifestError, ModelFileError
+from .errors import GraphNotExportedError, ManifestError, ModelFileError
+from .graph_table import BACKEND_TARGETS, GRAPHS, TARGETS, targets_writing
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -115,10 +116,68 @@ class Manifest:
         """The entry of graph variant `name` of `role` (graphs.<role>.variants.<name>), or None."""
         return (self.graph(role).get("variants") or {}).get(name)
 
+    def entry(self, role: str, variant: str | None = None) -> dict[str, Any] | None:
+        """The entry of a graph_table row: graphs.<role> (variant None) or one of its variants; None if absent."""
+        base = self.data["graphs"].get(role)
+        if base is None or variant is None:
+            return base
+        return (base.get("variants") or {}).get(variant)
+
+    # --- lean exports (`sam2rt export --target`) ---------------------------------------------------
+    @property
+    def targets(self) -> tuple[str, ...] | None:
+        """The export targets this directory was written for; None for exports made before targets (every graph)."""
+        targets = (self.data.get("export") or {}).get("targets")
+        return None if targets is None else tuple(targets)
+
+    @staticmethod
+    def is_stored(entry: dict[str, Any]) -> bool:
+        """Whether an entry's file is in the directory: a lean export records the graphs it made and then left out
+        (e.g. encoder.fused.onnx, made for encoder.opt.onnx) with `"stored": false`."""
+        return entry.get("stored", True) is not False
+
+    def export_command(self, targets: tuple[str, ...] | list[str]) -> str:
+        """The `sam2rt export` command that rewrites this directory for `targets`, from the same weights."""
+        model, weights = self.data["model"], self.data["model"]["weights"]
+        cmd = f"sam2rt export --model {model['name']}"
+        if str(model.get("version", "2.1")) != "2.1":
+            cmd += f" --version {model['version']}"
+        if weights.get("checkpoint"):
+            cmd += f" --checkpoint {weights['checkpoint']}"
+        elif weights.get("random"):
+            cmd += f" --random-weights {weights.get('seed')}"
+        return f"{cmd} --target {','.join(targets)} --out {self.directory}"
+
+    def left_out_error(self, file: str) -> GraphNotExportedError:
+        """The error for a graph file of the table that this lean export does not store, naming the export that does."""
+        rows = [g for g in GRAPHS if g.file == file]
+        targets = targets_writing(rows[0]) if rows else tuple(TARGETS)
+        have = self.targets or ()
+        wanted = tuple(t for t in TARGETS if t in have or t == targets[0])
+        return GraphNotExportedError(
+            f"{self.directory / file} is not in this export: {self.directory} was exported with --target "
+            f"{','.join(have)}, which leaves it out ({file} is written for --target {' or '.join(targets)}); "
+            f"export again with `{self.export_command(wanted)}` (or --target all)"
+        )
+
+    def require_backend(self, backend: str) -> None:
+        """GraphNotExportedError naming the fix when this directory was exported for targets `backend` does not run."""
+        have, accepted = self.targets, BACKEND_TARGETS.get(backend.split(":")[0])
+        if have is None or accepted is None or set(have) & set(accepted):
+            return
+        wanted = tuple(t for t in TARGETS if t in have or t == accepted[0])
+        raise GraphNotExportedError(
+            f"{self.directory} was exported with --target {','.join(have)}, whose graphs {backend} does not run "
+            f"(it runs --target {' or '.join(accepted)}); export them with `{self.export_command(wanted)}` "
+            "(or --target all)"
+        )
+
     # --- checks ----------------------------------------------------------------------
     def verify_file(self, entry: dict[str, Any]) -> Path:
         """Check that the file of a graph or variant entry exists and matches its sha256; return its path."""
         path = self.directory / entry["file"]
+        if not self.is_stored(entry):
+            raise self.left_out_error(entry["file"])
         if not path.is_file():
             raise ModelFileError(f"{path} is missing; re-run `sam2rt export` into {self.directory}")
         expected = entry.get("sha256")
@@ -133,3 +192,10 @@ class Manifest:
     def verify_graph(self, role: str) -> Path:
         """Check that a graph file exists and its sha256 matches the manifest; return its path."""
         return self.verify_file(self.graph(role))
+
+    def verify_stored_graphs(self, roles: tuple[str, ...] = ("encoder", "decoder")) -> None:
+        """Check the base graphs of `roles` that this export stores (a lean export's others are left out on
+        purpose: the backend that would need one says so)."""
+        for role in roles:
+            if self.is_stored(self.graph(role)):
+                self.verify_graph(role)

@@ -32,7 +32,7 @@ class _PromptAction(argparse.Action):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import _parse_box, _parse_point
+    from .cli import parse_box as _parse_box, parse_point as _parse_point
 
     p.add_argument("--model-dir", type=Path, required=True)
     p.add_argument("--video", required=True, help="a video file, or a camera index (0, 1, ...)")

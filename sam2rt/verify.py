@@ -180,7 +180,8 @@ def backends_to_check(manifest, backend: str) -> list[str]:
     if name == "auto":
         name = create_backend(manifest, "auto").name
     if name == "onnxruntime-cpu":
-        return ["onnxruntime-cpu"] + (["onnxruntime-cpu:int8"] if manifest.variant("encoder", "int8") else [])
+        int8 = manifest.variant("encoder", "int8")
+        return ["onnxruntime-cpu"] + (["onnxruntime-cpu:int8"] if int8 and manifest.is_stored(int8) else [])
     if name == "tensorrt":
         return [f"tensorrt:{p}" for p in engine_entries(manifest)] or ["tensorrt"]
     return [name]
@@ -289,8 +290,7 @@ def verify(
         return report
     loaded = {f.name if f.parent == PHOTOS_DIR else str(f): read_image(f) for f in files}
     report["images"] = [{"image": k, "size": [int(v.shape[1]), int(v.shape[0])]} for k, v in loaded.items()]
-    for role in ("encoder", "decoder"):
-        manifest.verify_graph(role)
+    manifest.verify_stored_graphs()
     names = backends_to_check(manifest, backend)
     log(f"building the reference (SAM2ImagePredictor) from {checkpoint}")
     ref, _ = build_reference(manifest, checkpoint, threads)

@@ -40,14 +40,15 @@ def checkpoint_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def model_dir(checkpoint_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """hiera_tiny exported from checkpoint_path by `sam2rt export` (in this process; what it printed is saved
-    beside the directory for tests/test_cli.py): the session's one real export."""
+    """hiera_tiny exported from checkpoint_path by `sam2rt export --target all` (in this process; what it printed
+    is saved beside the directory for tests/test_cli.py): the session's one real export, with every graph."""
     from sam2rt.cli import main
 
     out = tmp_path_factory.mktemp("model") / MODEL_NAME
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        rc = main(["export", "--model", MODEL_NAME, "--checkpoint", str(checkpoint_path), "--out", str(out), "--quiet"])
+        rc = main(["export", "--model", MODEL_NAME, "--checkpoint", str(checkpoint_path), "--out", str(out),
+                   "--target", "all", "--quiet"])
     (out.parent / "export_stdout.txt").write_text(stdout.getvalue())
     (out.parent / "export_stderr.txt").write_text(stderr.getvalue())
     assert rc == 0, stderr.getvalue()

@@ -92,6 +92,8 @@ def test_bad_arguments():
     assert res.returncode == 2 and "not allowed with" in res.stderr
     res = sam2rt("export", "--model", "hiera_giant", "--out", "o")
     assert res.returncode == 2 and "invalid choice" in res.stderr
+    res = sam2rt("export", "--model", "hiera_tiny", "--out", "o", "--target", "gpu")
+    assert res.returncode == 2 and "unknown export target gpu; choose from cpu, cuda, tensorrt, all" in res.stderr
 
 
 def test_info_lists_backends():
@@ -112,8 +114,11 @@ def test_export_offline_fails_clearly(tmp_path):
 def test_session_export_ran_through_the_cli(model_dir, checkpoint_path):
     """The session's model directory was made by `sam2rt export --checkpoint` (conftest): what it printed."""
     out, err = (model_dir.parent / "export_stdout.txt").read_text(), (model_dir.parent / "export_stderr.txt").read_text()
-    assert out.startswith("exported sam2.1_hiera_tiny to ") and f"checkpoint {checkpoint_path}" in out
-    assert "largest ONNX-vs-PyTorch difference" in out and "RANDOM" not in out + err
+    assert out.startswith("exported sam2.1_hiera_tiny to ") and "largest ONNX-vs-PyTorch difference" in out
+    # conftest's checkpoint carries the record of its random weights (export.checkpoint.random_checkpoint): the
+    # export says RANDOM, and no warning about --random-weights was printed
+    assert "weights: RANDOM weights (seed 1234)" in out and "WARNING" not in err
+    assert "--target cpu,cuda,tensorrt: 16 graphs" in out
 
 
 @pytest.mark.slow
@@ -137,3 +142,33 @@ def test_hiera_b_plus_is_accepted_as_a_model_name():
     for name in ("hiera_b_plus", "hiera_base_plus"):
         args = build_parser().parse_args(["export", "--model", name, "--out", "o"])
         assert get_spec(args.model).name == "hiera_base_plus" and get_spec(args.model).serve_id == "hiera_b_plus"
+
+
+def test_every_command_is_one_module_imported_only_when_named(monkeypatch):
+    """One table of commands; `sam2rt --help` imports none of their modules, naming one imports only it."""
+    import importlib
+    import sys as _sys
+
+    from sam2rt import cli
+
+    for name, (module, _) in cli.COMMANDS.items():
+        mod = importlib.import_module(module)
+        assert callable(mod.add_arguments) and callable(mod.run), name
+    code = ("import sys; from sam2rt.cli import build_parser, COMMANDS; build_parser(['--help']); "
+            "print(sorted(m for m, _ in COMMANDS.values() if m in sys.modules))")
+    res = subprocess.run([_sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
+    code = ("import sys; from sam2rt.cli import build_parser, COMMANDS; build_parser(['info', '--json']); "
+            "print(sorted(m for m, _ in COMMANDS.values() if m in sys.modules))")
+    res = subprocess.run([_sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.stdout.strip() == "['sam2rt.info_cli']", res.stdout + res.stderr
+
+
+def test_a_command_whose_module_is_missing_fails_clearly(monkeypatch, capsys):
+    from sam2rt import cli
+
+    monkeypatch.setitem(cli.COMMANDS, "ghost", ("sam2rt.no_such_module", "a command whose extra is not installed"))
+    assert "ghost" in cli.build_parser(["--help"]).format_help()
+    assert cli.main(["ghost", "--any", "thing"]) == 2
+    err = capsys.readouterr().err
+    assert "`sam2rt ghost` is not available: module sam2rt.no_such_module is missing" in err and "Traceback" not in err

@@ -198,3 +198,45 @@ def test_load_checkpoint_reports_a_random_weights_record(tmp_path):
     assert load_checkpoint(other, tmp_path / "trained.pt") is None
     assert torch.equal(other.weight, layer.weight)
     assert load_checkpoint(torch.nn.Linear(3, 2), tmp_path / "random.pt") == {"seed": 5, "object_score_bias": 0.0}
+
+
+def test_every_exported_image_graph_is_one_specification():
+    """export_model's specifications are the table's torch.onnx image rows, in the table's order (a base graph
+    before its variants); the video rows are video_export's."""
+    from sam2rt.export.onnx_export import IMAGE_GRAPH_SPECS
+    from sam2rt.graph_table import GRAPHS
+    from sam2rt.runtime.video.graphs import VIDEO_ROLES
+
+    assert [s.key for s in IMAGE_GRAPH_SPECS] == [g.key for g in GRAPHS if g.maker == "torch.onnx" and g.role not in VIDEO_ROLES]
+
+
+def test_graph_chain_exports_checks_verifies_and_records(tmp_path):
+    """One specification through export -> onnx.checker -> verify -> manifest entry, on a toy module; a failing
+    verification stops the chain before anything is recorded."""
+    from sam2rt.export import onnx_export as ox
+
+    class Double(torch.nn.Module):
+        def forward(self, image):
+            return image * 2
+
+    def verify(run, session):
+        got = session.run(None, {"image": run.image.numpy()})[0]
+        return {"toy": ox._check_close("toy", got, (run.image * 2).numpy(), 1e-6)}
+
+    run = ox.ExportRun(None, tmp_path, 17, torch.ones(1, 3, 4, 4), ())
+    run.graphs["encoder"] = {"file": "encoder.onnx", "sha256": "a" * 64}
+    spec = ox.GraphSpec("encoder.fused", lambda r: Double(), lambda r: (r.image,), ["image"], ["doubled"], verify,
+                        dynamic_axes={"image": {0: "batch"}}, record={"note": "toy"})
+    entry = ox.make_graph(spec, run)
+    assert run.graphs["encoder"]["variants"]["fused"] is entry and run.diffs == {"toy": 0.0}
+    assert entry["file"] == "encoder.fused.onnx" and entry["sha256"] == sha256_file(tmp_path / "encoder.fused.onnx")
+    assert entry["derived_from_sha256"] == "a" * 64 and entry["note"] == "toy" and entry["precision"] == "fp32"
+    assert entry["inputs"][0]["shape"][0] == "batch" and entry["outputs"][0]["name"] == "doubled"
+
+    def wrong(run, session):
+        return {"toy": ox._check_close("toy", session.run(None, {"image": run.image.numpy()})[0], run.image.numpy(), 1e-6)}
+
+    run.graphs["encoder"].pop("variants")
+    with pytest.raises(ExportError, match="toy: ONNX Runtime and PyTorch disagree"):
+        ox.make_graph(ox.GraphSpec("encoder.fused", lambda r: Double(), lambda r: (r.image,), ["image"], ["doubled"], wrong), run)
+    assert "variants" not in run.graphs["encoder"]

@@ -542,3 +542,19 @@ def test_int8_build_calibrates_with_runtime_preprocessing(model_dir, tmp_path, m
     assert entry["encoder"]["precision"] == "int8" and entry["encoder"]["calibration"]["images"] == 2
     assert entry["encoder"]["fp32_layers"] == sorted(pinned, key=[l.name for l in layers].index)
     assert entry["decoder"]["precision"] == "fp16"
+
+
+def test_engines_run_only_from_a_tensorrt_export(emulated):
+    """A directory exported for --target tensorrt loads its engines; one exported for cpu only is refused with the
+    export that fixes it (its engines could not have come from its graphs)."""
+    from sam2rt.errors import GraphNotExportedError
+    from sam2rt.runtime import Sam2Model
+
+    m = Manifest.load(emulated.dir)
+    m.data["export"] = {"targets": ["tensorrt"]}
+    m.save()
+    assert Sam2Model.from_dir(emulated.dir, backend="tensorrt").backend_name == "tensorrt"
+    m.data["export"] = {"targets": ["cpu"]}
+    m.save()
+    with pytest.raises(GraphNotExportedError, match="--target cpu,tensorrt"):
+        Sam2Model.from_dir(emulated.dir, backend="tensorrt")

@@ -231,7 +231,8 @@ def model_sizes(model_dir: Path, ref_info: dict[str, Any] | None) -> dict[str, A
     manifest = Manifest.load(model_dir)
     files = {}
     for g in manifest.data["graphs"].values():
-        files[g["file"]] = (model_dir / g["file"]).stat().st_size
+        if (model_dir / g["file"]).is_file():  # a lean export (--target) leaves some base graphs out
+            files[g["file"]] = (model_dir / g["file"]).stat().st_size
         for v in (g.get("variants") or {}).values():
             p = model_dir / v["file"]
             if p.is_file():

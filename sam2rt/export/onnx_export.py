@@ -1,4 +1,14 @@
-"""`sam2rt export`: SAM 2 checkpoint -> encoder.onnx + decoder.onnx + manifest.json, checked against PyTorch."""
+"""`sam2rt export`: a SAM 2 checkpoint -> the ONNX graphs of a model directory + manifest.json, each checked against PyTorch.
+
+Each image graph is one `GraphSpec` (keyed by its graph_table row: file name, role, variant, precision and
+use come from the table) run through one chain, the way Polygraphy composes loaders:
+
+    export (torch.onnx) -> onnx.checker -> verify (ONNX Runtime against the PyTorch module) -> manifest entry
+
+then the video graphs (video_export), the manifest, the variants ONNX Runtime and the FP16/INT8 converters
+make from them (export.optimize), and last the lean step (export.targets): the export makes what its
+`--target`s run and what that is made from, and keeps only the former.
+"""
 
 from __future__ import annotations
 
@@ -6,36 +16,39 @@ import datetime as _dt
 import platform
 import shutil
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import ExportError
-from ..graph_table import graph_file
-from ..manifest import DECODER_FILE, ENCODER_FILE, FORMAT_VERSION, Manifest, sha256_file
+from ..graph_table import GraphFile, parse_targets, rows_for_targets, rows_to_make
+from ..graph_table import row as table_row
+from ..manifest import FORMAT_VERSION, Manifest, sha256_file
 from ..models import IMAGE_SIZE, LOW_RES_SIZE, MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD, ModelSpec
 from .checkpoint import build_model, download_checkpoint, load_checkpoint
+from .fast_decoder import (
+    FAST_DISABLED_OPTIMIZERS, FAST_INPUTS, FAST_MAX_POINTS, PREP_INPUTS, PREP_OUTPUTS, DecoderPrepGraph, FastDecoderGraph,
+)
 from .graphs import (
     DECODER_INPUTS,
     DECODER_NOMASK_INPUTS,
     DECODER_OUTPUTS,
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
+    MHA_DOMAIN,
     ImageEncoderGraph,
     PromptDecoderGraph,
     PromptDecoderNoMaskGraph,
-    MHA_DOMAIN,
     chunked_encoder_attention,
     fused_encoder_attention,
 )
-from .fast_decoder import (
-    FAST_DISABLED_OPTIMIZERS, FAST_INPUTS, FAST_MAX_POINTS, PREP_INPUTS, PREP_OUTPUTS, DecoderPrepGraph, FastDecoderGraph,
-)
 from .optimize import add_variants
+from .targets import default_targets, keep_only, made_by
 from .video_export import export_video_graphs
 
 DEFAULT_OPSET = 17
@@ -43,12 +56,8 @@ DEFAULT_OPSET = 17
 ENCODER_TOLERANCE = 1e-3
 DECODER_LOGIT_TOLERANCE = 1e-3
 DECODER_IOU_TOLERANCE = 1e-4
-
-# File names come from the table of what a model directory holds (sam2rt.graph_table).
-DECODER_NOMASK_FILE = graph_file("decoder", "nomask").file
-DECODER_PREP_FILE = graph_file("decoder", "prep").file
-DECODER_FAST_FILE = graph_file("decoder", "fast").file
-ENCODER_FUSED_FILE = graph_file("encoder", "fused").file
+# (prompts, points) at which every decoder graph is run against PyTorch; the last is the fast decoder's limit.
+DECODER_CASES = ((1, 2), (3, 5), (2, FAST_MAX_POINTS))
 
 DYNAMIC_AXES = {
     "point_coords": {0: "num_prompts", 1: "num_points"},
@@ -70,10 +79,10 @@ def _version(dist: str) -> str | None:
 class _Steps:
     """Progress over the export's named steps (a tqdm bar on stderr)."""
 
-    def __init__(self, names: list[str], enabled: bool) -> None:
+    def __init__(self, count: int, enabled: bool) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=len(names), desc="export", unit="step", disable=not enabled, leave=True)
+        self.bar = tqdm(total=count, desc="export", unit="step", disable=not enabled, leave=True)
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
@@ -86,7 +95,7 @@ class _Steps:
         self.bar.close()
 
 
-def _sample_decoder_inputs(feats: tuple[torch.Tensor, ...], batch: int, points: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def _sample_decoder_inputs(feats: Sequence[torch.Tensor], batch: int, points: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     coords = torch.rand(batch, points, 2, generator=g) * IMAGE_SIZE
     labels = torch.randint(0, 4, (batch, points), generator=g).float()
@@ -112,6 +121,229 @@ def _check_close(name: str, ours: np.ndarray, ref: np.ndarray, tol: float) -> fl
     return diff
 
 
+# --- what the specifications share ------------------------------------------------------------------
+@dataclass
+class ExportRun:
+    """One export's model, reference tensors and results, shared by the graph specifications in order."""
+
+    model: torch.nn.Module
+    out: Path
+    opset: int
+    image: torch.Tensor  # the sample image every encoder graph is exported with and checked on
+    features: tuple[torch.Tensor, ...]  # the model's own forward_image path on `image`: the reference
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # the traced modules, by GraphFile.key
+    graphs: dict[str, dict[str, Any]] = field(default_factory=dict)  # manifest entries by role
+    diffs: dict[str, float] = field(default_factory=dict)  # largest ONNX Runtime vs PyTorch differences
+    # ONNX Runtime's outputs of the last encoder graph checked (the fused one where it is made: the CPU's
+    # encoder), and decoder_prep's on them: the fast decoder is checked on them, as the runtime runs it
+    onnx_features: list[np.ndarray] | None = None
+    prepared: dict[str, np.ndarray] | None = None
+
+    def module(self, key: str, make: Callable[[torch.nn.Module], torch.nn.Module]) -> torch.nn.Module:
+        """The torch module for `key`, made (in eval mode) on first use."""
+        if key not in self.modules:
+            self.modules[key] = make(self.model).eval()
+        return self.modules[key]
+
+    @property
+    def reference_decoder(self) -> torch.nn.Module:
+        """The prompt encoder + mask decoder every decoder graph is checked against (with has_mask_input = 0 for
+        the mask-free ones)."""
+        return self.module("decoder", PromptDecoderGraph)
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """How `sam2rt export` makes one torch.onnx row of graph_table (`key` = GraphFile.key).
+
+    module / sample: the torch module and the sample inputs it is traced with; input_names, output_names,
+    dynamic_axes, custom_opsets: as torch.onnx.export takes them; context: a context manager active while tracing
+    (how attention is traced); verify: runs the graph's ONNX Runtime session against PyTorch and returns
+    {name: largest difference} (ExportError beyond tolerance); record: extra fields of its manifest entry.
+    """
+
+    key: str
+    module: Callable[[ExportRun], torch.nn.Module]
+    sample: Callable[[ExportRun], tuple[torch.Tensor, ...]]
+    input_names: Sequence[str]
+    output_names: Sequence[str]
+    verify: Callable[[ExportRun, Any], dict[str, float]]
+    dynamic_axes: dict[str, dict[int, str]] | None = None
+    custom_opsets: dict[str, int] | None = None
+    context: Callable[[], ContextManager[Any]] = nullcontext
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def row(self) -> GraphFile:
+        return table_row(self.key)
+
+
+# --- verification against PyTorch ------------------------------------------------------------------------
+def _verify_encoder(label: str) -> Callable[[ExportRun, Any], dict[str, float]]:
+    def verify(run: ExportRun, session) -> dict[str, float]:
+        outputs = session.run(ENCODER_OUTPUTS, {"image": run.image.numpy()})
+        run.onnx_features = outputs
+        return {f"{label}.{n}": _check_close(f"{label} output {n}", o, t.numpy(), ENCODER_TOLERANCE)
+                for n, o, t in zip(ENCODER_OUTPUTS, outputs, run.features)}
+    return verify
+
+
+def _compare(label: str, case: tuple[int, int], got: Sequence[np.ndarray], ref: Sequence[torch.Tensor]) -> dict[str, float]:
+    """A decoder graph's (low_res_masks, iou_predictions) against PyTorch's, named as the manifest records them."""
+    b, n = case
+    return {
+        f"{label}.low_res_masks[B={b},N={n}]": _check_close(f"{label} low_res_masks", got[0], ref[0].numpy(), DECODER_LOGIT_TOLERANCE),
+        f"{label}.iou_predictions[B={b},N={n}]": _check_close(f"{label} iou_predictions", got[1], ref[1].numpy(), DECODER_IOU_TOLERANCE),
+    }
+
+
+def _cases(run: ExportRun) -> Iterator[tuple[tuple[int, int], tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
+    """Each DECODER_CASES shape with its sample inputs, and the same inputs without a mask (has_mask_input = 0)."""
+    for batch, points in DECODER_CASES:
+        inputs = _sample_decoder_inputs(run.features, batch, points, seed=batch)
+        yield (batch, points), inputs, (*inputs[:6], torch.zeros_like(inputs[6]))
+
+
+def _numpy(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    return [t.numpy() for t in tensors]
+
+
+def _verify_decoder(run: ExportRun, session) -> dict[str, float]:
+    diffs = {}
+    for case, inputs, _ in _cases(run):
+        with torch.no_grad():
+            ref = run.reference_decoder(*inputs)
+        diffs.update(_compare("decoder", case, session.run(DECODER_OUTPUTS, dict(zip(DECODER_INPUTS, _numpy(inputs)))), ref))
+    return diffs
+
+
+def _verify_nomask(run: ExportRun, session) -> dict[str, float]:
+    """The mask-free decoder against the full decoder's torch module with has_mask_input = 0."""
+    diffs = {}
+    for case, inputs, no_mask in _cases(run):
+        with torch.no_grad():
+            ref = run.reference_decoder(*no_mask)
+        got = session.run(DECODER_OUTPUTS, dict(zip(DECODER_NOMASK_INPUTS, _numpy(inputs[:5]))))
+        diffs.update(_compare("decoder_nomask", case, got, ref))
+    return diffs
+
+
+def _verify_prep(run: ExportRun, session) -> dict[str, float]:
+    """decoder_prep is checked through decoder_fast, which runs on its outputs: here they are computed (from
+    ONNX Runtime's encoder outputs, as in the runtime)."""
+    run.prepared = dict(zip(PREP_OUTPUTS, session.run(PREP_OUTPUTS, dict(zip(PREP_INPUTS, run.onnx_features)))))
+    return {}
+
+
+def _verify_fast(run: ExportRun, session) -> dict[str, float]:
+    """The fast decoder, one prompt per run over decoder_prep's outputs, against the full decoder's torch module
+    with has_mask_input = 0 on the same (ONNX Runtime) encoder outputs."""
+    if run.prepared is None:
+        raise ExportError("decoder_fast is checked on decoder_prep's outputs: its specification must come first")
+    diffs = {}
+    for case, inputs, no_mask in _cases(run):
+        with torch.no_grad():
+            ref = run.reference_decoder(*(torch.from_numpy(f) for f in run.onnx_features), *no_mask[3:])
+        runs = [session.run(DECODER_OUTPUTS, {**run.prepared, "point_coords": inputs[3][i : i + 1].numpy(),
+                                              "point_labels": inputs[4][i : i + 1].numpy()})
+                for i in range(case[0])]
+        diffs.update(_compare("decoder_fast", case, [np.concatenate(parts) for parts in zip(*runs)], ref))
+    return diffs
+
+
+def _folded_encoder(run: ExportRun) -> torch.nn.Module:
+    """The encoder with its neck convolutions folded: what both encoder graphs are traced from."""
+    return run.module("encoder", lambda model: ImageEncoderGraph(model, fold=True))
+
+
+def _decoder_sample(batch: int, points: int, inputs: int = 7) -> Callable[[ExportRun], tuple[torch.Tensor, ...]]:
+    return lambda run: _sample_decoder_inputs(run.features, batch, points)[:inputs]
+
+
+def _fast_sample(run: ExportRun) -> tuple[torch.Tensor, ...]:
+    with torch.no_grad():
+        prepared = run.module("decoder.prep", DecoderPrepGraph)(*run.features)
+    return (*prepared, *_sample_decoder_inputs(run.features, 1, 3)[3:5])
+
+
+# The image graphs, in the order they are made (a base graph before its variants, decoder_prep before decoder_fast).
+IMAGE_GRAPH_SPECS: tuple[GraphSpec, ...] = (
+    GraphSpec("encoder", _folded_encoder, lambda run: (run.image,), ENCODER_INPUTS, ENCODER_OUTPUTS,
+              _verify_encoder("encoder"), context=chunked_encoder_attention),
+    GraphSpec("encoder.fused", _folded_encoder, lambda run: (run.image,), ENCODER_INPUTS, ENCODER_OUTPUTS,
+              _verify_encoder("encoder_fused"), custom_opsets={MHA_DOMAIN: 1}, context=fused_encoder_attention),
+    GraphSpec("decoder", lambda run: run.reference_decoder, _decoder_sample(2, 3), DECODER_INPUTS, DECODER_OUTPUTS,
+              _verify_decoder, dynamic_axes=DYNAMIC_AXES),
+    GraphSpec("decoder.nomask", lambda run: run.module("decoder.nomask", PromptDecoderNoMaskGraph),
+              _decoder_sample(2, 3, inputs=5), DECODER_NOMASK_INPUTS, DECODER_OUTPUTS, _verify_nomask,
+              dynamic_axes={k: v for k, v in DYNAMIC_AXES.items() if k in DECODER_NOMASK_INPUTS + DECODER_OUTPUTS}),
+    GraphSpec("decoder.prep", lambda run: run.module("decoder.prep", DecoderPrepGraph), lambda run: run.features,
+              PREP_INPUTS, PREP_OUTPUTS, _verify_prep),
+    GraphSpec("decoder.fast", lambda run: run.module("decoder.fast", FastDecoderGraph), _fast_sample,
+              FAST_INPUTS, DECODER_OUTPUTS, _verify_fast,
+              # one prompt per run: only the number of points is dynamic
+              dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}},
+              record={"max_points": FAST_MAX_POINTS, "prompts_per_run": 1,
+                      "ort_disabled_optimizers": list(FAST_DISABLED_OPTIMIZERS)}),
+)
+
+
+# --- the chain: export -> check -> verify -> manifest entry -------------------------------------------------
+def export_graph(spec: GraphSpec, run: ExportRun) -> Path:
+    """torch.onnx.export of the spec's module at its sample inputs, into the row's file."""
+    path = run.out / spec.row.file
+    module = spec.module(run)
+    with warnings.catch_warnings(), torch.no_grad(), spec.context():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, spec.sample(run), str(path), input_names=list(spec.input_names),
+            output_names=list(spec.output_names), dynamic_axes=spec.dynamic_axes, opset_version=run.opset,
+            custom_opsets=spec.custom_opsets, dynamo=False,
+        )
+    return path
+
+
+def check_graph(path: Path) -> Path:
+    """onnx.checker (full check) or ExportError."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise ExportError(f"{path} fails onnx.checker: {exc}") from exc
+    return path
+
+
+def open_session(path: Path):
+    """A quiet ONNX Runtime CPU session: what the export verifies with."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def record_graph(spec: GraphSpec, run: ExportRun, path: Path, session) -> dict[str, Any]:
+    """The graph's manifest entry, under graphs.<role> (a base graph) or graphs.<role>.variants.<variant>."""
+    g = spec.row
+    entry: dict[str, Any] = {"file": g.file, "sha256": sha256_file(path)}
+    if g.variant is None:
+        run.graphs[g.role] = {**entry, **spec.record, **_io_spec(session)}
+        return run.graphs[g.role]
+    base = run.graphs[g.role]  # a base graph is made before its variants
+    entry.update(precision=g.precision, derived_from_sha256=base["sha256"], use=g.use, **spec.record, **_io_spec(session))
+    base.setdefault("variants", {})[g.variant] = entry
+    return entry
+
+
+def make_graph(spec: GraphSpec, run: ExportRun) -> dict[str, Any]:
+    """One specification through the chain; returns its manifest entry."""
+    path = check_graph(export_graph(spec, run))
+    session = open_session(path)
+    run.diffs.update(spec.verify(run, session))
+    return record_graph(spec, run, path, session)
+
+
 def export_model(
     spec: ModelSpec,
     out_dir: str | Path,
@@ -122,27 +354,34 @@ def export_model(
     optimize: bool = True,
     int8: bool = False,
     fp16: bool = True,
+    targets: Sequence[str] | None = None,
 ) -> Manifest:
     """Export `spec` to out_dir and return its manifest.
 
     Weights come from `checkpoint` (an official .pt file), or from `random_seed` (random weights,
     recorded as such), or else from the official download (CheckpointError when offline).
-    Besides the two graphs it writes the mask-free decoder (decoder_nomask.onnx, used for prompts
-    without mask_input), ORT-optimised copies of each graph (`optimize`), and with `int8` the
-    opt-in INT8 encoder, and with `fp16` the encoder for `onnxruntime-cuda:fp16`; all are recorded in the manifest with their sha256 (see export.optimize).
+    `targets` ("cpu", "cuda", "tensorrt"; default: export.targets.default_targets(), what the runtime here can
+    use) choose the graphs written (graph_table.rows_for_targets); the video graphs go with every target.
+    `optimize`: ONNX Runtime's optimised copies (the CPU's graphs); `fp16`: the encoder of onnxruntime-cuda:fp16;
+    `int8`: the opt-in INT8 encoder of onnxruntime-cpu:int8. Every graph is recorded in the manifest with its sha256.
     """
     if checkpoint is not None and random_seed is not None:
         raise ExportError("give at most one of --checkpoint and --random-weights")
+    try:
+        targets = parse_targets(",".join(targets)) if targets else default_targets()
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    if int8 and "cpu" not in targets:
+        raise ExportError("--int8 writes encoder.int8.onnx, which only onnxruntime-cpu runs: add cpu to --target")
     import onnx
     import onnxruntime as ort
 
+    keep = rows_for_targets(targets, made_by(optimize=optimize, fp16=fp16, int8=int8))
+    make = {g.key for g in rows_to_make(keep)}
+    specs = [s for s in IMAGE_GRAPH_SPECS if s.key in make]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    steps = _Steps(
-        ["weights", "encoder", "encoder_fused", "decoder", "decoder_nomask", "decoder_fast", "check", "verify",
-         "video", "manifest", "variants"],
-        progress,
-    )
+    steps = _Steps(len(specs) + 5, progress)
     try:
         with steps.step("building model + loading weights"):
             if random_seed is None and checkpoint is None:
@@ -156,217 +395,80 @@ def export_model(
                 "checkpoint": None if checkpoint is None else str(checkpoint),
                 "checkpoint_sha256": None if checkpoint is None else sha256_file(checkpoint),
             }
-            encoder, decoder = ImageEncoderGraph(model).eval(), PromptDecoderGraph(model).eval()
             image = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
-                feats = encoder(image)  # the reference: the model's own forward_image path
-            exported_encoder = ImageEncoderGraph(model, fold=True).eval()  # neck convolutions folded
-        enc_path, dec_path, nomask_path = out / ENCODER_FILE, out / DECODER_FILE, out / DECODER_NOMASK_FILE
-        prep_path, fast_path = out / DECODER_PREP_FILE, out / DECODER_FAST_FILE
-        fused_path = out / ENCODER_FUSED_FILE
-        decoder_nomask = PromptDecoderNoMaskGraph(model).eval()
-        decoder_prep, decoder_fast = DecoderPrepGraph(model).eval(), FastDecoderGraph(model).eval()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with steps.step("exporting encoder.onnx"), torch.no_grad(), chunked_encoder_attention():
-                torch.onnx.export(
-                    exported_encoder, (image,), str(enc_path), input_names=ENCODER_INPUTS,
-                    output_names=ENCODER_OUTPUTS, opset_version=opset, dynamo=False,
-                )
-            with steps.step("exporting encoder.fused.onnx"), torch.no_grad(), fused_encoder_attention():
-                torch.onnx.export(
-                    exported_encoder, (image,), str(fused_path), input_names=ENCODER_INPUTS,
-                    output_names=ENCODER_OUTPUTS, opset_version=opset, dynamo=False, custom_opsets={MHA_DOMAIN: 1},
-                )
-            with steps.step("exporting decoder.onnx"), torch.no_grad():
-                torch.onnx.export(
-                    decoder, _sample_decoder_inputs(feats, 2, 3), str(dec_path), input_names=DECODER_INPUTS,
-                    output_names=DECODER_OUTPUTS, dynamic_axes=DYNAMIC_AXES, opset_version=opset, dynamo=False,
-                )
-            with steps.step("exporting decoder_nomask.onnx"), torch.no_grad():
-                torch.onnx.export(
-                    decoder_nomask, _sample_decoder_inputs(feats, 2, 3)[:5], str(nomask_path),
-                    input_names=DECODER_NOMASK_INPUTS, output_names=DECODER_OUTPUTS,
-                    dynamic_axes={k: v for k, v in DYNAMIC_AXES.items() if k in DECODER_NOMASK_INPUTS + DECODER_OUTPUTS},
-                    opset_version=opset, dynamo=False,
-                )
-            with steps.step("exporting decoder_prep.onnx + decoder_fast.onnx"), torch.no_grad():
-                torch.onnx.export(
-                    decoder_prep, feats, str(prep_path), input_names=PREP_INPUTS, output_names=PREP_OUTPUTS,
-                    opset_version=opset, dynamo=False,
-                )
-                prep_feats = decoder_prep(*feats)
-                torch.onnx.export(  # one prompt per run: only the number of points is dynamic
-                    decoder_fast, (*prep_feats, *_sample_decoder_inputs(feats, 1, 3)[3:5]), str(fast_path),
-                    input_names=FAST_INPUTS, output_names=DECODER_OUTPUTS,
-                    dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}},
-                    opset_version=opset, dynamo=False,
-                )
-        with steps.step("onnx.checker"):
-            for path in (enc_path, fused_path, dec_path, nomask_path, prep_path, fast_path):
-                try:
-                    onnx.checker.check_model(str(path), full_check=True)
-                except Exception as exc:
-                    raise ExportError(f"{path} fails onnx.checker: {exc}") from exc
-        with steps.step("verifying against PyTorch"):
-            so = ort.SessionOptions()
-            so.log_severity_level = 3
-            enc_sess = ort.InferenceSession(str(enc_path), so, providers=["CPUExecutionProvider"])
-            dec_sess = ort.InferenceSession(str(dec_path), so, providers=["CPUExecutionProvider"])
-            nomask_sess = ort.InferenceSession(str(nomask_path), so, providers=["CPUExecutionProvider"])
-            prep_sess = ort.InferenceSession(str(prep_path), so, providers=["CPUExecutionProvider"])
-            fast_sess = ort.InferenceSession(str(fast_path), so, providers=["CPUExecutionProvider"])
-            fused_sess = ort.InferenceSession(str(fused_path), so, providers=["CPUExecutionProvider"])
-            diffs = {}
-            for label, sess in (("encoder", enc_sess), ("encoder_fused", fused_sess)):
-                ort_feats = sess.run(ENCODER_OUTPUTS, {"image": image.numpy()})
-                diffs.update({
-                    f"{label}.{n}": _check_close(f"{label} output {n}", o, t.numpy(), ENCODER_TOLERANCE)
-                    for n, o, t in zip(ENCODER_OUTPUTS, ort_feats, feats)
-                })
-            del fused_sess
-            # the fast decoder runs on the CPU encoder's (fused graph's) outputs, as in the runtime
-            prep_out = dict(zip(PREP_OUTPUTS, prep_sess.run(PREP_OUTPUTS, dict(zip(PREP_INPUTS, ort_feats)))))
-            for batch, points in ((1, 2), (3, 5), (2, FAST_MAX_POINTS)):
-                inputs = _sample_decoder_inputs(feats, batch, points, seed=batch)
-                with torch.no_grad():
-                    ref_masks, ref_iou = decoder(*inputs)
-                got_masks, got_iou = dec_sess.run(DECODER_OUTPUTS, dict(zip(DECODER_INPUTS, (t.numpy() for t in inputs))))
-                diffs[f"decoder.low_res_masks[B={batch},N={points}]"] = _check_close(
-                    "decoder low_res_masks", got_masks, ref_masks.numpy(), DECODER_LOGIT_TOLERANCE
-                )
-                diffs[f"decoder.iou_predictions[B={batch},N={points}]"] = _check_close(
-                    "decoder iou_predictions", got_iou, ref_iou.numpy(), DECODER_IOU_TOLERANCE
-                )
-                # the mask-free decoder against the full decoder's torch module with has_mask_input = 0
-                no_mask = (*inputs[:6], torch.zeros_like(inputs[6]))
-                with torch.no_grad():
-                    ref_masks, ref_iou = decoder(*no_mask)
-                got_masks, got_iou = nomask_sess.run(
-                    DECODER_OUTPUTS, dict(zip(DECODER_NOMASK_INPUTS, (t.numpy() for t in inputs[:5])))
-                )
-                diffs[f"decoder_nomask.low_res_masks[B={batch},N={points}]"] = _check_close(
-                    "decoder_nomask low_res_masks", got_masks, ref_masks.numpy(), DECODER_LOGIT_TOLERANCE
-                )
-                diffs[f"decoder_nomask.iou_predictions[B={batch},N={points}]"] = _check_close(
-                    "decoder_nomask iou_predictions", got_iou, ref_iou.numpy(), DECODER_IOU_TOLERANCE
-                )
-                # the fast decoder (over the prepared features of ONNX Runtime's encoder outputs) likewise;
-                # torch's reference runs on the same encoder outputs
-                with torch.no_grad():
-                    ref_masks, ref_iou = decoder(*(torch.from_numpy(f) for f in ort_feats), *no_mask[3:])
-                fast_runs = [  # one prompt per run, as the runtime decodes a batch
-                    fast_sess.run(DECODER_OUTPUTS, {**prep_out, "point_coords": inputs[3][i : i + 1].numpy(),
-                                                    "point_labels": inputs[4][i : i + 1].numpy()})
-                    for i in range(batch)
-                ]
-                got_masks, got_iou = (np.concatenate(parts) for parts in zip(*fast_runs))
-                diffs[f"decoder_fast.low_res_masks[B={batch},N={points}]"] = _check_close(
-                    "decoder_fast low_res_masks", got_masks, ref_masks.numpy(), DECODER_LOGIT_TOLERANCE
-                )
-                diffs[f"decoder_fast.iou_predictions[B={batch},N={points}]"] = _check_close(
-                    "decoder_fast iou_predictions", got_iou, ref_iou.numpy(), DECODER_IOU_TOLERANCE
-                )
+                feats = ImageEncoderGraph(model).eval()(image)  # the reference: the model's own forward_image path
+            run = ExportRun(model, out, opset, image, tuple(feats))
+        for graph_spec in specs:
+            with steps.step(f"{graph_spec.row.file}: export, check, verify"):
+                make_graph(graph_spec, run)
         with steps.step("exporting + verifying the video graphs"):
             video = export_video_graphs(model, out, feats, opset)  # memory encoder/attention, tracking decoder
-            diffs.update(video["verification"])
+            run.diffs.update(video["verification"])
         with steps.step("writing manifest.json"):
-            md = model.sam_mask_decoder
-            manifest = Manifest(
-                out,
-                {
-                    "format": "sam2rt",
-                    "format_version": FORMAT_VERSION,
-                    "model": {
-                        "name": spec.name,
-                        "version": spec.version,
-                        "model_id": spec.model_id,
-                        "serve_id": spec.serve_id,
-                        "config": spec.config_name,
-                        "weights": weights,
-                    },
-                    "image_size": IMAGE_SIZE,
-                    "low_res_size": LOW_RES_SIZE,
-                    "normalization": {
-                        "color_order": "RGB",
-                        "scale": 1 / 255,
-                        "mean": list(PIXEL_MEAN),
-                        "std": list(PIXEL_STD),
-                        "resize": "bilinear, antialiased (torchvision Resize on tensors), to image_size x image_size",
-                    },
-                    "mask_threshold": MASK_THRESHOLD,
-                    "decoder": {
-                        "dynamic_multimask_via_stability": bool(md.dynamic_multimask_via_stability),
-                        "dynamic_multimask_stability_delta": float(md.dynamic_multimask_stability_delta),
-                        "dynamic_multimask_stability_thresh": float(md.dynamic_multimask_stability_thresh),
-                        "tokens": ["single", "multi_1", "multi_2", "multi_3"],
-                        "low_res_logit_clamp": 32.0,
-                    },
-                    "graphs": {
-                        "encoder": {
-                            "file": ENCODER_FILE, "sha256": sha256_file(enc_path), **_io_spec(enc_sess),
-                            "variants": {
-                                "fused": {
-                                    "file": ENCODER_FUSED_FILE, "sha256": sha256_file(fused_path), "precision": "fp32",
-                                    "derived_from_sha256": sha256_file(enc_path),  # exported with this encoder
-                                    "use": "ONNX Runtime (CPU): attention as com.microsoft MultiHeadAttention, same function",
-                                    **_io_spec(enc_sess),
-                                },
-                            },
-                        },
-                        "decoder": {
-                            "file": DECODER_FILE, "sha256": sha256_file(dec_path), **_io_spec(dec_sess),
-                            "variants": {
-                                "nomask": {
-                                    "file": DECODER_NOMASK_FILE, "sha256": sha256_file(nomask_path), "precision": "fp32",
-                                    "derived_from_sha256": sha256_file(dec_path),  # exported with this decoder
-                                    "use": "prompts without mask_input (same outputs as has_mask_input = 0)",
-                                    **_io_spec(nomask_sess),
-                                },
-                                "prep": {
-                                    "file": DECODER_PREP_FILE, "sha256": sha256_file(prep_path), "precision": "fp32",
-                                    "derived_from_sha256": sha256_file(dec_path),
-                                    "use": "once per image: the per-image part of decoder_fast (see sam2rt.export.fast_decoder)",
-                                    **_io_spec(prep_sess),
-                                },
-                                "fast": {
-                                    "file": DECODER_FAST_FILE, "sha256": sha256_file(fast_path), "precision": "fp32",
-                                    "derived_from_sha256": sha256_file(dec_path), "max_points": FAST_MAX_POINTS,
-                                    "prompts_per_run": 1,
-                                    "ort_disabled_optimizers": list(FAST_DISABLED_OPTIMIZERS),
-                                    "use": f"prompts without mask_input and at most {FAST_MAX_POINTS} points (padding "
-                                           "included), one prompt per run, over decoder_prep's outputs (same outputs "
-                                           "as nomask)",
-                                    **_io_spec(fast_sess),
-                                },
-                            },
-                        },
-                        **video["graphs"],
-                    },
-                    "video": video["video"],
-                    "opset": opset,
-                    "verification": {"max_abs_diff": diffs},
-                    "exported_with": {
-                        "sam2rt": _version("sam2rt"),
-                        "torch": torch.__version__,
-                        "sam2": _version("sam2"),
-                        "onnx": onnx.__version__,
-                        "onnxruntime": ort.__version__,
-                        "python": platform.python_version(),
-                    },
-                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    "engines": {},
-                },
-            )
+            manifest = Manifest(out, _manifest_data(spec, model, weights, {**run.graphs, **video["graphs"]}, video,
+                                                    opset, run.diffs, targets, onnx.__version__, ort.__version__))
             manifest.save()
         with steps.step("saving optimised graph variants"):
-            if optimize or int8 or fp16:
-                manifest = add_variants(out, optimized=optimize, int8=int8, fp16=fp16)
+            variants = {k for k in make if table_row(k).maker != "torch.onnx"}  # ONNX Runtime's, FP16, INT8
+            if variants:
+                manifest = add_variants(out, optimized=optimize, int8=int8, fp16=fp16, only=variants)
+        with steps.step(f"keeping the graphs of --target {','.join(targets)}"):
+            manifest = keep_only(manifest, targets)
     except Exception:
         steps.bar.close()
         raise
     steps.close()
     return manifest
+
+
+def _manifest_data(spec: ModelSpec, model, weights: dict, graphs: dict, video: dict, opset: int, diffs: dict,
+                   targets: Sequence[str], onnx_version: str, ort_version: str) -> dict[str, Any]:
+    md = model.sam_mask_decoder
+    return {
+        "format": "sam2rt",
+        "format_version": FORMAT_VERSION,
+        "model": {
+            "name": spec.name,
+            "version": spec.version,
+            "model_id": spec.model_id,
+            "serve_id": spec.serve_id,
+            "config": spec.config_name,
+            "weights": weights,
+        },
+        "image_size": IMAGE_SIZE,
+        "low_res_size": LOW_RES_SIZE,
+        "normalization": {
+            "color_order": "RGB",
+            "scale": 1 / 255,
+            "mean": list(PIXEL_MEAN),
+            "std": list(PIXEL_STD),
+            "resize": "bilinear, antialiased (torchvision Resize on tensors), to image_size x image_size",
+        },
+        "mask_threshold": MASK_THRESHOLD,
+        "decoder": {
+            "dynamic_multimask_via_stability": bool(md.dynamic_multimask_via_stability),
+            "dynamic_multimask_stability_delta": float(md.dynamic_multimask_stability_delta),
+            "dynamic_multimask_stability_thresh": float(md.dynamic_multimask_stability_thresh),
+            "tokens": ["single", "multi_1", "multi_2", "multi_3"],
+            "low_res_logit_clamp": 32.0,
+        },
+        "graphs": graphs,
+        "video": video["video"],
+        "opset": opset,
+        "verification": {"max_abs_diff": diffs},
+        "exported_with": {
+            "sam2rt": _version("sam2rt"),
+            "torch": torch.__version__,
+            "sam2": _version("sam2"),
+            "onnx": onnx_version,
+            "onnxruntime": ort_version,
+            "python": platform.python_version(),
+        },
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "export": {"targets": list(targets)},
+        "engines": {},
+    }
 
 
 def copy_model_dir(src: str | Path, dst: str | Path) -> Path:

@@ -22,6 +22,7 @@ model directory: `add_variants(DIR, int8=True)`. Each variant is recorded in the
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Collection
 
 from ..graph_table import graph_file, optimized_variants
 from ..manifest import Manifest, sha256_file
@@ -76,11 +77,23 @@ def add_fp16_encoder(manifest: Manifest) -> None:
     )
 
 
-def add_variants(model_dir: str | Path, optimized: bool = True, int8: bool = False, fp16: bool = False) -> Manifest:
-    """Add the `optimized` (and, if asked, `int8` / `fp16`) variants of each graph to a model directory's manifest."""
+def add_variants(
+    model_dir: str | Path, optimized: bool = True, int8: bool = False, fp16: bool = False,
+    only: Collection[str] | None = None,
+) -> Manifest:
+    """Add the `optimized` (and, if asked, `int8` / `fp16`) variants of each graph to a model directory's manifest.
+
+    `only`: the GraphFile keys to make (`sam2rt export --target` makes the rows its targets need); None: all asked.
+    """
     manifest = Manifest.load(model_dir)
     d = manifest.directory
+
+    def wanted(role: str, variant: str) -> bool:
+        return only is None or f"{role}.{variant}" in only
+
     for row in optimized_variants() if optimized else ():
+        if not wanted(row.role, row.variant):
+            continue
         entry = manifest.graph(row.role)
         variants = entry.setdefault("variants", {})
         source = variants.get(row.made_from) if row.made_from else None
@@ -101,9 +114,9 @@ def add_variants(model_dir: str | Path, optimized: bool = True, int8: bool = Fal
         if row.role == "encoder" and origin:  # recorded as before: the encoder's copy names its source
             carried.update(origin)
         variants[row.variant] = _entry(out, derived, precision="fp32", optimization="ORT_ENABLE_EXTENDED", **carried)
-    if fp16:
+    if fp16 and wanted("encoder", "fp16"):
         add_fp16_encoder(manifest)
-    if int8:
+    if int8 and wanted("encoder", "int8"):
         entry = manifest.graph("encoder")
         base = manifest.graph_path("encoder")
         # quantised from the base graph (ORT's fused graph has contrib ops the quantiser cannot type)

@@ -62,8 +62,7 @@ class Sam2Model:
         """Load DIR (from `sam2rt export`), checking each graph's sha256 against the manifest."""
         manifest = Manifest.load(model_dir)
         if verify:
-            for role in ("encoder", "decoder"):
-                manifest.verify_graph(role)
+            manifest.verify_stored_graphs()
         if manifest.random_weights:
             log.warning("%s holds %s", model_dir, manifest.describe_weights())
         return cls(manifest, create_backend(manifest, backend, threads))

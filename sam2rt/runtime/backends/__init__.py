@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from ...errors import BackendUnavailableError, EngineMismatchError
+from ...errors import BackendUnavailableError, EngineMismatchError, GraphNotExportedError
 from ...manifest import Manifest
 from .base import Backend, BackendClosedError, DecodedMasks, MaskRequest, TokenChoice
 from .onnxruntime_backend import PROVIDERS, OnnxRuntimeBackend, available_providers
@@ -57,6 +57,8 @@ def create_backend(manifest: Manifest, name: str = "auto", threads: int | None =
             try:
                 return create_backend(manifest, candidate, threads)
             except BackendUnavailableError as exc:
+                reasons.append(f"{candidate}: {exc}")
+            except GraphNotExportedError as exc:  # a lean export for other targets: the next backend may run it
                 reasons.append(f"{candidate}: {exc}")
             except EngineMismatchError as exc:  # engines for another GPU/TensorRT: say so, then fall back
                 logging.getLogger("sam2rt").warning("backend 'auto' skips %s: %s", candidate, exc)

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import BackendUnavailableError, ModelFileError
-from ...graph_table import CPU_SLOTS, Profile
+from ...errors import BackendUnavailableError, GraphNotExportedError, ModelFileError
+from ...graph_table import CPU_SLOTS, Profile, graph_file
 from ...manifest import Manifest
 from ...model_specs import LOW_RES_SIZE
 from ..embedding import FAST_BATCH, FAST_MAX_POINTS, FEATURE_NAMES, PREPARED_NAMES
@@ -67,6 +67,8 @@ def default_threads() -> int:
 
 
 CPU_PRECISIONS = ("fp32", "int8")
+# Slots every backend needs filled (the others are faster paths for some prompts).
+REQUIRED_SLOTS = ("encoder", "decoder")
 
 
 def spinning_default() -> bool:
@@ -171,32 +173,44 @@ def cpu_graph_entries(manifest: Manifest, precision: str = "fp32") -> dict[str, 
         raise BackendUnavailableError(
             f"unknown precision {precision!r} for onnxruntime-cpu; choose one of {', '.join(CPU_PRECISIONS)}"
         )
+    manifest.require_backend("onnxruntime-cpu")
     out = slot_entries(manifest, CPU_SLOTS)
     if precision == "int8":
-        out["encoder"] = required_variant(manifest, "encoder", "int8", "re-export with `sam2rt export ... --int8` "
-                                          "(or run `sam2rt.export.optimize.add_variants(DIR, int8=True)`)")
+        out["encoder"] = required_variant(
+            manifest, "encoder", "int8",
+            f"export it with `{manifest.export_command(manifest.targets or ('cpu',))} --int8` "
+            "(or run `sam2rt.export.optimize.add_variants(DIR, int8=True)` on a directory that holds encoder.onnx)")
     return out
 
 
 def required_variant(manifest: Manifest, role: str, variant: str, fix: str) -> dict[str, Any]:
-    """A fresh variant a precision needs (e.g. the INT8 or FP16 encoder), or ModelFileError saying how to make it."""
+    """A fresh, stored variant a precision needs (e.g. the INT8 or FP16 encoder), or GraphNotExportedError saying how
+    to make it."""
     entry = _fresh_variant(manifest, role, variant)
-    if entry is None:
-        raise ModelFileError(f"{manifest.directory} has no {variant.upper()} {role} (`{role}` variant `{variant}`); {fix}")
+    if entry is None or not manifest.is_stored(entry):
+        raise GraphNotExportedError(f"{manifest.directory} has no {variant.upper()} {role} (`{role}` variant `{variant}`); {fix}")
     return entry
 
 
 def slot_entries(manifest: Manifest, slots: dict[str, tuple[str, tuple[str | None, ...]]]) -> dict[str, dict[str, Any]]:
     """For each slot of a backend (graph_table.CPU_SLOTS / DEVICE_SLOTS), the first fresh entry of its preference
-    list (None = the role's base graph); a slot none of whose entries exists is left out. The fast decoder's two
-    slots come together or not at all."""
+    list (None = the role's base graph) whose file the export stored; a slot none of whose entries exists is left
+    out. The fast decoder's two slots come together or not at all. The encoder and decoder slots must be filled:
+    GraphNotExportedError names the export that writes their graphs."""
     out: dict[str, dict[str, Any]] = {}
     for slot, (role, preferences) in slots.items():
         for variant in preferences:
             entry = manifest.graph(role) if variant is None else _fresh_variant(manifest, role, variant)
-            if entry is not None:
+            if entry is not None and manifest.is_stored(entry):
                 out[slot] = entry
                 break
+        else:
+            if slot in REQUIRED_SLOTS:
+                files = [graph_file(role, v).file for v in preferences]
+                if manifest.targets is not None:  # a lean export for other targets (or one whose graph went stale)
+                    raise manifest.left_out_error(files[0])
+                raise ModelFileError(f"{manifest.directory} holds no usable {slot} graph (any of {', '.join(files)}); "
+                                     "re-run `sam2rt export` into it")
     if ("decoder_prep" in out) != ("decoder_fast" in out):
         out.pop("decoder_prep", None), out.pop("decoder_fast", None)
     return out

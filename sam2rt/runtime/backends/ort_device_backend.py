@@ -61,17 +61,20 @@ def tensorrt_libraries_status() -> str | None:
             "(`pip install tensorrt`, or JetPack's) or use backend='onnxruntime-cuda'")
 
 
-def device_graph_entries(manifest: Manifest, precision: str) -> dict[str, dict[str, Any]]:
+def device_graph_entries(manifest: Manifest, precision: str, backend: str = "onnxruntime-cuda") -> dict[str, dict[str, Any]]:
     """Manifest entries of the graphs the device backend loads, by slot.
 
     The encoder: its `fp16` variant for precision fp16, else its MultiHeadAttention form `fused` (the base
     graph where an export has none). Decoders: the exported (not CPU-optimised) graphs; ONNX Runtime
     optimises them for the device at load. decoder_prep + decoder_fast serve single plain prompts.
     """
+    manifest.require_backend(backend)
     out = slot_entries(manifest, DEVICE_SLOTS)
     if precision == "fp16":
-        out["encoder"] = required_variant(manifest, "encoder", "fp16", "re-export with this sam2rt (`sam2rt export ...`), "
-                                          "or run `sam2rt.export.optimize.add_variants(DIR, fp16=True)`")
+        out["encoder"] = required_variant(
+            manifest, "encoder", "fp16",
+            f"export it with `{manifest.export_command(manifest.targets or ('cuda',))}` (without --no-fp16), "
+            "or run `sam2rt.export.optimize.add_variants(DIR, fp16=True)`")
     return out
 
 
@@ -123,7 +126,7 @@ class OrtDeviceBackend(Backend):
         on_gpu = name != "onnxruntime-cpu"
         self.device = f"cuda:{device_id}" if on_gpu else "cpu"
         self.ort_device = "cuda" if on_gpu else "cpu"
-        self.files = device_graph_entries(manifest, precision)
+        self.files = device_graph_entries(manifest, precision, name)
         # TF32 and FP16 compute other numbers than the FP32 graph: their embeddings get their own key
         base_key = manifest.graph("encoder")["sha256"]
         self.encoder_key = base_key if precision == "fp32" else f"{self.files['encoder']['sha256']}:{precision}"

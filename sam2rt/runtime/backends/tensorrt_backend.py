@@ -183,6 +183,7 @@ class TensorRTBackend(Backend):
         status = cuda_status(device)
         if status != "available":
             raise BackendUnavailableError(f"the tensorrt backend needs a CUDA GPU: {status.removeprefix('unavailable: ')}")
+        manifest.require_backend(self.name)  # engines are built from a --target tensorrt export's graphs
         if not engine_entries(manifest):
             raise BackendUnavailableError(
                 f"no TensorRT engines in {manifest.directory}: build them on this machine with "

@@ -1,0 +1,270 @@
+"""Lean exports (`sam2rt export --target`): which graphs each target keeps, what the manifest says about the
+others, and the typed error a backend raises for a directory exported for other targets.
+
+Quick tests narrow copies of a directory with `export.targets.keep_only` (the export's own last step): the tiny
+stand-in model, and hard links to the session's full export (tests/conftest.py). Real `--target` exports are
+in the slow suite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sam2rt.errors import ExportError, GraphNotExportedError
+from sam2rt.graph_table import CPU, CUDA, GRAPHS, TENSORRT, graph_file, parse_targets, rows_for_targets, rows_to_make
+from sam2rt.manifest import Manifest
+
+VIDEO = {"memory_encoder.onnx", "memory_attention.onnx", "track_decoder.onnx", "mask_downsample.onnx"}
+
+
+def files_of(rows) -> set[str]:
+    return {g.file for g in rows}
+
+
+def linked_copy(src: Path, dst: Path) -> Path:
+    """A copy whose graph files are hard links (no 700 MB copy); manifest.json is a real copy, since keep_only
+    rewrites it."""
+    def link_or_copy(s: str, d: str) -> None:
+        if Path(s).name == "manifest.json":
+            shutil.copy2(s, d)
+        else:
+            os.link(s, d)
+
+    return Path(shutil.copytree(src, dst, copy_function=link_or_copy))
+
+
+def made_by_default(g) -> bool:  # sam2rt export's defaults: optimised copies and the FP16 encoder, no INT8
+    return g.maker != "int8"
+
+
+# --- the table -----------------------------------------------------------------------------------
+def test_each_target_keeps_the_rows_its_backend_runs():
+    cpu = rows_for_targets(["cpu"], made_by_default)
+    assert files_of(cpu) == {g.file for g in GRAPHS if CPU in g.runs_on and g.maker != "int8"}
+    assert files_of(cpu) == {"encoder.opt.onnx", "decoder.opt.onnx", "decoder_nomask.opt.onnx", "decoder_prep.opt.onnx",
+                             "decoder_fast.opt.onnx"} | VIDEO  # one encoder, not three
+    cuda = rows_for_targets(["cuda"], made_by_default)
+    assert files_of(cuda) == {g.file for g in GRAPHS if CUDA in g.runs_on and g.maker != "int8"}
+    assert files_of(rows_for_targets(["tensorrt"], made_by_default)) == {"encoder.onnx", "decoder.onnx"} | VIDEO
+    assert files_of(rows_for_targets(parse_targets("all"), made_by_default)) == {g.file for g in GRAPHS if g.maker != "int8"}
+    # the CPU's encoder is made from the fused one, which is made (and verified) but not kept; no FP16 encoder
+    made = files_of(rows_to_make(cpu))
+    assert {"encoder.fused.onnx", "encoder.onnx", "decoder_fast.onnx"} <= made and "encoder.fused.fp16.onnx" not in made
+    assert files_of(rows_to_make(rows_for_targets(["tensorrt"], made_by_default))) == {"encoder.onnx", "decoder.onnx"} | VIDEO
+    # without the optimised copies the CPU keeps what its slots fall back to
+    plain = rows_for_targets(["cpu"], lambda g: g.maker == "torch.onnx")
+    assert files_of(plain) == {"encoder.fused.onnx", "decoder.onnx", "decoder_nomask.onnx", "decoder_prep.onnx",
+                               "decoder_fast.onnx"} | VIDEO
+    assert parse_targets("tensorrt,cpu") == ("cpu", "tensorrt")
+    with pytest.raises(ValueError, match="choose from cpu, cuda, tensorrt, all"):
+        parse_targets("gpu")
+
+
+def test_default_targets_follow_the_installed_runtime(monkeypatch):
+    import sys
+    import types
+
+    import onnxruntime
+
+    from sam2rt.export.targets import default_targets
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert default_targets() == ("cpu",)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert default_targets() == ("cuda",)
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    assert default_targets() == ("cuda", "tensorrt")
+
+
+# --- the tiny stand-in model ------------------------------------------------------------------------
+@pytest.fixture()
+def tiny_copy(tiny_model_dir, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_model_dir, tmp_path / "tiny"))
+
+
+def test_tensorrt_export_on_the_cpu_backend_names_the_export_that_fixes_it(tiny_copy):
+    from sam2rt.export.targets import keep_only
+    from sam2rt.runtime import Sam2Model
+
+    keep_only(tiny_copy, ["tensorrt"])
+    assert sorted(p.name for p in tiny_copy.iterdir()) == ["decoder.onnx", "encoder.onnx", "manifest.json"]
+    fix = f"sam2rt export --model tiny_test --random-weights 0 --target cpu,tensorrt --out {tiny_copy}"
+    with pytest.raises(GraphNotExportedError, match="exported with --target tensorrt") as info:
+        Sam2Model.from_dir(tiny_copy, backend="onnxruntime-cpu")
+    assert fix in str(info.value)
+    with pytest.raises(Exception) as info:  # `auto` tries every backend and lists why each cannot run it
+        Sam2Model.from_dir(tiny_copy, backend="auto")
+    assert f"onnxruntime-cpu: {tiny_copy} was exported with --target tensorrt" in str(info.value)
+    # and what is left out is recorded, with the option that writes it
+    export = Manifest.load(tiny_copy).data["export"]
+    assert export["targets"] == ["tensorrt"] and export["written"] == ["encoder.onnx", "decoder.onnx"]
+    assert export["left_out"]["encoder.opt.onnx"].startswith("--target cpu")
+
+
+def test_cpu_and_cuda_exports_run_on_the_cpu_backend_with_the_same_masks(tiny_copy, tiny_model, tmp_path):
+    from sam2rt.export.targets import keep_only
+    from sam2rt.runtime import Prompt, Sam2Model
+
+    image = (np.arange(300 * 400 * 3) % 251).astype(np.uint8).reshape(300, 400, 3)
+    prompts = [Prompt(points=np.array([[10.0, 20.0]]), labels=np.array([1])), Prompt(box=np.array([0, 0, 50, 60])),
+               Prompt(points=np.array([[5.0, 5.0]] * 12), labels=np.array([1] * 12))]
+    full = tiny_model.decode(tiny_model.embed(image), prompts)
+    cuda_copy = Path(shutil.copytree(tiny_copy, tmp_path / "cuda"))
+    keep_only(tiny_copy, ["cpu"])
+    keep_only(cuda_copy, ["cuda"])
+    assert {p.name for p in tiny_copy.iterdir()} == {"manifest.json", "encoder.opt.onnx", "decoder.opt.onnx",
+                                                     "decoder_nomask.opt.onnx", "decoder_prep.opt.onnx",
+                                                     "decoder_fast.opt.onnx"}
+    m = Manifest.load(tiny_copy)
+    assert m.graph("encoder")["stored"] is False and m.graph("encoder")["sha256"]  # still says what it was
+    for directory in (tiny_copy, cuda_copy):
+        model = Sam2Model.from_dir(directory, backend="onnxruntime-cpu")
+        out = model.decode(model.embed(image), prompts)
+        assert np.array_equal(out.masks, full.masks) and np.allclose(out.low_res_logits, full.low_res_logits, atol=1e-5)
+    assert Sam2Model.from_dir(cuda_copy, backend="onnxruntime-cpu").backend.files["encoder"]["file"] == "encoder.onnx"
+
+
+def test_a_left_out_graph_names_the_export_that_writes_it(tiny_copy, capsys):
+    from sam2rt.cli import main
+    from sam2rt.export.targets import keep_only
+
+    keep_only(tiny_copy, ["cpu"])
+    m = Manifest.load(tiny_copy)
+    with pytest.raises(GraphNotExportedError, match=r"encoder.onnx is not in this export.*--target cpu,tensorrt"):
+        m.verify_graph("encoder")
+    # build-engine needs encoder.onnx + decoder.onnx: it says which export writes them, before TensorRT is imported
+    assert main(["build-engine", "--model-dir", str(tiny_copy), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--target cpu,tensorrt" in err and "Traceback" not in err
+    # the INT8 encoder: the export option that writes it
+    with pytest.raises(GraphNotExportedError, match=r"--target cpu --out .* --int8"):
+        from sam2rt.runtime.backends.onnxruntime_backend import cpu_graph_entries
+
+        cpu_graph_entries(m, "int8")
+    # a directory is only narrowed
+    with pytest.raises(ExportError, match="cannot be narrowed"):
+        keep_only(tiny_copy, ["cpu", "tensorrt"])
+
+
+def test_export_refuses_int8_without_the_cpu_target(tmp_path):
+    from sam2rt.export import export_model
+    from sam2rt.models import get_spec
+
+    with pytest.raises(ExportError, match="add cpu to --target"):
+        export_model(get_spec("hiera_tiny"), tmp_path, random_seed=0, int8=True, targets=["cuda"], progress=False)
+    with pytest.raises(ExportError, match="unknown export target"):
+        export_model(get_spec("hiera_tiny"), tmp_path, random_seed=0, targets=["gpu"], progress=False)
+
+
+# --- the session's real export -------------------------------------------------------------------------
+def test_session_export_records_every_target(model_dir):
+    m = Manifest.load(model_dir)
+    export = m.data["export"]
+    assert export["targets"] == ["cpu", "cuda", "tensorrt"]
+    assert set(export["written"]) == {g.file for g in GRAPHS if g.maker != "int8"}
+    assert all((model_dir / f).is_file() for f in export["written"]) and list(export["left_out"]) == ["encoder.int8.onnx"]
+
+
+def test_cpu_lean_copy_of_the_real_export(model_dir, sam2rt_model, tmp_path):
+    """The real export narrowed to --target cpu: its CPU graphs plus the video graphs, masks equal to the full one's."""
+    from sam2rt.export.targets import keep_only
+    from sam2rt.runtime import Prompt, Sam2Model
+
+    from conftest import photo
+
+    lean = linked_copy(model_dir, tmp_path / "cpu")
+    keep_only(lean, ["cpu"])
+    expected = {g.file for g in GRAPHS if CPU in g.runs_on and g.maker != "int8"}
+    assert {p.name for p in lean.iterdir()} == expected | {"manifest.json", "video_constants.npz"}
+    m = Manifest.load(lean)
+    fused = m.variant("encoder", "fused")
+    assert fused["stored"] is False and m.variant("encoder", "optimized")["derived_from_sha256"] == fused["sha256"]
+    for role in ("memory_encoder", "memory_attention", "track_decoder", "mask_downsample", "video_constants"):
+        m.verify_graph(role)
+    image = photo("coffee")
+    prompts = [Prompt(points=np.array([[300.0, 200.0]]), labels=np.array([1])), Prompt(box=np.array([50, 50, 500, 350])),
+               Prompt(points=np.array([[300.0, 200.0]] * 11), labels=np.array([1] * 11))]
+    model = Sam2Model.from_dir(lean, backend="onnxruntime-cpu")
+    assert {e["file"] for e in model.backend.files.values()} <= expected
+    emb, ref_emb = model.embed(image), sam2rt_model.embed(image)
+    out, ref = model.decode(emb, prompts), sam2rt_model.decode(ref_emb, prompts)
+    assert np.array_equal(out.masks, ref.masks) and np.array_equal(out.low_res_logits, ref.low_res_logits)
+    refine = [Prompt(points=np.array([[300.0, 200.0]]), labels=np.array([1]), mask_input=ref.low_res_logits[0, 0])]
+    assert np.array_equal(model.decode(emb, refine).low_res_logits, sam2rt_model.decode(ref_emb, refine).low_res_logits)
+
+
+def test_tensorrt_lean_copy_of_the_real_export_passes_build_engine_checks(model_dir, tmp_path):
+    import argparse
+
+    from sam2rt.export.targets import keep_only
+    from sam2rt.export.tensorrt_build import check_arguments
+
+    lean = linked_copy(model_dir, tmp_path / "trt")
+    keep_only(lean, ["tensorrt"])
+    assert {p.name for p in lean.iterdir()} == {"encoder.onnx", "decoder.onnx", "manifest.json", "video_constants.npz"} | VIDEO
+    args = argparse.Namespace(int8=False, calib_images=None, max_points=16, device=0, model_dir=lean)
+    assert check_arguments(args).directory == lean
+
+
+# --- real lean exports (slow: a full export each) --------------------------------------------------------------
+def _export(checkpoint_path: Path, out: Path, *options: str) -> str:
+    from sam2rt.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = main(["export", "--model", "hiera_tiny", "--checkpoint", str(checkpoint_path), "--out", str(out), "--quiet",
+                   *options])
+    assert rc == 0, stderr.getvalue()
+    return stdout.getvalue()
+
+
+@pytest.mark.slow
+def test_cpu_export(checkpoint_path, sam2rt_model, tmp_path):
+    """`sam2rt export --target cpu`: the CPU's graphs and the video graphs, every graph made on the way verified,
+    masks equal to the full export's."""
+    from sam2rt.runtime import Prompt, Sam2Model
+
+    from conftest import photo
+
+    out = tmp_path / "cpu"
+    printed = _export(checkpoint_path, out, "--target", "cpu")
+    assert "--target cpu: 9 graphs" in printed
+    expected = {g.file for g in GRAPHS if CPU in g.runs_on and g.maker != "int8"}
+    assert {p.name for p in out.iterdir()} == expected | {"manifest.json", "video_constants.npz"}
+    m = Manifest.load(out)
+    diffs = m.data["verification"]["max_abs_diff"]
+    for label in ("encoder.", "encoder_fused.", "decoder.", "decoder_nomask.", "decoder_fast.", "memory_attention"):
+        assert any(k.startswith(label) for k in diffs), label
+    assert m.variant("encoder", "fp16") is None  # the CUDA provider's encoder is not made for the CPU
+    assert m.graph("encoder")["sha256"] == sam2rt_model.manifest.graph("encoder")["sha256"]  # the same export
+    image = photo("astronaut")
+    prompts = [Prompt(points=np.array([[260.0, 120.0]]), labels=np.array([1])), Prompt(box=np.array([140, 20, 380, 300]))]
+    model = Sam2Model.from_dir(out, backend="onnxruntime-cpu")
+    got, ref = model.decode(model.embed(image), prompts), sam2rt_model.decode(sam2rt_model.embed(image), prompts)
+    assert np.array_equal(got.masks, ref.masks) and np.allclose(got.low_res_logits, ref.low_res_logits, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_tensorrt_export(checkpoint_path, tmp_path):
+    """`sam2rt export --target tensorrt`: the two graphs TensorRT builds engines from and the video graphs; the
+    ONNX Runtime forms are not even made."""
+    from sam2rt.runtime import Sam2Model
+
+    out = tmp_path / "trt"
+    _export(checkpoint_path, out, "--target", "tensorrt")
+    assert {p.name for p in out.iterdir()} == {"encoder.onnx", "decoder.onnx", "manifest.json", "video_constants.npz"} | VIDEO
+    m = Manifest.load(out)
+    assert not m.graph("encoder").get("variants") and not m.graph("decoder").get("variants")
+    assert {k.split(".")[0] for k in m.data["verification"]["max_abs_diff"] if k.startswith(("encoder", "decoder"))} == \
+        {"encoder", "decoder"}
+    with pytest.raises(GraphNotExportedError, match="--target cpu,tensorrt"):
+        Sam2Model.from_dir(out, backend="onnxruntime-cpu")
+    assert graph_file("encoder").runs_on == (TENSORRT,)
