@@ -137,7 +137,7 @@ def test_export_random_weights_is_labelled(tmp_path, image_file):
 
 def test_hiera_b_plus_is_accepted_as_a_model_name():
     from sam2rt.cli import build_parser
-    from sam2rt.models import get_spec
+    from sam2rt.model_specs import get_spec
 
     for name in ("hiera_b_plus", "hiera_base_plus"):
         args = build_parser().parse_args(["export", "--model", name, "--out", "o"])

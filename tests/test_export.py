@@ -11,7 +11,7 @@ import torch
 
 from sam2rt.errors import CheckpointError, ExportError
 from sam2rt.manifest import Manifest, sha256_file
-from sam2rt.models import get_spec
+from sam2rt.model_specs import get_spec
 
 
 def test_manifest_records_the_export(model_dir, checkpoint_path):

@@ -156,7 +156,7 @@ def test_a_left_out_graph_names_the_export_that_writes_it(tiny_copy, capsys):
 
 def test_export_refuses_int8_without_the_cpu_target(tmp_path):
     from sam2rt.export import export_model
-    from sam2rt.models import get_spec
+    from sam2rt.model_specs import get_spec
 
     with pytest.raises(ExportError, match="add cpu to --target"):
         export_model(get_spec("hiera_tiny"), tmp_path, random_seed=0, int8=True, targets=["cuda"], progress=False)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sam2rt.models import get_spec
+from sam2rt.model_specs import get_spec
 
 CONFIGS = [(name, version) for version in ("2.0", "2.1")
            for name in ("hiera_tiny", "hiera_small", "hiera_base_plus", "hiera_large")]

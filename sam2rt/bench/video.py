@@ -47,7 +47,7 @@ BOXES = [[100.0, 160.0, 260.0, 320.0], [300.0, 60.0, 460.0, 200.0], [420.0, 260.
 
 def _reference_checkpoint(manifest, workdir: Path) -> tuple[str, str]:
     from ..export.checkpoint import reference_checkpoint
-    from ..models import get_spec
+    from ..model_specs import get_spec
 
     spec = get_spec(manifest.model_name, manifest.model.get("version", "2.1"))
     return spec.config_name, str(reference_checkpoint(manifest, workdir))

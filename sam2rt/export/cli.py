@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from ..graph_table import parse_targets
-from ..models import ACCEPTED_MODEL_NAMES, VERSIONS
+from ..model_specs import ACCEPTED_MODEL_NAMES, VERSIONS
 
 
 def _targets(text: str) -> tuple[str, ...]:
@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import get_spec
+    from ..model_specs import get_spec
     from .onnx_export import DEFAULT_OPSET, export_model
 
     spec = get_spec(args.model, args.version)

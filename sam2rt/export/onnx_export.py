@@ -29,7 +29,7 @@ from ..errors import ExportError
 from ..graph_table import GraphFile, parse_targets, rows_for_targets, rows_to_make
 from ..graph_table import row as table_row
 from ..manifest import FORMAT_VERSION, Manifest, sha256_file
-from ..models import IMAGE_SIZE, LOW_RES_SIZE, MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD, ModelSpec
+from ..model_specs import IMAGE_SIZE, LOW_RES_SIZE, MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD, ModelSpec
 from .checkpoint import build_model, download_checkpoint, load_checkpoint
 from .fast_decoder import (
     FAST_DISABLED_OPTIMIZERS, FAST_INPUTS, FAST_MAX_POINTS, PREP_INPUTS, PREP_OUTPUTS, DecoderPrepGraph, FastDecoderGraph,
