@@ -206,3 +206,27 @@ def test_run_benchmark_runs_the_cases_it_is_given_in_order(tiny_model_dir, monke
     bar = bars[-1]  # the progress of the run: 3 + 1 + 1 steps, each case named as it starts
     assert bar.total == bar.completed == 5
     assert [t for t in bar.texts if t.startswith("case ")] == ["case first", "case last"]
+
+
+def test_video_bench_targets_and_report_follow_the_measurements():
+    """The video benchmark's target rows compare each case's p50 ratio and the RSS growth with issue 12's
+    thresholds, and its Markdown shows every case."""
+    from sam2rt.bench.video import TARGETS_CPU, markdown, targets
+
+    def case(objects, ours, ref):
+        return {"objects": objects, "frames": [8, 40], "backend": "onnxruntime-cpu",
+                "sam2rt_ms": {"p50": ours, "p90": ours}, "sam2rt_fps_p50": round(1e3 / ours, 1),
+                "reference_ms": {"p50": ref, "p90": ref}, "speedup_p50": round(ref / ours, 3)}
+
+    result = {"what": "video", "created": "2026-11-26T00:00:00", "backend": "onnxruntime-cpu", "threads": 2,
+              "frame_hw": [480, 640], "model": "sam2.1_hiera_tiny", "random_weights": True,
+              "machine": {"cpu": {"model": "cpu"}, "load_average_at_start": [0.1, 0.1, 0.1]},
+              "latency": [case(1, 1000.0, 1300.0), case(3, 3000.0, 3100.0)],
+              "rss_sam2rt_mib": {"frame_50": 1000.0, "frame_300": 1060.0}, "rss_growth_50_to_end": 0.06}
+    rows = targets(result)
+    assert [r["met"] for r in rows] == [1.3 >= TARGETS_CPU["speedup_1_object"],
+                                        3100 / 3000 >= TARGETS_CPU["speedup_3_objects"], False]
+    assert rows[0]["met"] and not rows[1]["met"]
+    result["targets"] = rows
+    md = markdown(result)
+    assert "| 1 | 8-40 | 1000.0 / 1000.0 | 1.0 | 1300.0 / 1300.0 | 1.3x |" in md and "+6.0%" in md
