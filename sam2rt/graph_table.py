@@ -79,8 +79,11 @@ GRAPHS: tuple[GraphFile, ...] = (
     # backend (beside tensorrt on ONNX Runtime's CUDA provider), so they go with every export target
     GraphFile("memory_encoder", None, "memory_encoder.onnx", "fp32", "torch.onnx", None, (CPU, CUDA, TENSORRT),
               "a frame's features + its mask -> the memory features and positional encoding it stores"),
-    GraphFile("memory_attention", None, "memory_attention.onnx", "fp32", "torch.onnx", None, (CPU, CUDA, TENSORRT),
-              "the current frame's features attend to the memory bank (static slots with validity masks)"),
+    GraphFile("memory_attention", None, "memory_attention.onnx", "fp32", "torch.onnx", None, (CUDA, TENSORRT),
+              "the current frame's features attend to the memory bank (static slots with validity masks); "
+              "standard ONNX ops"),
+    GraphFile("memory_attention", "fused", "memory_attention.fused.onnx", "fp32", "torch.onnx", None, (CPU,),
+              "the same function with attention as com.microsoft MultiHeadAttention: ONNX Runtime's CPU flash kernel"),
     GraphFile("track_decoder", None, "track_decoder.onnx", "fp32", "torch.onnx", None, (CPU, CUDA, TENSORRT),
               "the mask decoder's tracking path: masks, object score, occlusion-aware object pointers"),
     GraphFile("mask_downsample", None, "mask_downsample.onnx", "fp32", "torch.onnx", None, (CPU, CUDA, TENSORRT),
@@ -123,6 +126,17 @@ CPU_SLOTS: dict[str, tuple[str, tuple[str | None, ...]]] = {
     "decoder_prep": ("decoder", ("prep_optimized", "prep")),
     "decoder_fast": ("decoder", ("fast_optimized", "fast")),
 }
+# The video graphs' slots (runtime.video.graphs.VideoGraphs), on the CPU provider and on a GPU provider (the
+# VideoTracker runs them on ONNX Runtime beside every image backend).
+VIDEO_CPU_SLOTS: dict[str, tuple[str, tuple[str | None, ...]]] = {
+    "memory_encoder": ("memory_encoder", (None,)),
+    "memory_attention": ("memory_attention", ("fused", None)),
+    "track_decoder": ("track_decoder", (None,)),
+    "mask_downsample": ("mask_downsample", (None,)),
+}
+VIDEO_DEVICE_SLOTS: dict[str, tuple[str, tuple[str | None, ...]]] = {
+    slot: (role, (None,)) for slot, (role, _) in VIDEO_CPU_SLOTS.items()
+}
 # On a GPU provider the exported graphs themselves: ONNX Runtime optimises them for the device at load (the
 # CPU-optimised copies hold CPU-only fused kernels).
 DEVICE_SLOTS: dict[str, tuple[str, tuple[str | None, ...]]] = {
@@ -149,7 +163,9 @@ BACKEND_TARGETS: dict[str, tuple[str, ...]] = {
     ORT_TENSORRT: ("cuda", "tensorrt"),  # the device slots: the fused encoder, else the standard one
     TENSORRT: ("tensorrt",),  # engines, built by `sam2rt build-engine` from encoder.onnx + decoder.onnx
 }
-BACKEND_SLOTS: dict[str, dict[str, tuple[str, tuple[str | None, ...]]]] = {CPU: CPU_SLOTS, CUDA: DEVICE_SLOTS}
+BACKEND_SLOTS: dict[str, dict[str, tuple[str, tuple[str | None, ...]]]] = {
+    CPU: {**CPU_SLOTS, **VIDEO_CPU_SLOTS}, CUDA: {**DEVICE_SLOTS, **VIDEO_DEVICE_SLOTS},
+}
 
 
 def parse_targets(text: str) -> tuple[str, ...]:

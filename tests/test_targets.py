@@ -21,7 +21,9 @@ from sam2rt.errors import ExportError, GraphNotExportedError
 from sam2rt.graph_table import CPU, CUDA, GRAPHS, TENSORRT, graph_file, parse_targets, rows_for_targets, rows_to_make
 from sam2rt.manifest import Manifest
 
+# the video graphs go with every target; the CPU's memory attention is its com.microsoft MultiHeadAttention variant
 VIDEO = {"memory_encoder.onnx", "memory_attention.onnx", "track_decoder.onnx", "mask_downsample.onnx"}
+CPU_VIDEO = VIDEO - {"memory_attention.onnx"} | {"memory_attention.fused.onnx"}
 
 
 def files_of(rows) -> set[str]:
@@ -49,7 +51,7 @@ def test_each_target_keeps_the_rows_its_backend_runs():
     cpu = rows_for_targets(["cpu"], made_by_default)
     assert files_of(cpu) == {g.file for g in GRAPHS if CPU in g.runs_on and g.maker != "int8"}
     assert files_of(cpu) == {"encoder.opt.onnx", "decoder.opt.onnx", "decoder_nomask.opt.onnx", "decoder_prep.opt.onnx",
-                             "decoder_fast.opt.onnx"} | VIDEO  # one encoder, not three
+                             "decoder_fast.opt.onnx"} | CPU_VIDEO  # one encoder, not three
     cuda = rows_for_targets(["cuda"], made_by_default)
     assert files_of(cuda) == {g.file for g in GRAPHS if CUDA in g.runs_on and g.maker != "int8"}
     assert files_of(rows_for_targets(["tensorrt"], made_by_default)) == {"encoder.onnx", "decoder.onnx"} | VIDEO
@@ -57,11 +59,12 @@ def test_each_target_keeps_the_rows_its_backend_runs():
     # the CPU's encoder is made from the fused one, which is made (and verified) but not kept; no FP16 encoder
     made = files_of(rows_to_make(cpu))
     assert {"encoder.fused.onnx", "encoder.onnx", "decoder_fast.onnx"} <= made and "encoder.fused.fp16.onnx" not in made
+    assert "memory_attention.onnx" in made  # every role's base graph is made: its sha256 identifies the export
     assert files_of(rows_to_make(rows_for_targets(["tensorrt"], made_by_default))) == {"encoder.onnx", "decoder.onnx"} | VIDEO
     # without the optimised copies the CPU keeps what its slots fall back to
     plain = rows_for_targets(["cpu"], lambda g: g.maker == "torch.onnx")
     assert files_of(plain) == {"encoder.fused.onnx", "decoder.onnx", "decoder_nomask.onnx", "decoder_prep.onnx",
-                               "decoder_fast.onnx"} | VIDEO
+                               "decoder_fast.onnx"} | CPU_VIDEO
     assert parse_targets("tensorrt,cpu") == ("cpu", "tensorrt")
     with pytest.raises(ValueError, match="choose from cpu, cuda, tensorrt, all"):
         parse_targets("gpu")
@@ -187,8 +190,10 @@ def test_cpu_lean_copy_of_the_real_export(model_dir, sam2rt_model, tmp_path):
     m = Manifest.load(lean)
     fused = m.variant("encoder", "fused")
     assert fused["stored"] is False and m.variant("encoder", "optimized")["derived_from_sha256"] == fused["sha256"]
-    for role in ("memory_encoder", "memory_attention", "track_decoder", "mask_downsample", "video_constants"):
+    for role in ("memory_encoder", "track_decoder", "mask_downsample", "video_constants"):
         m.verify_graph(role)
+    assert m.graph("memory_attention")["stored"] is False  # the CPU runs its fused variant
+    m.verify_file(m.variant("memory_attention", "fused"))
     image = photo("coffee")
     prompts = [Prompt(points=np.array([[300.0, 200.0]]), labels=np.array([1])), Prompt(box=np.array([50, 50, 500, 350])),
                Prompt(points=np.array([[300.0, 200.0]] * 11), labels=np.array([1] * 11))]

@@ -58,8 +58,9 @@ def test_video_graphs_export_and_verify_for_every_config(name: str, version: str
 
     assert set(out["graphs"]) == {"memory_encoder", "memory_attention", "track_decoder", "mask_downsample",
                                   "video_constants"}
-    for entry in out["graphs"].values():
+    for entry in [*out["graphs"].values(), out["graphs"]["memory_attention"]["variants"]["fused"]]:
         assert (tmp_path / entry["file"]).is_file()
+    assert {k for k in out["verification"] if k.startswith("memory_attention.fused[")}
     assert out["verification"] and all(0 <= d <= VIDEO_TOLERANCE for d in out["verification"].values())
     s = out["video"]
     # what the config says, as the built reference model holds it

@@ -23,30 +23,37 @@ from torch import nn
 
 # ONNX Runtime's com.microsoft MultiHeadAttention: on CPU a fused (flash-style, no materialised
 # score matrix) kernel that takes q, k, v as (B, S, heads * head_dim), so the head split/merge
-# transposes go into the kernel. Exported only into the encoder variant the ONNX Runtime CPU backend
-# loads (`fused_encoder_attention`); encoder.onnx keeps standard ONNX ops for TensorRT and other runtimes.
+# transposes go into the kernel (with no mask or bias input: the CPU kernel has no flash path for those).
+# Exported only into the `fused` variants ONNX Runtime loads (the encoder's, `fused_encoder_attention`, and the
+# memory attention's, export/video_graphs.py); the base graphs keep standard ONNX ops for TensorRT and other runtimes.
 MHA_DOMAIN = "com.microsoft"
 
 
-class _OrtMultiHeadAttention(torch.autograd.Function):
-    """softmax(q k^T / sqrt(head_dim)) v per head for (B, S, D) inputs; exports as com.microsoft::MultiHeadAttention."""
+class OrtMultiHeadAttention(torch.autograd.Function):
+    """softmax(scale * q k^T) v per head for (B, S, heads * d) inputs; exports as com.microsoft::MultiHeadAttention.
+
+    scale None: 1/sqrt(head size of q). q and k may have another head size than v (the memory attention's fused
+    cross-attention attends with 257-channel q and k over the 64-channel memory); the output has v's.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int
+        ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, scale: float | None = None
     ) -> torch.Tensor:
-        b, s, d = q.shape
+        b, s, _ = q.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(b, t.shape[1], num_heads, d // num_heads).transpose(1, 2)
+            return t.reshape(b, t.shape[1], num_heads, t.shape[2] // num_heads).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
-        return out.transpose(1, 2).reshape(b, s, d)
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), scale=scale)
+        return out.transpose(1, 2).reshape(b, s, v.shape[2])
 
     @staticmethod
-    def symbolic(g, q, k, v, num_heads: int):  # pragma: no cover - called by torch.onnx.export
-        out = g.op(f"{MHA_DOMAIN}::MultiHeadAttention", q, k, v, num_heads_i=num_heads)
-        out.setType(q.type())
+    def symbolic(g, q, k, v, num_heads: int, scale: float | None = None):  # pragma: no cover - called by torch.onnx.export
+        attrs = {"num_heads_i": num_heads} if scale is None else {"num_heads_i": num_heads, "scale_f": scale}
+        out = g.op(f"{MHA_DOMAIN}::MultiHeadAttention", q, k, v, **attrs)
+        q_sizes, v_sizes = q.type().varyingSizes(), v.type().varyingSizes()  # None for a dynamic dimension
+        out.setType(v.type().with_sizes([q_sizes[0], q_sizes[1], v_sizes[2]]))
         return out
 
 
@@ -72,7 +79,7 @@ def _linear(x: torch.Tensor, linear: nn.Linear, part: int, width: int, bias: boo
 def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Attention of (..., D) q over k, v (any leading shape, flattened to (B, S, D)) -> (B, Sq, D)."""
     b, d = q.shape[0], attn.dim_out
-    return _OrtMultiHeadAttention.apply(q.reshape(b, -1, d), k.reshape(b, -1, d), v.reshape(b, -1, d), attn.num_heads)
+    return OrtMultiHeadAttention.apply(q.reshape(b, -1, d), k.reshape(b, -1, d), v.reshape(b, -1, d), attn.num_heads)
 
 
 def _project(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:

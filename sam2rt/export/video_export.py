@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..errors import ExportError
 from ..graph_table import graph_file
+from .encoder_fusion import MHA_DOMAIN
 from ..manifest import sha256_file
 from ..runtime.video.heads import NO_POINTS_COORDS, NO_POINTS_LABELS, select_track_output, use_multimask
 from ..runtime.video.sessions import create_session, run
@@ -25,6 +26,7 @@ from .video_graphs import (
 
 MEMORY_ENCODER_FILE = graph_file("memory_encoder").file
 MEMORY_ATTENTION_FILE = graph_file("memory_attention").file
+MEMORY_ATTENTION_FUSED_FILE = graph_file("memory_attention", "fused").file
 TRACK_DECODER_FILE = graph_file("track_decoder").file
 MASK_DOWNSAMPLE_FILE = graph_file("mask_downsample").file
 VIDEO_CONSTANTS_FILE = "video_constants.npz"
@@ -86,6 +88,7 @@ def export_video_graphs(
     g = torch.Generator().manual_seed(0)
 
     enc, attn = MemoryEncoderGraph(model).eval(), MemoryAttentionGraph(model, (feat, feat)).eval()
+    attn_fused = MemoryAttentionGraph(model, (feat, feat), fused=True).eval()
     dec, down = TrackDecoderGraph(model).eval(), MaskDownsampleGraph(model).eval()
     mask_logits = torch.randn(1, 1, low, low, generator=g) * 4
     enc_args = (image_embed, mask_logits, torch.tensor([[1.5]]), torch.tensor([1.0]))
@@ -100,6 +103,7 @@ def export_video_graphs(
     paths = {
         "memory_encoder": out / MEMORY_ENCODER_FILE, "memory_attention": out / MEMORY_ATTENTION_FILE,
         "track_decoder": out / TRACK_DECODER_FILE, "mask_downsample": out / MASK_DOWNSAMPLE_FILE,
+        "memory_attention.fused": out / MEMORY_ATTENTION_FUSED_FILE,
     }
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -107,6 +111,9 @@ def export_video_graphs(
                           output_names=MEMORY_ENCODER_OUTPUTS, opset_version=opset, dynamo=False)
         torch.onnx.export(attn, attn_args, str(paths["memory_attention"]), input_names=MEMORY_ATTENTION_INPUTS,
                           output_names=MEMORY_ATTENTION_OUTPUTS, opset_version=opset, dynamo=False)
+        torch.onnx.export(attn_fused, attn_args, str(paths["memory_attention.fused"]),
+                          input_names=MEMORY_ATTENTION_INPUTS, output_names=MEMORY_ATTENTION_OUTPUTS,
+                          opset_version=opset, custom_opsets={MHA_DOMAIN: 1}, dynamo=False)
         torch.onnx.export(dec, dec_args, str(paths["track_decoder"]), input_names=TRACK_DECODER_INPUTS,
                           output_names=TRACK_DECODER_OUTPUTS, opset_version=opset, dynamo=False,
                           dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}})
@@ -128,8 +135,14 @@ def export_video_graphs(
     del ort
     graphs = {
         role: {"file": p.name, "sha256": sha256_file(p), "precision": "fp32", **_io_spec(sessions[role])}
-        for role, p in paths.items()
+        for role, p in paths.items() if "." not in role
     }
+    fused = graph_file("memory_attention", "fused")
+    graphs["memory_attention"]["variants"] = {"fused": {
+        "file": fused.file, "sha256": sha256_file(paths[fused.key]), "precision": fused.precision,
+        "derived_from_sha256": graphs["memory_attention"]["sha256"], "use": fused.use,
+        **_io_spec(sessions[fused.key]),
+    }}
     graphs["memory_attention"]["slots"] = {
         "cond": layout.cond_slots, "recent": layout.recent_slots, "pointers": layout.ptr_slots,
         "use": "conditioning-frame slots (a cap: in a stream each object has exactly one), the num_maskmem - 1 "
@@ -181,10 +194,9 @@ def _verify(model, sessions, settings, layout: SlotLayout, image_embed, hr0, hr1
                     frame_idx, False, [_flat(raw)], [_flat(curr_pos)], [(feat, feat)], ref_dict, num_frames
                 )
                 feeds = memory_feeds(mem, frame_idx, settings, layout, num_frames)
-                got = run(sessions["memory_attention"], {"image_embed": np_feats["image_embed"], **feeds})[0]
-                diffs[f"memory_attention[frame={frame_idx},num_frames={num_frames}]"] = _check(
-                    "memory_attention", got, ref.numpy()
-                )
+                for key in ("memory_attention", "memory_attention.fused"):
+                    got = run(sessions[key], {"image_embed": np_feats["image_embed"], **feeds})[0]
+                    diffs[f"{key}[frame={frame_idx},num_frames={num_frames}]"] = _check(key, got, ref.numpy())
 
             # tracking decoder: a click on an initial frame, a box with a mask input, tracking (no prompt)
             cases = [

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .encoder_fusion import OrtMultiHeadAttention
 from .graphs import PromptDecoderGraph
 
 NO_OBJ_SCORE = -1024.0  # sam2.modeling.sam2_base.NO_OBJ_SCORE: logits of an absent object
@@ -52,9 +53,12 @@ TRACK_DECODER_OUTPUTS = ["low_res_masks", "iou_predictions", "obj_ptr", "object_
 MASK_DOWNSAMPLE_INPUTS = ["mask"]
 MASK_DOWNSAMPLE_OUTPUTS = ["mask_input"]
 
-# Queries per attention chunk: a (1, heads, chunk, ~28.7k) score matrix instead of (1, heads, 4096, ~28.7k)
-# (118 MiB instead of 470 MiB per layer); softmax is per query row, so the result is the same.
+# Queries per attention chunk of the standard graph: a (1, heads, chunk, ~28.7k) score matrix instead of
+# (1, heads, 4096, ~28.7k) (118 MiB instead of 470 MiB per layer); softmax is per query row, so the result is the same.
 QUERY_CHUNK = 1024
+# Bias of an invalid key in the fused graph's extra key channel: finite, so a block of keys that are all invalid
+# cannot turn the flash kernel's running maximum into -inf - (-inf) = NaN; exp(-1e9 * scale - max) is 0 in float32.
+INVALID_KEY_BIAS = -1e9
 
 
 def _raw_image_features(model: nn.Module, image_embed: torch.Tensor) -> torch.Tensor:
@@ -98,55 +102,97 @@ def rope_tables(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return cis.real.float().contiguous(), cis.imag.float().contiguous()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (..., N, D) by the RoPE angles with real arithmetic: pairs (x0, x1) -> (x0c - x1s, x0s + x1c).
+def half_split_order(head_dim: int, heads: int) -> torch.Tensor:
+    """Channel order that moves each head's RoPE pairs (2j, 2j+1) to (j, j + head_dim/2).
 
-    The same products as the reference's complex multiplication `view_as_complex(x) * freqs_cis`.
+    q and k projected in this order give the same scores q.k (one permutation on both sides of a dot product), and
+    their rotation becomes two elementwise products (`apply_rope_half`) instead of an interleave.
     """
-    pairs = x.reshape(*x.shape[:-1], -1, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-    return out.flatten(-2)
+    one = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+    return torch.cat([one + h * head_dim for h in range(heads)])
 
 
-class _RoPEAttentionStatic(nn.Module):
-    """A RoPEAttention with precomputed cos/sin tables; keys may come in `slots` repeats of the query grid
-    (rope_k_repeat) followed by unrotated pointer tokens, and a key mask (additive, 0 / -inf)."""
+def apply_rope_half(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
+    """RoPE for channels in `half_split_order`, with real arithmetic: x * [cos, cos] + [-x1, x0] * [sin, sin].
 
-    def __init__(self, attn: nn.Module) -> None:
+    The same products as the reference's complex multiplication `view_as_complex(x) * freqs_cis`, pair by pair.
+    """
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos2 + rotated * sin2
+
+
+class _MemoryRoPEAttention(nn.Module):
+    """A RoPEAttention of the memory attention, with the same function and less work.
+
+    - q and k are projected in `half_split_order`, so RoPE is two products with the graph's shared tables.
+    - Keys may come as `slots` repeats of the query grid (rope_k_repeat) followed by unrotated pointer tokens,
+      with an additive key mask (0 / -inf).
+    - Cross-attention (`value_first`): the reference projects the 64-channel memory to v (256 channels) before
+      attending. With one head, out_proj(P (X Wv^T + bv)) = (P X)(Wo Wv)^T + (Wo bv + bo) because each row of
+      P sums to 1, so the graph attends over the memory itself and applies one folded projection after:
+      P X costs a quarter of P V.
+    - `fused`: attention as com.microsoft MultiHeadAttention (ONNX Runtime's CPU flash kernel). That kernel takes
+      no mask, so the key mask rides in one extra channel: q gets 1, k gets bias / scale, and
+      scale * (q.k + 1 * bias / scale) = scale * q.k + bias. Otherwise MatMul -> Softmax -> MatMul in query chunks.
+    """
+
+    def __init__(self, attn: nn.Module, value_first: bool, fused: bool) -> None:
         super().__init__()
         self.attn = attn
-        cos, sin = rope_tables(attn)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        self.heads = int(attn.num_heads)
+        self.head_dim = int(attn.internal_dim) // self.heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.value_first = value_first and self.heads == 1
+        self.fused = fused
+        order = half_split_order(self.head_dim, self.heads)
+        with torch.no_grad():
+            self.q_weight = nn.Parameter(attn.q_proj.weight[order].clone(), requires_grad=False)
+            self.q_bias = nn.Parameter(attn.q_proj.bias[order].clone(), requires_grad=False)
+            self.k_weight = nn.Parameter(attn.k_proj.weight[order].clone(), requires_grad=False)
+            self.k_bias = nn.Parameter(attn.k_proj.bias[order].clone(), requires_grad=False)
+            if self.value_first:
+                o, v = attn.out_proj, attn.v_proj
+                self.vo_weight = nn.Parameter(o.weight @ v.weight, requires_grad=False)
+                self.vo_bias = nn.Parameter(o.weight @ v.bias + o.bias, requires_grad=False)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        h = self.attn.num_heads
-        return x.reshape(b, n, h, c // h).transpose(1, 2)
+        return x.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
 
-    def forward(self, q, k, v, slots: int = 0, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def _merge(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2).flatten(2)
+
+    def forward(self, q, k, v, cos2, sin2, slots: int = 0, key_bias: torch.Tensor | None = None) -> torch.Tensor:
         a = self.attn
-        q, k, v = self._heads(a.q_proj(q)), self._heads(a.k_proj(k)), self._heads(a.v_proj(v))
+        q = apply_rope_half(self._heads(F.linear(q, self.q_weight, self.q_bias)), cos2, sin2)
+        k = self._heads(F.linear(k, self.k_weight, self.k_bias))
         n = q.shape[-2]
-        q = apply_rope(q, self.cos, self.sin)
         if slots == 0:  # self-attention: keys on the query grid
-            k = apply_rope(k, self.cos, self.sin)
+            k = apply_rope_half(k, cos2, sin2)
         else:  # `slots` memory frames on the query grid (same angles each), then pointer tokens without RoPE
             b, h, _, d = k.shape
-            k_mem = apply_rope(k[:, :, : slots * n].reshape(b, h, slots, n, d), self.cos, self.sin)
+            k_mem = apply_rope_half(k[:, :, : slots * n].reshape(b, h, slots, n, d), cos2, sin2)
             k = torch.cat([k_mem.reshape(b, h, slots * n, d), k[:, :, slots * n :]], dim=2)
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        kt = k.transpose(-2, -1)
-        outs = []
-        for i in range(0, n, QUERY_CHUNK):
-            s = torch.matmul(q[:, :, i : i + QUERY_CHUNK] * scale, kt)
+        v = v[:, None] if self.value_first else self._heads(a.v_proj(v))
+        if self.fused:
             if key_bias is not None:
-                s = s + key_bias
-            outs.append(torch.matmul(torch.softmax(s, dim=-1), v))
-        out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-        b, h, n_q, d = out.shape
-        return a.out_proj(out.transpose(1, 2).reshape(b, n_q, h * d))
+                bias = key_bias.clamp(min=INVALID_KEY_BIAS).reshape(1, 1, -1, 1).expand(k.shape[0], k.shape[1], -1, 1)
+                q = torch.cat([q, torch.ones_like(q[..., :1])], dim=-1)
+                k = torch.cat([k, bias / self.scale], dim=-1)
+            out = OrtMultiHeadAttention.apply(self._merge(q), self._merge(k), self._merge(v), self.heads, self.scale)
+        else:
+            kt = k.transpose(-2, -1)
+            outs = []
+            for i in range(0, n, QUERY_CHUNK):
+                s = torch.matmul(q[:, :, i : i + QUERY_CHUNK] * self.scale, kt)
+                if key_bias is not None:
+                    s = s + key_bias
+                outs.append(torch.matmul(torch.softmax(s, dim=-1), v))
+            out = self._merge(torch.cat(outs, dim=2) if len(outs) > 1 else outs[0])
+        if self.value_first:
+            return F.linear(out, self.vo_weight, self.vo_bias)
+        return a.out_proj(out)
 
 
 class MemoryAttentionGraph(nn.Module):
@@ -158,9 +204,13 @@ class MemoryAttentionGraph(nn.Module):
     mem_valid (M,) 1/0; obj_ptrs (P,C); ptr_pos (P,) the pointer's temporal distance already divided by
     `max_obj_ptrs - 1` (signed or absolute per the model); ptr_valid (P,) 1/0. At least one slot is valid.
     Output: pix_feat_with_mem (1,C,H,W).
+
+    `fused=True` makes the ONNX Runtime CPU variant (attention as com.microsoft MultiHeadAttention); the default
+    uses standard ONNX ops only (TensorRT, the CUDA provider). One RoPE table pair serves every layer: the
+    reference's layers all hold the same angles (checked here), so the file holds them once.
     """
 
-    def __init__(self, model: nn.Module, feat_hw: tuple[int, int] = (64, 64)) -> None:
+    def __init__(self, model: nn.Module, feat_hw: tuple[int, int] = (64, 64), fused: bool = False) -> None:
         super().__init__()
         self.model = model
         ma = model.memory_attention
@@ -172,8 +222,18 @@ class MemoryAttentionGraph(nn.Module):
             mem_pos = model.memory_encoder.position_encoding(torch.zeros(1, model.mem_dim, h, w))
         self.register_buffer("curr_pos", curr_pos.flatten(2).transpose(1, 2).contiguous(), persistent=False)  # (1,HW,C)
         self.register_buffer("mem_pos", mem_pos.flatten(2).transpose(1, 2).contiguous(), persistent=False)  # (1,HW,m)
-        self.self_attn = nn.ModuleList(_RoPEAttentionStatic(layer.self_attn) for layer in ma.layers)
-        self.cross_attn = nn.ModuleList(_RoPEAttentionStatic(layer.cross_attn_image) for layer in ma.layers)
+        attns = [a for layer in ma.layers for a in (layer.self_attn, layer.cross_attn_image)]
+        cos, sin = rope_tables(attns[0])
+        for a in attns[1:]:
+            other_cos, other_sin = rope_tables(a)
+            if not (torch.equal(cos, other_cos) and torch.equal(sin, other_sin)):
+                raise ValueError("the memory attention's layers hold different RoPE angles; one table cannot serve them")
+        # persistent buffers export as one initializer each, shared by every layer (non-persistent ones would be
+        # copied into a constant at every use)
+        self.register_buffer("rope_cos", torch.cat([cos, cos], dim=-1))
+        self.register_buffer("rope_sin", torch.cat([sin, sin], dim=-1))
+        self.self_attn = nn.ModuleList(_MemoryRoPEAttention(layer.self_attn, False, fused) for layer in ma.layers)
+        self.cross_attn = nn.ModuleList(_MemoryRoPEAttention(layer.cross_attn_image, True, fused) for layer in ma.layers)
 
     def _pointer_tokens(self, obj_ptrs: torch.Tensor, ptr_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from sam2.modeling.sam2_utils import get_1d_sine_pe
@@ -212,6 +272,7 @@ class MemoryAttentionGraph(nn.Module):
             memory_pos = torch.cat([memory_pos, ptr_pos_tokens[None]], dim=1)
             key_valid = torch.cat([key_valid, ptr_valid.repeat_interleave(split)])
         key_bias = torch.where(key_valid > 0.5, 0.0, float("-inf")).reshape(1, 1, 1, -1)
+        tables = (self.rope_cos, self.rope_sin)
 
         output = curr
         if ma.pos_enc_at_input:
@@ -219,12 +280,13 @@ class MemoryAttentionGraph(nn.Module):
         for layer, sa, ca in zip(ma.layers, self.self_attn, self.cross_attn):
             tgt2 = layer.norm1(output)
             qk = tgt2 + self.curr_pos if layer.pos_enc_at_attn else tgt2
-            output = output + sa(qk, qk, tgt2)
+            output = output + sa(qk, qk, tgt2, *tables)
             tgt2 = layer.norm2(output)
             output = output + ca(
                 tgt2 + self.curr_pos if layer.pos_enc_at_cross_attn_queries else tgt2,
                 memory + memory_pos if layer.pos_enc_at_cross_attn_keys else memory,
                 memory,
+                *tables,
                 slots=slots,
                 key_bias=key_bias,
             )

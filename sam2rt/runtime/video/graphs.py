@@ -7,9 +7,11 @@ from typing import Any
 import numpy as np
 
 from ...errors import ManifestError
+from ...graph_table import VIDEO_CPU_SLOTS, VIDEO_DEVICE_SLOTS, graph_file
 from ...manifest import Manifest
+from ..backends.onnxruntime_backend import slot_entries
 from .memory import SlotLayout
-from .sessions import create_session, run
+from .sessions import CPU_PROVIDERS, VIDEO_PROVIDERS, create_session, run
 
 VIDEO_ROLES = ("memory_encoder", "memory_attention", "track_decoder", "mask_downsample")
 
@@ -17,7 +19,8 @@ VIDEO_ROLES = ("memory_encoder", "memory_attention", "track_decoder", "mask_down
 class VideoGraphs:
     """Sessions over memory_encoder / memory_attention / track_decoder / mask_downsample, and the constants.
 
-    Every file is checked against its sha256 in the manifest before it is loaded.
+    Which file serves each role comes from graph_table's video slots: on the CPU provider the memory attention's
+    `fused` variant where the export made it. Every file is checked against its sha256 before it is loaded.
     """
 
     def __init__(self, manifest: Manifest, backend: str = "onnxruntime-cpu", threads: int | None = None) -> None:
@@ -28,7 +31,14 @@ class VideoGraphs:
                 "re-run `sam2rt export` into it"
             )
         self.settings: dict[str, Any] = dict(manifest.data["video"])
-        self.sessions = {role: create_session(manifest.verify_graph(role), backend, threads) for role in VIDEO_ROLES}
+        on_cpu = VIDEO_PROVIDERS.get(backend.split(":")[0], CPU_PROVIDERS) == CPU_PROVIDERS
+        slots = VIDEO_CPU_SLOTS if on_cpu else VIDEO_DEVICE_SLOTS
+        self.entries = slot_entries(manifest, slots)
+        missing = [role for role in VIDEO_ROLES if role not in self.entries]
+        if missing:
+            raise manifest.left_out_error(graph_file(missing[0]).file)
+        self.sessions = {role: create_session(manifest.verify_file(self.entries[role]), backend, threads)
+                         for role in VIDEO_ROLES}
         with np.load(manifest.verify_graph("video_constants"), allow_pickle=False) as data:
             self.no_mem_embed = np.ascontiguousarray(data["no_mem_embed"], np.float32).reshape(1, -1, 1, 1)
             self.no_obj_ptr = np.ascontiguousarray(data["no_obj_ptr"], np.float32).reshape(-1)

@@ -13,8 +13,9 @@ from ...errors import BackendUnavailableError
 
 # ONNX Runtime providers for the video graphs, by the image backend's name (TensorRT engines exist for the
 # image graphs only: with the tensorrt backend the video graphs run on ONNX Runtime's CUDA provider).
+CPU_PROVIDERS = ["CPUExecutionProvider"]
 VIDEO_PROVIDERS = {
-    "onnxruntime-cpu": ["CPUExecutionProvider"],
+    "onnxruntime-cpu": CPU_PROVIDERS,
     "onnxruntime-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "onnxruntime-tensorrt": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "tensorrt": ["CUDAExecutionProvider", "CPUExecutionProvider"],
