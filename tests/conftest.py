@@ -3,6 +3,7 @@
 - `tiny_model_dir` / `tiny_model`: a stand-in model directory with SAM 2's graph names, inputs, outputs and
   manifest but tiny graphs (sam2rt/export/tiny_model.py), built in milliseconds without torch. Tests of
   what the runtime does around the graphs (prompt checks, batching, graph choice, errors, CLI) use it.
+  `tiny_video_dir` adds tiny video graphs (sam2rt/export/tiny_video.py) for the tracker's CLI and state tests.
 - `checkpoint_path` / `model_dir` / `sam2rt_model` / `reference_predictor`: a seeded random-weight SAM 2.1
   hiera_tiny saved as an official checkpoint and exported once per session, for the tests of SAM 2's
   numerics (parity with the reference, the export itself).
@@ -80,6 +81,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from sam2rt.export.tiny_model import build_tiny_model_dir
 
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model").directory
+
+
+@pytest.fixture(scope="session")
+def tiny_video_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny stand-in with tiny video graphs too (export/tiny_video.py): a VideoTracker loads it; do not modify it."""
+    from sam2rt.export.tiny_model import build_tiny_model_dir
+
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny_video") / "model", video=True).directory
 
 
 @pytest.fixture(scope="session")

@@ -136,6 +136,25 @@ def tracker(model_dir: Path):
     return VideoTracker.from_dir(model_dir, backend="onnxruntime-cpu", fill_hole_area=0)
 
 
+# Tests of what the tracker and its CLI do around the graphs run quick on the tiny stand-in's video graphs
+# (export/tiny_video.py) and again, marked slow, on the real export.
+AROUND_THE_GRAPHS = ["tiny", pytest.param("real", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(params=AROUND_THE_GRAPHS)
+def video_model_dir(request) -> Path:
+    return request.getfixturevalue("tiny_video_dir" if request.param == "tiny" else "model_dir")
+
+
+@pytest.fixture(params=AROUND_THE_GRAPHS)
+def any_tracker(request):
+    if request.param == "real":
+        return request.getfixturevalue("tracker")
+    from sam2rt.runtime import VideoTracker
+
+    return VideoTracker.from_dir(request.getfixturevalue("tiny_video_dir"), backend="onnxruntime-cpu", fill_hole_area=0)
+
+
 def test_propagate_quick_two_objects(tracker, video_reference, tmp_path: Path):
     """4 frames, a point and a box on frame 0: propagate() against propagate_in_video."""
     frames, corners = pan_clip(4)
@@ -275,8 +294,9 @@ def test_remove_object_leaves_others_unchanged(tracker):
         np.testing.assert_array_equal(a, b)
 
 
-def test_state_save_restore_continues_identically(tracker, tmp_path: Path):
+def test_state_save_restore_continues_identically(any_tracker, tmp_path: Path):
     """An npz state saved mid-stream and loaded back gives the same next frame as going on directly."""
+    tracker = any_tracker
     frames, corners = pan_clip(3)
     tracker.reset()
     tracker.add_prompt(1, frame=frames[0], **point_prompt(corners[0]))
@@ -294,7 +314,7 @@ def test_state_save_restore_continues_identically(tracker, tmp_path: Path):
     np.testing.assert_array_equal(restored[1], direct[1])
 
 
-def test_track_cli_writes_overlay_video_and_jsonl_without_torch(model_dir: Path, tmp_path: Path):
+def test_track_cli_writes_overlay_video_and_jsonl_without_torch(video_model_dir: Path, tmp_path: Path):
     """`sam2rt track` on a 2-frame clip writes the overlay video and one JSON line per frame; the process that
     ran it (the CLI, VideoTracker and the video graphs) never imported torch."""
     import json
@@ -312,7 +332,7 @@ def test_track_cli_writes_overlay_video_and_jsonl_without_torch(model_dir: Path,
     writer.release()
     out, jsonl = tmp_path / "tracked.mp4", tmp_path / "masks.jsonl"
     px, py = point_prompt(corners[0])["points"][0]
-    args = ["track", "--model-dir", str(model_dir), "--video", str(video),
+    args = ["track", "--model-dir", str(video_model_dir), "--video", str(video),
             "--box", ",".join(str(v) for v in BOX_PROMPT["box"]), "--obj", "7", "--point", f"{px},{py}",
             "--out", str(out), "--json", str(jsonl), "--backend", "onnxruntime-cpu", "--quiet"]
     code = textwrap.dedent(
@@ -380,6 +400,41 @@ def test_export_records_static_video_graphs(model_dir: Path):
     assert v["binarize_mask_from_pts_for_mem_enc"] is True and v["fill_hole_area"] == 8
     diffs = m.data["verification"]["max_abs_diff"]
     assert {k for k in diffs if k.startswith("memory_attention[")} and max(diffs.values()) < 1e-3
+    # the CPU's variant: the same inputs, com.microsoft MultiHeadAttention, verified against PyTorch like the base
+    fused = m.variant("memory_attention", "fused")
+    assert fused["sha256"] == sha256_file(model_dir / fused["file"]) and fused["derived_from_sha256"] == attn["sha256"]
+    assert fused["inputs"] == attn["inputs"] and {k for k in diffs if k.startswith("memory_attention.fused[")}
+    fused_graph = onnx.load(str(model_dir / fused["file"]))
+    assert {n.op_type for n in fused_graph.graph.node if n.domain == "com.microsoft"} == {"MultiHeadAttention"}
+    assert not [n for n in graph.graph.node if n.domain not in ("", "ai.onnx")]  # the base: standard ops (TensorRT)
+    # one RoPE table pair for all layers (a copy per use made the file 145 MB)
+    assert (model_dir / attn["file"]).stat().st_size < 30e6
+    from sam2rt.runtime.video.graphs import VideoGraphs
+
+    assert VideoGraphs(m, "onnxruntime-cpu").entries["memory_attention"]["file"] == fused["file"]
+    assert VideoGraphs(m, "onnxruntime-cuda").entries["memory_attention"]["file"] == attn["file"]
+
+
+def test_rope_in_half_split_order_is_the_reference_rotation():
+    """The exported memory attention rotates q and k with channels in half-split order (two products, no
+    interleave): the same numbers as sam2's complex `apply_rotary_enc`, channel for channel after the reordering,
+    and the same scores q.k."""
+    import torch
+    from sam2.modeling.position_encoding import apply_rotary_enc, compute_axial_cis
+
+    from sam2rt.export.video_graphs import apply_rope_half, half_split_order
+
+    cis = compute_axial_cis(dim=256, end_x=64, end_y=64, theta=10000.0)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 4096, 256, generator=g), torch.randn(1, 1, 4096, 256, generator=g)
+    ref_q, ref_k = apply_rotary_enc(q, k, cis)
+    order = half_split_order(256, 1)
+    cos2, sin2 = torch.cat([cis.real] * 2, -1).float(), torch.cat([cis.imag] * 2, -1).float()
+    got_q, got_k = apply_rope_half(q[..., order], cos2, sin2), apply_rope_half(k[..., order], cos2, sin2)
+    assert torch.allclose(got_q, ref_q[..., order], atol=1e-6) and torch.allclose(got_k, ref_k[..., order], atol=1e-6)
+    scores, ref_scores = got_q[0, 0, :64] @ got_k[0, 0, :64].T, ref_q[0, 0, :64] @ ref_k[0, 0, :64].T
+    assert torch.allclose(scores, ref_scores, atol=1e-4)
+    assert not torch.equal(order, torch.arange(256))  # the test would pass trivially without a reordering
 
 
 def _scipy_connected_components(mask):
@@ -485,7 +540,7 @@ class _FakeCamera:
         self.released = True
 
 
-def test_track_cli_reads_a_camera_index(model_dir: Path, tmp_path: Path, monkeypatch, capsys):
+def test_track_cli_reads_a_camera_index(video_model_dir: Path, tmp_path: Path, monkeypatch, capsys):
     """`--video 0` opens camera 0 (cv2.VideoCapture(0)) and tracks until the stream ends; a camera that
     cannot be opened is a clear error with exit status 2."""
     import json
@@ -504,13 +559,13 @@ def test_track_cli_reads_a_camera_index(model_dir: Path, tmp_path: Path, monkeyp
 
     monkeypatch.setattr(cv2, "VideoCapture", capture)
     jsonl = tmp_path / "cam.jsonl"
-    rc = main(["track", "--model-dir", str(model_dir), "--video", "0", "--box",
+    rc = main(["track", "--model-dir", str(video_model_dir), "--video", "0", "--box",
                ",".join(str(v) for v in BOX_PROMPT["box"]), "--json", str(jsonl), "--backend", "onnxruntime-cpu",
                "--quiet"])
     assert rc == 0 and opened == [0]
     assert [json.loads(line)["frame"] for line in jsonl.read_text().splitlines()] == [0, 1]
     assert "tracked 1 object(s) over 2 frame(s)" in capsys.readouterr().out
 
-    rc = main(["track", "--model-dir", str(model_dir), "--video", "3", "--box", "1,2,30,40", "--quiet"])
+    rc = main(["track", "--model-dir", str(video_model_dir), "--video", "3", "--box", "1,2,30,40", "--quiet"])
     assert rc == 2 and opened[-1] == 3
     assert "could not open camera 3" in capsys.readouterr().err

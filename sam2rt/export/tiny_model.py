@@ -3,7 +3,8 @@
 `build_tiny_model_dir(DIR)` writes, in well under a second and without torch, a model directory that the
 runtime loads like a real export: `encoder.onnx`, `decoder.onnx` and the CPU backend's decoder variants
 (`nomask`, `prep` + `fast`), each with SAM 2's input and output names and shapes, and a `manifest.json`
-in the export's format with every file's sha256. Tests of what the runtime does around the graphs
+in the export's format with every file's sha256 (with `video=True` also the video graphs a VideoTracker
+loads: export/tiny_video.py). Tests of what the runtime does around the graphs
 (prompt checks, batching, graph choice, errors, the CLI, the server) run on it in milliseconds; tests
 of SAM 2's numerics use a real export (tests/conftest.py).
 
@@ -81,12 +82,15 @@ def build_encoder(seed: int = 0):
     return _model(nodes, "sam2rt_tiny_encoder", inputs, outputs, inits)
 
 
-def _image_term_nodes(out: str) -> list:
-    """The three features' channel means, upsampled (nearest) to 256x256 and summed: (1,1,256,256)."""
+def _image_term_nodes(out: str, sources: dict[str, str] | None = None) -> list:
+    """The three features' channel means, upsampled (nearest) to 256x256 and summed: (1,1,256,256).
+
+    `sources` renames inputs (the tracking decoder reads `pix_feat` where the decoder reads `image_embed`)."""
     _, helper, _ = _helpers()
     nodes, parts = [], []
     for name in FEATURES:
-        nodes.append(helper.make_node("ReduceMean", [name], [f"{name}_mean"], axes=[1], keepdims=1))
+        source = (sources or {}).get(name, name)
+        nodes.append(helper.make_node("ReduceMean", [source], [f"{name}_mean"], axes=[1], keepdims=1))
         nodes.append(helper.make_node("Resize", [f"{name}_mean", "", f"{name}_scales"], [f"{name}_up"], mode="nearest"))
         parts.append(f"{name}_up")
     nodes.append(helper.make_node("Sum", parts, [out]))
@@ -206,11 +210,14 @@ def _io_spec(model) -> dict[str, list[dict]]:
     return {"inputs": [one(v) for v in model.graph.input], "outputs": [one(v) for v in model.graph.output]}
 
 
-def build_tiny_model_dir(out_dir: str | Path, seed: int = 0, variants: bool = True, optimize: bool = True) -> Manifest:
+def build_tiny_model_dir(
+    out_dir: str | Path, seed: int = 0, variants: bool = True, optimize: bool = True, video: bool = False
+) -> Manifest:
     """Write the tiny stand-in model directory (see the module docstring) to out_dir; return its manifest.
 
     `variants=False` writes only encoder.onnx and decoder.onnx (the plain graphs the GPU backends run);
-    `optimize` adds ONNX Runtime's optimised copies as the export does (sam2rt.export.optimize).
+    `optimize` adds ONNX Runtime's optimised copies as the export does (sam2rt.export.optimize); `video` adds
+    tiny video graphs (export.tiny_video), so that a VideoTracker loads the directory.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -262,6 +269,10 @@ def build_tiny_model_dir(out_dir: str | Path, seed: int = 0, variants: bool = Tr
         from .optimize import add_variants
 
         manifest = add_variants(out, optimized=True)
+    if video:
+        from .tiny_video import add_tiny_video
+
+        manifest = add_tiny_video(manifest, seed)
     return manifest
 
 
