@@ -71,10 +71,14 @@ GRAPHS: tuple[GraphFile, ...] = (
               "once per image: the prompt-independent part of decoder_fast"),
     GraphFile("decoder", "prep_optimized", "decoder_prep.opt.onnx", "fp32", "onnxruntime", "prep", (CPU,),
               "decoder_prep after ONNX Runtime's offline optimisations"),
-    GraphFile("decoder", "fast", "decoder_fast.onnx", "fp32", "torch.onnx", None, (CUDA,),
-              "one plain prompt of <= 10 points over decoder_prep's tensors (decoder_nomask's function, rewritten)"),
+    GraphFile("decoder", "fast", "decoder_fast.onnx", "fp32", "torch.onnx", None, (),
+              "one plain prompt of <= 10 points over decoder_prep's tensors (decoder_nomask's function, rewritten); "
+              "its upscaling in the CPU's layout"),
     GraphFile("decoder", "fast_optimized", "decoder_fast.opt.onnx", "fp32", "onnxruntime", "fast", (CPU,),
               "decoder_fast after ONNX Runtime's offline optimisations (less the fusions it records)"),
+    GraphFile("decoder", "fast_device", "decoder_fast.device.onnx", "fp32", "torch.onnx", None, (CUDA,),
+              "the same function with the upscaling as plain GEMMs: what ONNX Runtime's CUDA provider computes "
+              "correctly and captures in CUDA graphs (export/cuda_matmul.py)"),
     # video tracking (sam2rt.export.video_export): the VideoTracker runs them on ONNX Runtime beside every image
     # backend (beside tensorrt on ONNX Runtime's CUDA provider), so they go with every export target
     GraphFile("memory_encoder", None, "memory_encoder.onnx", "fp32", "torch.onnx", None, (CPU, CUDA, TENSORRT),
@@ -124,7 +128,7 @@ CPU_SLOTS: dict[str, tuple[str, tuple[str | None, ...]]] = {
     "decoder": ("decoder", ("optimized", None)),
     "decoder_nomask": ("decoder", ("nomask_optimized", "nomask")),
     "decoder_prep": ("decoder", ("prep_optimized", "prep")),
-    "decoder_fast": ("decoder", ("fast_optimized", "fast")),
+    "decoder_fast": ("decoder", ("fast_optimized", "fast", "fast_device")),
 }
 # The video graphs' slots (runtime.video.graphs.VideoGraphs), on the CPU provider and on a GPU provider (the
 # VideoTracker runs them on ONNX Runtime beside every image backend).
@@ -144,7 +148,7 @@ DEVICE_SLOTS: dict[str, tuple[str, tuple[str | None, ...]]] = {
     "decoder": ("decoder", (None,)),
     "decoder_nomask": ("decoder", ("nomask",)),
     "decoder_prep": ("decoder", ("prep",)),
-    "decoder_fast": ("decoder", ("fast",)),
+    "decoder_fast": ("decoder", ("fast_device",)),
 }
 
 

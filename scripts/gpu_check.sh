@@ -17,7 +17,8 @@ step 30 python3 -c "import onnxruntime as o, torch; print('onnxruntime', o.__ver
 step ${BENCH_TIMEOUT:-300} python3 benchmarks/gpu_bench.py --work "$W" --out "$OUT" --runs ${RUNS:-200} --warmup 20 \
     ${BACKENDS:+--backends $BACKENDS} 2>&1 | tee "$OUT/gpu_bench.log"
 [ -n "${SKIP_TESTS:-}" ] || step ${TEST_TIMEOUT:-200} python3 -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log"
-# why decoder_fast disagrees with decoder_nomask on the CUDA provider (off unless FAST_DIAG=1; ~30 s)
+# decoder_fast on the CUDA provider: the GPU form against the CPU, and where the CPU-layout form goes wrong
+# (export/cuda_matmul.py says why; off unless FAST_DIAG=1; ~30 s)
 [ -z "${FAST_DIAG:-}" ] || step 120 python3 scripts/gpu_fast_decoder_diag.py "$W/hiera_tiny" 2>&1 | grep -v "^\s*$" \
     | tee "$OUT/fast_decoder_diag.log"
 # video tracking (issue 12's GPU target: >= 100 frames/s for one object with fp16), beside SAM2VideoPredictor

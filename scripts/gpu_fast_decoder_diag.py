@@ -2,11 +2,17 @@
 
 On the lent H100 (ONNX Runtime 1.31, CUDA provider) decoder_fast's one-click logits differed from
 decoder_nomask's by 0.3-2.6, in FP32 with TF32 off as well, while both agree to 1e-6 on the CPU provider;
-OrtDeviceBackend's probe therefore turns the fast path off on CUDA. This script answers, in one short run:
+OrtDeviceBackend's probe therefore turns the fast path off on CUDA. The expected cause, found by reading ONNX
+Runtime's CUDA MatMul (export/cuda_matmul.py): the upscaling's broadcast (2,1,M,K) @ (2,K,N), which the CUDA
+provider's strided-batched shortcut computes wrongly; the export now writes a GPU form without it,
+decoder_fast.device.onnx. This script confirms or refutes that, in one short run:
+
+0. the GPU form on CUDA against the CPU (expected: ~1e-6);
 
 1. does it depend on ONNX Runtime's graph optimisations? decoder_fast on CUDA at every optimisation level,
    with and without the optimisers the export disables, against the CPU's result;
-2. which node first goes wrong? every node output of decoder_fast made a graph output, run unoptimised on
+2. which node first goes wrong (expected: the MatMul after the first upscaling's GELU)? every node output of the
+   CPU-layout decoder_fast made a graph output, run unoptimised on
    CPU and on CUDA, compared in graph order (the first nodes beyond 1e-3 relative are printed with their
    op types and input shapes).
 
@@ -41,7 +47,12 @@ def main(model_dir: str) -> int:
 
     m = Manifest.load(model_dir)
     d = Path(model_dir)
-    files = {k: d / m.graph("decoder")["variants"][k]["file"] for k in ("prep", "fast", "nomask")}
+    variants = m.graph("decoder")["variants"]
+    files = {k: d / variants[k]["file"] for k in ("prep", "nomask", "fast_device") if k in variants}
+    # the CPU-layout form: decoder_fast.onnx where it is kept, else the CPU's optimised copy of it
+    cpu_form = "fast" if m.is_stored(variants["fast"]) else "fast_optimized"
+    files["fast"] = d / variants[cpu_form]["file"]
+    print(f"CPU-layout form: {files['fast'].name}; GPU form: {files['fast_device'].name if 'fast_device' in files else 'none'}")
     feats, prompt = _inputs(m, float(m.image_size))
     cuda = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
     cpu = ["CPUExecutionProvider"]
@@ -74,7 +85,11 @@ def main(model_dir: str) -> int:
             except Exception as exc:  # noqa: BLE001 - a diagnosis prints everything
                 print(f"CUDA decoder_fast {level.name} disabled={name}: failed: {str(exc)[:200]}")
 
-    # every node output as a graph output, unoptimised on both providers
+    if "fast_device" in files:  # the GPU form (no broadcast MatMul the CUDA provider gets wrong: export/cuda_matmul.py)
+        got = session(files["fast_device"], cuda).run(None, fast_feeds)
+        print(f"CUDA decoder_fast.device vs CPU decoder_fast: {max(float(np.abs(a - b).max()) for a, b in zip(got, ref_fast)):.3g}")
+
+    # every node output of the CPU-layout form as a graph output, unoptimised on both providers
     model = onnx.shape_inference.infer_shapes(onnx.load(str(files["fast"])))
     known = {v.name: v for v in list(model.graph.value_info) + list(model.graph.output)}
     have = {o.name for o in model.graph.output}

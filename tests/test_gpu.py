@@ -441,6 +441,26 @@ def test_cuda_graphs_are_captured_and_change_nothing(model_dir, cuda_models):
 
 
 @requires_ort_cuda
+def test_fast_decoder_runs_on_cuda(cuda_models, cpu_model):
+    """decoder_fast.device.onnx (the fast decoder without the broadcast MatMul ONNX Runtime's CUDA provider gets
+    wrong: export/cuda_matmul.py) passes the load-time probe on CUDA, serves one click, and equals the CPU."""
+    from sam2rt.runtime import Prompt
+
+    model = cuda_models["fp32"]
+    check = model.backend.fast_decoder_check
+    assert check.startswith("on"), f"the fast decoder was turned off on CUDA: {check}"
+    assert model.backend.files["decoder_fast"]["file"] == "decoder_fast.device.onnx"
+    img = photo("astronaut")
+    one = Prompt(points=np.array([[200.0, 150.0], [260.0, 90.0]]), labels=np.array([1, 0]))
+    emb, ref_emb = model.embed(img), cpu_model.embed(img)
+    for _ in range(3):  # the first run, the capture, a replay
+        got = model.decode(emb, one)
+        np.testing.assert_allclose(got.low_res_logits, cpu_model.decode(ref_emb, one).low_res_logits, rtol=0, atol=1e-4)
+    assert any("decoder_fast" in k and v == "captured" for k, v in model.backend.cuda_graphs.items()), \
+        model.backend.cuda_graphs
+
+
+@requires_ort_cuda
 def test_no_onnxruntime_warnings_at_load(model_dir):
     import subprocess
     import sys

@@ -382,6 +382,9 @@ def test_device_backend_on_the_cpu_provider_matches_the_cpu_backend(request, whi
     cpu_model = request.getfixturevalue("tiny_model" if which == "tiny" else "sam2rt_model")
     m = Manifest.load(model_dir)
     with Sam2Model(m, OrtDeviceBackend(m, "onnxruntime-cpu", fixed_buffers=fixed_buffers)) as bound:
+        # the fast decoder's GPU form, checked against decoder_nomask at load
+        assert bound.backend.files["decoder_fast"]["file"] == "decoder_fast.device.onnx"
+        assert bound.backend.fast_decoder_check.startswith("on"), bound.backend.fast_decoder_check
         ref_emb, emb = cpu_model.embed(coffee), bound.embed(coffee)
         assert all(isinstance(v, OrtDeviceTensor) for v in emb.features.values())
         for k in ref_emb.features:

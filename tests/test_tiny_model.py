@@ -24,7 +24,7 @@ def test_tiny_dir_has_the_exports_interface(tiny_model_dir, model_dir):
         assert set(tiny.graph(role).get("variants", {})) <= set(real.graph(role).get("variants", {}))
     enc = {v["name"]: v["shape"] for v in tiny.graph("encoder")["outputs"]}
     assert enc == {"image_embed": [1, 256, 64, 64], "high_res_feats_0": [1, 32, 256, 256], "high_res_feats_1": [1, 64, 128, 128]}
-    for name in ("nomask", "prep", "fast"):
+    for name in ("nomask", "prep", "fast", "fast_device"):
         for key in ("inputs", "outputs"):
             assert [v["name"] for v in tiny.variant("decoder", name)[key]] == \
                    [v["name"] for v in real.variant("decoder", name)[key]], (name, key)

@@ -26,11 +26,12 @@ import numpy as np
 import torch
 
 from ..errors import ExportError
-from ..graph_table import GraphFile, parse_targets, rows_for_targets, rows_to_make
+from ..graph_table import CUDA, GraphFile, parse_targets, rows_for_targets, rows_to_make
 from ..graph_table import row as table_row
 from ..manifest import FORMAT_VERSION, Manifest, sha256_file
 from ..model_specs import IMAGE_SIZE, LOW_RES_SIZE, MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD, ModelSpec
 from .checkpoint import build_model, download_checkpoint, load_checkpoint
+from .cuda_matmul import refuse_cuda_problems
 from .fast_decoder import (
     FAST_DISABLED_OPTIMIZERS, FAST_INPUTS, FAST_MAX_POINTS, PREP_INPUTS, PREP_OUTPUTS, DecoderPrepGraph, FastDecoderGraph,
 )
@@ -235,20 +236,23 @@ def _verify_prep(run: ExportRun, session) -> dict[str, float]:
     return {}
 
 
-def _verify_fast(run: ExportRun, session) -> dict[str, float]:
-    """The fast decoder, one prompt per run over decoder_prep's outputs, against the full decoder's torch module
-    with has_mask_input = 0 on the same (ONNX Runtime) encoder outputs."""
-    if run.prepared is None:
-        raise ExportError("decoder_fast is checked on decoder_prep's outputs: its specification must come first")
-    diffs = {}
-    for case, inputs, no_mask in _cases(run):
-        with torch.no_grad():
-            ref = run.reference_decoder(*(torch.from_numpy(f) for f in run.onnx_features), *no_mask[3:])
-        runs = [session.run(DECODER_OUTPUTS, {**run.prepared, "point_coords": inputs[3][i : i + 1].numpy(),
-                                              "point_labels": inputs[4][i : i + 1].numpy()})
-                for i in range(case[0])]
-        diffs.update(_compare("decoder_fast", case, [np.concatenate(parts) for parts in zip(*runs)], ref))
-    return diffs
+def _verify_fast(label: str) -> Callable[[ExportRun, Any], dict[str, float]]:
+    """The fast decoder (either layout), one prompt per run over decoder_prep's outputs, against the full
+    decoder's torch module with has_mask_input = 0 on the same (ONNX Runtime) encoder outputs."""
+
+    def verify(run: ExportRun, session) -> dict[str, float]:
+        if run.prepared is None:
+            raise ExportError(f"{label} is checked on decoder_prep's outputs: its specification must come first")
+        diffs = {}
+        for case, inputs, no_mask in _cases(run):
+            with torch.no_grad():
+                ref = run.reference_decoder(*(torch.from_numpy(f) for f in run.onnx_features), *no_mask[3:])
+            runs = [session.run(DECODER_OUTPUTS, {**run.prepared, "point_coords": inputs[3][i : i + 1].numpy(),
+                                                  "point_labels": inputs[4][i : i + 1].numpy()})
+                    for i in range(case[0])]
+            diffs.update(_compare(label, case, [np.concatenate(parts) for parts in zip(*runs)], ref))
+        return diffs
+    return verify
 
 
 def _folded_encoder(run: ExportRun) -> torch.nn.Module:
@@ -266,6 +270,8 @@ def _fast_sample(run: ExportRun) -> tuple[torch.Tensor, ...]:
     return (*prepared, *_sample_decoder_inputs(run.features, 1, 3)[3:5])
 
 
+FAST_DYNAMIC_AXES = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
+
 # The image graphs, in the order they are made (a base graph before its variants, decoder_prep before decoder_fast).
 IMAGE_GRAPH_SPECS: tuple[GraphSpec, ...] = (
     GraphSpec("encoder", _folded_encoder, lambda run: (run.image,), ENCODER_INPUTS, ENCODER_OUTPUTS,
@@ -280,11 +286,15 @@ IMAGE_GRAPH_SPECS: tuple[GraphSpec, ...] = (
     GraphSpec("decoder.prep", lambda run: run.module("decoder.prep", DecoderPrepGraph), lambda run: run.features,
               PREP_INPUTS, PREP_OUTPUTS, _verify_prep),
     GraphSpec("decoder.fast", lambda run: run.module("decoder.fast", FastDecoderGraph), _fast_sample,
-              FAST_INPUTS, DECODER_OUTPUTS, _verify_fast,
+              FAST_INPUTS, DECODER_OUTPUTS, _verify_fast("decoder_fast"),
               # one prompt per run: only the number of points is dynamic
-              dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}},
+              dynamic_axes=FAST_DYNAMIC_AXES,
               record={"max_points": FAST_MAX_POINTS, "prompts_per_run": 1,
                       "ort_disabled_optimizers": list(FAST_DISABLED_OPTIMIZERS)}),
+    GraphSpec("decoder.fast_device",
+              lambda run: run.module("decoder.fast_device", lambda m: FastDecoderGraph(m, device_layout=True)),
+              _fast_sample, FAST_INPUTS, DECODER_OUTPUTS, _verify_fast("decoder_fast_device"), dynamic_axes=FAST_DYNAMIC_AXES,
+              record={"max_points": FAST_MAX_POINTS, "prompts_per_run": 1}),
 )
 
 
@@ -339,6 +349,8 @@ def record_graph(spec: GraphSpec, run: ExportRun, path: Path, session) -> dict[s
 def make_graph(spec: GraphSpec, run: ExportRun) -> dict[str, Any]:
     """One specification through the chain; returns its manifest entry."""
     path = check_graph(export_graph(spec, run))
+    if CUDA in spec.row.runs_on:
+        refuse_cuda_problems(path)  # ONNX Runtime's CUDA MatMul gets some broadcasts wrong (export.cuda_matmul)
     session = open_session(path)
     run.diffs.update(spec.verify(run, session))
     return record_graph(spec, run, path, session)

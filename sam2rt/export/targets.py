@@ -50,7 +50,10 @@ def made_by(optimize: bool = True, fp16: bool = True, int8: bool = False) -> Cal
 def how_to_write(g: GraphFile) -> str:
     """The export option that writes row `g`, for the manifest's record of what a lean export left out."""
     option = {"int8": " --int8", "fp16": " (without --no-fp16)", "onnxruntime": " (without --no-optimize)"}.get(g.maker, "")
-    return f"--target {' or '.join(targets_writing(g))}{option}"
+    targets = targets_writing(g)
+    if not targets:  # made only as the source of another row: kept where that row is not made
+        return "kept by an export whose optimised copy of it is not made (--no-optimize)"
+    return f"--target {' or '.join(targets)}{option}"
 
 
 def keep_only(model_dir: str | Path | Manifest, targets: Iterable[str]) -> Manifest:

@@ -2,7 +2,7 @@
 
 `build_tiny_model_dir(DIR)` writes, in well under a second and without torch, a model directory that the
 runtime loads like a real export: `encoder.onnx`, `decoder.onnx` and the CPU backend's decoder variants
-(`nomask`, `prep` + `fast`), each with SAM 2's input and output names and shapes, and a `manifest.json`
+(`nomask`, `prep` + `fast`, and `fast_device`, the same tiny graph), each with SAM 2's input and output names and shapes, and a `manifest.json`
 in the export's format with every file's sha256 (with `video=True` also the video graphs a VideoTracker
 loads: export/tiny_video.py). Tests of what the runtime does around the graphs
 (prompt checks, batching, graph choice, errors, the CLI, the server) run on it in milliseconds; tests
@@ -224,7 +224,7 @@ def build_tiny_model_dir(
     graphs = {ENCODER_FILE: build_encoder(seed), DECODER_FILE: build_decoder(with_mask=True)}
     if variants:
         graphs.update({"decoder_nomask.onnx": build_decoder(with_mask=False), "decoder_prep.onnx": build_prep(),
-                       "decoder_fast.onnx": build_fast()})
+                       "decoder_fast.onnx": build_fast(), "decoder_fast.device.onnx": build_fast()})
     for name, model in graphs.items():
         (out / name).write_bytes(model.SerializeToString())
     sha = {name: sha256_file(out / name) for name in graphs}
@@ -240,6 +240,8 @@ def build_tiny_model_dir(
             "prep": entry("decoder_prep.onnx", **derived, use="once per image: the per-image part of decoder_fast"),
             "fast": entry("decoder_fast.onnx", **derived, max_points=FAST_MAX_POINTS, prompts_per_run=1,
                           ort_disabled_optimizers=[], use="prompts without mask_input, one prompt per run"),
+            "fast_device": entry("decoder_fast.device.onnx", **derived, max_points=FAST_MAX_POINTS, prompts_per_run=1,
+                                 use="decoder_fast for GPU providers (here the same tiny graph)"),
         }
     manifest = Manifest(out, {
         "format": "sam2rt",

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ExportError
-from ..graph_table import graph_file
+from ..graph_table import CUDA, graph_file, row
+from .cuda_matmul import refuse_cuda_problems
 from .encoder_fusion import MHA_DOMAIN
 from ..manifest import sha256_file
 from ..runtime.video.heads import NO_POINTS_COORDS, NO_POINTS_LABELS, select_track_output, use_multimask
@@ -120,11 +121,13 @@ def export_video_graphs(
         torch.onnx.export(down, (torch.zeros(1, 1, model.image_size, model.image_size),), str(paths["mask_downsample"]),
                           input_names=MASK_DOWNSAMPLE_INPUTS, output_names=MASK_DOWNSAMPLE_OUTPUTS,
                           opset_version=opset, dynamo=False)
-    for path in paths.values():
+    for key, path in paths.items():
         try:
             onnx.checker.check_model(str(path), full_check=True)
         except Exception as exc:
             raise ExportError(f"{path} fails onnx.checker: {exc}") from exc
+        if CUDA in row(key).runs_on:
+            refuse_cuda_problems(path)
     const_path = out / VIDEO_CONSTANTS_FILE
     with open(const_path, "wb") as f:
         np.savez(f, no_mem_embed=model.no_mem_embed.detach().reshape(-1).numpy().astype(np.float32),
