@@ -357,14 +357,13 @@ def test_image_id_reuses_cached_embedding(server: Server) -> None:
     mid = server.metrics()  # one encoder run for both encodings
     assert mid['sam2rt_embeddings_computed_total{model="hiera_tiny"}'] - before.get(
         'sam2rt_embeddings_computed_total{model="hiera_tiny"}', 0) == 1
-    t0 = time.perf_counter()
     r = _post(server.url + "/sam2/segment_image", {"image_id": embed["image_id"], "prompts": [POINT]})
-    wall = time.perf_counter() - t0
     assert r.status_code == 200, r.text
     after = server.metrics()
     assert after['sam2rt_embeddings_computed_total{model="hiera_tiny"}'] == mid['sam2rt_embeddings_computed_total{model="hiera_tiny"}']
     assert after["sam2rt_embedding_cache_hits_total"] == mid["sam2rt_embedding_cache_hits_total"] + 1
-    assert r.json()["time"] < embed["time"] and wall < embed["time"]
+    # the server's own timing (not the client's wall clock, which a loaded machine's HTTP round trip dominates)
+    assert r.json()["time"] < embed["time"]
     # a second embed_image of the same image is a cache hit too
     r = _post(server.url + "/sam2/embed_image", {"image_id": embed["image_id"]})
     assert r.status_code == 200 and r.json()["image_id"] == embed["image_id"]
