@@ -90,6 +90,15 @@ GRAPHS: tuple[GraphFile, ...] = (
               "the same function with attention as com.microsoft MultiHeadAttention: ONNX Runtime's CPU flash kernel"),
     GraphFile("track_decoder", None, "track_decoder.onnx", "fp32", "torch.onnx", None, (CPU, CUDA, TENSORRT),
               "the mask decoder's tracking path: masks, object score, occlusion-aware object pointers"),
+    # the tracker's graphs for onnxruntime-cuda:fp16 (export.optimize.add_fp16_video), made from the base graphs
+    GraphFile("memory_encoder", "fp16", "memory_encoder.fp16.onnx", "fp16", "fp16", None, (CUDA,),
+              "onnxruntime-cuda:fp16 (reduced precision): FP16 weights and activations, normalisation in FP32"),
+    GraphFile("memory_attention", "fp16", "memory_attention.fp16.onnx", "fp16", "fp16", None, (CUDA,),
+              "onnxruntime-cuda:fp16 (reduced precision): FP16 weights and activations; LayerNorm, softmax, the "
+              "attention logits and the RoPE tables' sin/cos in FP32"),
+    GraphFile("track_decoder", "fp16", "track_decoder.fp16.onnx", "fp16", "fp16", None, (CUDA,),
+              "onnxruntime-cuda:fp16 (reduced precision): FP16 weights and activations; LayerNorm, softmax, the "
+              "attention logits, the positional encoding and the object-score test in FP32"),
     GraphFile("mask_downsample", None, "mask_downsample.onnx", "fp32", "torch.onnx", None, (CPU, CUDA, TENSORRT),
               "a mask prompt brought to the decoder's low-res mask input"),
 )
@@ -140,6 +149,11 @@ VIDEO_CPU_SLOTS: dict[str, tuple[str, tuple[str | None, ...]]] = {
 }
 VIDEO_DEVICE_SLOTS: dict[str, tuple[str, tuple[str | None, ...]]] = {
     slot: (role, (None,)) for slot, (role, _) in VIDEO_CPU_SLOTS.items()
+}
+# An FP16 image backend's (the mask's downsampling, a resize, stays FP32). The FP32 graphs are the fallback where
+# an export has no FP16 ones (a `tensorrt` export); onnxruntime-cuda:fp16 requires them (runtime.video.graphs).
+VIDEO_FP16_SLOTS: dict[str, tuple[str, tuple[str | None, ...]]] = {
+    slot: (role, ("fp16", None) if role != "mask_downsample" else (None,)) for slot, (role, _) in VIDEO_CPU_SLOTS.items()
 }
 # On a GPU provider the exported graphs themselves: ONNX Runtime optimises them for the device at load (the
 # CPU-optimised copies hold CPU-only fused kernels).

@@ -569,3 +569,55 @@ def test_track_cli_reads_a_camera_index(video_model_dir: Path, tmp_path: Path, m
     rc = main(["track", "--model-dir", str(video_model_dir), "--video", "3", "--box", "1,2,30,40", "--quiet"])
     assert rc == 2 and opened[-1] == 3
     assert "could not open camera 3" in capsys.readouterr().err
+
+
+# --- FP16 video graphs (onnxruntime-cuda:fp16's) ------------------------------------------------------
+# Bounds of the FP16 graphs against the FP32 ones, per frame and object: issue 11's for FP16 images (mean
+# |logit difference| of the low-res logits, and the mask IoU `sam2rt verify` holds trained weights to).
+FP16_MEAN_LOGIT_TOL = 0.05
+FP16_MIN_IOU = 0.98
+
+
+def test_fp16_video_graphs_are_chosen_by_precision(model_dir: Path, tiny_video_dir: Path):
+    """precision="fp16" loads the export's FP16 memory encoder, memory attention and tracking decoder (the mask
+    downsampling stays FP32); onnxruntime-cuda:fp16 (here: its name on the CPU provider) requires them, and
+    says how to make them where the export has none; an FP16 TensorRT engine falls back to the FP32 graphs."""
+    from sam2rt.errors import GraphNotExportedError
+    from sam2rt.manifest import Manifest
+    from sam2rt.runtime.video.graphs import VideoGraphs
+
+    graphs = VideoGraphs(Manifest.load(model_dir), "onnxruntime-cpu", precision="fp16")
+    assert {role: e["file"] for role, e in graphs.entries.items()} == {
+        "memory_encoder": "memory_encoder.fp16.onnx", "memory_attention": "memory_attention.fp16.onnx",
+        "track_decoder": "track_decoder.fp16.onnx", "mask_downsample": "mask_downsample.onnx"}
+    tiny = Manifest.load(tiny_video_dir)
+    with pytest.raises(GraphNotExportedError, match=r"no FP16 memory_encoder .*add_variants\(DIR, optimized=False, fp16=True\)"):
+        VideoGraphs(tiny, "onnxruntime-cpu", precision="fp16")
+    fallback = VideoGraphs(tiny, "tensorrt", precision="fp16")
+    assert fallback.entries["memory_attention"]["file"] == "memory_attention.onnx"
+
+
+@pytest.mark.slow
+def test_fp16_video_graphs_track_like_fp32(tracker):
+    """The FP16 video graphs (on the CPU provider here; the CUDA provider runs them on a GPU), fed the same FP32
+    image features, track a point and a box through 6 frames within the FP16 bounds of the FP32 graphs."""
+    from sam2rt.runtime import VideoTracker
+    from sam2rt.runtime.video.graphs import VideoGraphs
+
+    fp16 = VideoTracker(tracker.model, VideoGraphs(tracker.model.manifest, "onnxruntime-cpu", precision="fp16"),
+                        fill_hole_area=0)
+    frames, corners = pan_clip(6)
+    rows = []
+    for t in (tracker, fp16):
+        t.reset()
+        t.add_prompt(1, frame=frames[0], **point_prompt(corners[0]))
+        t.add_prompt(2, **BOX_PROMPT)
+    steps = zip(tracker.propagate(frames), fp16.propagate(frames))
+    for (idx, ref_masks), (idx16, masks) in steps:
+        assert idx == idx16 and set(masks) == set(ref_masks) == {1, 2}
+        for obj in (1, 2):
+            mean = float(np.mean(np.abs(fp16.low_res_logits[obj] - tracker.low_res_logits[obj])))
+            rows.append((idx, obj, mean, iou(masks[obj], ref_masks[obj]), int(ref_masks[obj].sum())))
+    print("\n(frame, object, mean |logit diff|, IoU, FP32 mask pixels):", rows)
+    assert len(rows) == 12 and all(r[4] > 0 for r in rows)  # objects present: the comparison means something
+    assert all(r[2] <= FP16_MEAN_LOGIT_TOL and r[3] >= FP16_MIN_IOU for r in rows), rows

@@ -26,6 +26,9 @@ from typing import Any, Iterable
 
 from ..errors import ExportError
 
+# Comparisons of a float tensor with a constant (the video graphs' object-score test, `score > 0`): kept FP32 so
+# that a graph output compared inside the graph and its constant keep one type (keep_io_types leaves outputs FP32).
+COMPARISON_OP_TYPES = frozenset({"Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal"})
 FP32_OP_TYPES = frozenset({"Cast", "LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Sin", "Cos"})
 NORM_OP_TYPES = frozenset({"ReduceMean", "Pow", "Sqrt"})
 ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div"})
@@ -119,9 +122,12 @@ def _inline_initializer_aliases(graph: Any) -> int:
     return len(alias)
 
 
-def convert_to_mixed_fp16(src: str | Path, dst: str | Path, extra_fp32: Iterable[str] = ()) -> dict[str, str]:
+def convert_to_mixed_fp16(
+    src: str | Path, dst: str | Path, extra_fp32: Iterable[str] = (), extra_fp32_ops: Iterable[str] = ()
+) -> dict[str, str]:
     """Write `dst`: `src` with FP16 weights and activations except the FP32 nodes; inputs/outputs stay FP32.
 
+    `extra_fp32`: more node names to keep in FP32; `extra_fp32_ops`: more op types (e.g. COMPARISON_OP_TYPES).
     Returns the FP32 node names with their reasons (what the manifest records).
     """
     onnx = _import_onnx()
@@ -133,6 +139,10 @@ def convert_to_mixed_fp16(src: str | Path, dst: str | Path, extra_fp32: Iterable
     keep = select_fp32_nodes(graph)
     for name in extra_fp32:
         keep.setdefault(name, "requested")
+    ops = set(extra_fp32_ops)
+    for n in graph.node:
+        if n.op_type in ops:
+            keep.setdefault(n.name, n.op_type)
     # onnxconverter-common's cast clean-up pass crashes on some graphs (a list where a node is expected);
     # the redundant casts it would remove are folded by TensorRT anyway, so it is skipped.
     original_cleanup = getattr(float16, "remove_unnecessary_cast_node", None)

@@ -14,6 +14,8 @@ model directory: `add_variants(DIR, int8=True)`. Each variant is recorded in the
   `fused` form (attention as MultiHeadAttention, which the CUDA provider runs as fused FP16 kernels with
   FP32 softmax statistics), FP16 weights and activations except LayerNormalization and the Casts of shape
   arithmetic (sam2rt.export.fp16); inputs and outputs stay FP32. REDUCED PRECISION: used only when asked for.
+- `fp16` of the video graphs (memory encoder, memory attention, tracking decoder): the VideoTracker's graphs
+  for `onnxruntime-cuda:fp16`, made from the base graphs the same way (add_fp16_video). REDUCED PRECISION.
 - `int8`: the encoder with dynamic INT8 quantisation of its MatMul weights (onnxruntime.quantization,
   per-channel, activations quantised at run time). REDUCED PRECISION: opt-in only
   (`precision="int8"`), never the default; its mask IoU against FP32 is measured by `sam2rt bench`.
@@ -77,6 +79,29 @@ def add_fp16_encoder(manifest: Manifest) -> None:
     )
 
 
+FP16_VIDEO_ROLES = ("memory_encoder", "memory_attention", "track_decoder")
+
+
+def add_fp16_video(manifest: Manifest, roles: Collection[str] = FP16_VIDEO_ROLES) -> None:
+    """Write the video graphs of onnxruntime-cuda:fp16 (graph_table's `fp16` rows of FP16_VIDEO_ROLES) from their
+    base graphs, each recorded as its role's `fp16` variant. FP32 stays where export.fp16 keeps it, and in the
+    comparisons (the object-score test). The memory attention is made from its standard-ops graph, which the CUDA
+    provider runs (the `fused` variant's key mask sits in one extra q/k channel whose -1e9 FP16 cannot hold)."""
+    from .fp16 import COMPARISON_OP_TYPES, convert_to_mixed_fp16, summarize
+
+    for role in roles:
+        entry = manifest.entry(role)
+        if entry is None:
+            continue  # an export from before video tracking
+        row = graph_file(role, "fp16")
+        out = manifest.directory / row.file
+        keep = convert_to_mixed_fp16(manifest.verify_graph(role), out, extra_fp32_ops=COMPARISON_OP_TYPES)
+        entry.setdefault("variants", {})["fp16"] = _entry(
+            out, entry["sha256"], precision="fp16", fp32_summary=summarize(keep), use=row.use,
+            **{k: entry[k] for k in ("inputs", "outputs") if k in entry},
+        )
+
+
 def add_variants(
     model_dir: str | Path, optimized: bool = True, int8: bool = False, fp16: bool = False,
     only: Collection[str] | None = None,
@@ -116,6 +141,8 @@ def add_variants(
         variants[row.variant] = _entry(out, derived, precision="fp32", optimization="ORT_ENABLE_EXTENDED", **carried)
     if fp16 and wanted("encoder", "fp16"):
         add_fp16_encoder(manifest)
+    if fp16:
+        add_fp16_video(manifest, [role for role in FP16_VIDEO_ROLES if wanted(role, "fp16")])
     if int8 and wanted("encoder", "int8"):
         entry = manifest.graph("encoder")
         base = manifest.graph_path("encoder")

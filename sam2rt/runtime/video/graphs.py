@@ -7,23 +7,29 @@ from typing import Any
 import numpy as np
 
 from ...errors import ManifestError
-from ...graph_table import VIDEO_CPU_SLOTS, VIDEO_DEVICE_SLOTS, graph_file
+from ...graph_table import VIDEO_CPU_SLOTS, VIDEO_DEVICE_SLOTS, VIDEO_FP16_SLOTS, graph_file
 from ...manifest import Manifest
-from ..backends.onnxruntime_backend import slot_entries
+from ..backends.onnxruntime_backend import required_variant, slot_entries
 from .memory import SlotLayout
 from .sessions import CPU_PROVIDERS, VIDEO_PROVIDERS, create_session, run
 
 VIDEO_ROLES = ("memory_encoder", "memory_attention", "track_decoder", "mask_downsample")
+FP16_FIX = ("export it again with `sam2rt export ... --target cuda` (without --no-fp16), or run "
+            "`sam2rt.export.optimize.add_variants(DIR, optimized=False, fp16=True)`")
 
 
 class VideoGraphs:
     """Sessions over memory_encoder / memory_attention / track_decoder / mask_downsample, and the constants.
 
     Which file serves each role comes from graph_table's video slots: on the CPU provider the memory attention's
-    `fused` variant where the export made it. Every file is checked against its sha256 before it is loaded.
+    `fused` variant where the export made it; for `precision="fp16"` (the image backend's) the `fp16` variants,
+    which onnxruntime-cuda:fp16 requires and an FP16 TensorRT engine uses where the export made them. Every file is checked against its sha256 before it is loaded.
     """
 
-    def __init__(self, manifest: Manifest, backend: str = "onnxruntime-cpu", threads: int | None = None) -> None:
+    def __init__(
+        self, manifest: Manifest, backend: str = "onnxruntime-cpu", threads: int | None = None,
+        precision: str | None = None,
+    ) -> None:
         graphs = manifest.data.get("graphs", {})
         if "video" not in manifest.data or any(role not in graphs for role in VIDEO_ROLES):
             raise ManifestError(
@@ -32,12 +38,21 @@ class VideoGraphs:
             )
         self.settings: dict[str, Any] = dict(manifest.data["video"])
         on_cpu = VIDEO_PROVIDERS.get(backend.split(":")[0], CPU_PROVIDERS) == CPU_PROVIDERS
-        slots = VIDEO_CPU_SLOTS if on_cpu else VIDEO_DEVICE_SLOTS
-        self.entries = slot_entries(manifest, slots)
+        self.precision = precision or ("fp32" if on_cpu else "tf32")
+        if self.precision == "fp16":  # FP16 graphs, on whichever provider the backend's name gives
+            self.entries = slot_entries(manifest, VIDEO_FP16_SLOTS)
+            if backend.split(":")[0] in ("onnxruntime-cuda", "onnxruntime-cpu"):  # asked for by name: must exist
+                for slot, (role, preferences) in VIDEO_FP16_SLOTS.items():
+                    if "fp16" in preferences:
+                        self.entries[slot] = required_variant(manifest, role, "fp16", FP16_FIX)
+        else:
+            self.entries = slot_entries(manifest, VIDEO_CPU_SLOTS if on_cpu else VIDEO_DEVICE_SLOTS)
         missing = [role for role in VIDEO_ROLES if role not in self.entries]
         if missing:
             raise manifest.left_out_error(graph_file(missing[0]).file)
-        self.sessions = {role: create_session(manifest.verify_file(self.entries[role]), backend, threads)
+        # fp32 on a GPU: TF32 off, as the image graphs (the CUDA provider's default is TF32 on)
+        tf32 = self.precision != "fp32"
+        self.sessions = {role: create_session(manifest.verify_file(self.entries[role]), backend, threads, tf32=tf32)
                          for role in VIDEO_ROLES}
         with np.load(manifest.verify_graph("video_constants"), allow_pickle=False) as data:
             self.no_mem_embed = np.ascontiguousarray(data["no_mem_embed"], np.float32).reshape(1, -1, 1, 1)

@@ -22,8 +22,11 @@ VIDEO_PROVIDERS = {
 }
 
 
-def create_session(path: str | Path, backend: str = "onnxruntime-cpu", threads: int | None = None) -> Any:
-    """An onnxruntime.InferenceSession for one video graph, on the providers that fit `backend`."""
+def create_session(
+    path: str | Path, backend: str = "onnxruntime-cpu", threads: int | None = None, tf32: bool = True
+) -> Any:
+    """An onnxruntime.InferenceSession for one video graph, on the providers that fit `backend` (`tf32`: whether
+    the CUDA provider may use TF32 tensor cores for FP32 products)."""
     try:
         import onnxruntime as ort
     except ImportError as exc:  # pragma: no cover - depends on the install
@@ -32,7 +35,8 @@ def create_session(path: str | Path, backend: str = "onnxruntime-cpu", threads: 
 
     wanted = VIDEO_PROVIDERS.get(backend.split(":")[0], ["CPUExecutionProvider"])
     available = set(ort.get_available_providers())
-    providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+    providers: list[Any] = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+    providers = [(p, {"use_tf32": "1" if tf32 else "0"}) if p == "CUDAExecutionProvider" else p for p in providers]
     return ort.InferenceSession(str(path), session_options(threads, mem_pattern=False), providers=providers)
 
 

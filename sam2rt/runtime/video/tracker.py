@@ -105,7 +105,7 @@ class VideoTracker:
         0 turns hole filling off (the reference skips it without its CUDA extension).
         """
         model = Sam2Model.from_dir(model_dir, backend=backend, threads=threads)
-        graphs = VideoGraphs(model.manifest, model.backend_name, threads)
+        graphs = VideoGraphs(model.manifest, model.backend_name, threads, precision=model.backend.precision)
         return cls(model, graphs, fill_hole_area)
 
     # --- state ------------------------------------------------------------------------------
