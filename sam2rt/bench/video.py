@@ -113,7 +113,10 @@ def latency(model_dir: Path, objects: int, first: int, last: int, threads: int, 
                 if i >= first:
                     (ours if who == "ours" else ref).append(dt)
     out: dict[str, Any] = {"objects": objects, "frames": [first, last], "backend": backend, "sam2rt_ms": _stats(ours),
-                           "sam2rt_fps_p50": round(1e3 / _stats(ours)["p50"], 1)}
+                           "sam2rt_fps_p50": round(1e3 / _stats(ours)["p50"], 1),
+                           # which video graphs ran (the FP16 ones for an FP16 image backend)
+                           "video_precision": tracker.graphs.precision,
+                           "video_graphs": {role: e["file"] for role, e in tracker.graphs.entries.items()}}
     if ref:
         out["reference_ms"] = _stats(ref)
         out["speedup_p50"] = round(out["reference_ms"]["p50"] / out["sam2rt_ms"]["p50"], 3)
