@@ -600,13 +600,13 @@ def test_fp16_video_graphs_are_chosen_by_precision(model_dir: Path, tiny_video_d
 @pytest.mark.slow
 def test_fp16_video_graphs_track_like_fp32(tracker):
     """The FP16 video graphs (on the CPU provider here; the CUDA provider runs them on a GPU), fed the same FP32
-    image features, track a point and a box through 6 frames within the FP16 bounds of the FP32 graphs."""
+    image features, track a point and a box through 4 frames within the FP16 bounds of the FP32 graphs."""
     from sam2rt.runtime import VideoTracker
     from sam2rt.runtime.video.graphs import VideoGraphs
 
     fp16 = VideoTracker(tracker.model, VideoGraphs(tracker.model.manifest, "onnxruntime-cpu", precision="fp16"),
                         fill_hole_area=0)
-    frames, corners = pan_clip(6)
+    frames, corners = pan_clip(4)
     rows = []
     for t in (tracker, fp16):
         t.reset()
@@ -619,5 +619,5 @@ def test_fp16_video_graphs_track_like_fp32(tracker):
             mean = float(np.mean(np.abs(fp16.low_res_logits[obj] - tracker.low_res_logits[obj])))
             rows.append((idx, obj, mean, iou(masks[obj], ref_masks[obj]), int(ref_masks[obj].sum())))
     print("\n(frame, object, mean |logit diff|, IoU, FP32 mask pixels):", rows)
-    assert len(rows) == 12 and all(r[4] > 0 for r in rows)  # objects present: the comparison means something
+    assert len(rows) == 8 and all(r[4] > 0 for r in rows)  # objects present: the comparison means something
     assert all(r[2] <= FP16_MEAN_LOGIT_TOL and r[3] >= FP16_MIN_IOU for r in rows), rows
