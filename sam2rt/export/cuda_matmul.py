@@ -13,7 +13,8 @@ captured CUDA graph would replay that upload from host memory freed after the ca
 Of all the exported graphs only decoder_fast held such products (one of each kind, in its upscaling), and it
 is the one graph that disagreed with its reference on the H100, by 0.3-2.6 from its first run (runs 2-3 in
 benchmarks/results/gpu-runs/); the encoder and the other decoders were exact. The export now checks every graph
-a GPU backend loads with `refuse_cuda_problems`, and exports decoder_fast's GPU form without them.
+exported for the CUDA provider (graph_table rows that run on onnxruntime-cuda; the FP16 copies have their
+sources' shapes) with `refuse_cuda_problems`, and exports decoder_fast's GPU form without them.
 
 The operands' shapes are taken from one run on the CPU provider (static shape inference does not resolve the
 encoder's windowing reshapes), with every symbolic input dimension set to 2.
