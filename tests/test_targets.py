@@ -177,6 +177,8 @@ def test_session_export_records_every_target(model_dir):
     assert export["targets"] == ["cpu", "cuda", "tensorrt"]
     assert set(export["written"]) == {g.file for g in GRAPHS if g.maker != "int8"} - {"decoder_fast.onnx"}
     assert all((model_dir / f).is_file() for f in export["written"]) and sorted(export["left_out"]) == ["decoder_fast.onnx", "encoder.int8.onnx"]
+    # decoder_fast.onnx is no target's graph (made only as the source of the CPU's optimised copy): said so
+    assert "--no-optimize" in export["left_out"]["decoder_fast.onnx"] and "--target" not in export["left_out"]["decoder_fast.onnx"]
 
 
 def test_cpu_lean_copy_of_the_real_export(model_dir, sam2rt_model, tmp_path):
