@@ -461,6 +461,45 @@ def test_fast_decoder_runs_on_cuda(cuda_models, cpu_model):
 
 
 @requires_ort_cuda
+def test_video_tracker_on_cuda_keeps_its_data_on_the_device(model_dir, cuda_models, monkeypatch):
+    """The tracker on onnxruntime-cuda: features, memory-conditioned features and the memory bank stay on the GPU
+    (none is brought to the host), and it tracks like the CPU tracker: fp32 within 1e-3 / IoU 0.999, fp16 within
+    the FP16 video bounds (mean |logit diff| 0.05, IoU 0.98)."""
+    from sam2rt.runtime import VideoTracker
+    from sam2rt.runtime.backends.onnxruntime_backend import OrtDeviceTensor
+    from sam2rt.runtime.video.graphs import VideoGraphs
+
+    img = photo("astronaut")
+    frames = [np.ascontiguousarray(img[10 + 4 * i: 250 + 4 * i, 20 + 5 * i: 340 + 5 * i]) for i in range(4)]
+    prompt = {"points": [[160.0, 60.0]], "labels": [1]}
+    cpu = VideoTracker.from_dir(model_dir, backend="onnxruntime-cpu", fill_hole_area=0)
+    cpu.add_prompt(1, frame=frames[0], **prompt)
+    ref = [(cpu.low_res_logits[1].copy(), m[1]) for _, m in cpu.propagate(frames[1:])]
+    homed: list = []
+    real = OrtDeviceTensor.to_host
+    for mode, logit_tol, min_iou in (("fp32", 1e-3, 0.999), ("fp16", None, 0.98)):
+        model = cuda_models[mode]
+        gpu = VideoTracker(model, VideoGraphs(model.manifest, model.backend_name, precision=mode), fill_hole_area=0)
+        assert gpu.graphs.device == "cuda"
+        gpu.add_prompt(1, frame=frames[0], **prompt)
+        homed.clear()
+        monkeypatch.setattr(OrtDeviceTensor, "to_host", lambda self: homed.append(self.shape) or real(self))
+        got = [(gpu.low_res_logits[1].copy(), m[1]) for _, m in gpu.propagate(frames[1:])]
+        monkeypatch.setattr(OrtDeviceTensor, "to_host", real)
+        assert homed == [], f"{mode}: tensors brought to the host while tracking: {homed}"
+        assert str(gpu._feats["image_embed"].device).lower().startswith("cuda")
+        assert str(gpu.objects[1].pix_feat_with_mem.device).lower().startswith("cuda")
+        for (a, ma), (b, mb) in zip(got, ref):
+            diff = np.abs(a - b)
+            if logit_tol is None:
+                assert float(diff.mean()) <= FP16_LOGIT_MEAN_ATOL, (mode, float(diff.mean()))
+            else:
+                assert float(diff.max()) <= logit_tol, (mode, float(diff.max()))
+            union = np.logical_or(ma, mb).sum()
+            assert union == 0 or np.logical_and(ma, mb).sum() / union >= min_iou, mode
+
+
+@requires_ort_cuda
 def test_no_onnxruntime_warnings_at_load(model_dir):
     import subprocess
     import sys

@@ -294,6 +294,75 @@ def test_remove_object_leaves_others_unchanged(tracker):
         np.testing.assert_array_equal(a, b)
 
 
+def test_tracker_keeps_features_and_memory_on_the_device(tiny_video_dir: Path, monkeypatch, tmp_path: Path):
+    """On the device backend (its CPU-provider form, as CI runs it) a frame's features, the memory-conditioned
+    features and the memory bank stay device tensors: none is brought to the host while tracking, each memory is
+    uploaded once, the gathered memory equals the host selection's, and the results are exactly those of the
+    same tracker fed host features (masks: those of the host upsampler)."""
+    from sam2rt.manifest import Manifest
+    from sam2rt.runtime import Sam2Model, VideoTracker
+    from sam2rt.runtime.backends.onnxruntime_backend import OrtDeviceTensor
+    from sam2rt.runtime.backends.ort_device_backend import OrtDeviceBackend
+    from sam2rt.runtime.postprocess import Upsampler
+    from sam2rt.runtime.tensors import as_host
+    from sam2rt.runtime.video.bank import MemoryBank
+    from sam2rt.runtime.video.graphs import VideoGraphs
+    from sam2rt.runtime.video.memory import from_bf16_bits
+
+    manifest = Manifest.load(tiny_video_dir)
+    backend = OrtDeviceBackend(manifest, "onnxruntime-cpu")
+    tracker = VideoTracker(Sam2Model(manifest, backend), VideoGraphs(manifest, "onnxruntime-cpu"), fill_hole_area=0)
+    frames, corners = pan_clip(5)
+    gathered = []
+    real_gather = MemoryBank.gather
+
+    def checked_gather(bank, slots):
+        out = real_gather(bank, slots)
+        expected = np.stack([np.zeros(bank.entry_shape, np.float32) if b is None else from_bf16_bits(b).reshape(bank.entry_shape)
+                             for b in slots])
+        gathered.append(np.array_equal(out.value.numpy(), expected))  # (read past to_host: it is counted below)
+        return out
+
+    monkeypatch.setattr(MemoryBank, "gather", checked_gather)
+
+    def run():
+        tracker.reset()
+        masks = [tracker.add_prompt(1, frame=frames[0], **point_prompt(corners[0])), tracker.add_prompt(2, **BOX_PROMPT)]
+        logits = []
+        for f in frames[1:]:
+            masks.append(tracker.track(f))
+            logits.append({k: v.copy() for k, v in tracker.low_res_logits.items()})
+        return masks, logits
+
+    brought_home = []
+    real_to_host = OrtDeviceTensor.to_host
+    monkeypatch.setattr(OrtDeviceTensor, "to_host", lambda self: brought_home.append(self.shape) or real_to_host(self))
+    device_masks, device_logits = run()
+    assert brought_home == []
+    assert isinstance(tracker._feats["image_embed"], OrtDeviceTensor)
+    assert all(isinstance(tracker.objects[k].pix_feat_with_mem, OrtDeviceTensor) for k in (1, 2))
+    assert [tracker.objects[k].bank.uploads for k in (1, 2)] == [4, 4]  # frame 0's memory, then one per tracked frame
+    assert len(gathered) == 8 and all(gathered)
+    up = Upsampler()
+    for masks, logits in zip(device_masks[2:], device_logits):
+        for k in (1, 2):
+            np.testing.assert_array_equal(masks[k], up(logits[k][None, None], FRAME_HW, 0.0)[0, 0])
+    state = tracker.save_state(tmp_path / "device.npz")  # device tensors are saved as host arrays
+
+    real_encode = backend.encode
+    monkeypatch.setattr(backend, "encode", lambda x: {k: as_host(v) for k, v in real_encode(x).items()})
+    host_masks, host_logits = run()
+    assert not isinstance(tracker._feats["image_embed"], OrtDeviceTensor)
+    for a, b in zip(device_logits, host_logits):
+        for k in (1, 2):
+            np.testing.assert_array_equal(a[k], b[k])
+    for a, b in zip(device_masks, host_masks):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    tracker.load_state(state)
+    assert tracker.frame_idx == 4 and isinstance(tracker._feats["image_embed"], np.ndarray)
+
+
 def test_state_save_restore_continues_identically(any_tracker, tmp_path: Path):
     """An npz state saved mid-stream and loaded back gives the same next frame as going on directly."""
     tracker = any_tracker

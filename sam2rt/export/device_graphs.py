@@ -17,6 +17,10 @@ Regenerate them with `python -m sam2rt.export.device_graphs`.
   low-res logits clamped to +-32, bilinear upsampling to the original size (the operations of
   upsample.onnx in the same order) and the threshold. Outputs the masks as bool (`masks`) or float 0/1
   (`mask_values`), or the upsampled logits, so only what the caller needs leaves the device.
+- `memory_write.onnx` / `memory_gather.onnx`: the video tracker's memory bank on the device. Each object's
+  memory features (float32 values of their bfloat16 rounding) live in rows of one (N,C,h,w) tensor; a new
+  memory is written into its row once (ScatterND), and each frame the rows the memory selection names are
+  gathered into the memory attention's static (slots,C,h,w) input (Gather), so the bank never crosses PCIe.
 - `copy.onnx`: one Identity: a device-to-device copy of a float tensor into a buffer bound as its output
   (how the CUDA-graph path moves tensors in and out of its fixed buffers without a host round trip).
 """
@@ -33,6 +37,8 @@ PREPROCESS_GRAPH = GRAPH_DIR / "preprocess.onnx"
 POSTPROCESS_MULTI_GRAPH = GRAPH_DIR / "postprocess_multi.onnx"
 POSTPROCESS_SINGLE_GRAPH = GRAPH_DIR / "postprocess_single.onnx"
 COPY_GRAPH = GRAPH_DIR / "copy.onnx"
+MEMORY_WRITE_GRAPH = GRAPH_DIR / "memory_write.onnx"
+MEMORY_GATHER_GRAPH = GRAPH_DIR / "memory_gather.onnx"
 OPSET = 17
 LOGIT_CLAMP = 32.0
 POSTPROCESS_OUTPUTS = ("low_res_logits", "scores", "upsampled", "masks", "mask_values")
@@ -163,11 +169,39 @@ def build_copy_graph() -> Any:
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], check=False)
 
 
+def build_memory_write_graph() -> Any:
+    """bank (N,C,h,w), rows (K,1) int64, entries (K,C,h,w) -> bank_out: the bank with row rows[k] replaced by
+    entries[k] (ScatterND; rows are distinct)."""
+    from onnx import TensorProto, helper
+
+    f32 = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("bank", f32, ["N", "C", "h", "w"]),
+              helper.make_tensor_value_info("rows", TensorProto.INT64, ["K", 1]),
+              helper.make_tensor_value_info("entries", f32, ["K", "C", "h", "w"])]
+    outputs = [helper.make_tensor_value_info("bank_out", f32, ["N", "C", "h", "w"])]
+    return _model([helper.make_node("ScatterND", ["bank", "rows", "entries"], ["bank_out"])], "sam2rt_memory_write",
+                  inputs, outputs)
+
+
+def build_memory_gather_graph() -> Any:
+    """bank (N,C,h,w), index (S,) int64 -> mem_feats (S,C,h,w) = bank[index] (Gather on axis 0)."""
+    from onnx import TensorProto, helper
+
+    f32 = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("bank", f32, ["N", "C", "h", "w"]),
+              helper.make_tensor_value_info("index", TensorProto.INT64, ["S"])]
+    outputs = [helper.make_tensor_value_info("mem_feats", f32, ["S", "C", "h", "w"])]
+    return _model([helper.make_node("Gather", ["bank", "index"], ["mem_feats"], axis=0)], "sam2rt_memory_gather",
+                  inputs, outputs)
+
+
 BUILDERS = {
     PREPROCESS_GRAPH: build_preprocess_graph,
     POSTPROCESS_MULTI_GRAPH: lambda: build_postprocess_graph(True),
     POSTPROCESS_SINGLE_GRAPH: lambda: build_postprocess_graph(False),
     COPY_GRAPH: build_copy_graph,
+    MEMORY_WRITE_GRAPH: build_memory_write_graph,
+    MEMORY_GATHER_GRAPH: build_memory_gather_graph,
 }
 
 

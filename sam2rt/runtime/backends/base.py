@@ -6,8 +6,9 @@ A backend runs one exported model directory on one device. Sam2Model drives it t
     decode_masks(features, prompts, request)                      per prompt batch (Sam2Model.decode)
         = decode(...) -> postprocess(low_res, iou, request)
 
-and nothing else: Sam2Model, Embedding and Predictor never probe a backend for optional methods. The base
-class implements the host (numpy) versions of preprocess and postprocess and a no-op prepare; a backend
+and VideoTracker through preprocess -> encode per frame and upsample_masks(low-res logits) for its masks,
+and nothing else: Sam2Model, Embedding, Predictor and VideoTracker never probe a backend for optional methods. The base
+class implements the host (numpy) versions of preprocess, postprocess and upsample_masks and a no-op prepare; a backend
 overrides them to keep the work on its device (OrtDeviceBackend does the whole path on the GPU).
 
 Lifecycle (as Polygraphy's runners): construction loads everything the backend needs or raises
@@ -157,6 +158,11 @@ class Backend(abc.ABC):
         else:
             masks = upsample(logits, request.orig_hw, request.threshold, request.float_masks)
         return DecodedMasks(masks, scores, clamp_logits(logits))
+
+    def upsample_masks(self, logits: np.ndarray, orig_hw: tuple[int, int], threshold: float) -> np.ndarray:
+        """(B,C,h,w) host low-res logits -> (B,C,H,W) bool masks `upsampled > threshold` at the original size (the
+        video tracker's masks). Host here; device backends upsample on their device and bring only the masks down."""
+        return self._host_upsampler()(logits, orig_hw, threshold)
 
     def decode_masks(
         self,

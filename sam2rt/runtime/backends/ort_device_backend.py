@@ -457,3 +457,7 @@ class OrtDeviceBackend(Backend):
     def postprocess(self, low_res: np.ndarray, iou: np.ndarray, request: MaskRequest) -> DecodedMasks:
         self._check_open()
         return self._pipeline.postprocess(low_res, iou, request)
+
+    def upsample_masks(self, logits: np.ndarray, orig_hw: tuple[int, int], threshold: float) -> np.ndarray:
+        self._check_open()
+        return self._pipeline.upsample_masks(logits, orig_hw, threshold)

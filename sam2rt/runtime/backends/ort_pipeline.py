@@ -140,6 +140,21 @@ class OrtPipeline:
         sess.run_with_iobinding(io)
         return out if out is not None else io.get_outputs()[0]
 
+    def upsample_masks(self, logits: np.ndarray, orig_hw: tuple[int, int], threshold: float) -> np.ndarray:
+        """(B,C,h,w) host logits -> (B,C,H,W) bool masks above `threshold`, upsampled on the device (upsample.onnx:
+        the arithmetic of the host Upsampler); only the masks come down."""
+        x = np.ascontiguousarray(logits, dtype=np.float32)
+        h, w = (int(d) for d in orig_hw)
+        sess = self.session("upsample")
+        io = sess.io_binding()
+        io.bind_cpu_input("logits", x)
+        for name, value in self._taps((h, w, int(x.shape[-2]), int(x.shape[-1]))).items():
+            io.bind_ortvalue_input(name, value)
+        io.bind_cpu_input("threshold", np.asarray(threshold, np.float32))
+        io.bind_output("masks", "cpu")
+        sess.run_with_iobinding(io)
+        return io.copy_outputs_to_cpu()[0]
+
     def postprocess(self, low_res: Any, iou: Any, request: MaskRequest) -> DecodedMasks:
         """The decoder's (B,4,h,w) logits and (B,4) scores (OrtValues on the device, or numpy) -> host results.
 

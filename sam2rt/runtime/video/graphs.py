@@ -1,4 +1,9 @@
-"""The exported video graphs of a model directory, loaded and run (numpy in, numpy out)."""
+"""The exported video graphs of a model directory, loaded and run.
+
+Inputs are host arrays or tensors on the graphs' device; the memory-conditioned features
+(`memory_attention`) and the downsampled mask prompt come back as device tensors (OrtDeviceTensor) for the
+decoder, everything the tracker reads on the host (logits, pointers, scores, memory features) as numpy.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,11 @@ import numpy as np
 from ...errors import ManifestError
 from ...graph_table import VIDEO_CPU_SLOTS, VIDEO_DEVICE_SLOTS, VIDEO_FP16_SLOTS, graph_file
 from ...manifest import Manifest
-from ..backends.onnxruntime_backend import required_variant, slot_entries
+from ..backends.onnxruntime_backend import OrtDeviceTensor, required_variant, slot_entries
+from ..backends.ort_pipeline import GRAPH_DIR
+from .bank import MemoryBank
 from .memory import SlotLayout
-from .sessions import CPU_PROVIDERS, VIDEO_PROVIDERS, create_session, run
+from .sessions import CPU_PROVIDERS, VIDEO_PROVIDERS, VideoSession, create_session
 
 VIDEO_ROLES = ("memory_encoder", "memory_attention", "track_decoder", "mask_downsample")
 FP16_FIX = ("export it again with `sam2rt export ... --target cuda` (without --no-fp16), or run "
@@ -52,8 +59,11 @@ class VideoGraphs:
             raise manifest.left_out_error(graph_file(missing[0]).file)
         # fp32 on a GPU: TF32 off, as the image graphs (the CUDA provider's default is TF32 on)
         tf32 = self.precision != "fp32"
-        self.sessions = {role: create_session(manifest.verify_file(self.entries[role]), backend, threads, tf32=tf32)
+        self.sessions = {role: VideoSession(create_session(manifest.verify_file(self.entries[role]), backend, threads, tf32=tf32))
                          for role in VIDEO_ROLES}
+        self.device = self.sessions["memory_attention"].device  # "cuda" or "cpu": where device outputs live
+        self._bank_sessions = tuple(VideoSession(create_session(GRAPH_DIR / f"{name}.onnx", backend, threads, tf32=False))
+                                    for name in ("memory_write", "memory_gather"))
         with np.load(manifest.verify_graph("video_constants"), allow_pickle=False) as data:
             self.no_mem_embed = np.ascontiguousarray(data["no_mem_embed"], np.float32).reshape(1, -1, 1, 1)
             self.no_obj_ptr = np.ascontiguousarray(data["no_obj_ptr"], np.float32).reshape(-1)
@@ -63,12 +73,18 @@ class VideoGraphs:
         self.layout = SlotLayout(int(slots["cond"]), int(slots["recent"]), int(slots["pointers"]), int(s["mem_dim"]),
                                  int(s["hidden_dim"]), (feat, feat))
 
-    def memory_attention(self, image_embed: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return run(self.sessions["memory_attention"], {"image_embed": image_embed, **feeds})[0]
+    def new_bank(self) -> MemoryBank:
+        """An empty memory bank for one object, on these graphs' device."""
+        h, w = self.layout.feat_hw
+        return MemoryBank(*self._bank_sessions, self.layout.mem_slots, (self.layout.mem_dim, h, w))
 
-    def encode_memory(self, image_embed: np.ndarray, mask_logits: np.ndarray, score: float, binarize: bool) -> np.ndarray:
-        """(mem_dim,64,64) float32 memory features of one object's (256,256) mask logits."""
-        return run(self.sessions["memory_encoder"], {
+    def memory_attention(self, image_embed: Any, feeds: dict[str, Any]) -> OrtDeviceTensor:
+        """The frame's features conditioned on one object's memory, (1,C,64,64), left on the graphs' device."""
+        return self.sessions["memory_attention"].run({"image_embed": image_embed, **feeds}, ("pix_feat_with_mem",))[0]
+
+    def encode_memory(self, image_embed: Any, mask_logits: np.ndarray, score: float, binarize: bool) -> np.ndarray:
+        """(mem_dim,64,64) float32 memory features (host) of one object's (256,256) mask logits."""
+        return self.sessions["memory_encoder"].run({
             "image_embed": image_embed,
             "mask_logits": np.ascontiguousarray(mask_logits, np.float32).reshape(1, 1, *mask_logits.shape[-2:]),
             "object_score_logits": np.array([[score]], np.float32),
@@ -76,22 +92,23 @@ class VideoGraphs:
         })[0][0]
 
     def decode(
-        self, pix_feat: np.ndarray, feats: dict[str, np.ndarray], coords: np.ndarray, labels: np.ndarray,
-        mask_input: np.ndarray | None,
+        self, pix_feat: Any, feats: dict[str, Any], coords: np.ndarray, labels: np.ndarray, mask_input: Any | None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-        """Tracking decoder: (low_res_masks (1,4,256,256), iou (1,4), obj_ptr (1,4,C), object score)."""
+        """Tracking decoder: host (low_res_masks (1,4,256,256), iou (1,4), obj_ptr (1,4,C), object score)."""
         low = 4 * self.layout.feat_hw[0]
         has_mask = mask_input is not None
-        lr, iou, ptr, score = run(self.sessions["track_decoder"], {
-            "pix_feat": np.ascontiguousarray(pix_feat, np.float32),
+        if isinstance(mask_input, np.ndarray):
+            mask_input = np.ascontiguousarray(mask_input, np.float32).reshape(1, 1, low, low)
+        lr, iou, ptr, score = self.sessions["track_decoder"].run({
+            "pix_feat": pix_feat,
             "high_res_feats_0": feats["high_res_feats_0"], "high_res_feats_1": feats["high_res_feats_1"],
             "point_coords": np.ascontiguousarray(coords, np.float32), "point_labels": np.ascontiguousarray(labels, np.float32),
-            "mask_input": (np.ascontiguousarray(mask_input, np.float32).reshape(1, 1, low, low) if has_mask
-                           else np.zeros((1, 1, low, low), np.float32)),
+            "mask_input": mask_input if has_mask else np.zeros((1, 1, low, low), np.float32),
             "has_mask_input": np.array([1.0 if has_mask else 0.0], np.float32),
         })
         return lr, iou, ptr, float(score.reshape(-1)[0])
 
-    def mask_downsample(self, mask: np.ndarray) -> np.ndarray:
-        """(S,S) binary float mask at the input size -> (1,1,256,256) decoder mask input."""
-        return run(self.sessions["mask_downsample"], {"mask": np.ascontiguousarray(mask, np.float32)[None, None]})[0]
+    def mask_downsample(self, mask: np.ndarray) -> OrtDeviceTensor:
+        """(S,S) binary float mask at the input size -> (1,1,256,256) decoder mask input, on the graphs' device."""
+        session = self.sessions["mask_downsample"]
+        return session.run({"mask": np.ascontiguousarray(mask, np.float32)[None, None]}, tuple(session.output_names))[0]

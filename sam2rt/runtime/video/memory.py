@@ -101,25 +101,40 @@ class SlotLayout:
 def memory_feeds(
     mem: ObjectMemory, frame_idx: int, settings: dict[str, Any], layout: SlotLayout, num_frames: int | None
 ) -> dict[str, np.ndarray]:
-    """The memory-attention graph's inputs (all but image_embed) for `frame_idx`.
+    """The memory-attention graph's inputs (all but image_embed) for `frame_idx`, on the host.
 
     `num_frames`: the video's length when known (the reference clamps the pointer count to it), else None
     (a stream: `max_obj_ptrs_in_encoder` pointers).
     """
+    slots, feeds = select_memory(mem, frame_idx, settings, layout, num_frames)
+    h, w = layout.feat_hw
+    mem_feats = np.zeros((layout.mem_slots, layout.mem_dim, h, w), np.float32)
+    for i, bits in enumerate(slots):
+        if bits is not None:
+            mem_feats[i] = from_bf16_bits(bits)
+    return {"mem_feats": mem_feats, **feeds}
+
+
+def select_memory(
+    mem: ObjectMemory, frame_idx: int, settings: dict[str, Any], layout: SlotLayout, num_frames: int | None
+) -> tuple[list[np.ndarray | None], dict[str, np.ndarray]]:
+    """memory_feeds without mem_feats: each memory slot's bfloat16 bits (None: an empty slot), and the other inputs.
+
+    The caller turns the slots into `mem_feats` where the graphs run (MemoryBank keeps them on the device).
+    """
     num_maskmem = int(settings["num_maskmem"])
     stride = int(settings["memory_temporal_stride_for_eval"])
-    h, w = layout.feat_hw
     selected, unselected = select_closest_cond_frames(frame_idx, mem.cond, int(settings["max_cond_frames_in_attn"]))
     if len(selected) > layout.cond_slots:  # more than the export's cap: keep the temporally closest
         keep = sorted(selected, key=lambda t: abs(t - frame_idx))[: layout.cond_slots]
         unselected.update({t: v for t, v in selected.items() if t not in keep})
         selected = {t: selected[t] for t in selected if t in keep}
 
-    mem_feats = np.zeros((layout.mem_slots, layout.mem_dim, h, w), np.float32)
+    slots: list[np.ndarray | None] = [None] * layout.mem_slots
     mem_tpos = np.zeros((layout.mem_slots,), np.int64)
     mem_valid = np.zeros((layout.mem_slots,), np.float32)
     for i, out in enumerate(selected.values()):  # conditioning frames: t_pos = 0
-        mem_feats[i] = from_bf16_bits(out.maskmem)
+        slots[i] = out.maskmem
         mem_tpos[i] = num_maskmem - 1
         mem_valid[i] = 1.0
     for t_pos in range(1, num_maskmem):
@@ -134,7 +149,7 @@ def memory_feeds(
         if out is None or out.maskmem is None:
             continue
         i = layout.cond_slots + t_pos - 1
-        mem_feats[i] = from_bf16_bits(out.maskmem)
+        slots[i] = out.maskmem
         mem_tpos[i] = num_maskmem - t_pos - 1
         mem_valid[i] = 1.0
 
@@ -162,7 +177,6 @@ def memory_feeds(
             obj_ptrs[i] = ptr
             ptr_pos[i] = np.float32(pos) / t_diff_max  # float32 division, as torch's int tensor / int
             ptr_valid[i] = 1.0
-    return {
-        "mem_feats": mem_feats, "mem_tpos": mem_tpos, "mem_valid": mem_valid,
-        "obj_ptrs": obj_ptrs, "ptr_pos": ptr_pos, "ptr_valid": ptr_valid,
+    return slots, {
+        "mem_tpos": mem_tpos, "mem_valid": mem_valid, "obj_ptrs": obj_ptrs, "ptr_pos": ptr_pos, "ptr_valid": ptr_valid,
     }

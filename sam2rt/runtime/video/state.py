@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...errors import Sam2rtError
+from ..tensors import as_host
 from .memory import NO_MASKS, FrameOutput, ObjectMemory
 
 if TYPE_CHECKING:
@@ -55,10 +56,10 @@ def save_state(tracker: "VideoTracker", path: str | Path) -> Path:
         if obj.current is not None:
             entry["current"] = _put(arrays, f"o{i}.current", obj.current)
         if obj.pix_feat_with_mem is not None:
-            arrays[f"o{i}.pix"] = obj.pix_feat_with_mem
+            arrays[f"o{i}.pix"] = as_host(obj.pix_feat_with_mem)
         objects.append(entry)
     if tracker._feats is not None:
-        arrays.update({f"feat.{k}": v for k, v in tracker._feats.items()})
+        arrays.update({f"feat.{k}": as_host(v) for k, v in tracker._feats.items()})
         arrays["frame"] = np.asarray(tracker._frame)
     header = {
         "format": STATE_FORMAT, "version": STATE_VERSION, "model_key": tracker.model.model_key,

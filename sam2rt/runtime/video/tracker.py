@@ -32,13 +32,14 @@ import numpy as np
 from ...errors import InvalidPromptError, Sam2rtError
 from ...model_specs import LOW_RES_SIZE
 from ..model import Sam2Model
-from ..postprocess import LOGIT_CLAMP, Upsampler
+from ..postprocess import LOGIT_CLAMP
 from ..preprocess import check_image
-from ..tensors import as_host
+from ..tensors import DeviceTensor, as_host
 from ..prompts import Prompt
 from .graphs import VideoGraphs
 from .heads import NO_POINTS_COORDS, NO_POINTS_LABELS, mask_prompt_inputs, select_track_output, use_multimask
-from .memory import NO_MASKS, FrameOutput, ObjectMemory, memory_feeds, to_bf16_bits
+from .bank import MemoryBank
+from .memory import NO_MASKS, FrameOutput, ObjectMemory, select_memory, to_bf16_bits
 
 log = logging.getLogger("sam2rt")
 
@@ -70,7 +71,8 @@ class _Object:
     memory: ObjectMemory = field(default_factory=ObjectMemory)
     current: FrameOutput | None = None
     origin: str = ""  # how `current` was made: "init" (first prompt), "tracked", "correction"
-    pix_feat_with_mem: np.ndarray | None = None  # memory-conditioned features of the current frame (corrections)
+    pix_feat_with_mem: Any = None  # memory-conditioned features of the current frame (corrections), on the graphs' device
+    bank: MemoryBank | None = None  # its memories' values on the graphs' device (made on first use; not saved)
 
     @property
     def needs_memory(self) -> bool:
@@ -91,7 +93,6 @@ class VideoTracker:
         self.settings = graphs.settings
         self.fill_hole_area = int(self.settings.get("fill_hole_area", 0) if fill_hole_area is None else fill_hole_area)
         self.image_size = model.image_size
-        self._upsample = Upsampler(model.backend.threads)
         self.timings: deque[dict[str, float]] = deque(maxlen=TIMINGS_KEPT)  # per time step: seconds per stage
         self.reset()
 
@@ -115,7 +116,7 @@ class VideoTracker:
         self.frame_idx = -1
         self.num_frames: int | None = None  # the video's length when known (pointer count as the reference)
         self._frame: np.ndarray | None = None
-        self._feats: dict[str, np.ndarray] | None = None
+        self._feats: dict[str, Any] | None = None  # the current frame's features: host arrays or device tensors
         self._orig_hw: tuple[int, int] | None = None
 
     def remove(self, obj_id: ObjId) -> None:
@@ -195,7 +196,9 @@ class VideoTracker:
         x = self.model.backend.preprocess(rgb, self.image_size)  # on the backend's device where it has one
         t1 = time.perf_counter()
         feats = self.model.backend.encode(x)
-        self._feats = {k: np.ascontiguousarray(as_host(v), dtype=np.float32) for k, v in feats.items()}
+        # features stay where the backend computed them (the video graphs bind device tensors in place)
+        self._feats = {k: v if isinstance(v, DeviceTensor) else np.ascontiguousarray(v, dtype=np.float32)
+                       for k, v in feats.items()}
         t2 = time.perf_counter()
         self._frame = np.array(frame if isinstance(frame, np.ndarray) else rgb, copy=True)
         self._orig_hw = (int(rgb.shape[0]), int(rgb.shape[1]))
@@ -208,7 +211,10 @@ class VideoTracker:
     def _track_object(self, obj: _Object) -> None:
         """Track one object on the current frame from its memory (a non-conditioning frame)."""
         assert self._feats is not None
-        feeds = memory_feeds(obj.memory, self.frame_idx, self.settings, self.graphs.layout, self.num_frames)
+        slots, feeds = select_memory(obj.memory, self.frame_idx, self.settings, self.graphs.layout, self.num_frames)
+        if obj.bank is None:
+            obj.bank = self.graphs.new_bank()
+        feeds["mem_feats"] = obj.bank.gather(slots)
         pix = self.graphs.memory_attention(self._feats["image_embed"], feeds)
         multimask = use_multimask(self.settings, False, 0)
         lr, iou, ptrs, score = self.graphs.decode(pix, self._feats, NO_POINTS_COORDS, NO_POINTS_LABELS, None)
@@ -231,7 +237,7 @@ class VideoTracker:
         if not ids:
             return {}
         logits = np.stack([self.objects[k].current.pred_masks for k in ids])[:, None]
-        masks = self._upsample(logits, self._orig_hw, 0.0)
+        masks = self.model.backend.upsample_masks(logits, self._orig_hw, 0.0)  # on the backend's device
         return {k: masks[i, 0] for i, k in enumerate(ids)}
 
     # --- public API -----------------------------------------------------------------------------
@@ -281,12 +287,12 @@ class VideoTracker:
         self.objects.setdefault(obj_id, obj)
         return self._masks()
 
-    def _mask_prompt(self, mask: np.ndarray, feats: dict[str, np.ndarray]) -> FrameOutput:
+    def _mask_prompt(self, mask: np.ndarray, feats: dict[str, Any]) -> FrameOutput:
         """`_use_mask_as_output`: the mask is the output; the decoder only makes its object pointer."""
         if mask.ndim != 2 or (self._orig_hw is not None and mask.shape != self._orig_hw):
             raise InvalidPromptError(f"mask must be (H, W) = {self._orig_hw}, the frame's size; got {mask.shape}")
         full, low = mask_prompt_inputs(mask > 0 if mask.dtype != bool else mask, self.image_size, LOW_RES_SIZE)
-        raw = feats["image_embed"] - self.graphs.no_mem_embed  # the backbone features without no_mem_embed
+        raw = as_host(feats["image_embed"]) - self.graphs.no_mem_embed  # the backbone features without no_mem_embed
         mask_input = self.graphs.mask_downsample(full)
         lr, iou, ptrs, _ = self.graphs.decode(raw, feats, NO_POINTS_COORDS, NO_POINTS_LABELS, mask_input)
         _, ptr = select_track_output(self.settings, lr, iou, ptrs, False)
