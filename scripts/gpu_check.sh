@@ -21,6 +21,11 @@ step ${BENCH_TIMEOUT:-300} python3 benchmarks/gpu_bench.py --work "$W" --out "$O
 # (export/cuda_matmul.py says why; off unless FAST_DIAG=1; ~30 s)
 [ -z "${FAST_DIAG:-}" ] || step 120 python3 scripts/gpu_fast_decoder_diag.py "$W/hiera_tiny" 2>&1 | grep -v "^\s*$" \
     | tee "$OUT/fast_decoder_diag.log"
+# where the time goes, per operator (ONNX Runtime's profiler, kernels launched synchronously so each node's time is
+# its GPU time): the encoder in tf32 and fp16, the decoders, the video graphs; off unless PROFILE=1 (~60 s)
+[ -z "${PROFILE:-}" ] || CUDA_LAUNCH_BLOCKING=1 step ${PROFILE_TIMEOUT:-150} python3 -m sam2rt.bench.ort_profile "$W/hiera_tiny" \
+    --out "$OUT" --runs 20 --label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), CUDA_LAUNCH_BLOCKING=1" \
+    2>&1 | grep -v "^\s*$" | tee "$OUT/ort_profile.log"
 # video tracking (issue 12's GPU target: >= 100 frames/s for one object with fp16), beside SAM2VideoPredictor
 # on CUDA; off unless VIDEO=1, after the image benchmark, on the model directory gpu_bench.py exported
 # (random weights: SAM 2.1 then scores the object absent, which changes no graph's work, only the masks)

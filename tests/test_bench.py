@@ -230,3 +230,28 @@ def test_video_bench_targets_and_report_follow_the_measurements():
     result["targets"] = rows
     md = markdown(result)
     assert "| 1 | 8-40 | 1000.0 / 1000.0 | 1.0 | 1300.0 / 1300.0 | 1.3x |" in md and "+6.0%" in md
+
+
+def test_ort_profile_reports_where_each_graphs_time_goes(tiny_video_dir, tmp_path):
+    """`python -m sam2rt.bench.ort_profile` (the GPU check's PROFILE=1 step) on the CPU provider: every graph the
+    device path and the tracker load gets a row, its operator times add up to its kernel time, and the heaviest
+    nodes are real nodes of that graph; ONNX Runtime's traces are removed."""
+    import onnx
+
+    from sam2rt.bench.ort_profile import main
+
+    assert main([str(tiny_video_dir), "--out", str(tmp_path), "--provider", "cpu", "--runs", "2"]) == 0
+    report = json.loads((tmp_path / "ort_profile.json").read_text())["graphs"]
+    assert {"encoder:tf32", "decoder_nomask:16 boxes", "memory_attention:fp32", "track_decoder:fp32",
+            "memory_encoder:fp32"} <= set(report)
+    for case, r in report.items():
+        assert r["kernel_ms"] > 0 and r["wall_ms_p50"] > 0, case
+        assert math.isclose(sum(r["by_op"].values()), r["kernel_ms"], rel_tol=1e-6), case
+        graph = onnx.load(tiny_video_dir / r["file"], load_external_data=False).graph
+        ops = {n.op_type for n in graph.node}
+        assert r["top_nodes"] and all(ms >= 0 for _, _, ms in r["top_nodes"]), case
+        # ONNX Runtime fuses nodes at load, so an operator may be a fused one; most are the graph's own
+        assert any(op in ops for _, op, _ in r["top_nodes"]), (case, r["top_nodes"])
+    md = (tmp_path / "ort_profile.md").read_text()
+    assert all(f"| {case} |" in md for case in report)
+    assert not list(tmp_path.glob("ort_profile_*.json"))
