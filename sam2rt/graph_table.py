@@ -56,7 +56,7 @@ GRAPHS: tuple[GraphFile, ...] = (
     GraphFile("encoder", "optimized", "encoder.opt.onnx", "fp32", "onnxruntime", "fused", (CPU,),
               "`fused` after ONNX Runtime's offline optimisations: the CPU encoder"),
     GraphFile("encoder", "fp16", "encoder.fused.fp16.onnx", "fp16", "fp16", "fused", (CUDA,),
-              "onnxruntime-cuda:fp16: FP16 weights and activations, LayerNorm in FP32 (reduced precision)"),
+              "onnxruntime-cuda:fp16: FP16 weights and activations, LayerNorm statistics in FP32 (reduced precision)"),
     GraphFile("encoder", "int8", "encoder.int8.onnx", "int8", "int8", None, (CPU,),
               "onnxruntime-cpu:int8: dynamically quantised MatMul weights (reduced precision, opt-in)", optional=True),
     GraphFile("decoder", None, "decoder.onnx", "fp32", "torch.onnx", None, (CUDA, TENSORRT),
@@ -92,13 +92,13 @@ GRAPHS: tuple[GraphFile, ...] = (
               "the mask decoder's tracking path: masks, object score, occlusion-aware object pointers"),
     # the tracker's graphs for onnxruntime-cuda:fp16 (export.optimize.add_fp16_video), made from the base graphs
     GraphFile("memory_encoder", "fp16", "memory_encoder.fp16.onnx", "fp16", "fp16", None, (CUDA,),
-              "onnxruntime-cuda:fp16 (reduced precision): FP16 weights and activations, normalisation in FP32"),
+              "onnxruntime-cuda:fp16 (reduced precision): FP16 weights and activations, normalisation statistics in FP32"),
     GraphFile("memory_attention", "fp16", "memory_attention.fp16.onnx", "fp16", "fp16", None, (CUDA,),
-              "onnxruntime-cuda:fp16 (reduced precision): FP16 weights and activations; LayerNorm, softmax, the "
-              "attention logits and the RoPE tables' sin/cos in FP32"),
+              "onnxruntime-cuda:fp16 (reduced precision): FP16 weights and activations; LayerNorm statistics, softmax, "
+              "the attention logits and the RoPE tables' sin/cos in FP32"),
     GraphFile("track_decoder", "fp16", "track_decoder.fp16.onnx", "fp16", "fp16", None, (CUDA,),
-              "onnxruntime-cuda:fp16 (reduced precision): FP16 weights and activations; LayerNorm, softmax, the "
-              "attention logits, the positional encoding and the object-score test in FP32"),
+              "onnxruntime-cuda:fp16 (reduced precision): FP16 weights and activations; LayerNorm statistics, softmax, "
+              "the attention logits, the positional encoding and the object-score test in FP32"),
     GraphFile("mask_downsample", None, "mask_downsample.onnx", "fp32", "torch.onnx", None, (CPU, CUDA, TENSORRT),
               "a mask prompt brought to the decoder's low-res mask input"),
 )

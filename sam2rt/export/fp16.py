@@ -30,6 +30,12 @@ from ..errors import ExportError
 # that a graph output compared inside the graph and its constant keep one type (keep_io_types leaves outputs FP32).
 COMPARISON_OP_TYPES = frozenset({"Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal"})
 FP32_OP_TYPES = frozenset({"Cast", "LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Sin", "Cos"})
+# For ONNX Runtime's kernels (the onnxruntime-cuda:fp16 graphs) these stay FP16, with no casts around them:
+# LayerNormalization computes its mean and variance in the type its `stash_type` names (FP32, the default) whatever
+# its input's, so an FP16 LayerNorm still keeps FP32 statistics; Max and Min return one of their inputs, exact in any
+# float type (onnxconverter-common blocks them by default). In hiera_tiny's encoder that removes ~135 cast kernels
+# over image-sized activations and lets ONNX Runtime fuse Add + LayerNorm. TensorRT graphs keep LayerNorm FP32.
+ORT_FP16_OP_TYPES = frozenset({"LayerNormalization", "Max", "Min"})
 NORM_OP_TYPES = frozenset({"ReduceMean", "Pow", "Sqrt"})
 ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div"})
 # Nodes a MatMul's result may pass through on its way to a softmax / sin / cos and still count as "feeding" it.
@@ -56,8 +62,9 @@ def _import_float16():
     return float16
 
 
-def select_fp32_nodes(graph: Any, max_hops: int = 4) -> dict[str, str]:
-    """Names of the nodes of an ONNX graph that must stay FP32, each with the reason."""
+def select_fp32_nodes(graph: Any, max_hops: int = 4, fp32_ops: frozenset[str] = FP32_OP_TYPES) -> dict[str, str]:
+    """Names of the nodes of an ONNX graph that must stay FP32, each with the reason (`fp32_ops`: the op types kept
+    FP32 as such)."""
     producer = {out: n for n in graph.node for out in n.output}
     consumers: dict[str, list] = {}
     for n in graph.node:
@@ -65,7 +72,7 @@ def select_fp32_nodes(graph: Any, max_hops: int = 4) -> dict[str, str]:
             consumers.setdefault(name, []).append(n)
     keep: dict[str, str] = {}
     for n in graph.node:
-        if n.op_type in FP32_OP_TYPES:
+        if n.op_type in fp32_ops:
             keep[n.name] = n.op_type
     for n in graph.node:
         if n.op_type in ("MatMul", "Gemm"):
@@ -123,11 +130,13 @@ def _inline_initializer_aliases(graph: Any) -> int:
 
 
 def convert_to_mixed_fp16(
-    src: str | Path, dst: str | Path, extra_fp32: Iterable[str] = (), extra_fp32_ops: Iterable[str] = ()
+    src: str | Path, dst: str | Path, extra_fp32: Iterable[str] = (), extra_fp32_ops: Iterable[str] = (),
+    ort_kernels: bool = False,
 ) -> dict[str, str]:
     """Write `dst`: `src` with FP16 weights and activations except the FP32 nodes; inputs/outputs stay FP32.
 
-    `extra_fp32`: more node names to keep in FP32; `extra_fp32_ops`: more op types (e.g. COMPARISON_OP_TYPES).
+    `extra_fp32`: more node names to keep in FP32; `extra_fp32_ops`: more op types (e.g. COMPARISON_OP_TYPES);
+    `ort_kernels`: the graph is for ONNX Runtime, whose kernels keep ORT_FP16_OP_TYPES exact enough in FP16.
     Returns the FP32 node names with their reasons (what the manifest records).
     """
     onnx = _import_onnx()
@@ -136,7 +145,7 @@ def convert_to_mixed_fp16(
     graph = model.graph
     _name_unnamed(graph)
     _inline_initializer_aliases(graph)
-    keep = select_fp32_nodes(graph)
+    keep = select_fp32_nodes(graph, fp32_ops=FP32_OP_TYPES - ORT_FP16_OP_TYPES if ort_kernels else FP32_OP_TYPES)
     for name in extra_fp32:
         keep.setdefault(name, "requested")
     ops = set(extra_fp32_ops)
@@ -155,7 +164,7 @@ def convert_to_mixed_fp16(
                 model,
                 keep_io_types=True,
                 node_block_list=sorted(keep),
-                op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST),
+                op_block_list=[op for op in float16.DEFAULT_OP_BLOCK_LIST if not (ort_kernels and op in ORT_FP16_OP_TYPES)],
             )
     except Exception as exc:
         raise ExportError(f"could not convert {src} to mixed FP16 ({type(exc).__name__}: {exc})") from exc

@@ -12,8 +12,9 @@ model directory: `add_variants(DIR, int8=True)`. Each variant is recorded in the
   Runtime's MultiHeadAttention; recorded as `source: fused`), otherwise from encoder.onnx.
 - `fp16`: the encoder for ONNX Runtime's CUDA provider in FP16 (`onnxruntime-cuda:fp16`): made from its
   `fused` form (attention as MultiHeadAttention, which the CUDA provider runs as fused FP16 kernels with
-  FP32 softmax statistics), FP16 weights and activations except LayerNormalization and the Casts of shape
-  arithmetic (sam2rt.export.fp16); inputs and outputs stay FP32. REDUCED PRECISION: used only when asked for.
+  FP32 softmax statistics), FP16 weights and activations except the Casts of shape arithmetic; LayerNormalization
+  runs on FP16 tensors with FP32 statistics (its stash_type; sam2rt.export.fp16); inputs and outputs stay FP32.
+  REDUCED PRECISION: used only when asked for.
 - `fp16` of the video graphs (memory encoder, memory attention, tracking decoder): the VideoTracker's graphs
   for `onnxruntime-cuda:fp16`, made from the base graphs the same way (add_fp16_video). REDUCED PRECISION.
 - `int8`: the encoder with dynamic INT8 quantisation of its MatMul weights (onnxruntime.quantization,
@@ -72,10 +73,10 @@ def add_fp16_encoder(manifest: Manifest) -> None:
     src = manifest.verify_file(fused)
     # encoder.fused.fp16.onnx: not encoder.fp16.onnx, the name of build-engine's temporary TensorRT graph
     out = manifest.directory / graph_file("encoder", "fp16").file
-    keep = convert_to_mixed_fp16(src, out)
+    keep = convert_to_mixed_fp16(src, out, ort_kernels=True)
     entry["variants"]["fp16"] = _entry(
         out, fused["sha256"], precision="fp16", source="fused", fp32_summary=summarize(keep),
-        use="onnxruntime-cuda:fp16 (reduced precision): FP16 weights and activations, LayerNorm in FP32",
+        use="onnxruntime-cuda:fp16 (reduced precision): FP16 weights and activations, LayerNorm statistics in FP32",
     )
 
 
@@ -95,7 +96,7 @@ def add_fp16_video(manifest: Manifest, roles: Collection[str] = FP16_VIDEO_ROLES
             continue  # an export from before video tracking
         row = graph_file(role, "fp16")
         out = manifest.directory / row.file
-        keep = convert_to_mixed_fp16(manifest.verify_graph(role), out, extra_fp32_ops=COMPARISON_OP_TYPES)
+        keep = convert_to_mixed_fp16(manifest.verify_graph(role), out, extra_fp32_ops=COMPARISON_OP_TYPES, ort_kernels=True)
         entry.setdefault("variants", {})["fp16"] = _entry(
             out, entry["sha256"], precision="fp16", fp32_summary=summarize(keep), use=row.use,
             **{k: entry[k] for k in ("inputs", "outputs") if k in entry},
