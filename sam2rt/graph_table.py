@@ -88,12 +88,15 @@ GRAPHS: tuple[GraphFile, ...] = (
               "standard ONNX ops"),
     GraphFile("memory_attention", "fused", "memory_attention.fused.onnx", "fp32", "torch.onnx", None, (CPU,),
               "the same function with attention as com.microsoft MultiHeadAttention: ONNX Runtime's CPU flash kernel"),
+    GraphFile("memory_attention", "device", "memory_attention.device.onnx", "fp32", "torch.onnx", None, (CUDA,),
+              "the valid slots only (dynamic counts, no key mask), attention as com.microsoft MultiHeadAttention: "
+              "ONNX Runtime's fused CUDA kernels"),
     GraphFile("track_decoder", None, "track_decoder.onnx", "fp32", "torch.onnx", None, (CPU, CUDA, TENSORRT),
               "the mask decoder's tracking path: masks, object score, occlusion-aware object pointers"),
     # the tracker's graphs for onnxruntime-cuda:fp16 (export.optimize.add_fp16_video), made from the base graphs
     GraphFile("memory_encoder", "fp16", "memory_encoder.fp16.onnx", "fp16", "fp16", None, (CUDA,),
               "onnxruntime-cuda:fp16 (reduced precision): FP16 weights and activations, normalisation statistics in FP32"),
-    GraphFile("memory_attention", "fp16", "memory_attention.fp16.onnx", "fp16", "fp16", None, (CUDA,),
+    GraphFile("memory_attention", "fp16", "memory_attention.fp16.onnx", "fp16", "fp16", "device", (CUDA,),
               "onnxruntime-cuda:fp16 (reduced precision): FP16 weights and activations; LayerNorm statistics, softmax, "
               "the attention logits and the RoPE tables' sin/cos in FP32"),
     GraphFile("track_decoder", "fp16", "track_decoder.fp16.onnx", "fp16", "fp16", None, (CUDA,),
@@ -148,12 +151,13 @@ VIDEO_CPU_SLOTS: dict[str, tuple[str, tuple[str | None, ...]]] = {
     "mask_downsample": ("mask_downsample", (None,)),
 }
 VIDEO_DEVICE_SLOTS: dict[str, tuple[str, tuple[str | None, ...]]] = {
-    slot: (role, (None,)) for slot, (role, _) in VIDEO_CPU_SLOTS.items()
+    slot: (role, ("device", None) if role == "memory_attention" else (None,)) for slot, (role, _) in VIDEO_CPU_SLOTS.items()
 }
 # An FP16 image backend's (the mask's downsampling, a resize, stays FP32). The FP32 graphs are the fallback where
 # an export has no FP16 ones (a `tensorrt` export); onnxruntime-cuda:fp16 requires them (runtime.video.graphs).
 VIDEO_FP16_SLOTS: dict[str, tuple[str, tuple[str | None, ...]]] = {
-    slot: (role, ("fp16", None) if role != "mask_downsample" else (None,)) for slot, (role, _) in VIDEO_CPU_SLOTS.items()
+    slot: (role, ("fp16", "device", None) if role == "memory_attention" else ("fp16", None) if role != "mask_downsample"
+           else (None,)) for slot, (role, _) in VIDEO_CPU_SLOTS.items()
 }
 # On a GPU provider the exported graphs themselves: ONNX Runtime optimises them for the device at load (the
 # CPU-optimised copies hold CPU-only fused kernels).

@@ -363,6 +363,43 @@ def test_tracker_keeps_features_and_memory_on_the_device(tiny_video_dir: Path, m
     assert tracker.frame_idx == 4 and isinstance(tracker._feats["image_embed"], np.ndarray)
 
 
+def test_compact_memory_attention_takes_the_valid_slots_only(tiny_video_dir: Path, monkeypatch):
+    """The GPU providers' compact memory attention (graph_table's `device` row; here the tiny stand-in's, on the CPU
+    provider) gets exactly the valid memory slots and pointers, in order and without validity flags, while the bank
+    fills up (frames 1-7: 1 to 7 memories and pointers), and tracks as the masked graph does."""
+    from sam2rt.graph_table import VIDEO_DEVICE_SLOTS
+    from sam2rt.runtime import VideoTracker
+    from sam2rt.runtime.video.graphs import VideoGraphs
+
+    masked = VideoTracker.from_dir(tiny_video_dir, backend="onnxruntime-cpu", fill_hole_area=0)
+    compact = VideoTracker(masked.model, VideoGraphs(masked.model.manifest, "onnxruntime-cpu", slots=VIDEO_DEVICE_SLOTS),
+                           fill_hole_area=0)
+    assert compact.graphs.entries["memory_attention"]["file"] == "memory_attention.device.onnx"
+    assert compact.graphs.compact_memory and not masked.graphs.compact_memory
+    seen = []
+    real = type(compact.graphs).memory_attention
+
+    def spy(graphs, image_embed, feeds):
+        if graphs is compact.graphs:
+            seen.append((feeds["mem_feats"].shape[0], feeds["obj_ptrs"].shape[0], sorted(feeds)))
+        return real(graphs, image_embed, feeds)
+
+    monkeypatch.setattr(type(compact.graphs), "memory_attention", spy)
+    frames, corners = pan_clip(8)
+    for t in (masked, compact):
+        t.add_prompt(1, frame=frames[0], **point_prompt(corners[0]))
+        t.add_prompt(2, **BOX_PROMPT)
+    for (i, a), (j, b) in zip(masked.propagate(frames), compact.propagate(frames)):
+        assert i == j
+        for k in (1, 2):
+            np.testing.assert_allclose(compact.low_res_logits[k], masked.low_res_logits[k], rtol=0, atol=1e-5)
+            np.testing.assert_array_equal(a[k], b[k])
+    names = ["image_embed", "mem_feats", "mem_tpos", "obj_ptrs", "ptr_pos"]
+    # frame t: the conditioning frame 0 and frames 1..t-1 (memories and pointers alike: frame 0 is not a non-cond entry)
+    assert [s[:2] for s in seen[::2]] == [(t, t) for t in range(1, 8)] and seen[1::2] == seen[::2]
+    assert all(s[2] == sorted(names[1:]) for s in seen)
+
+
 def test_state_save_restore_continues_identically(any_tracker, tmp_path: Path):
     """An npz state saved mid-stream and loaded back gives the same next frame as going on directly."""
     tracker = any_tracker
@@ -445,7 +482,8 @@ def test_track_cli_groups_prompts_into_objects():
 
 def test_export_records_static_video_graphs(model_dir: Path):
     """The video graphs are in the manifest with their sha256, pass onnx.checker, use no complex ops, and
-    every memory input has a static shape (slots fixed by the export, validity flags instead of lengths)."""
+    every memory input has a static shape (slots fixed by the export, validity flags instead of lengths). The
+    GPU providers' compact form takes the valid slots only (counts bounded by the same slots), without a key mask."""
     import onnx
 
     from sam2rt.manifest import Manifest, sha256_file
@@ -481,7 +519,17 @@ def test_export_records_static_video_graphs(model_dir: Path):
     from sam2rt.runtime.video.graphs import VideoGraphs
 
     assert VideoGraphs(m, "onnxruntime-cpu").entries["memory_attention"]["file"] == fused["file"]
-    assert VideoGraphs(m, "onnxruntime-cuda").entries["memory_attention"]["file"] == attn["file"]
+    # the GPU's: valid slots only (M <= 7 memories, P <= 16 pointers), MultiHeadAttention without a mask input
+    device = m.variant("memory_attention", "device")
+    assert device["derived_from_sha256"] == attn["sha256"] and {k for k in diffs if k.startswith("memory_attention.device[")}
+    device_shapes = {i["name"]: i["shape"] for i in device["inputs"]}
+    assert device_shapes == {"image_embed": [1, 256, 64, 64], "mem_feats": ["slots", 64, 64, 64], "mem_tpos": ["slots"],
+                             "obj_ptrs": ["pointers", 256], "ptr_pos": ["pointers"]}
+    device_graph = onnx.load(str(model_dir / device["file"]))
+    heads = [n for n in device_graph.graph.node if n.domain == "com.microsoft"]
+    assert {n.op_type for n in heads} == {"MultiHeadAttention"} and all(len(n.input) == 3 for n in heads)
+    assert VideoGraphs(m, "onnxruntime-cuda").entries["memory_attention"]["file"] == device["file"]
+    assert m.variant("memory_attention", "fp16")["source"] == "device"
 
 
 def test_rope_in_half_split_order_is_the_reference_rotation():
@@ -662,8 +710,9 @@ def test_fp16_video_graphs_are_chosen_by_precision(model_dir: Path, tiny_video_d
     tiny = Manifest.load(tiny_video_dir)
     with pytest.raises(GraphNotExportedError, match=r"no FP16 memory_encoder .*add_variants\(DIR, optimized=False, fp16=True\)"):
         VideoGraphs(tiny, "onnxruntime-cpu", precision="fp16")
-    fallback = VideoGraphs(tiny, "tensorrt", precision="fp16")
-    assert fallback.entries["memory_attention"]["file"] == "memory_attention.onnx"
+    assert graphs.compact_memory  # made from the compact `device` form
+    fallback = VideoGraphs(tiny, "tensorrt", precision="fp16")  # the FP32 graphs a GPU provider loads
+    assert fallback.entries["memory_attention"]["file"] == "memory_attention.device.onnx"
 
 
 @pytest.mark.slow

@@ -86,8 +86,9 @@ FP16_VIDEO_ROLES = ("memory_encoder", "memory_attention", "track_decoder")
 def add_fp16_video(manifest: Manifest, roles: Collection[str] = FP16_VIDEO_ROLES) -> None:
     """Write the video graphs of onnxruntime-cuda:fp16 (graph_table's `fp16` rows of FP16_VIDEO_ROLES) from their
     base graphs, each recorded as its role's `fp16` variant. FP32 stays where export.fp16 keeps it, and in the
-    comparisons (the object-score test). The memory attention is made from its standard-ops graph, which the CUDA
-    provider runs (the `fused` variant's key mask sits in one extra q/k channel whose -1e9 FP16 cannot hold)."""
+    comparisons (the object-score test). The memory attention is made from its compact `device` form (no key mask:
+    FP16 MultiHeadAttention runs as ONNX Runtime's fused CUDA kernels), or from its standard-ops graph in an export
+    without one (never from `fused`, whose key mask sits in one extra q/k channel whose -1e9 FP16 cannot hold)."""
     from .fp16 import COMPARISON_OP_TYPES, convert_to_mixed_fp16, summarize
 
     for role in roles:
@@ -96,10 +97,14 @@ def add_fp16_video(manifest: Manifest, roles: Collection[str] = FP16_VIDEO_ROLES
             continue  # an export from before video tracking
         row = graph_file(role, "fp16")
         out = manifest.directory / row.file
-        keep = convert_to_mixed_fp16(manifest.verify_graph(role), out, extra_fp32_ops=COMPARISON_OP_TYPES, ort_kernels=True)
+        source = (entry.get("variants") or {}).get(row.made_from) if row.made_from else None
+        made_from = source if source is not None and manifest.is_stored(source) else entry
+        keep = convert_to_mixed_fp16(manifest.verify_file(made_from), out, extra_fp32_ops=COMPARISON_OP_TYPES,
+                                     ort_kernels=True)
+        origin = {"source": row.made_from} if made_from is not entry else {}
         entry.setdefault("variants", {})["fp16"] = _entry(
-            out, entry["sha256"], precision="fp16", fp32_summary=summarize(keep), use=row.use,
-            **{k: entry[k] for k in ("inputs", "outputs") if k in entry},
+            out, made_from["sha256"], precision="fp16", fp32_summary=summarize(keep), use=row.use, **origin,
+            **{k: made_from[k] for k in ("inputs", "outputs") if k in made_from},
         )
 
 

@@ -12,7 +12,8 @@ Each graph is a small deterministic function of all its inputs, so a mistake in 
 - memory_encoder: a seeded 1x1 convolution of image_embed to 64 channels, times the sigmoid of the mask logits
   pooled to 64x64, plus small terms of the object score and the binarize flag;
 - memory_attention: image_embed + a 1x1 projection of the mean of the valid memory slots + the mean of the valid
-  object pointers, plus small terms of the slots' temporal indices and the pointers' positions;
+  object pointers, plus small terms of the slots' temporal indices and the pointers' positions (and its compact
+  `device` form over the valid slots only, as the export writes one);
 - track_decoder: the tiny decoder's blob-and-image-term logits (export.tiny_model) over pix_feat and the
   high-res features, one pointer per token from pix_feat's channel means, and an object score that stays > 0;
 - mask_downsample: the mask pooled to 256x256, as logits (x8 - 4).
@@ -117,6 +118,35 @@ def build_memory_attention(rng: np.random.Generator):
     return t._model(nodes, "sam2rt_tiny_memory_attention", inputs, [_value("pix_feat_with_mem", [1, HIDDEN, FEAT, FEAT])], inits)
 
 
+def build_compact_memory_attention(base) -> Any:
+    """The compact form of `build_memory_attention`'s function (graph_table's `device` row): only the valid slots and
+    pointers, in dynamic numbers, no validity flags; the same weights (read from `base`)."""
+    from onnx import helper
+
+    t = _tiny()
+    n = helper.make_node
+    nodes = []
+    for values, out in (("mem_feats", "mem_mean"), ("obj_ptrs", "ptr_mean")):
+        nodes += [n("ReduceSum", [values, "axis0"], [f"{out}_sum"], keepdims=1), n("Shape", [values], [f"{out}_shape"]),
+                  n("Gather", [f"{out}_shape", "zero"], [f"{out}_n"], axis=0), n("Cast", [f"{out}_n"], [f"{out}_count"], to=1),
+                  n("Max", [f"{out}_count", "one"], [f"{out}_safe"]), n("Div", [f"{out}_sum", f"{out}_safe"], [out])]
+    nodes += [
+        n("Conv", ["mem_mean", "attn_w", "attn_b"], ["mem_proj"]), n("Mul", ["mem_proj", "half"], ["mem_term"]),
+        n("Reshape", ["ptr_mean", "shape_1c11"], ["ptr_term"]),
+        n("Cast", ["mem_tpos"], ["tpos_f"], to=1), n("ReduceSum", ["tpos_f", "axis0"], ["tpos_sum"], keepdims=0),
+        n("ReduceSum", ["ptr_pos", "axis0"], ["ppos_sum"], keepdims=0), n("Add", ["tpos_sum", "ppos_sum"], ["pos_sum"]),
+        n("Mul", ["pos_sum", "small"], ["pos_term"]),
+        n("Add", ["image_embed", "mem_term"], ["x1"]), n("Add", ["x1", "ptr_term"], ["x2"]),
+        n("Add", ["x2", "pos_term"], ["pix_feat_with_mem"]),
+    ]
+    weights = {i.name: i for i in base.graph.initializer}
+    inits = [weights[k] for k in ("attn_w", "attn_b", "shape_1c11", "axis0", "one", "half", "small")] + [t._i64("zero", 0)]
+    inputs = [_value("image_embed", [1, HIDDEN, FEAT, FEAT]), _value("mem_feats", ["slots", MEM_DIM, FEAT, FEAT]),
+              _value("mem_tpos", ["slots"], "int64"), _value("obj_ptrs", ["pointers", HIDDEN]), _value("ptr_pos", ["pointers"])]
+    return t._model(nodes, "sam2rt_tiny_memory_attention_compact", inputs,
+                    [_value("pix_feat_with_mem", [1, HIDDEN, FEAT, FEAT])], inits)
+
+
 def build_track_decoder():
     """The tracking decoder's inputs -> low_res_masks (1,4,256,256), iou_predictions (1,4), obj_ptr (1,4,256),
     object_score_logits (1,1)."""
@@ -184,6 +214,13 @@ def add_tiny_video(manifest: Manifest, seed: int = 0) -> Manifest:
         path.write_bytes(model.SerializeToString())
         entries[role] = {"file": path.name, "sha256": sha256_file(path), "precision": "fp32", **_io_spec(model)}
     entries["memory_attention"]["slots"] = {**SLOTS, "use": "tiny stand-in: the export's slot layout"}
+    compact = build_compact_memory_attention(graphs["memory_attention"])
+    path = out / "memory_attention.device.onnx"
+    path.write_bytes(compact.SerializeToString())
+    entries["memory_attention"]["variants"] = {"device": {
+        "file": path.name, "sha256": sha256_file(path), "precision": "fp32",
+        "derived_from_sha256": entries["memory_attention"]["sha256"], "use": "tiny stand-in: the compact form",
+        **_io_spec(compact)}}
     constants = out / "video_constants.npz"
     with open(constants, "wb") as f:
         np.savez(f, no_mem_embed=rng.normal(0, 0.1, HIDDEN).astype(np.float32),

@@ -18,16 +18,20 @@ from .encoder_fusion import MHA_DOMAIN
 from ..manifest import sha256_file
 from ..runtime.video.heads import NO_POINTS_COORDS, NO_POINTS_LABELS, select_track_output, use_multimask
 from ..runtime.video.sessions import create_session, run
-from ..runtime.video.memory import FrameOutput, ObjectMemory, SlotLayout, from_bf16_bits, memory_feeds, to_bf16_bits
+from ..runtime.video.memory import (
+    FrameOutput, ObjectMemory, SlotLayout, compact_feeds, from_bf16_bits, memory_feeds, to_bf16_bits,
+)
 from .video_graphs import (
-    MASK_DOWNSAMPLE_INPUTS, MASK_DOWNSAMPLE_OUTPUTS, MEMORY_ATTENTION_INPUTS, MEMORY_ATTENTION_OUTPUTS,
+    MASK_DOWNSAMPLE_INPUTS, MASK_DOWNSAMPLE_OUTPUTS, MEMORY_ATTENTION_COMPACT_AXES, MEMORY_ATTENTION_COMPACT_INPUTS,
+    MEMORY_ATTENTION_INPUTS, MEMORY_ATTENTION_OUTPUTS,
     MEMORY_ENCODER_INPUTS, MEMORY_ENCODER_OUTPUTS, TRACK_DECODER_INPUTS, TRACK_DECODER_OUTPUTS,
-    MaskDownsampleGraph, MemoryAttentionGraph, MemoryEncoderGraph, TrackDecoderGraph, video_settings,
+    CompactMemoryAttentionGraph, MaskDownsampleGraph, MemoryAttentionGraph, MemoryEncoderGraph, TrackDecoderGraph, video_settings,
 )
 
 MEMORY_ENCODER_FILE = graph_file("memory_encoder").file
 MEMORY_ATTENTION_FILE = graph_file("memory_attention").file
 MEMORY_ATTENTION_FUSED_FILE = graph_file("memory_attention", "fused").file
+MEMORY_ATTENTION_DEVICE_FILE = graph_file("memory_attention", "device").file
 TRACK_DECODER_FILE = graph_file("track_decoder").file
 MASK_DOWNSAMPLE_FILE = graph_file("mask_downsample").file
 VIDEO_CONSTANTS_FILE = "video_constants.npz"
@@ -90,6 +94,7 @@ def export_video_graphs(
 
     enc, attn = MemoryEncoderGraph(model).eval(), MemoryAttentionGraph(model, (feat, feat)).eval()
     attn_fused = MemoryAttentionGraph(model, (feat, feat), fused=True).eval()
+    attn_device = CompactMemoryAttentionGraph(model, (feat, feat)).eval()
     dec, down = TrackDecoderGraph(model).eval(), MaskDownsampleGraph(model).eval()
     mask_logits = torch.randn(1, 1, low, low, generator=g) * 4
     enc_args = (image_embed, mask_logits, torch.tensor([[1.5]]), torch.tensor([1.0]))
@@ -105,6 +110,7 @@ def export_video_graphs(
         "memory_encoder": out / MEMORY_ENCODER_FILE, "memory_attention": out / MEMORY_ATTENTION_FILE,
         "track_decoder": out / TRACK_DECODER_FILE, "mask_downsample": out / MASK_DOWNSAMPLE_FILE,
         "memory_attention.fused": out / MEMORY_ATTENTION_FUSED_FILE,
+        "memory_attention.device": out / MEMORY_ATTENTION_DEVICE_FILE,
     }
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -115,6 +121,11 @@ def export_video_graphs(
         torch.onnx.export(attn_fused, attn_args, str(paths["memory_attention.fused"]),
                           input_names=MEMORY_ATTENTION_INPUTS, output_names=MEMORY_ATTENTION_OUTPUTS,
                           opset_version=opset, custom_opsets={MHA_DOMAIN: 1}, dynamo=False)
+        compact_args = tuple(a for a, name in zip(attn_args, MEMORY_ATTENTION_INPUTS) if name in MEMORY_ATTENTION_COMPACT_INPUTS)
+        torch.onnx.export(attn_device, compact_args, str(paths["memory_attention.device"]),
+                          input_names=MEMORY_ATTENTION_COMPACT_INPUTS, output_names=MEMORY_ATTENTION_OUTPUTS,
+                          opset_version=opset, custom_opsets={MHA_DOMAIN: 1}, dynamo=False,
+                          dynamic_axes=MEMORY_ATTENTION_COMPACT_AXES)
         torch.onnx.export(dec, dec_args, str(paths["track_decoder"]), input_names=TRACK_DECODER_INPUTS,
                           output_names=TRACK_DECODER_OUTPUTS, opset_version=opset, dynamo=False,
                           dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}})
@@ -140,12 +151,12 @@ def export_video_graphs(
         role: {"file": p.name, "sha256": sha256_file(p), "precision": "fp32", **_io_spec(sessions[role])}
         for role, p in paths.items() if "." not in role
     }
-    fused = graph_file("memory_attention", "fused")
-    graphs["memory_attention"]["variants"] = {"fused": {
-        "file": fused.file, "sha256": sha256_file(paths[fused.key]), "precision": fused.precision,
-        "derived_from_sha256": graphs["memory_attention"]["sha256"], "use": fused.use,
-        **_io_spec(sessions[fused.key]),
-    }}
+    graphs["memory_attention"]["variants"] = {
+        row.variant: {
+            "file": row.file, "sha256": sha256_file(paths[row.key]), "precision": row.precision,
+            "derived_from_sha256": graphs["memory_attention"]["sha256"], "use": row.use, **_io_spec(sessions[row.key]),
+        } for row in (graph_file("memory_attention", "fused"), graph_file("memory_attention", "device"))
+    }
     graphs["memory_attention"]["slots"] = {
         "cond": layout.cond_slots, "recent": layout.recent_slots, "pointers": layout.ptr_slots,
         "use": "conditioning-frame slots (a cap: in a stream each object has exactly one), the num_maskmem - 1 "
@@ -197,8 +208,9 @@ def _verify(model, sessions, settings, layout: SlotLayout, image_embed, hr0, hr1
                     frame_idx, False, [_flat(raw)], [_flat(curr_pos)], [(feat, feat)], ref_dict, num_frames
                 )
                 feeds = memory_feeds(mem, frame_idx, settings, layout, num_frames)
-                for key in ("memory_attention", "memory_attention.fused"):
-                    got = run(sessions[key], {"image_embed": np_feats["image_embed"], **feeds})[0]
+                for key in ("memory_attention", "memory_attention.fused", "memory_attention.device"):
+                    given = compact_feeds(feeds) if key.endswith(".device") else feeds  # the valid slots only
+                    got = run(sessions[key], {"image_embed": np_feats["image_embed"], **given})[0]
                     diffs[f"{key}[frame={frame_idx},num_frames={num_frames}]"] = _check(key, got, ref.numpy())
 
             # tracking decoder: a click on an initial frame, a box with a mask input, tracking (no prompt)

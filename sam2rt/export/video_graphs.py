@@ -46,6 +46,10 @@ MEMORY_ENCODER_INPUTS = ["image_embed", "mask_logits", "object_score_logits", "b
 MEMORY_ENCODER_OUTPUTS = ["maskmem_features"]
 MEMORY_ATTENTION_INPUTS = ["image_embed", "mem_feats", "mem_tpos", "mem_valid", "obj_ptrs", "ptr_pos", "ptr_valid"]
 MEMORY_ATTENTION_OUTPUTS = ["pix_feat_with_mem"]
+# The compact form (CompactMemoryAttentionGraph): only the valid slots, so no validity inputs and no key mask.
+MEMORY_ATTENTION_COMPACT_INPUTS = ["image_embed", "mem_feats", "mem_tpos", "obj_ptrs", "ptr_pos"]
+MEMORY_ATTENTION_COMPACT_AXES = {"mem_feats": {0: "slots"}, "mem_tpos": {0: "slots"}, "obj_ptrs": {0: "pointers"},
+                                 "ptr_pos": {0: "pointers"}}
 TRACK_DECODER_INPUTS = [
     "pix_feat", "high_res_feats_0", "high_res_feats_1", "point_coords", "point_labels", "mask_input", "has_mask_input",
 ]
@@ -253,6 +257,10 @@ class MemoryAttentionGraph(nn.Module):
         return obj_ptrs, obj_pos
 
     def forward(self, image_embed, mem_feats, mem_tpos, mem_valid, obj_ptrs, ptr_pos, ptr_valid):
+        return self._attend_memory(image_embed, mem_feats, mem_tpos, obj_ptrs, ptr_pos, mem_valid, ptr_valid)
+
+    def _attend_memory(self, image_embed, mem_feats, mem_tpos, obj_ptrs, ptr_pos, mem_valid=None, ptr_valid=None):
+        """The memory attention over the given slots; without validity flags every slot is used (no key mask)."""
         m = self.model
         ma = m.memory_attention
         b, c, h, w = image_embed.shape
@@ -265,13 +273,15 @@ class MemoryAttentionGraph(nn.Module):
         memory = memory.reshape(1, slots * n, -1)
         memory_pos = memory_pos.reshape(1, slots * n, -1)
         split = c // m.mem_dim
-        key_valid = mem_valid.repeat_interleave(n)
+        masked = mem_valid is not None
+        key_valid = mem_valid.repeat_interleave(n) if masked else None
         if m.use_obj_ptrs_in_encoder:
             ptr_tokens, ptr_pos_tokens = self._pointer_tokens(obj_ptrs, ptr_pos)
             memory = torch.cat([memory, ptr_tokens[None]], dim=1)
             memory_pos = torch.cat([memory_pos, ptr_pos_tokens[None]], dim=1)
-            key_valid = torch.cat([key_valid, ptr_valid.repeat_interleave(split)])
-        key_bias = torch.where(key_valid > 0.5, 0.0, float("-inf")).reshape(1, 1, 1, -1)
+            if masked:
+                key_valid = torch.cat([key_valid, ptr_valid.repeat_interleave(split)])
+        key_bias = torch.where(key_valid > 0.5, 0.0, float("-inf")).reshape(1, 1, 1, -1) if masked else None
         tables = (self.rope_cos, self.rope_sin)
 
         output = curr
@@ -294,6 +304,26 @@ class MemoryAttentionGraph(nn.Module):
             output = output + layer.linear2(layer.activation(layer.linear1(tgt2)))
         output = ma.norm(output)
         return output.transpose(1, 2).reshape(b, c, h, w)
+
+
+class CompactMemoryAttentionGraph(MemoryAttentionGraph):
+    """The memory attention over the valid slots only, for GPU providers: (image_embed, mem_feats (M,...), mem_tpos
+    (M,), obj_ptrs (P,C), ptr_pos (P,)) with M and P dynamic, M >= 1.
+
+    Without invalid slots there is no key mask, so every attention is a plain com.microsoft MultiHeadAttention, which
+    ONNX Runtime's CUDA provider runs with its fused (flash / memory-efficient) kernels instead of materialising the
+    (4096 x ~28.7k) score matrix of each cross-attention; the values are projected before attending (the fused
+    kernels want one head size for q, k and v). The runtime passes the valid slots in the order the masked graph
+    holds them, so it computes the same function (checked at export against PyTorch at two bank sizes).
+    """
+
+    def __init__(self, model: nn.Module, feat_hw: tuple[int, int] = (64, 64)) -> None:
+        super().__init__(model, feat_hw, fused=True)
+        ma = model.memory_attention
+        self.cross_attn = nn.ModuleList(_MemoryRoPEAttention(layer.cross_attn_image, False, True) for layer in ma.layers)
+
+    def forward(self, image_embed, mem_feats, mem_tpos, obj_ptrs, ptr_pos):  # type: ignore[override]
+        return self._attend_memory(image_embed, mem_feats, mem_tpos, obj_ptrs, ptr_pos)
 
 
 class TrackDecoderGraph(PromptDecoderGraph):

@@ -30,12 +30,15 @@ class VideoGraphs:
 
     Which file serves each role comes from graph_table's video slots: on the CPU provider the memory attention's
     `fused` variant where the export made it; for `precision="fp16"` (the image backend's) the `fp16` variants,
-    which onnxruntime-cuda:fp16 requires and an FP16 TensorRT engine uses where the export made them. Every file is checked against its sha256 before it is loaded.
+    which onnxruntime-cuda:fp16 requires and an FP16 TensorRT engine uses where the export made them; on a GPU provider
+    the memory attention's compact `device` form (valid slots only: fused attention kernels). `slots` (graph_table's
+    VIDEO_*_SLOTS) overrides the choice for FP32 (tests run the GPU's graphs on the CPU provider that way). Every file
+    is checked against its sha256 before it is loaded.
     """
 
     def __init__(
         self, manifest: Manifest, backend: str = "onnxruntime-cpu", threads: int | None = None,
-        precision: str | None = None,
+        precision: str | None = None, slots: dict[str, tuple[str, tuple[str | None, ...]]] | None = None,
     ) -> None:
         graphs = manifest.data.get("graphs", {})
         if "video" not in manifest.data or any(role not in graphs for role in VIDEO_ROLES):
@@ -53,7 +56,7 @@ class VideoGraphs:
                     if "fp16" in preferences:
                         self.entries[slot] = required_variant(manifest, role, "fp16", FP16_FIX)
         else:
-            self.entries = slot_entries(manifest, VIDEO_CPU_SLOTS if on_cpu else VIDEO_DEVICE_SLOTS)
+            self.entries = slot_entries(manifest, slots or (VIDEO_CPU_SLOTS if on_cpu else VIDEO_DEVICE_SLOTS))
         missing = [role for role in VIDEO_ROLES if role not in self.entries]
         if missing:
             raise manifest.left_out_error(graph_file(missing[0]).file)
@@ -62,6 +65,8 @@ class VideoGraphs:
         self.sessions = {role: VideoSession(create_session(manifest.verify_file(self.entries[role]), backend, threads, tf32=tf32))
                          for role in VIDEO_ROLES}
         self.device = self.sessions["memory_attention"].device  # "cuda" or "cpu": where device outputs live
+        # the compact memory attention (graph_table's `device` row) takes the valid slots only, without validity flags
+        self.compact_memory = "mem_valid" not in self.sessions["memory_attention"].input_names
         self._bank_sessions = tuple(VideoSession(create_session(GRAPH_DIR / f"{name}.onnx", backend, threads, tf32=False))
                                     for name in ("memory_write", "memory_gather"))
         with np.load(manifest.verify_graph("video_constants"), allow_pickle=False) as data:

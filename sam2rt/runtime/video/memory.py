@@ -180,3 +180,15 @@ def select_memory(
     return slots, {
         "mem_tpos": mem_tpos, "mem_valid": mem_valid, "obj_ptrs": obj_ptrs, "ptr_pos": ptr_pos, "ptr_valid": ptr_valid,
     }
+
+
+def compact_feeds(feeds: dict[str, Any]) -> dict[str, Any]:
+    """The memory attention's inputs for its compact form: the valid memory slots and pointers only, in order, and no
+    validity flags (`mem_feats` is compacted where present; the tracker's memory bank gathers the valid rows itself)."""
+    mem = np.flatnonzero(feeds["mem_valid"] > 0.5)
+    ptr = np.flatnonzero(feeds["ptr_valid"] > 0.5)
+    out = {k: v for k, v in feeds.items() if k not in ("mem_valid", "ptr_valid")}
+    for name, keep in (("mem_feats", mem), ("mem_tpos", mem), ("obj_ptrs", ptr), ("ptr_pos", ptr)):
+        if name in out:
+            out[name] = np.ascontiguousarray(out[name][keep])
+    return out

@@ -39,7 +39,7 @@ from ..prompts import Prompt
 from .graphs import VideoGraphs
 from .heads import NO_POINTS_COORDS, NO_POINTS_LABELS, mask_prompt_inputs, select_track_output, use_multimask
 from .bank import MemoryBank
-from .memory import NO_MASKS, FrameOutput, ObjectMemory, select_memory, to_bf16_bits
+from .memory import NO_MASKS, FrameOutput, ObjectMemory, compact_feeds, select_memory, to_bf16_bits
 
 log = logging.getLogger("sam2rt")
 
@@ -212,6 +212,8 @@ class VideoTracker:
         """Track one object on the current frame from its memory (a non-conditioning frame)."""
         assert self._feats is not None
         slots, feeds = select_memory(obj.memory, self.frame_idx, self.settings, self.graphs.layout, self.num_frames)
+        if self.graphs.compact_memory:  # the valid slots only, in the same order
+            slots, feeds = [b for b in slots if b is not None], compact_feeds(feeds)
         if obj.bank is None:
             obj.bank = self.graphs.new_bank()
         feeds["mem_feats"] = obj.bank.gather(slots)
