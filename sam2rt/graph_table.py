@@ -83,9 +83,9 @@ GRAPHS: tuple[GraphFile, ...] = (
     # backend (beside tensorrt on ONNX Runtime's CUDA provider), so they go with every export target
     GraphFile("memory_encoder", None, "memory_encoder.onnx", "fp32", "torch.onnx", None, (CPU, CUDA, TENSORRT),
               "a frame's features + its mask -> the memory features and positional encoding it stores"),
-    GraphFile("memory_attention", None, "memory_attention.onnx", "fp32", "torch.onnx", None, (CUDA, TENSORRT),
+    GraphFile("memory_attention", None, "memory_attention.onnx", "fp32", "torch.onnx", None, (TENSORRT,),
               "the current frame's features attend to the memory bank (static slots with validity masks); "
-              "standard ONNX ops"),
+              "standard ONNX ops (the CUDA provider's fallback in exports without the `device` form)"),
     GraphFile("memory_attention", "fused", "memory_attention.fused.onnx", "fp32", "torch.onnx", None, (CPU,),
               "the same function with attention as com.microsoft MultiHeadAttention: ONNX Runtime's CPU flash kernel"),
     GraphFile("memory_attention", "device", "memory_attention.device.onnx", "fp32", "torch.onnx", None, (CUDA,),

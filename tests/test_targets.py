@@ -54,6 +54,8 @@ def test_each_target_keeps_the_rows_its_backend_runs():
                              "decoder_fast.opt.onnx"} | CPU_VIDEO  # one encoder, not three
     cuda = rows_for_targets(["cuda"], made_by_default)
     assert files_of(cuda) == {g.file for g in GRAPHS if CUDA in g.runs_on and g.maker != "int8"}
+    # the GPU's memory attention is its compact form (valid slots only), the static one is TensorRT's
+    assert "memory_attention.device.onnx" in files_of(cuda) and "memory_attention.onnx" not in files_of(cuda)
     assert files_of(rows_for_targets(["tensorrt"], made_by_default)) == {"encoder.onnx", "decoder.onnx"} | VIDEO
     # every graph but the opt-in INT8 encoder and decoder_fast.onnx, which is made only as the source of the CPU's
     # optimised copy (its GPU form is decoder_fast.device.onnx)
