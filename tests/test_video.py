@@ -272,9 +272,14 @@ def reference_logits_temp(state: dict, frame_idx: int) -> dict:
     return out
 
 
-@pytest.mark.slow
-def test_remove_object_leaves_others_unchanged(tracker):
-    """Removing object 2 after a few frames: object 1's masks and logits stay exactly what they were."""
+def test_remove_object_leaves_others_unchanged(tiny_video_dir: Path):
+    """Removing object 2 after a few frames: object 1's masks and logits stay exactly what they were.
+
+    On the tiny stand-in's graphs (quick): objects are independent by construction (each its own memory and bank),
+    which is the tracker's bookkeeping, not SAM 2's numerics; the parity tests run the real graphs with 3 objects."""
+    from sam2rt.runtime import VideoTracker
+
+    tracker = VideoTracker.from_dir(tiny_video_dir, backend="onnxruntime-cpu", fill_hole_area=0)
     frames, corners = pan_clip(6)
 
     def run(remove_at: int | None) -> list[np.ndarray]:
@@ -616,7 +621,7 @@ def test_hole_filling_through_tracking_matches_the_reference(model_dir: Path, vi
 
     monkeypatch.setattr(svp, "fill_holes_in_mask_scores", counting_fill)
     monkeypatch.setattr(video_reference, "fill_hole_area", 8)
-    n = 6
+    n = 4  # frames 1-3 read memories made from filled logits (6 frames took 170 s of the slow suite)
     frames, corners = pan_clip(n)
     state = reference_state(video_reference, frames, tmp_path)
     video_reference.add_new_points_or_box(state, 0, 1, **point_prompt(corners[0]))
