@@ -8,7 +8,8 @@ Each wraps an official `SAM2Base` and computes what `SAM2Base.track_step` comput
 - `MemoryAttentionGraph`: `_prepare_memory_conditioned_features` for a non-initial frame over a fixed
   number of memory slots (conditioning frames + the `num_maskmem - 1` most recent frames) and pointer
   slots, each with a validity flag; RoPE is applied with real cos/sin tables (no complex numbers) and
-  invalid slots are masked out of the cross-attention softmax.
+  invalid slots are masked out of the cross-attention softmax. `CompactMemoryAttentionGraph`, for GPU
+  providers, takes the valid slots only (counts bounded by the same slots) and needs no mask.
 - `TrackDecoderGraph`: `_forward_sam_heads` (prompt encoder + mask decoder) with the tracking outputs:
   all four tokens' masks (NO_OBJ_SCORE where the object is predicted absent), IoU, object score and one
   object pointer per token with the occlusion handling applied; the runtime picks the token as the
@@ -210,7 +211,7 @@ class MemoryAttentionGraph(nn.Module):
     Output: pix_feat_with_mem (1,C,H,W).
 
     `fused=True` makes the ONNX Runtime CPU variant (attention as com.microsoft MultiHeadAttention); the default
-    uses standard ONNX ops only (TensorRT, the CUDA provider). One RoPE table pair serves every layer: the
+    uses standard ONNX ops only (TensorRT); GPU providers run `CompactMemoryAttentionGraph`. One RoPE table pair serves every layer: the
     reference's layers all hold the same angles (checked here), so the file holds them once.
     """
 
