@@ -112,10 +112,15 @@ def latency(model_dir: Path, objects: int, first: int, last: int, threads: int, 
                 dt = time.perf_counter() - t0
                 if i >= first:
                     (ours if who == "ours" else ref).append(dt)
+    timed = list(tracker.timings)[-len(ours):] if ours else []
     out: dict[str, Any] = {"objects": objects, "frames": [first, last], "backend": backend, "sam2rt_ms": _stats(ours),
                            "sam2rt_fps_p50": round(1e3 / _stats(ours)["p50"], 1),
                            # which video graphs ran (the FP16 ones for an FP16 image backend)
                            "video_precision": tracker.graphs.precision,
+                           # where a timed frame's time went (median seconds -> ms of each stage `track()` records)
+                           "sam2rt_stage_ms_p50": {
+                               k.removesuffix("_s"): round(1e3 * float(np.median([t[k] for t in timed])), 2)
+                               for k in (timed[0] if timed else {})},
                            "video_graphs": {role: e["file"] for role, e in tracker.graphs.entries.items()}}
     if ref:
         out["reference_ms"] = _stats(ref)
