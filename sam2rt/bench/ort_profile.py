@@ -52,11 +52,15 @@ def graph_cases(manifest: Manifest) -> list[tuple[str, dict[str, Any], str, dict
     if "decoder_nomask" in device:
         cases.append(("decoder_nomask:16 boxes", device["decoder_nomask"], "tf32", {"num_prompts": 16, "num_points": 2}))
     if "video" in manifest.data:
+        # a full memory bank (the compact memory attention's counts are dynamic: the steady state is every slot)
+        layout = manifest.graph("memory_attention").get("slots", {})
+        bank = {"num_points": 1, "slots": int(layout.get("cond", 1)) + int(layout.get("recent", 6)),
+                "pointers": int(layout.get("pointers", 16))}
         for precision, slots in (("fp32", VIDEO_DEVICE_SLOTS), ("fp16", VIDEO_FP16_SLOTS)):
             entries = slot_entries(manifest, slots)
             for role in ("memory_attention", "track_decoder", "memory_encoder"):
                 if role in entries and (precision == "fp32" or "fp16" in entries[role]["file"]):
-                    cases.append((f"{role}:{precision}", entries[role], precision, {"num_points": 1}))
+                    cases.append((f"{role}:{precision}", entries[role], precision, bank))
     return cases
 
 
