@@ -405,6 +405,40 @@ def test_compact_memory_attention_takes_the_valid_slots_only(tiny_video_dir: Pat
     assert all(s[2] == sorted(names[1:]) for s in seen)
 
 
+def test_gpu_form_restores_state_after_mask_prompts_and_corrections(tiny_video_dir: Path, tmp_path: Path):
+    """The GPU's data flow (device backend, compact memory attention, device memory bank; here on the CPU provider):
+    a mask prompt, a correction click and a state saved and loaded mid-stream continue exactly as going on directly
+    (the restored tracker rebuilds its banks from the saved bfloat16 memories)."""
+    from sam2rt.graph_table import VIDEO_DEVICE_SLOTS
+    from sam2rt.manifest import Manifest
+    from sam2rt.runtime import Sam2Model, VideoTracker
+    from sam2rt.runtime.backends.ort_device_backend import OrtDeviceBackend
+    from sam2rt.runtime.video.graphs import VideoGraphs
+
+    m = Manifest.load(tiny_video_dir)
+    tracker = VideoTracker(Sam2Model(m, OrtDeviceBackend(m, "onnxruntime-cpu")),
+                           VideoGraphs(m, "onnxruntime-cpu", slots=VIDEO_DEVICE_SLOTS), fill_hole_area=0)
+    assert tracker.graphs.compact_memory
+    frames, corners = pan_clip(6)
+    tracker.add_prompt(1, frame=frames[0], **point_prompt(corners[0]))
+    tracker.add_prompt(2, mask=patch_mask(corners[0]))
+    for f in frames[1:3]:
+        tracker.track(f)
+    tracker.add_prompt(1, points=[[100.0, 100.0]], labels=[0])  # a correction on frame 2
+    path = tracker.save_state(tmp_path / "gpu_form.npz")
+    direct = [tracker.track(f) for f in frames[3:]]
+    direct_logits = {k: v.copy() for k, v in tracker.low_res_logits.items()}
+    tracker.load_state(path)
+    assert all(o.bank is None for o in tracker.objects.values())
+    restored = [tracker.track(f) for f in frames[3:]]
+    for a, b in zip(direct, restored):
+        assert set(a) == set(b) == {1, 2}
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    for k, v in direct_logits.items():
+        np.testing.assert_array_equal(tracker.low_res_logits[k], v)
+
+
 def test_state_save_restore_continues_identically(any_tracker, tmp_path: Path):
     """An npz state saved mid-stream and loaded back gives the same next frame as going on directly."""
     tracker = any_tracker
