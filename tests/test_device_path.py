@@ -93,6 +93,25 @@ def test_postprocessing_graph_equals_the_host_path(pipeline, multimask, orig_hw)
                 np.testing.assert_array_equal(a, b)
 
 
+def test_postprocessing_results_are_the_callers_own(pipeline):
+    """Results are written straight into new host arrays (no second copy): a later call never overwrites them."""
+    rng = np.random.default_rng(3)
+    iou = rng.random((2, 4)).astype(np.float32)
+    lows = [(rng.standard_normal((2, 4, 256, 256)) * 3).astype(np.float32) for _ in range(2)]
+    for request in (MaskRequest(True, (120, 90), 0.0, float_masks=True), MaskRequest(False, (120, 90), 0.0)):
+        first = pipeline.postprocess(lows[0], iou, request)
+        kept = [a.copy() for a in (first.masks, first.scores, first.low_res_logits)]
+        second = pipeline.postprocess(lows[1], iou, request)
+        assert not np.array_equal(second.masks, kept[0])
+        for a, b in zip((first.masks, first.scores, first.low_res_logits), kept):
+            assert a.flags.owndata and a.flags.writeable
+            np.testing.assert_array_equal(a, b)
+    up = [pipeline.upsample_masks(low[:, :1], (120, 90), 0.0) for low in lows]
+    assert up[0].dtype == np.bool_ and up[0].shape == (2, 1, 120, 90)
+    np.testing.assert_array_equal(up[0], _HostOnly().upsample_masks(lows[0][:, :1], (120, 90), 0.0))
+    assert not np.array_equal(up[0], up[1])
+
+
 def test_copy_graph_copies_into_a_bound_buffer(pipeline):
     import onnxruntime as ort
 
