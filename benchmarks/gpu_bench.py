@@ -130,8 +130,13 @@ def parity_prompts(h: int, w: int) -> list:
 
 
 # --- model preparation -----------------------------------------------------------------------------
-def prepare(name: str, work: Path, model_dir: Path | None, checkpoint: Path | None, log) -> tuple[Path, Path, dict]:
-    """(model dir, checkpoint, weights record): the given export, or an export of `checkpoint` / seeded random weights."""
+def prepare(
+    name: str, work: Path, model_dir: Path | None, checkpoint: Path | None, log, reference: bool = True,
+) -> tuple[Path, Path, dict]:
+    """(model dir, checkpoint, weights record): the given export, or an export of `checkpoint` / seeded random weights.
+
+    The seeded random checkpoint is only written when something reads it: an export, or the PyTorch reference.
+    """
     from sam2rt.export import build_model, export_model, save_checkpoint
     from sam2rt.model_specs import get_spec
 
@@ -140,7 +145,7 @@ def prepare(name: str, work: Path, model_dir: Path | None, checkpoint: Path | No
         weights = {"random": False, "checkpoint": str(checkpoint)}
     else:
         checkpoint = work / f"{spec.model_id}_random_seed0.pt"
-        if not checkpoint.is_file():
+        if not checkpoint.is_file() and (reference or model_dir is None):
             save_checkpoint(build_model(spec, seed=0), checkpoint)
         weights = {"random": True, "seed": 0, "note": "random weights: latency does not depend on the weights' values"}
     if model_dir is None:
@@ -391,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / ".gitignore").write_text("*\n")  # checkpoints and exports stay out of git
     images = photos()
-    model_dir, ckpt, weights = prepare(args.model, args.work, args.model_dir, args.checkpoint, log)
+    model_dir, ckpt, weights = prepare(args.model, args.work, args.model_dir, args.checkpoint, log,
+                                       reference=not args.no_reference)
     results: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
     graphs: dict[str, Any] = {}

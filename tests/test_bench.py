@@ -255,3 +255,32 @@ def test_ort_profile_reports_where_each_graphs_time_goes(tiny_video_dir, tmp_pat
     md = (tmp_path / "ort_profile.md").read_text()
     assert all(f"| {case} |" in md for case in report)
     assert not list(tmp_path.glob("ort_profile_*.json"))
+
+
+def test_gpu_bench_script_runs_end_to_end_on_the_cpu_provider(tiny_model_dir, tmp_path):
+    """benchmarks/gpu_bench.py only runs for real on a lent GPU (minutes of device time): here it runs whole on the CPU
+    provider, so a change that breaks it (a stage, the parity pass, the report) fails CI instead of a GPU session."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench_under_test", path)
+    gpu_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_bench)
+    out = tmp_path / "out"
+    rc = gpu_bench.main(["--model-dir", str(tiny_model_dir), "--backends", "onnxruntime-cpu", "--no-reference",
+                         "--runs", "2", "--warmup", "0", "--work", str(tmp_path / "work"), "--out", str(out)])
+    assert rc == 0
+    [js] = sorted(out.glob("*.json"))
+    doc = json.loads(js.read_text())
+    assert doc["errors"] == []
+    stages = {r["stage"] for r in doc["results"] if r["backend"] == "onnxruntime-cpu"}
+    assert stages == {"encoder", "preprocess_512", "preprocess_1080", "embed_512", "decode_1", "decode_16",
+                      "postprocess_512", "postprocess_1080", "end_to_end_512", "end_to_end_1080"}
+    for r in doc["results"]:
+        assert 0 < r["p50_ms"] <= r["p99_ms"]
+    parity = doc["parity"]["onnxruntime-cpu"]
+    assert "error" not in parity, parity
+    assert parity["low_res_logits_max_abs"] == 0.0 and parity["mask_iou_single_min"] == 1.0  # the CPU path against itself
+    assert js.with_suffix(".md").read_text().count("onnxruntime-cpu") >= len(stages)
+    assert not list((tmp_path / "work").glob("*.pt"))  # no checkpoint written: nothing here reads one
