@@ -399,6 +399,14 @@ def test_device_backend_on_the_cpu_provider_matches_the_cpu_backend(request, whi
         ref_other, emb_other = cpu_model.embed(other), bound.embed(other)
         _same_masks(bound.decode(emb_other, _prompts()).masks, cpu_model, ref_other)
         _same_masks(bound.decode(emb, _prompts()).masks, cpu_model, ref_emb)
+        # raw decoder outputs are the caller's own: a later run through the same buffers leaves them as they were
+        pad = ([0.0, 0.0], -1)
+        first = bound.decode_raw(emb, np.array([[[300.0, 200.0], pad[0]]], np.float32), np.array([[1, pad[1]]], np.float32), None)
+        kept = [a.copy() for a in first]
+        second = bound.decode_raw(emb, np.array([[[50.0, 60.0], pad[0]]], np.float32), np.array([[1, pad[1]]], np.float32), None)
+        assert not np.array_equal(second[0], kept[0])
+        for a, b in zip(first, kept):
+            np.testing.assert_array_equal(a, b)
         # host features (a loaded embedding) and OrtValues made elsewhere decode the same
         host = emb.to_host()
         got = bound.decode(emb, _prompts())

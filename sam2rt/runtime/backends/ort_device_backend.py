@@ -445,7 +445,13 @@ class OrtDeviceBackend(Backend):
         self._check_open()
         with self._lock:
             low_res, iou = self._decode_device(features, point_coords, point_labels, mask_input, has_mask_input)
-            return np.asarray(low_res.numpy()), np.asarray(iou.numpy())
+            return self._host(low_res), self._host(iou)
+
+    def _host(self, value: Any) -> np.ndarray:
+        """A new host array of a device OrtValue. With the CPU provider OrtValue.numpy() is a view, and a fixed
+        buffer's view would change under the caller at the next run."""
+        out = np.asarray(value.numpy())
+        return out.copy() if self.ort_device == "cpu" else out
 
     def decode_masks(self, features, point_coords, point_labels, mask_input, has_mask_input,
                      request: MaskRequest) -> DecodedMasks:
