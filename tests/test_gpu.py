@@ -500,6 +500,38 @@ def test_video_tracker_on_cuda_keeps_its_data_on_the_device(model_dir, cuda_mode
 
 
 @requires_ort_cuda
+@pytest.mark.parametrize("mode", ["tf32", "fp16"])
+def test_video_graphs_replay_as_cuda_graphs_once_their_shapes_settle(cuda_models, mode):
+    """24 tracked frames (the memory bank is full from frame 16): the memory attention, the tracking decoder and the
+    memory encoder are captured as CUDA graphs and replayed, and the results equal the same tracker's without them
+    (logits within 1e-3 with tf32, the FP16 bound with fp16; masks IoU >= 0.999)."""
+    from sam2rt.runtime import VideoTracker
+    from sam2rt.runtime.video.graphs import FIXED_ROLES, VideoGraphs
+
+    img = photo("astronaut")
+    frames = [np.ascontiguousarray(img[10 + 4 * i: 250 + 4 * i, 20 + 5 * i: 340 + 5 * i]) for i in range(24)]
+    model = cuda_models[mode]
+    runs = {}
+    for fixed in (False, True):
+        graphs = VideoGraphs(model.manifest, model.backend_name, precision=mode, fixed_buffers=fixed)
+        tracker = VideoTracker(model, graphs, fill_hole_area=0)
+        tracker.add_prompt(1, frame=frames[0], points=[[160.0, 60.0]], labels=[1])
+        runs[fixed] = [(tracker.low_res_logits[1].copy(), m[1]) for _, m in tracker.propagate(frames[1:])]
+    status = graphs.fixed_status
+    for role in FIXED_ROLES:
+        assert set(status[role].values()) == {"captured"}, (role, status[role])
+        assert graphs.sessions[role].replays > 0, role
+    for (a, ma), (b, mb) in zip(runs[False], runs[True]):
+        diff = np.abs(a - b)
+        if mode == "fp16":
+            assert float(diff.mean()) <= FP16_LOGIT_MEAN_ATOL
+        else:
+            assert float(diff.max()) <= 1e-3
+        union = np.logical_or(ma, mb).sum()
+        assert union == 0 or np.logical_and(ma, mb).sum() / union >= 0.999
+
+
+@requires_ort_cuda
 def test_no_onnxruntime_warnings_at_load(model_dir):
     import subprocess
     import sys

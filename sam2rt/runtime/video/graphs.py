@@ -17,10 +17,12 @@ from ...manifest import Manifest
 from ..backends.onnxruntime_backend import OrtDeviceTensor, required_variant, slot_entries
 from ..backends.ort_pipeline import GRAPH_DIR
 from .bank import MemoryBank
+from .fixed import FixedShapeSession
 from .memory import SlotLayout
 from .sessions import CPU_PROVIDERS, VIDEO_PROVIDERS, VideoSession, create_session
 
 VIDEO_ROLES = ("memory_encoder", "memory_attention", "track_decoder", "mask_downsample")
+FIXED_ROLES = ("memory_attention", "track_decoder", "memory_encoder")  # run on every tracked frame
 FP16_FIX = ("export it again with `sam2rt export ... --target cuda` (without --no-fp16), or run "
             "`sam2rt.export.optimize.add_variants(DIR, optimized=False, fp16=True)`")
 
@@ -39,6 +41,7 @@ class VideoGraphs:
     def __init__(
         self, manifest: Manifest, backend: str = "onnxruntime-cpu", threads: int | None = None,
         precision: str | None = None, slots: dict[str, tuple[str, tuple[str | None, ...]]] | None = None,
+        fixed_buffers: bool | None = None, cuda_graphs: bool = True,
     ) -> None:
         graphs = manifest.data.get("graphs", {})
         if "video" not in manifest.data or any(role not in graphs for role in VIDEO_ROLES):
@@ -62,9 +65,18 @@ class VideoGraphs:
             raise manifest.left_out_error(graph_file(missing[0]).file)
         # fp32 on a GPU: TF32 off, as the image graphs (the CUDA provider's default is TF32 on)
         tf32 = self.precision != "fp32"
-        self.sessions = {role: VideoSession(create_session(manifest.verify_file(self.entries[role]), backend, threads, tf32=tf32))
-                         for role in VIDEO_ROLES}
+        paths = {role: manifest.verify_file(self.entries[role]) for role in VIDEO_ROLES}
+        self.sessions: dict[str, Any] = {role: VideoSession(create_session(paths[role], backend, threads, tf32=tf32))
+                                         for role in VIDEO_ROLES}
         self.device = self.sessions["memory_attention"].device  # "cuda" or "cpu": where device outputs live
+        # the graphs run on every tracked frame go through fixed buffers (CUDA graphs) once their shapes settle:
+        # by default on a GPU (fixed.py says why); `fixed_buffers=True` runs that flow on the CPU provider (tests)
+        self.frame = 0  # the tracker's frame clock (`step()`): which shapes are in steady use
+        if self.device == "cuda" if fixed_buffers is None else fixed_buffers:
+            copy = VideoSession(create_session(GRAPH_DIR / "copy.onnx", backend, threads, tf32=False))
+            for role in FIXED_ROLES:
+                self.sessions[role] = FixedShapeSession(self.sessions[role], paths[role], backend, threads, tf32,
+                                                        self.precision, copy, lambda: self.frame, capture=cuda_graphs)
         # the compact memory attention (graph_table's `device` row) takes the valid slots only, without validity flags
         self.compact_memory = "mem_valid" not in self.sessions["memory_attention"].input_names
         self._bank_sessions = tuple(VideoSession(create_session(GRAPH_DIR / f"{name}.onnx", backend, threads, tf32=False))
@@ -77,6 +89,16 @@ class VideoGraphs:
         feat = manifest.image_size // 16
         self.layout = SlotLayout(int(slots["cond"]), int(slots["recent"]), int(slots["pointers"]), int(s["mem_dim"]),
                                  int(s["hidden_dim"]), (feat, feat))
+
+    def step(self) -> None:
+        """A new frame begins (the tracker calls it once per time step)."""
+        self.frame += 1
+
+    @property
+    def fixed_status(self) -> dict[str, dict[str, str]]:
+        """Per video graph run through fixed buffers: each captured input signature -> "captured" (a CUDA graph),
+        "fixed buffers" (CPU provider) or why it runs on the plain session."""
+        return {role: dict(s.status) for role, s in self.sessions.items() if isinstance(s, FixedShapeSession)}
 
     def new_bank(self) -> MemoryBank:
         """An empty memory bank for one object, on these graphs' device."""

@@ -30,10 +30,13 @@ VIDEO_PROVIDERS = {
 
 
 def create_session(
-    path: str | Path, backend: str = "onnxruntime-cpu", threads: int | None = None, tf32: bool = True
+    path: str | Path, backend: str = "onnxruntime-cpu", threads: int | None = None, tf32: bool = True,
+    graph: bool = False, dims: dict[str, int] | None = None,
 ) -> Any:
     """An onnxruntime.InferenceSession for one video graph, on the providers that fit `backend` (`tf32`: whether
-    the CUDA provider may use TF32 tensor cores for FP32 products)."""
+    the CUDA provider may use TF32 tensor cores for FP32 products; `graph`: CUDA-graph capture, which ONNX Runtime
+    refuses, with an error here, for a graph with a node on the CPU; `dims`: symbolic dimensions fixed, so that
+    ONNX Runtime folds the shape arithmetic into constants, as capture needs)."""
     try:
         import onnxruntime as ort
     except ImportError as exc:  # pragma: no cover - depends on the install
@@ -43,8 +46,12 @@ def create_session(
     wanted = VIDEO_PROVIDERS.get(backend.split(":")[0], ["CPUExecutionProvider"])
     available = set(ort.get_available_providers())
     providers: list[Any] = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
-    providers = [(p, {"use_tf32": "1" if tf32 else "0"}) if p == "CUDAExecutionProvider" else p for p in providers]
-    return ort.InferenceSession(str(path), session_options(threads, mem_pattern=False), providers=providers)
+    cuda = {"use_tf32": "1" if tf32 else "0", "enable_cuda_graph": "1" if graph else "0"}
+    providers = [(p, cuda) if p == "CUDAExecutionProvider" else p for p in providers]
+    so = session_options(threads, mem_pattern=False)
+    for name, value in (dims or {}).items():
+        so.add_free_dimension_override_by_name(name, int(value))
+    return ort.InferenceSession(str(path), so, providers=providers)
 
 
 def run(session: Any, feeds: dict[str, Any]) -> list[Any]:
@@ -86,6 +93,15 @@ class VideoSession:
             if host.dtype == np.float16:  # an FP16 engine's features: the graphs take float32
                 host = host.astype(np.float32)
             io.bind_cpu_input(name, np.ascontiguousarray(host))
+
+    def run_into(self, feeds: dict[str, Any], outputs: dict[str, Any]) -> None:
+        """One run writing its outputs into the given OrtValues (e.g. a fixed buffer on the device)."""
+        io = self.session.io_binding()
+        for name, value in feeds.items():
+            self._bind_input(io, name, value)
+        for name, value in outputs.items():
+            io.bind_ortvalue_output(name, value)
+        self.session.run_with_iobinding(io)
 
     def run(self, feeds: dict[str, Any], device_outputs: tuple[str, ...] = ()) -> list[Any]:
         io = self.session.io_binding()

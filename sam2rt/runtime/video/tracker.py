@@ -192,6 +192,7 @@ class VideoTracker:
         """Make `frame` the current frame (the next time step) and encode it."""
         rgb = check_image(frame)
         self._finish_step()
+        self.graphs.step()
         t0 = time.perf_counter()
         x = self.model.backend.preprocess(rgb, self.image_size)  # on the backend's device where it has one
         t1 = time.perf_counter()

@@ -1,0 +1,157 @@
+"""The video graphs' fixed buffers (runtime/video/fixed.py: CUDA graphs on a GPU), on the CPU provider.
+
+- which input shapes get fixed buffers: those run on CAPTURE_AFTER distinct frames, at most MAX_FIXED_SHAPES per
+  graph, a stale one giving way; a fixed session that computes something else, or cannot be made, is never used;
+- results are the caller's own (a later replay never changes them) and equal the plain session's;
+- the tracker with fixed buffers tracks exactly as without, through the memory bank's warm-up (never captured),
+  a correction and a second object added mid-stream.
+tests/test_gpu.py runs the same tracker on CUDA with real graph capture.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_video import pan_clip, patch_mask, point_prompt
+
+
+def _scale_graph(path: Path, factor: float) -> Path:
+    """y = factor * x for x of shape (n, 4): a graph with one symbolic dimension."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "k"], ["y"])], "scale",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor("k", TensorProto.FLOAT, [], [factor])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.frame = 0
+
+    def __call__(self) -> int:
+        return self.frame
+
+
+@pytest.fixture
+def scaled(tmp_path):
+    from sam2rt.runtime.backends.ort_pipeline import GRAPH_DIR
+    from sam2rt.runtime.video.fixed import FixedShapeSession
+    from sam2rt.runtime.video.sessions import VideoSession, create_session
+
+    path = _scale_graph(tmp_path / "double.onnx", 2.0)
+    clock = _Clock()
+    copy = VideoSession(create_session(GRAPH_DIR / "copy.onnx"))
+    session = FixedShapeSession(VideoSession(create_session(path)), path, "onnxruntime-cpu", 1, False, "fp32", copy, clock)
+    return session, clock, tmp_path
+
+
+def _x(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 4)).astype(np.float32)
+
+
+def test_a_shape_gets_fixed_buffers_after_capture_after_frames(scaled):
+    from sam2rt.runtime.video.fixed import CAPTURE_AFTER
+
+    session, clock, _ = scaled
+    for i in range(2 * CAPTURE_AFTER):  # many runs on one frame: one frame
+        session.run({"x": _x(2, i)})
+    assert session.status == {} and session.replays == 0
+    for frame in range(2, CAPTURE_AFTER + 1):  # distinct frames 1..CAPTURE_AFTER: fixed on the last
+        clock.frame = frame
+        np.testing.assert_array_equal(session.run({"x": _x(2, frame)})[0], 2 * _x(2, frame))
+    assert list(session.status.values()) == ["fixed buffers"] and session.replays == 0
+    results = [session.run({"x": _x(2, 100 + i)})[0] for i in range(3)]
+    assert session.replays == 3
+    for i, y in enumerate(results):  # each result the caller's own: later replays did not touch it
+        np.testing.assert_array_equal(y, 2 * _x(2, 100 + i))
+    np.testing.assert_array_equal(session.run({"x": _x(5, 7)})[0], 2 * _x(5, 7))  # another shape: the plain session
+    assert session.replays == 3
+
+
+def test_at_most_max_fixed_shapes_and_stale_ones_give_way(scaled):
+    from sam2rt.runtime.video.fixed import CAPTURE_AFTER, MAX_FIXED_SHAPES
+
+    session, clock, _ = scaled
+    sizes = list(range(1, MAX_FIXED_SHAPES + 2))  # one shape more than fit
+    for frame in range(1, CAPTURE_AFTER + 1):
+        clock.frame = frame
+        for n in sizes:
+            session.run({"x": _x(n, frame)})
+    assert len(session.status) == MAX_FIXED_SHAPES
+    assert all(f"(('x', ({sizes[-1]}, 4)),)" != k for k in session.status)  # no room: the last one runs plain
+    for frame in range(CAPTURE_AFTER + 1, 3 * CAPTURE_AFTER + 1):  # only the last shape is used: the others go stale
+        clock.frame = frame
+        np.testing.assert_array_equal(session.run({"x": _x(sizes[-1], frame)})[0], 2 * _x(sizes[-1], frame))
+    assert f"(('x', ({sizes[-1]}, 4)),)" in session.status and len(session.status) == MAX_FIXED_SHAPES
+    assert f"(('x', ({sizes[0]}, 4)),)" not in session.status  # the least recently used gave way
+
+
+@pytest.mark.parametrize("failure", ["differs", "cannot be made"])
+def test_a_fixed_session_that_differs_or_fails_is_never_used(scaled, monkeypatch, failure):
+    import sam2rt.runtime.video.fixed as fixed
+    from sam2rt.runtime.video.fixed import CAPTURE_AFTER
+    from sam2rt.runtime.video.sessions import create_session
+
+    session, clock, tmp = scaled
+    wrong = _scale_graph(tmp / "triple.onnx", 3.0)
+
+    def fake(path, *args, **kwargs):
+        if failure == "differs":  # as if ONNX Runtime's fixed-dimension fusions computed something else
+            return create_session(wrong, *args, **kwargs)
+        raise RuntimeError("This session cannot use the graph capture feature: a node is on the CPU")
+
+    monkeypatch.setattr(fixed, "create_session", fake)
+    for frame in range(1, 3 * CAPTURE_AFTER):
+        clock.frame = frame
+        np.testing.assert_array_equal(session.run({"x": _x(3, frame)})[0], 2 * _x(3, frame))
+    [status] = session.status.values()
+    assert status.startswith("rejected" if failure == "differs" else "not captured"), status
+    assert session.replays == 0
+
+
+def test_tracker_with_fixed_buffers_tracks_exactly_as_without(tiny_video_dir: Path):
+    """24 frames (the bank fills at frame 16), a second object added on frame 6 and a correction on frame 21:
+    the fixed-buffer graphs give the same results bit for bit; the bank's warm-up shapes were never fixed."""
+    from sam2rt.graph_table import VIDEO_DEVICE_SLOTS
+    from sam2rt.manifest import Manifest
+    from sam2rt.runtime import Sam2Model, VideoTracker
+    from sam2rt.runtime.backends.ort_device_backend import OrtDeviceBackend
+    from sam2rt.runtime.video.graphs import FIXED_ROLES, VideoGraphs
+
+    m = Manifest.load(tiny_video_dir)
+    frames, corners = pan_clip(24)
+    runs = {}
+    for fixed in (False, True):
+        graphs = VideoGraphs(m, "onnxruntime-cpu", slots=VIDEO_DEVICE_SLOTS, fixed_buffers=fixed)
+        tracker = VideoTracker(Sam2Model(m, OrtDeviceBackend(m, "onnxruntime-cpu")), graphs, fill_hole_area=0)
+        out = [tracker.add_prompt(1, frame=frames[0], **point_prompt(corners[0]))]
+        logits = []
+        for i, f in enumerate(frames[1:], start=1):
+            out.append(tracker.track(f))
+            if i == 6:
+                out.append(tracker.add_prompt(2, mask=patch_mask(corners[i])))
+            if i == 21:
+                out.append(tracker.add_prompt(1, points=[[100.0, 100.0]], labels=[0]))
+            logits.append({k: v.copy() for k, v in tracker.low_res_logits.items()})
+        runs[fixed] = (out, logits, graphs)
+    (plain_out, plain_logits, _), (fixed_out, fixed_logits, graphs) = runs[False], runs[True]
+    for a, b in zip(plain_logits + plain_out, fixed_logits + fixed_out):
+        assert set(a) == set(b)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    status = graphs.fixed_status
+    assert set(status) == set(FIXED_ROLES)
+    for role in FIXED_ROLES:
+        assert graphs.sessions[role].replays > 0, role
+        assert set(status[role].values()) == {"fixed buffers"}, status[role]
+    layout = graphs.layout
+    [memory_shape] = status["memory_attention"]  # only the full bank: (all memories, all pointers)
+    assert f"('mem_feats', ({layout.mem_slots}, " in memory_shape and f"('obj_ptrs', ({layout.ptr_slots}, " in memory_shape
