@@ -155,3 +155,64 @@ def test_tracker_with_fixed_buffers_tracks_exactly_as_without(tiny_video_dir: Pa
     layout = graphs.layout
     [memory_shape] = status["memory_attention"]  # only the full bank: (all memories, all pointers)
     assert f"('mem_feats', ({layout.mem_slots}, " in memory_shape and f"('obj_ptrs', ({layout.ptr_slots}, " in memory_shape
+
+
+# inputs of these operators that are shapes, sizes or axes: computed ones make ONNX Runtime's CUDA provider place the
+# arithmetic behind them on the CPU, and a graph with a node on the CPU cannot be captured as a CUDA graph
+SHAPE_INPUTS = {"Reshape": [1], "Slice": [1, 2, 3, 4], "Tile": [1], "Expand": [1], "ConstantOfShape": [0],
+                "Unsqueeze": [1], "Squeeze": [1], "Range": [0, 1, 2], "Resize": [1, 2, 3], "Split": [1], "Pad": [1],
+                "ReduceSum": [1], "ReduceMean": [1], "TopK": [1]}
+
+
+def _computed_shape_inputs(path: Path, dims: dict[str, int], out: Path) -> list[str]:
+    """Nodes left with a computed shape input after ONNX Runtime's basic (provider-independent) optimisation."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.log_severity_level = 3
+    for name, size in dims.items():
+        so.add_free_dimension_override_by_name(name, size)
+    so.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(out), load_external_data=False).graph
+    constants = {i.name for i in graph.initializer}
+    return [f"{n.op_type} {n.name}" for n in graph.node for i in SHAPE_INPUTS.get(n.op_type, [])
+            if i < len(n.input) and n.input[i] and n.input[i] not in constants]
+
+
+def test_settled_shapes_leave_no_shape_arithmetic_for_the_cpu(model_dir: Path, tmp_path: Path):
+    """The real export's GPU video graphs (FP32 and FP16), with their dimensions fixed at the tracker's steady shapes
+    as FixedShapeSession fixes them, fold every shape computation into constants: nothing for ONNX Runtime to put on
+    the CPU, so CUDA-graph capture is possible. With the dimensions left symbolic, the memory attention and the
+    tracking decoder do compute shapes (the check sees them)."""
+    from sam2rt.graph_table import VIDEO_DEVICE_SLOTS, VIDEO_FP16_SLOTS
+    from sam2rt.manifest import Manifest
+    from sam2rt.runtime.backends.onnxruntime_backend import slot_entries
+    from sam2rt.runtime.video.fixed import fixed_dims
+    from sam2rt.runtime.video.graphs import FIXED_ROLES, VideoGraphs
+    from sam2rt.runtime.video.heads import NO_POINTS_COORDS, NO_POINTS_LABELS
+
+    m = Manifest.load(model_dir)
+    layout = VideoGraphs(m, "onnxruntime-cpu").layout
+    c, h, w = layout.mem_dim, *layout.feat_hw
+    steady = {"mem_feats": (layout.mem_slots, c, h, w), "mem_tpos": (layout.mem_slots,),
+              "obj_ptrs": (layout.ptr_slots, layout.hidden_dim), "ptr_pos": (layout.ptr_slots,),
+              "point_coords": NO_POINTS_COORDS.shape, "point_labels": NO_POINTS_LABELS.shape}
+    import onnx
+
+    checked = 0
+    for table in (VIDEO_DEVICE_SLOTS, VIDEO_FP16_SLOTS):
+        entries = slot_entries(m, table)
+        for role in FIXED_ROLES:
+            path = model_dir / entries[role]["file"]
+            inputs = onnx.load(str(path), load_external_data=False).graph.input
+            symbolic = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in inputs}
+            dims = fixed_dims(symbolic, {k: v for k, v in steady.items() if k in symbolic})
+            left = _computed_shape_inputs(path, dims, tmp_path / f"fixed_{path.name}")
+            assert left == [], f"{path.name} with {dims}: {left[:5]}"
+            if role != "memory_encoder":  # its shapes are static: nothing to fix
+                assert dims and _computed_shape_inputs(path, {}, tmp_path / f"free_{path.name}"), path.name
+            checked += 1
+    assert checked == 2 * len(FIXED_ROLES)

@@ -54,6 +54,16 @@ def _shape(value: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
+def fixed_dims(symbolic: dict[str, list[Any]], shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """The sizes of a graph's symbolic dimensions ({input: its declared shape, str for symbolic}) in one run's shapes."""
+    dims: dict[str, int] = {}
+    for name, shape in shapes.items():
+        for sym, size in zip(symbolic.get(name, []), shape):
+            if isinstance(sym, str):
+                dims[sym] = int(size)
+    return dims
+
+
 class _Fixed:
     """One signature's session bound once to its input and output buffers."""
 
@@ -167,11 +177,7 @@ class FixedShapeSession:
         import onnxruntime as ort
 
         shapes = dict(sig)
-        dims: dict[str, int] = {}
-        for name, shape in shapes.items():
-            for sym, size in zip(self._symbolic[name], shape):
-                if isinstance(sym, str):
-                    dims[sym] = size
+        dims = fixed_dims(self._symbolic, shapes)
         key = str(sig)
         graph = self._capture and self.device == "cuda"
         try:
