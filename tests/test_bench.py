@@ -310,3 +310,21 @@ def test_video_bench_gpu_target_reads_the_settled_frames():
     slow_then_fast["targets"] = targets(slow_then_fast)
     md = markdown(slow_then_fast)
     assert "frames 21-40 (every video graph from fixed buffers): sam2rt p50 9.5 ms" in md and "**no**" not in md
+
+
+def test_video_bench_runs_whole_on_the_tiny_model(tiny_video_dir, tmp_path, monkeypatch):
+    """`sam2rt bench --video` (the GPU check's VIDEO=1 step) end to end on the tiny stand-in, its GPU-only parts
+    included (the provider named a GPU one here): a case without the video graphs' CUDA graphs, the GPU target
+    row; JSON and Markdown written. A change that breaks it fails CI instead of a GPU session."""
+    import sam2rt.bench.video as video
+
+    monkeypatch.setattr(video, "GPU_BACKENDS", ("onnxruntime-cpu",))
+    result = video.run_video_benchmark(tiny_video_dir, tmp_path, threads=1, first=2, last=5, objects=(1,),
+                                       rss_frames=0, reference=False, backend="onnxruntime-cpu")
+    [lat] = result["latency"]
+    assert lat["sam2rt_ms"]["n"] == 4 and lat["fixed_buffers"] == {}  # the CPU provider: no fixed buffers by default
+    assert result["latency_without_cuda_graphs"]["sam2rt_ms"]["n"] == 4
+    assert [t["target"] for t in result["targets"]] == ["GPU per-frame tracking, 1 object, onnxruntime-cpu"]
+    [js] = tmp_path.glob("*_video.json")
+    assert json.loads(js.read_text())["latency_without_cuda_graphs"]["fixed_buffers"] == {}
+    assert "without CUDA graphs" in js.with_suffix(".md").read_text()

@@ -70,18 +70,26 @@ SETTLED_FRAME = 16 + CAPTURE_AFTER + 1
 
 
 def latency(model_dir: Path, objects: int, first: int, last: int, threads: int, reference: bool = True,
-            backend: str = "onnxruntime-cpu") -> dict[str, Any]:
+            backend: str = "onnxruntime-cpu", fixed_buffers: bool | None = None) -> dict[str, Any]:
     """Per-frame seconds for frames first..last, tracker and reference alternating.
 
     On a GPU backend the reference runs on CUDA (eager FP32) and each of its steps ends with a
-    synchronisation, as the tracker's does when its masks reach the host.
+    synchronisation, as the tracker's does when its masks reach the host. `fixed_buffers` False runs the video
+    graphs without their fixed buffers (CUDA graphs): what those are worth.
     """
     from ..manifest import Manifest
-    from ..runtime import VideoTracker
+    from ..runtime import Sam2Model, VideoTracker
+    from ..runtime.video.graphs import VideoGraphs
 
     on_gpu = backend.split(":")[0] in GPU_BACKENDS
     frames = pan_frames(last + 1)
-    tracker = VideoTracker.from_dir(model_dir, backend=backend, fill_hole_area=0, threads=threads)
+    if fixed_buffers is None:
+        tracker = VideoTracker.from_dir(model_dir, backend=backend, fill_hole_area=0, threads=threads)
+    else:
+        model = Sam2Model.from_dir(model_dir, backend=backend, threads=threads)
+        graphs = VideoGraphs(model.manifest, model.backend_name, threads, precision=model.backend.precision,
+                             fixed_buffers=fixed_buffers)
+        tracker = VideoTracker(model, graphs, fill_hole_area=0)
     for k in range(objects):
         tracker.add_prompt(k + 1, box=BOXES[k], frame=frames[0])
     ref_gen = None
@@ -236,6 +244,11 @@ def markdown(result: dict[str, Any]) -> str:
             lines += ["", f"{lat['objects']} object(s), frames {st['from_frame']}-{lat['frames'][1]} (every video graph from "
                       f"fixed buffers): sam2rt p50 {st['p50']} ms, {round(1e3 / st['p50'], 1)} frames/s; "
                       f"fixed buffers: {lat['fixed_buffers']}"]
+    if "latency_without_cuda_graphs" in result:
+        off = result["latency_without_cuda_graphs"]["sam2rt_ms"]
+        lines += ["", f"1 object, frames {result['latency_without_cuda_graphs']['frames'][0]}-"
+                  f"{result['latency_without_cuda_graphs']['frames'][1]}, the video graphs without CUDA graphs: sam2rt p50 "
+                  f"{off['p50']} ms ({round(1e3 / off['p50'], 1)} frames/s)"]
     for who in ("sam2rt", "reference"):
         if f"rss_{who}_mib" in result:
             lines += ["", f"RSS of {who} (MiB): " + ", ".join(f"{k.replace('_', ' ')}: {v}"
@@ -268,6 +281,9 @@ def run_video_benchmark(model_dir: Path, out: Path, threads: int, first: int = 8
     for k in objects:
         print(f"video bench: {k} object(s), frames 1..{last} (timed {first}..{last})", file=sys.stderr, flush=True)
         result["latency"].append(latency(model_dir, k, first, last, threads, reference, backend))
+    if backend.split(":")[0] in GPU_BACKENDS and 1 in objects:  # the video graphs' CUDA graphs, off: what they bring
+        print(f"video bench: 1 object without the video graphs' CUDA graphs (timed {first}..{last})", file=sys.stderr, flush=True)
+        result["latency_without_cuda_graphs"] = latency(model_dir, 1, first, last, threads, False, backend, fixed_buffers=False)
     if rss_frames and backend.split(":")[0] in GPU_BACKENDS:
         result["notes"] = ["RSS is measured on the CPU backend only (host memory of a GPU run says little)"]
     elif rss_frames:
