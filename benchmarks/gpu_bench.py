@@ -191,6 +191,10 @@ def bench_sam2rt(model_dir: Path, backend: str, images: dict[str, np.ndarray], r
         out[f"end_to_end_{key}"] = timed(end_to_end, runs, warmup)
     out["_cuda_graphs"] = dict(getattr(model.backend, "cuda_graphs", {}))
     out["_cuda_graphs"]["fast_decoder"] = getattr(model.backend, "fast_decoder_check", "n/a")
+    # the pre/postprocessing graphs' captured shapes (one per image size, prompt count and output): counted by outcome
+    for graph, shapes in getattr(model.backend, "pipeline_graphs", {}).items():
+        outcomes = [v.split(":")[0] for v in shapes.values()]
+        out["_cuda_graphs"][graph] = {o: outcomes.count(o) for o in sorted(set(outcomes))}
     out["_files"] = {k: v.get("file") for k, v in model.backend.files.items()}
     out["_model"] = model
     return out

@@ -112,6 +112,74 @@ def test_postprocessing_results_are_the_callers_own(pipeline):
     assert not np.array_equal(up[0], up[1])
 
 
+@pytest.fixture(scope="module")
+def fixed_pipeline():
+    """The pipeline with fixed buffers, as on a GPU (there each captured signature is one CUDA-graph replay)."""
+    import onnxruntime as ort
+
+    from sam2rt.runtime.backends.onnxruntime_backend import session_options
+    from sam2rt.runtime.backends.ort_pipeline import OrtPipeline
+
+    return OrtPipeline(ort, ["CPUExecutionProvider"], "cpu", 0, lambda: session_options(2), fixed_buffers=True)
+
+
+def test_fixed_buffer_pipeline_equals_the_plain_one(pipeline, fixed_pipeline):
+    """Every operation, at two image sizes used in turn and with every output choice, run past the point where its
+    signature gets fixed buffers: the results equal the plain pipeline's exactly, each call's its own (a later
+    replay never changes them), and the upsampling taps and resize matrices loaded once per signature are the
+    right size's. A signature whose buffers would exceed the cap keeps running on the plain session."""
+    from sam2rt.runtime.backends.fixed_shapes import CAPTURE_AFTER
+
+    rng = np.random.default_rng(5)
+    sizes = [(120, 90), (61, 203)]
+    requests = [MaskRequest(True, (0, 0), 0.0), MaskRequest(False, (0, 0), 0.0, float_masks=True),
+                MaskRequest(False, (0, 0), None, choice=TokenChoice(dynamic_via_stability=False))]
+    kept: list[tuple[np.ndarray, np.ndarray]] = []  # (a result, its copy when it was returned)
+    for _ in range(CAPTURE_AFTER + 3):
+        for hw in sizes:
+            img = rng.integers(0, 256, (*hw, 3), np.uint8)
+            got, ref = fixed_pipeline.preprocess(img, 64).numpy(), pipeline.preprocess(img, 64).numpy()
+            np.testing.assert_array_equal(got, ref)
+            kept.append((got, got.copy()))
+            low = (rng.standard_normal((2, 4, 16, 16)) * 3).astype(np.float32)
+            low[0, 0] = 9.0  # a stable single-mask token; the other prompt's tokens are noise: unstable
+            iou = rng.random((2, 4)).astype(np.float32)
+            for r in requests:
+                request = MaskRequest(r.multimask_output, hw, r.threshold, r.float_masks, r.choice)
+                got_m, ref_m = fixed_pipeline.postprocess(low, iou, request), pipeline.postprocess(low, iou, request)
+                for a, b in ((got_m.masks, ref_m.masks), (got_m.scores, ref_m.scores),
+                             (got_m.low_res_logits, ref_m.low_res_logits)):
+                    assert a.dtype == b.dtype and a.shape == b.shape
+                    np.testing.assert_array_equal(a, b)
+                    kept.append((a, a.copy()))
+            up = fixed_pipeline.upsample_masks(low[:, :1], hw, 0.0)
+            np.testing.assert_array_equal(up, pipeline.upsample_masks(low[:, :1], hw, 0.0))
+            kept.append((up, up.copy()))
+    for result, copy in kept:
+        np.testing.assert_array_equal(result, copy)
+    status = fixed_pipeline.fixed_status
+    assert set(status) == {"preprocess", "postprocess_single", "postprocess_multi", "upsample"}
+    assert sum(len(v) for v in status.values()) == len(sizes) * (2 + len(requests)), status
+    assert all(v == "fixed buffers" for graph in status.values() for v in graph.values()), status
+    assert fixed_pipeline.replays >= len(sizes) * (2 + len(requests)) * 2
+
+    import sam2rt.runtime.backends.ort_pipeline as ort_pipeline
+
+    big = MaskRequest(True, (700, 800), 0.0, float_masks=True)  # 2 x 3 x 700 x 800 float32: 13 MB of outputs
+    low, iou = low.copy(), iou.copy()
+    cap = ort_pipeline.FIXED_BUFFER_BYTES
+    try:
+        ort_pipeline.FIXED_BUFFER_BYTES = 8 * 2**20
+        fresh = type(fixed_pipeline)(fixed_pipeline._ort, ["CPUExecutionProvider"], "cpu", 0, fixed_pipeline._so,
+                                     fixed_buffers=True)
+        for _ in range(CAPTURE_AFTER + 1):
+            np.testing.assert_array_equal(fresh.postprocess(low, iou, big).masks, pipeline.postprocess(low, iou, big).masks)
+    finally:
+        ort_pipeline.FIXED_BUFFER_BYTES = cap
+    [why] = fresh.fixed_status["postprocess_multi"].values()
+    assert why.startswith("not captured: its buffers would hold") and fresh.replays == 0, why
+
+
 def test_copy_graph_copies_into_a_bound_buffer(pipeline):
     import onnxruntime as ort
 

@@ -422,12 +422,19 @@ def test_cuda_graphs_are_captured_and_change_nothing(model_dir, cuda_models):
     img = photo("astronaut")
     one = Prompt(points=np.array([[200.0, 150.0]]), labels=np.array([1]))
     boxes = [Prompt(box=np.array([10.0 + i, 20.0, 300.0, 400.0 - i])) for i in range(16)]
+    from sam2rt.runtime.backends.fixed_shapes import CAPTURE_AFTER
+
     emb = model.embed(img)
     results = [model.decode(emb, one), model.decode(emb, boxes)]
-    for _ in range(3):  # replays
+    replays = model.backend._pipeline.replays
+    for _ in range(CAPTURE_AFTER + 2):  # replays, the pre/postprocessing's included
         again = [model.decode(model.embed(img), one), model.decode(emb, boxes)]
     graphs = model.backend.cuda_graphs
     assert graphs.get("encoder") == "captured", f"the encoder did not run as a CUDA graph: {graphs}"
+    pipeline = model.backend.pipeline_graphs
+    for graph in ("preprocess", "postprocess_multi"):  # the image's size; one click and 16 boxes, multimask
+        assert set(pipeline[graph].values()) == {"captured"}, (graph, pipeline[graph])
+    assert model.backend._pipeline.replays > replays
     from sam2rt.manifest import Manifest
     from sam2rt.runtime.backends import OrtDeviceBackend
 

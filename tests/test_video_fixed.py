@@ -1,4 +1,5 @@
-"""The video graphs' fixed buffers (runtime/video/fixed.py: CUDA graphs on a GPU), on the CPU provider.
+"""Fixed-shape sessions (runtime/backends/fixed_shapes.py: CUDA graphs on a GPU) and the video graphs' use of them, on
+the CPU provider.
 
 - which input shapes get fixed buffers: those run on CAPTURE_AFTER distinct frames, at most MAX_FIXED_SHAPES per
   graph, a stale one giving way; a fixed session that computes something else, or cannot be made, is never used;
@@ -43,13 +44,17 @@ class _Clock:
 @pytest.fixture
 def scaled(tmp_path):
     from sam2rt.runtime.backends.ort_pipeline import GRAPH_DIR
-    from sam2rt.runtime.video.fixed import FixedShapeSession
-    from sam2rt.runtime.video.sessions import VideoSession, create_session
+    from sam2rt.runtime.backends.fixed_shapes import FixedShapeSession
+    from sam2rt.runtime.backends.bound_session import BoundSession
+    from sam2rt.runtime.video.sessions import create_session
 
     path = _scale_graph(tmp_path / "double.onnx", 2.0)
     clock = _Clock()
-    copy = VideoSession(create_session(GRAPH_DIR / "copy.onnx"))
-    session = FixedShapeSession(VideoSession(create_session(path)), path, "onnxruntime-cpu", 1, False, "fp32", copy, clock)
+    copy = BoundSession(create_session(GRAPH_DIR / "copy.onnx"))
+    make = {"session": lambda graph, dims: create_session(path, graph=graph, dims=dims)}  # tests may replace it
+    session = FixedShapeSession(BoundSession(create_session(path)), lambda graph, dims: make["session"](graph, dims),
+                                copy, clock)
+    session.make = make
     return session, clock, tmp_path
 
 
@@ -58,7 +63,7 @@ def _x(n: int, seed: int) -> np.ndarray:
 
 
 def test_a_shape_gets_fixed_buffers_after_capture_after_frames(scaled):
-    from sam2rt.runtime.video.fixed import CAPTURE_AFTER
+    from sam2rt.runtime.backends.fixed_shapes import CAPTURE_AFTER
 
     session, clock, _ = scaled
     for i in range(2 * CAPTURE_AFTER):  # many runs on one frame: one frame
@@ -77,7 +82,7 @@ def test_a_shape_gets_fixed_buffers_after_capture_after_frames(scaled):
 
 
 def test_at_most_max_fixed_shapes_and_stale_ones_give_way(scaled):
-    from sam2rt.runtime.video.fixed import CAPTURE_AFTER, MAX_FIXED_SHAPES
+    from sam2rt.runtime.backends.fixed_shapes import CAPTURE_AFTER, MAX_FIXED_SHAPES
 
     session, clock, _ = scaled
     sizes = list(range(1, MAX_FIXED_SHAPES + 2))  # one shape more than fit
@@ -95,25 +100,58 @@ def test_at_most_max_fixed_shapes_and_stale_ones_give_way(scaled):
 
 
 @pytest.mark.parametrize("failure", ["differs", "cannot be made"])
-def test_a_fixed_session_that_differs_or_fails_is_never_used(scaled, monkeypatch, failure):
-    import sam2rt.runtime.video.fixed as fixed
-    from sam2rt.runtime.video.fixed import CAPTURE_AFTER
+def test_a_fixed_session_that_differs_or_fails_is_never_used(scaled, failure):
+    from sam2rt.runtime.backends.fixed_shapes import CAPTURE_AFTER
     from sam2rt.runtime.video.sessions import create_session
 
     session, clock, tmp = scaled
     wrong = _scale_graph(tmp / "triple.onnx", 3.0)
 
-    def fake(path, *args, **kwargs):
+    def fake(graph, dims):
         if failure == "differs":  # as if ONNX Runtime's fixed-dimension fusions computed something else
-            return create_session(wrong, *args, **kwargs)
+            return create_session(wrong, graph=graph, dims=dims)
         raise RuntimeError("This session cannot use the graph capture feature: a node is on the CPU")
 
-    monkeypatch.setattr(fixed, "create_session", fake)
+    session.make["session"] = fake
     for frame in range(1, 3 * CAPTURE_AFTER):
         clock.frame = frame
         np.testing.assert_array_equal(session.run({"x": _x(3, frame)})[0], 2 * _x(3, frame))
     [status] = session.status.values()
     assert status.startswith("rejected" if failure == "differs" else "not captured"), status
+    assert session.replays == 0
+
+
+def test_a_fixed_session_whose_masks_differ_at_all_is_never_used(tmp_path):
+    """Bool outputs (masks) are held to equality, not to the float tolerance: one value of 400 flipped rejects."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from sam2rt.runtime.backends.bound_session import BoundSession
+    from sam2rt.runtime.backends.fixed_shapes import CAPTURE_AFTER, FixedShapeSession
+    from sam2rt.runtime.backends.ort_pipeline import GRAPH_DIR
+    from sam2rt.runtime.video.sessions import create_session
+
+    def above(name: str, k: float) -> Path:
+        graph = helper.make_graph(
+            [helper.make_node("Greater", ["x", "k"], ["y"])], "above",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+            [helper.make_tensor_value_info("y", TensorProto.BOOL, ["n", 4])],
+            [helper.make_tensor("k", TensorProto.FLOAT, [], [k])])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / name)
+        return tmp_path / name
+
+    right, wrong = above("right.onnx", 0.5), above("wrong.onnx", 0.55)
+    clock = _Clock()
+    session = FixedShapeSession(BoundSession(create_session(right)),
+                                lambda graph, dims: create_session(wrong, graph=graph, dims=dims),
+                                BoundSession(create_session(GRAPH_DIR / "copy.onnx")), clock)
+    x = np.full((100, 4), 0.1, np.float32)
+    x[50, 2] = 0.52  # the one value between the two thresholds
+    for frame in range(1, 2 * CAPTURE_AFTER):
+        clock.frame = frame
+        np.testing.assert_array_equal(session.run({"x": x})[0], x > 0.5)
+    [status] = session.status.values()
+    assert status.startswith("rejected") and "1 of 400 values differ" in status, status
     assert session.replays == 0
 
 
@@ -190,7 +228,7 @@ def test_settled_shapes_leave_no_shape_arithmetic_for_the_cpu(model_dir: Path, t
     from sam2rt.graph_table import VIDEO_DEVICE_SLOTS, VIDEO_FP16_SLOTS
     from sam2rt.manifest import Manifest
     from sam2rt.runtime.backends.onnxruntime_backend import slot_entries
-    from sam2rt.runtime.video.fixed import fixed_dims
+    from sam2rt.runtime.backends.fixed_shapes import fixed_dims
     from sam2rt.runtime.video.graphs import FIXED_ROLES, VideoGraphs
     from sam2rt.runtime.video.heads import NO_POINTS_COORDS, NO_POINTS_LABELS
 

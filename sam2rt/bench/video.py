@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.video.fixed import CAPTURE_AFTER
+from ..runtime.backends.fixed_shapes import CAPTURE_AFTER
 from .child import synthetic_image
 
 COOLDOWN_S = 0.05
@@ -133,7 +133,7 @@ def latency(model_dir: Path, objects: int, first: int, last: int, threads: int, 
                                k.removesuffix("_s"): round(1e3 * float(np.median([t[k] for t in timed])), 2)
                                for k in (timed[0] if timed else {})},
                            "video_graphs": {role: e["file"] for role, e in tracker.graphs.entries.items()},
-                           # which video graphs ran from fixed buffers (CUDA graphs on a GPU: runtime/video/fixed.py)
+                           # which video graphs ran from fixed buffers (CUDA graphs on a GPU: runtime/backends/fixed_shapes.py)
                            "fixed_buffers": tracker.graphs.fixed_status}
     settled = [dt for i, dt in enumerate(ours, start=first) if i >= SETTLED_FRAME]
     if out["fixed_buffers"] and settled:  # frames whose every graph could replay (the bank full, then captured)

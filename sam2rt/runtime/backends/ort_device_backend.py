@@ -11,7 +11,9 @@
 - CUDA graphs (ONNX Runtime's `enable_cuda_graph`): the encoder and each decoder shape (slot, prompts,
   points) seen, up to MAX_CAPTURED_SHAPES, run from fixed device buffers; data is copied into them on the
   device (`copy.onnx`), so a run is one graph replay. Where ONNX Runtime refuses to capture a graph (a
-  node it places on the CPU), that session runs without one and `cuda_graphs` says why.
+  node it places on the CPU), that session runs without one and `cuda_graphs` says why. The pre/postprocessing
+  graphs' steady shapes (an image size, a prompt count, an output choice) are captured too (ort_pipeline.py,
+  fixed_shapes.py); `pipeline_graphs` says which.
 - The same class runs on the CPU provider (`OrtDeviceBackend(manifest, "onnxruntime-cpu")`, CUDA graphs
   off): CI tests the device path's data flow that way.
 """
@@ -137,7 +139,8 @@ class OrtDeviceBackend(Backend):
         self.cuda_graphs: dict[str, str] = {}  # session -> "captured" or why not
         self._lock = threading.RLock()
         self._pipeline = OrtPipeline(ort, self._providers("pipeline", tf32=False, graph=False), self.ort_device, device_id,
-                                     lambda: session_options(threads))
+                                     lambda: session_options(threads), fixed_buffers=self.fixed_buffers,
+                                     cuda_graphs=self.use_cuda_graphs)
         self._sessions: dict[str, Any] = {}
         self._captured: dict[Any, _Captured] = {}
         self._slot_buffers: dict[str, dict[str, Any]] = {}
@@ -294,6 +297,11 @@ class OrtDeviceBackend(Backend):
             log.warning("sam2rt: fast decoder %s; every prompt runs on the mask-free decoder", message)
             return message
         return f"on: within {worst:.2g} of decoder_nomask"
+
+    @property
+    def pipeline_graphs(self) -> dict[str, dict[str, str]]:
+        """The pre/postprocessing graphs' fixed shapes: per graph, each signature -> "captured" or why not."""
+        return self._pipeline.fixed_status
 
     # --- lifecycle ----------------------------------------------------------------------------------
     def close(self) -> None:

@@ -5,7 +5,13 @@ preprocessing is the exact antialiased resize + normalisation as two matrix prod
 the token choice, the clamp, the bilinear upsampling and the threshold. On a GPU provider the image goes up
 once as uint8 and only the final masks, scores and 256x256 logits come down. The sessions always compute in
 true FP32 (TF32 off), whatever the model's precision: they must equal the numpy path (sam2rt.runtime.
-preprocess / postprocess) within 1e-5, and they are cheap.
+preprocess / postprocess) within 1e-5, and they are cheap in arithmetic.
+
+They are not cheap in launches: on an H100 the 38-node postprocessing took 1.2-1.5 ms around a 0.5 ms decoder
+(benchmarks/README.md, run 4), ONNX Runtime's per-node host overhead on a graph with symbolic dimensions. With
+`fixed_buffers` (the GPU default, set by OrtDeviceBackend) each of these graphs runs through a FixedShapeSession
+(fixed_shapes.py): an image size, prompt count and output choice used on CAPTURE_AFTER calls is replayed as one CUDA
+graph from fixed buffers; the upsampling taps and resize matrices, set by the sizes, are copied into them once.
 """
 
 from __future__ import annotations
@@ -20,9 +26,18 @@ import numpy as np
 from ..postprocess import _linear_taps
 from ..preprocess import _OFFSET, _SCALE, _aa_taps
 from .base import DecodedMasks, MaskRequest
+from .bound_session import BoundSession
+from .fixed_shapes import FixedShapeSession
+from .onnxruntime_backend import OrtDeviceTensor
 
 GRAPH_DIR = Path(__file__).resolve().parent.parent / "graphs"
 CACHED_SIZES = 8  # image sizes whose resize matrices / upsampling taps stay on the device
+TAP_NAMES = ("c0", "c1", "r0", "r1", "cw0_col", "cw1_col", "rw0", "rw1")
+# per graph, the inputs whose values follow from the input shapes alone (FixedShapeSession's static inputs)
+STATIC_INPUTS = {"preprocess": ("resize_w", "resize_h", "scale", "offset"), "postprocess_single": TAP_NAMES,
+                 "postprocess_multi": TAP_NAMES, "upsample": TAP_NAMES}
+FIXED_SHAPES_PER_GRAPH = 4  # e.g. one click and a batch of boxes, at two image sizes
+FIXED_BUFFER_BYTES = 64 * 2**20  # three 1920x1080 float masks fit (25 MB); larger runs are bound by their copies
 
 
 def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -78,20 +93,26 @@ class OrtPipeline:
     """preprocess / postprocess / copy on one ONNX Runtime provider, with their inputs cached on its device.
 
     `ort_device` is ONNX Runtime's device name for OrtValues ("cuda" or "cpu"); `providers` the session
-    providers (with options). The CPU provider runs the same graphs: that is how CI tests them.
+    providers (with options). `fixed_buffers`: run preprocess / postprocess / upsample_masks through fixed-shape
+    sessions (module docstring), replayed as CUDA graphs where `cuda_graphs` and the provider allow. The CPU
+    provider runs the same graphs, both ways: that is how CI tests them.
     """
 
-    def __init__(self, ort: Any, providers: list, ort_device: str, device_id: int, session_options) -> None:
+    def __init__(self, ort: Any, providers: list, ort_device: str, device_id: int, session_options,
+                 fixed_buffers: bool = False, cuda_graphs: bool = True) -> None:
         self._ort = ort
         self._providers = providers
         self.ort_device = ort_device
         self.device_id = device_id
         self._so = session_options
         self._sessions: dict[str, Any] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._resize = _SizeCache(self._make_resize)
         self._taps = _SizeCache(self._make_taps)
         self._consts: dict[str, Any] = {}
+        self.fixed_buffers, self._cuda_graphs = bool(fixed_buffers), bool(cuda_graphs)
+        self._fixed: dict[str, tuple[FixedShapeSession, threading.Lock]] = {}
+        self._calls = 0  # the fixed-shape sessions' clock: one tick per pipeline call
 
     # --- sessions and device constants -------------------------------------------------------
     def session(self, name: str) -> Any:
@@ -103,6 +124,47 @@ class OrtPipeline:
                     s = self._sessions[name] = self._ort.InferenceSession(
                         str(GRAPH_DIR / f"{name}.onnx"), sess_options=self._so(), providers=self._providers)
         return s
+
+    def _new_session(self, name: str, graph: bool, dims: dict[str, int]) -> Any:
+        """A session of graph `name` with `dims` fixed, captured as a CUDA graph when `graph` (FixedShapeSession's factory)."""
+        so = self._so()
+        for dim, size in dims.items():
+            so.add_free_dimension_override_by_name(dim, int(size))
+        providers = [(p[0], {**p[1], "enable_cuda_graph": "1" if graph else "0"})
+                     if isinstance(p, tuple) and p[0] == "CUDAExecutionProvider" else p for p in self._providers]
+        return self._ort.InferenceSession(str(GRAPH_DIR / f"{name}.onnx"), sess_options=so, providers=providers)
+
+    def _run_fixed(self, name: str, feeds: dict[str, Any], outputs: tuple[str, ...],
+                   device_outputs: tuple[str, ...] = ()) -> list[Any]:
+        """One run of graph `name` through its FixedShapeSession: `outputs` in order, host arrays except `device_outputs`
+        (OrtDeviceTensors). OrtValues among `feeds` are on this pipeline's device."""
+        with self._lock:
+            entry = self._fixed.get(name)
+            if entry is None:
+                fixed = FixedShapeSession(
+                    BoundSession(self.session(name)), lambda graph, dims: self._new_session(name, graph, dims),
+                    BoundSession(self.session("copy")), lambda: self._calls, capture=self._cuda_graphs,
+                    static_inputs=STATIC_INPUTS.get(name, ()), name=f"{name} graph",
+                    max_shapes=FIXED_SHAPES_PER_GRAPH, max_buffer_bytes=FIXED_BUFFER_BYTES)
+                entry = self._fixed[name] = (fixed, threading.Lock())
+            self._calls += 1
+        fixed, lock = entry
+        feeds = {k: OrtDeviceTensor(v) if isinstance(v, self._ort.OrtValue) else v for k, v in feeds.items()}
+        with lock:
+            return fixed.run(feeds, device_outputs, outputs)
+
+    @property
+    def fixed_status(self) -> dict[str, dict[str, str]]:
+        """Per graph run through fixed buffers: each captured signature -> "captured" (a CUDA graph), "fixed
+        buffers" (CPU provider) or why it runs on the plain session."""
+        with self._lock:
+            return {name: dict(fixed.status) for name, (fixed, _) in self._fixed.items()}
+
+    @property
+    def replays(self) -> int:
+        """Runs served from fixed buffers so far, over all graphs."""
+        with self._lock:
+            return sum(fixed.replays for fixed, _ in self._fixed.values())
 
     def to_device(self, array: np.ndarray) -> Any:
         return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.ort_device, self.device_id)
@@ -128,6 +190,11 @@ class OrtPipeline:
         """uint8 HxWx3 RGB (host) -> normalised (1,3,size,size) float32 OrtValue on the device (into `out` if given)."""
         h, w = int(image_rgb.shape[0]), int(image_rgb.shape[1])
         resize_w, resize_h = self._resize((h, w, size))
+        if self.fixed_buffers and out is None:
+            feeds = {"image": np.ascontiguousarray(image_rgb, dtype=np.uint8), "resize_w": resize_w,
+                     "resize_h": resize_h, "scale": self._const("scale", _SCALE.reshape(3, 1, 1)),
+                     "offset": self._const("offset", _OFFSET.reshape(3, 1, 1))}
+            return self._run_fixed("preprocess", feeds, ("image_out",), ("image_out",))[0].value
         sess = self.session("preprocess")
         io = sess.io_binding()
         io.bind_cpu_input("image", np.ascontiguousarray(image_rgb, dtype=np.uint8))
@@ -159,10 +226,14 @@ class OrtPipeline:
         the arithmetic of the host Upsampler); only the masks come down."""
         x = np.ascontiguousarray(logits, dtype=np.float32)
         h, w = (int(d) for d in orig_hw)
+        taps = self._taps((h, w, int(x.shape[-2]), int(x.shape[-1])))
+        if self.fixed_buffers:
+            feeds = {"logits": x, **taps, "threshold": np.asarray(threshold, np.float32)}
+            return self._run_fixed("upsample", feeds, ("masks",))[0]
         sess = self.session("upsample")
         io = sess.io_binding()
         io.bind_cpu_input("logits", x)
-        for name, value in self._taps((h, w, int(x.shape[-2]), int(x.shape[-1]))).items():
+        for name, value in taps.items():
             io.bind_ortvalue_input(name, value)
         io.bind_cpu_input("threshold", np.asarray(threshold, np.float32))
         out = bind_host_outputs(io, {"masks": ((*x.shape[:2], h, w), np.bool_)})
@@ -176,24 +247,30 @@ class OrtPipeline:
         and the chosen tokens' scores and clamped low-res logits.
         """
         single = not request.multimask_output
-        sess = self.session("postprocess_single" if single else "postprocess_multi")
+        graph = "postprocess_single" if single else "postprocess_multi"
         b, _, lh, lw = (int(d) for d in (low_res.shape() if callable(getattr(low_res, "shape", None)) else low_res.shape))
         h, w = (int(d) for d in request.orig_hw)
-        io = sess.io_binding()
+        feeds: dict[str, Any] = {}
         for name, value in (("low_res_masks", low_res), ("iou_predictions", iou)):
-            if isinstance(value, np.ndarray):
-                io.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.float32))
-            else:
-                io.bind_ortvalue_input(name, value)
-        for name, value in self._taps((h, w, lh, lw)).items():
-            io.bind_ortvalue_input(name, value)
-        io.bind_cpu_input("threshold", np.asarray(0.0 if request.threshold is None else request.threshold, np.float32))
+            feeds[name] = np.ascontiguousarray(value, dtype=np.float32) if isinstance(value, np.ndarray) else value
+        feeds.update(self._taps((h, w, lh, lw)))
+        feeds["threshold"] = np.asarray(0.0 if request.threshold is None else request.threshold, np.float32)
         if single:
             choice = request.choice
-            thresh = choice.stability_thresh if choice.dynamic_via_stability else -np.inf
-            io.bind_cpu_input("stability_delta", np.asarray(choice.stability_delta, np.float32))
-            io.bind_cpu_input("stability_thresh", np.asarray(thresh, np.float32))
+            feeds["stability_delta"] = np.asarray(choice.stability_delta, np.float32)
+            feeds["stability_thresh"] = np.asarray(choice.stability_thresh if choice.dynamic_via_stability else -np.inf,
+                                                   np.float32)
         wanted = "upsampled" if request.threshold is None else ("mask_values" if request.float_masks else "masks")
+        if self.fixed_buffers:
+            logits, scores, masks = self._run_fixed(graph, feeds, ("low_res_logits", "scores", wanted))
+            return DecodedMasks(masks, scores, logits)
+        sess = self.session(graph)
+        io = sess.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, np.ndarray):
+                io.bind_cpu_input(name, value)
+            else:
+                io.bind_ortvalue_input(name, value)
         c = 1 if single else 3
         out = bind_host_outputs(io, {"low_res_logits": ((b, c, lh, lw), np.float32), "scores": ((b, c), np.float32),
                                      wanted: ((b, c, h, w), np.bool_ if wanted == "masks" else np.float32)})
@@ -203,6 +280,7 @@ class OrtPipeline:
     def close(self) -> None:
         with self._lock:
             self._sessions.clear()
+            self._fixed.clear()
         self._resize.clear()
         self._taps.clear()
         self._consts.clear()

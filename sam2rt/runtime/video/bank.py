@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 
 from .memory import from_bf16_bits
-from .sessions import VideoSession
+from ..backends.bound_session import BoundSession
 
 
 class MemoryBank:
     """The rows of one object's memories on the graphs' device; `gather(slots)` -> the mem_feats input there."""
 
-    def __init__(self, write: VideoSession, gather: VideoSession, slots: int, entry_shape: tuple[int, ...]) -> None:
+    def __init__(self, write: BoundSession, gather: BoundSession, slots: int, entry_shape: tuple[int, ...]) -> None:
         self._write, self._gather = write, gather
         self.capacity = slots + 1  # every slot its own row, and the zero row
         self.entry_shape = tuple(int(d) for d in entry_shape)

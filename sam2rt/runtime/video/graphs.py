@@ -17,9 +17,10 @@ from ...manifest import Manifest
 from ..backends.onnxruntime_backend import OrtDeviceTensor, required_variant, slot_entries
 from ..backends.ort_pipeline import GRAPH_DIR
 from .bank import MemoryBank
-from .fixed import FixedShapeSession
+from ..backends.bound_session import BoundSession
+from ..backends.fixed_shapes import FixedShapeSession
 from .memory import SlotLayout
-from .sessions import CPU_PROVIDERS, VIDEO_PROVIDERS, VideoSession, create_session
+from .sessions import CPU_PROVIDERS, VIDEO_PROVIDERS, create_session
 
 VIDEO_ROLES = ("memory_encoder", "memory_attention", "track_decoder", "mask_downsample")
 FIXED_ROLES = ("memory_attention", "track_decoder", "memory_encoder")  # run on every tracked frame
@@ -66,20 +67,23 @@ class VideoGraphs:
         # fp32 on a GPU: TF32 off, as the image graphs (the CUDA provider's default is TF32 on)
         tf32 = self.precision != "fp32"
         paths = {role: manifest.verify_file(self.entries[role]) for role in VIDEO_ROLES}
-        self.sessions: dict[str, Any] = {role: VideoSession(create_session(paths[role], backend, threads, tf32=tf32))
+        self.sessions: dict[str, Any] = {role: BoundSession(create_session(paths[role], backend, threads, tf32=tf32))
                                          for role in VIDEO_ROLES}
         self.device = self.sessions["memory_attention"].device  # "cuda" or "cpu": where device outputs live
         # the graphs run on every tracked frame go through fixed buffers (CUDA graphs) once their shapes settle:
-        # by default on a GPU (fixed.py says why); `fixed_buffers=True` runs that flow on the CPU provider (tests)
+        # by default on a GPU (backends/fixed_shapes.py says why); `fixed_buffers=True` runs that flow on the CPU provider (tests)
         self.frame = 0  # the tracker's frame clock (`step()`): which shapes are in steady use
         if self.device == "cuda" if fixed_buffers is None else fixed_buffers:
-            copy = VideoSession(create_session(GRAPH_DIR / "copy.onnx", backend, threads, tf32=False))
+            copy = BoundSession(create_session(GRAPH_DIR / "copy.onnx", backend, threads, tf32=False))
             for role in FIXED_ROLES:
-                self.sessions[role] = FixedShapeSession(self.sessions[role], paths[role], backend, threads, tf32,
-                                                        self.precision, copy, lambda: self.frame, capture=cuda_graphs)
+                def factory(graph: bool, dims: dict[str, int], path=paths[role]) -> Any:
+                    return create_session(path, backend, threads, tf32=tf32, graph=graph, dims=dims)
+
+                self.sessions[role] = FixedShapeSession(self.sessions[role], factory, copy, lambda: self.frame,
+                                                        self.precision, capture=cuda_graphs, name=f"video graph {role}")
         # the compact memory attention (graph_table's `device` row) takes the valid slots only, without validity flags
         self.compact_memory = "mem_valid" not in self.sessions["memory_attention"].input_names
-        self._bank_sessions = tuple(VideoSession(create_session(GRAPH_DIR / f"{name}.onnx", backend, threads, tf32=False))
+        self._bank_sessions = tuple(BoundSession(create_session(GRAPH_DIR / f"{name}.onnx", backend, threads, tf32=False))
                                     for name in ("memory_write", "memory_gather"))
         with np.load(manifest.verify_graph("video_constants"), allow_pickle=False) as data:
             self.no_mem_embed = np.ascontiguousarray(data["no_mem_embed"], np.float32).reshape(1, -1, 1, 1)

@@ -1,10 +1,10 @@
 """ONNX Runtime sessions for the video graphs: the one place they are created and run.
 
 The image encoder itself runs on the model's backend (`Sam2Model.backend.encode`), not here. The video
-graphs run through IO binding (`VideoSession`): the features the backend left on its GPU are bound where
-they are, and outputs asked for on the device (the memory-conditioned features) stay there for the next
-graph, so a tracked frame's ~16 MB of features and ~8 MB of memory-conditioned features never cross
-PCIe. On the CPU provider the same code runs with host buffers; CI tests the data flow that way.
+graphs run through IO binding (`BoundSession`, backends/bound_session.py): the features the backend left on
+its GPU are bound where they are, and outputs asked for on the device (the memory-conditioned features) stay
+there for the next graph, so a tracked frame's ~16 MB of features and ~8 MB of memory-conditioned features
+never cross PCIe. On the CPU provider the same code runs with host buffers; CI tests the data flow that way.
 """
 
 from __future__ import annotations
@@ -12,11 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ...errors import BackendUnavailableError
-from ..backends.onnxruntime_backend import OrtDeviceTensor
-from ..tensors import DeviceTensor, as_host
 
 # ONNX Runtime providers for the video graphs, by the image backend's name (TensorRT engines exist for the
 # image graphs only: with the tensorrt backend the video graphs run on ONNX Runtime's CUDA provider).
@@ -62,58 +58,3 @@ def run(session: Any, feeds: dict[str, Any]) -> list[Any]:
     if names is None:
         names = session._sam2rt_inputs = {i.name for i in session.get_inputs()}
     return session.run(None, {k: v for k, v in feeds.items() if k in names})
-
-
-class VideoSession:
-    """One video graph's session, run with IO binding so that tensors stay on the session's device.
-
-    `run(feeds, device_outputs)` takes host arrays, OrtDeviceTensors (bound where they are) or CUDA device
-    arrays with a `ptr` (the TensorRT backend's float32 features, bound by address), and returns the graph's
-    outputs in order: those named in `device_outputs` as OrtDeviceTensors on the session's device ("cuda" with
-    the CUDA provider, else "cpu"), the others as numpy arrays. Feeds the graph does not take are dropped (as `run`).
-    """
-
-    def __init__(self, session: Any) -> None:
-        self.session = session
-        self.input_names = {i.name for i in session.get_inputs()}
-        self.output_names = [o.name for o in session.get_outputs()]
-        on_cuda = "CUDAExecutionProvider" in session.get_providers()
-        self.device = "cuda" if on_cuda else "cpu"
-        options = session.get_provider_options().get("CUDAExecutionProvider", {}) if on_cuda else {}
-        self.device_id = int(options.get("device_id", 0))
-
-    def _bind_input(self, io: Any, name: str, value: Any) -> None:
-        if isinstance(value, OrtDeviceTensor):
-            io.bind_ortvalue_input(name, value.value)  # ONNX Runtime copies it if it lives elsewhere
-        elif (self.device == "cuda" and isinstance(value, DeviceTensor) and hasattr(value, "ptr")
-              and value.dtype == np.float32 and str(value.device).startswith("cuda")):
-            io.bind_input(name, "cuda", self.device_id, np.float32, list(value.shape), int(value.ptr))
-        else:
-            host = as_host(value)
-            if host.dtype == np.float16:  # an FP16 engine's features: the graphs take float32
-                host = host.astype(np.float32)
-            io.bind_cpu_input(name, np.ascontiguousarray(host))
-
-    def run_into(self, feeds: dict[str, Any], outputs: dict[str, Any]) -> None:
-        """One run writing its outputs into the given OrtValues (e.g. a fixed buffer on the device)."""
-        io = self.session.io_binding()
-        for name, value in feeds.items():
-            self._bind_input(io, name, value)
-        for name, value in outputs.items():
-            io.bind_ortvalue_output(name, value)
-        self.session.run_with_iobinding(io)
-
-    def run(self, feeds: dict[str, Any], device_outputs: tuple[str, ...] = ()) -> list[Any]:
-        io = self.session.io_binding()
-        for name, value in feeds.items():
-            if name in self.input_names:
-                self._bind_input(io, name, value)
-        for name in self.output_names:
-            if name in device_outputs:
-                io.bind_output(name, self.device, self.device_id)
-            else:
-                io.bind_output(name, "cpu")
-        self.session.run_with_iobinding(io)
-        values = io.get_outputs()
-        return [OrtDeviceTensor(v) if name in device_outputs else v.numpy()
-                for name, v in zip(self.output_names, values)]
