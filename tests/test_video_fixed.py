@@ -169,7 +169,9 @@ def test_tracker_with_fixed_buffers_tracks_exactly_as_without(tiny_video_dir: Pa
     runs = {}
     for fixed in (False, True):
         graphs = VideoGraphs(m, "onnxruntime-cpu", slots=VIDEO_DEVICE_SLOTS, fixed_buffers=fixed)
-        tracker = VideoTracker(Sam2Model(m, OrtDeviceBackend(m, "onnxruntime-cpu")), graphs, fill_hole_area=0)
+        # fixed=True: the image backend and its pre/postprocessing through fixed buffers too, the whole GPU flow
+        backend = OrtDeviceBackend(m, "onnxruntime-cpu", fixed_buffers=fixed)
+        tracker = VideoTracker(Sam2Model(m, backend), graphs, fill_hole_area=0)
         out = [tracker.add_prompt(1, frame=frames[0], **point_prompt(corners[0]))]
         logits = []
         for i, f in enumerate(frames[1:], start=1):
@@ -179,8 +181,8 @@ def test_tracker_with_fixed_buffers_tracks_exactly_as_without(tiny_video_dir: Pa
             if i == 21:
                 out.append(tracker.add_prompt(1, points=[[100.0, 100.0]], labels=[0]))
             logits.append({k: v.copy() for k, v in tracker.low_res_logits.items()})
-        runs[fixed] = (out, logits, graphs)
-    (plain_out, plain_logits, _), (fixed_out, fixed_logits, graphs) = runs[False], runs[True]
+        runs[fixed] = (out, logits, graphs, backend)
+    (plain_out, plain_logits, _, _), (fixed_out, fixed_logits, graphs, backend) = runs[False], runs[True]
     for a, b in zip(plain_logits + plain_out, fixed_logits + fixed_out):
         assert set(a) == set(b)
         for k in a:
@@ -190,6 +192,8 @@ def test_tracker_with_fixed_buffers_tracks_exactly_as_without(tiny_video_dir: Pa
     for role in FIXED_ROLES:
         assert graphs.sessions[role].replays > 0, role
         assert set(status[role].values()) == {"fixed buffers"}, status[role]
+    pipeline = backend.pipeline_graphs  # each frame preprocessed, each object's masks upsampled: one shape each
+    assert [set(pipeline[g].values()) for g in ("preprocess", "upsample")] == [{"fixed buffers"}] * 2, pipeline
     layout = graphs.layout
     [memory_shape] = status["memory_attention"]  # only the full bank: (all memories, all pointers)
     assert f"('mem_feats', ({layout.mem_slots}, " in memory_shape and f"('obj_ptrs', ({layout.ptr_slots}, " in memory_shape
