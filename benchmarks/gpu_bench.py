@@ -192,6 +192,9 @@ def bench_sam2rt(model_dir: Path, backend: str, images: dict[str, np.ndarray], r
     out["_cuda_graphs"] = dict(getattr(model.backend, "cuda_graphs", {}))
     out["_cuda_graphs"]["fast_decoder"] = getattr(model.backend, "fast_decoder_check", "n/a")
     # the pre/postprocessing graphs' captured shapes (one per image size, prompt count and output): counted by outcome
+    pipeline = getattr(model.backend, "_pipeline", None)
+    if pipeline is not None:  # masks of 1 MiB and more into page-locked arrays (runtime/gpu.py PinnedPool)?
+        out["_cuda_graphs"]["pinned_results"] = "on" if pipeline.pinned is not None else "off"
     for graph, shapes in getattr(model.backend, "pipeline_graphs", {}).items():
         outcomes = [v.split(":")[0] for v in shapes.values()]
         out["_cuda_graphs"][graph] = {o: outcomes.count(o) for o in sorted(set(outcomes))}

@@ -435,6 +435,10 @@ def test_cuda_graphs_are_captured_and_change_nothing(model_dir, cuda_models):
     for graph in ("preprocess", "postprocess_multi"):  # the image's size; one click and 16 boxes, multimask
         assert set(pipeline[graph].values()) == {"captured"}, (graph, pipeline[graph])
     assert model.backend._pipeline.replays > replays
+    if model.backend._pipeline.pinned is not None:  # cuda-python installed: 16 x 3 masks (>= 1 MiB) come down pinned
+        from test_pinned_results import _pinned
+
+        assert _pinned(again[1].masks)
     from sam2rt.manifest import Manifest
     from sam2rt.runtime.backends import OrtDeviceBackend
 

@@ -1,5 +1,5 @@
 """Thin CUDA runtime helpers over `cuda-python` (no torch, no pycuda): device buffers, pinned host buffers,
-streams and CUDA graphs, for the TensorRT backend.
+streams and CUDA graphs for the TensorRT backend, and a pool of pinned result arrays for ONNX Runtime's.
 
 `cuda-python` is imported lazily and in either of its layouts (`cuda.bindings.runtime` from cuda-python
 >= 12.6 / cuda-bindings, `cuda.cudart` from older releases), so the module imports everywhere and
@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,6 +213,121 @@ class PinnedBuffer:
 
     def __del__(self) -> None:
         self.free()
+
+
+class _PinnedBlock:
+    """One page-locked block, exposed to numpy through `__array_interface__`: the arrays made from it keep it alive
+    (as their `base`), and when the last of them is gone the block goes back to its pool."""
+
+    def __init__(self, pool: "PinnedPool", ptr: int, nbytes: int) -> None:
+        self.pool, self.ptr, self.nbytes = pool, ptr, nbytes
+        self.__array_interface__: dict[str, Any] = {}
+
+    def array(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        self.__array_interface__ = {"data": (self.ptr, False), "shape": tuple(shape), "typestr": dtype.str, "version": 3}
+        return np.asarray(self)
+
+    def __del__(self) -> None:
+        try:
+            self.pool._release(self.ptr, self.nbytes)
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+
+class PinnedPool:
+    """A caching allocator of page-locked host arrays for device-to-host results.
+
+    Why: a copy into pageable memory runs at a fraction of the bus's speed (the driver stages it through its own
+    pinned buffers). On the H100 three 1920x1080 float masks took ~5 ms to come down (benchmarks/README.md), the
+    largest part of the 1080p overhead. Allocating page-locked memory costs more than the copy it saves, so blocks
+    are reused: `empty(shape, dtype)` returns a numpy array over a cached block, and the block goes back to the pool
+    when the caller has dropped that array and every view of it (numpy keeps the block as the array's base). The
+    caller owns the array like any other.
+
+    Bounds: at most `max_bytes` page-locked in all, cached blocks evicted (least recently released first) to make
+    room; at most `per_size` blocks of one size in use at once (a caller keeping every result would otherwise
+    allocate on every call, slower than a pageable copy). `empty` returns None when a bound says no: the caller
+    then uses pageable memory. Arrays under `min_bytes` are not worth a block (None as well).
+    """
+
+    def __init__(self, max_bytes: int = 512 * 2**20, per_size: int = 4, min_bytes: int = 2**20) -> None:
+        self._cudart = import_cudart()
+        self.max_bytes, self.per_size, self.min_bytes = int(max_bytes), int(per_size), int(min_bytes)
+        self._free: dict[int, list[int]] = {}  # nbytes -> free block pointers
+        self._order: list[tuple[int, int]] = []  # (nbytes, ptr) of free blocks, least recently released first
+        self._in_use: dict[int, int] = {}  # nbytes -> blocks held by callers
+        self.total = 0  # bytes page-locked (free and in use)
+        self.allocations = 0  # cudaMallocHost calls so far (tests read it)
+        self._closed = False
+        # reentrant: a block whose last array is collected while this thread allocates returns itself here
+        self._lock = threading.RLock()
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray | None:
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if nbytes < self.min_bytes:
+            return None
+        with self._lock:
+            if self._closed or self._in_use.get(nbytes, 0) >= self.per_size:
+                return None
+            free = self._free.get(nbytes)
+            if free:
+                ptr = free.pop()
+                self._order.remove((nbytes, ptr))
+            else:
+                while self.total + nbytes > self.max_bytes and self._order:
+                    self._drop(*self._order.pop(0))
+                if self.total + nbytes > self.max_bytes:
+                    return None
+                try:
+                    ptr = int(call(self._cudart.cudaMallocHost, nbytes))
+                except CudaError as exc:  # e.g. no usable driver for these bindings: pageable results from now on
+                    log.warning("sam2rt: no page-locked result buffers (%s); results come down into pageable memory", exc)
+                    self._closed = True
+                    return None
+                self.total += nbytes
+                self.allocations += 1
+            self._in_use[nbytes] = self._in_use.get(nbytes, 0) + 1
+        return _PinnedBlock(self, ptr, nbytes).array(tuple(int(d) for d in shape), dtype)
+
+    def _drop(self, nbytes: int, ptr: int) -> None:
+        self._free[nbytes].remove(ptr)
+        self.total -= nbytes
+        self._cudart.cudaFreeHost(ptr)
+
+    def _release(self, ptr: int, nbytes: int) -> None:
+        with self._lock:
+            self._in_use[nbytes] -= 1
+            if self._closed:
+                self.total -= nbytes
+                self._cudart.cudaFreeHost(ptr)
+                return
+            self._free.setdefault(nbytes, []).append(ptr)
+            self._order.append((nbytes, ptr))
+
+    @property
+    def cached(self) -> int:
+        """Free blocks kept for reuse."""
+        with self._lock:
+            return len(self._order)
+
+    def close(self) -> None:
+        """Free the cached blocks; blocks still in callers' arrays are freed when those arrays go."""
+        with self._lock:
+            self._closed = True
+            while self._order:
+                self._drop(*self._order.pop(0))
+
+
+def download(value: Any, pool: PinnedPool, dtype: Any) -> np.ndarray | None:
+    """A host copy of an ONNX Runtime OrtValue on a CUDA device (or any buffer at `value.data_ptr()`) in a pinned
+    array of `pool`; None where the pool declines (the caller copies into pageable memory then)."""
+    shape = tuple(int(d) for d in value.shape())
+    out = pool.empty(shape, dtype)
+    if out is not None and out.nbytes:
+        call(pool._cudart.cudaMemcpy, out.ctypes.data, int(value.data_ptr()), out.nbytes,
+             _memcpy_kind("cudaMemcpyDeviceToHost"))
+    return out
 
 
 class Stream:

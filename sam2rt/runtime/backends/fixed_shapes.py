@@ -26,6 +26,7 @@ captured:
   (the image path found one: benchmarks/README.md, run 3). Float outputs may differ by the tolerance, relative to
   their largest magnitude; bool outputs must be equal. A disagreement, or a graph ONNX Runtime cannot capture (a
   node it places on the CPU), leaves that signature on the plain session for good; `status` says why.
+- `download`: how host outputs come down (the pipeline's pool of pinned arrays on a GPU); by default `numpy()`.
 - `static_inputs`: inputs whose values are a function of the signature alone (the pipeline's upsampling taps, set
   by the sizes): copied into their buffers when the signature is captured, never again.
 On the CPU provider the same flow runs without graph capture (`capture=False`): CI tests it that way.
@@ -109,10 +110,12 @@ class FixedShapeSession:
         name: str = "graph",
         max_shapes: int = MAX_FIXED_SHAPES,
         max_buffer_bytes: int | None = None,
+        download: Callable[[Any, np.dtype], np.ndarray | None] | None = None,
     ) -> None:
         self.plain, self._factory, self._copy, self._clock, self._capture = plain, factory, copy, clock, capture
         self.name, self._static = name, frozenset(static_inputs)
         self.max_shapes, self.max_buffer_bytes = int(max_shapes), max_buffer_bytes
+        self._download = download  # (output buffer, dtype) -> a new host array (e.g. pinned), or None: numpy()
         self.tolerance = FIXED_TOLERANCE.get(precision, DEFAULT_FIXED_TOLERANCE)
         self.input_names, self.output_names = plain.input_names, plain.output_names
         self.device, self.device_id = plain.device, plain.device_id
@@ -173,6 +176,10 @@ class FixedShapeSession:
 
     def _host(self, value: Any) -> np.ndarray:
         """A new host array of an output buffer (OrtValue.numpy() of a CPU buffer is a view of it, not a copy)."""
+        if self._download is not None:
+            out = self._download(value, np.dtype(ORT_TYPES.get(value.data_type(), np.float32)))
+            if out is not None:
+                return out
         out = value.numpy()
         return out.copy() if self.device == "cpu" else out
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -49,15 +49,20 @@ def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     return m.astype(np.float32)
 
 
-def bind_host_outputs(io: Any, outputs: dict[str, tuple[tuple[int, ...], Any]]) -> dict[str, np.ndarray]:
-    """Fresh host arrays ({name: (shape, dtype)}) bound as a run's outputs, by address.
+def bind_host_outputs(io: Any, outputs: dict[str, tuple[tuple[int, ...], Any]],
+                      allocate: Callable[[tuple[int, ...], Any], np.ndarray | None] | None = None) -> dict[str, np.ndarray]:
+    """Fresh host arrays ({name: (shape, dtype)}) bound as a run's outputs, by address (from `allocate` where it
+    gives one, e.g. a pinned array of the pipeline's pool; else np.empty).
 
     ONNX Runtime then writes them in place (copied straight from the device with a GPU provider). Outputs bound by
     device name instead land in ONNX Runtime's memory, and `copy_outputs_to_cpu` copies them once more: 25 MB for
     three 1920x1080 float masks, ~3 ms of the CPU provider's 20 ms postprocessing (benchmarks/README.md). Each
     call returns new arrays: no result is ever overwritten by a later one.
     """
-    arrays = {name: np.empty(shape, dtype) for name, (shape, dtype) in outputs.items()}
+    arrays = {}
+    for name, (shape, dtype) in outputs.items():
+        array = allocate(shape, dtype) if allocate is not None else None
+        arrays[name] = array if array is not None else np.empty(shape, dtype)
     for name, array in arrays.items():
         io.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
     return arrays
@@ -94,12 +99,14 @@ class OrtPipeline:
 
     `ort_device` is ONNX Runtime's device name for OrtValues ("cuda" or "cpu"); `providers` the session
     providers (with options). `fixed_buffers`: run preprocess / postprocess / upsample_masks through fixed-shape
-    sessions (module docstring), replayed as CUDA graphs where `cuda_graphs` and the provider allow. The CPU
-    provider runs the same graphs, both ways: that is how CI tests them.
+    sessions (module docstring), replayed as CUDA graphs where `cuda_graphs` and the provider allow.
+    `pinned_results`: masks and logits of 1 MiB and more come down into page-locked arrays of a PinnedPool
+    (runtime/gpu.py: a copy into pageable memory runs at a fraction of the bus's speed); None: on a CUDA device
+    where cuda-python is installed. The CPU provider runs the same graphs, every way: that is how CI tests them.
     """
 
     def __init__(self, ort: Any, providers: list, ort_device: str, device_id: int, session_options,
-                 fixed_buffers: bool = False, cuda_graphs: bool = True) -> None:
+                 fixed_buffers: bool = False, cuda_graphs: bool = True, pinned_results: bool | None = None) -> None:
         self._ort = ort
         self._providers = providers
         self.ort_device = ort_device
@@ -113,6 +120,30 @@ class OrtPipeline:
         self.fixed_buffers, self._cuda_graphs = bool(fixed_buffers), bool(cuda_graphs)
         self._fixed: dict[str, tuple[FixedShapeSession, threading.Lock]] = {}
         self._calls = 0  # the fixed-shape sessions' clock: one tick per pipeline call
+        self.pinned = self._pinned_pool(ort_device == "cuda" if pinned_results is None else pinned_results,
+                                        required=bool(pinned_results))
+
+    @staticmethod
+    def _pinned_pool(wanted: bool, required: bool) -> Any:
+        """A PinnedPool, or None when not wanted or (unless `required`) when cuda-python is missing."""
+        if not wanted:
+            return None
+        from ..gpu import PinnedPool
+
+        try:
+            return PinnedPool()
+        except Exception:
+            if required:
+                raise
+            return None  # pageable results: cuda-python (`pip install cuda-python`) is what pins them
+
+    def _allocate(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray | None:
+        return self.pinned.empty(shape, dtype) if self.pinned is not None else None
+
+    def _download(self, value: Any, dtype: np.dtype) -> np.ndarray | None:
+        from ..gpu import download
+
+        return download(value, self.pinned, dtype) if self.pinned is not None else None
 
     # --- sessions and device constants -------------------------------------------------------
     def session(self, name: str) -> Any:
@@ -145,7 +176,8 @@ class OrtPipeline:
                     BoundSession(self.session(name)), lambda graph, dims: self._new_session(name, graph, dims),
                     BoundSession(self.session("copy")), lambda: self._calls, capture=self._cuda_graphs,
                     static_inputs=STATIC_INPUTS.get(name, ()), name=f"{name} graph",
-                    max_shapes=FIXED_SHAPES_PER_GRAPH, max_buffer_bytes=FIXED_BUFFER_BYTES)
+                    max_shapes=FIXED_SHAPES_PER_GRAPH, max_buffer_bytes=FIXED_BUFFER_BYTES,
+                    download=self._download if self.pinned is not None else None)
                 entry = self._fixed[name] = (fixed, threading.Lock())
             self._calls += 1
         fixed, lock = entry
@@ -236,7 +268,7 @@ class OrtPipeline:
         for name, value in taps.items():
             io.bind_ortvalue_input(name, value)
         io.bind_cpu_input("threshold", np.asarray(threshold, np.float32))
-        out = bind_host_outputs(io, {"masks": ((*x.shape[:2], h, w), np.bool_)})
+        out = bind_host_outputs(io, {"masks": ((*x.shape[:2], h, w), np.bool_)}, self._allocate)
         sess.run_with_iobinding(io)
         return out["masks"]
 
@@ -273,7 +305,8 @@ class OrtPipeline:
                 io.bind_ortvalue_input(name, value)
         c = 1 if single else 3
         out = bind_host_outputs(io, {"low_res_logits": ((b, c, lh, lw), np.float32), "scores": ((b, c), np.float32),
-                                     wanted: ((b, c, h, w), np.bool_ if wanted == "masks" else np.float32)})
+                                     wanted: ((b, c, h, w), np.bool_ if wanted == "masks" else np.float32)},
+                                self._allocate)
         sess.run_with_iobinding(io)
         return DecodedMasks(out[wanted], out["scores"], out["low_res_logits"])
 
@@ -281,6 +314,8 @@ class OrtPipeline:
         with self._lock:
             self._sessions.clear()
             self._fixed.clear()
+            if self.pinned is not None:
+                self.pinned.close()
         self._resize.clear()
         self._taps.clear()
         self._consts.clear()

@@ -1,0 +1,134 @@
+"""Page-locked result arrays (runtime/gpu.py PinnedPool) and the device pipeline's use of them, on the CPU.
+
+cuda-python is emulated (test_tensorrt_backend_emulated.FakeCudart: host memory and memmove), so what is checked is
+sam2rt's bookkeeping: a block is reused only once every array over it is gone, the bounds hold, a failure to pin
+falls back to ordinary arrays, and the pipeline's results are the same numbers either way. Real page-locking and its
+speed need a GPU (tests/test_gpu.py, benchmarks/gpu_bench.py).
+"""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+
+from test_tensorrt_backend_emulated import FakeCudart
+
+MIB = 2**20
+
+
+@pytest.fixture
+def cudart(monkeypatch):
+    import sam2rt.runtime.gpu as gpu
+
+    fake = FakeCudart()
+    monkeypatch.setattr(gpu, "_CUDART", fake)
+    return fake
+
+
+def _pinned(array: np.ndarray) -> bool:
+    from sam2rt.runtime.gpu import _PinnedBlock
+
+    base = array
+    while base is not None and not isinstance(base, _PinnedBlock):
+        base = getattr(base, "base", None)
+    return base is not None
+
+
+def test_a_block_is_reused_only_when_every_array_over_it_is_gone(cudart):
+    from sam2rt.runtime.gpu import PinnedPool
+
+    pool = PinnedPool()
+    a = pool.empty((512, 1024), np.float32)  # 2 MiB
+    assert a is not None and _pinned(a) and a.shape == (512, 1024) and a.flags.writeable
+    a[:] = 7.0
+    view = a[3]
+    del a
+    gc.collect()
+    b = pool.empty((512, 1024), np.float32)
+    assert pool.allocations == 2 and b.ctypes.data != view.ctypes.data  # the view still holds the first block
+    np.testing.assert_array_equal(view, 7.0)
+    del view
+    gc.collect()
+    assert pool.cached == 1
+    c = pool.empty((1024, 512), np.float32)  # same size, another shape: the freed block
+    assert pool.allocations == 2 and pool.cached == 0 and c.shape == (1024, 512)
+    assert pool.empty((10, 10), np.float32) is None  # under min_bytes: not worth a block
+
+
+def test_pool_bounds_and_close(cudart):
+    from sam2rt.runtime.gpu import PinnedPool
+
+    pool = PinnedPool(max_bytes=6 * MIB, per_size=2)
+    held = [pool.empty((MIB,), np.uint8), pool.empty((MIB,), np.uint8)]
+    assert all(x is not None for x in held)
+    assert pool.empty((MIB,), np.uint8) is None  # per_size: a caller keeping every result gets pageable ones
+    del held
+    gc.collect()
+    assert pool.cached == 2 and pool.total == 2 * MIB
+    big = pool.empty((5 * MIB,), np.uint8)  # room made by evicting one cached block, the other kept
+    assert big is not None and pool.total == 6 * MIB and pool.cached == 1
+    assert pool.empty((2 * MIB,), np.uint8) is None  # over max_bytes even with every cached block evicted
+    assert pool.total == 5 * MIB and pool.cached == 0
+    del big
+    gc.collect()
+    pool.close()
+    assert pool.cached == 0 and pool.total == 0 and not cudart.blocks
+    assert pool.empty((2 * MIB,), np.uint8) is None
+
+
+def test_a_failure_to_pin_falls_back_for_good(cudart, monkeypatch):
+    from sam2rt.runtime.gpu import PinnedPool
+
+    monkeypatch.setattr(cudart, "cudaMallocHost", lambda size: (2,))  # cudaErrorMemoryAllocation
+    pool = PinnedPool()
+    assert pool.empty((2 * MIB,), np.uint8) is None
+    monkeypatch.undo()
+    assert pool.empty((2 * MIB,), np.uint8) is None  # not tried again
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_pipeline_results_in_pinned_arrays_are_the_same_numbers(cudart, fixed):
+    """Postprocessing and mask upsampling with pinned results, through the plain sessions and through fixed buffers:
+    equal to the pipeline without, large results pinned (with fixed buffers: from the first replay on), small ones
+    not, every result the caller's own although blocks are reused once the caller drops them."""
+    import onnxruntime as ort
+
+    from sam2rt.runtime.backends import MaskRequest
+    from sam2rt.runtime.backends.fixed_shapes import CAPTURE_AFTER
+    from sam2rt.runtime.backends.onnxruntime_backend import session_options
+    from sam2rt.runtime.backends.ort_pipeline import OrtPipeline
+
+    def make(pinned: bool) -> OrtPipeline:
+        return OrtPipeline(ort, ["CPUExecutionProvider"], "cpu", 0, lambda: session_options(2), fixed_buffers=fixed,
+                           pinned_results=pinned)
+
+    pinned, plain = make(True), make(False)
+    assert pinned.pinned is not None and plain.pinned is None
+    rng = np.random.default_rng(11)
+    request = MaskRequest(True, (600, 700), 0.0, float_masks=True)  # 2 x 3 x 600 x 700 float32: 10 MB of masks
+    kept = []
+    for i in range(CAPTURE_AFTER + 3):
+        low = (rng.standard_normal((2, 4, 256, 256)) * 3).astype(np.float32)
+        iou = rng.random((2, 4)).astype(np.float32)
+        got, ref = pinned.postprocess(low, iou, request), plain.postprocess(low, iou, request)
+        for a, b in ((got.masks, ref.masks), (got.scores, ref.scores), (got.low_res_logits, ref.low_res_logits)):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_array_equal(a, b)
+        replay = i >= CAPTURE_AFTER  # with fixed buffers, results before capture come from the plain session
+        if replay or not fixed:
+            assert _pinned(got.masks) and _pinned(got.low_res_logits) and not _pinned(got.scores)
+        up = pinned.upsample_masks(low[:, :1], (1100, 1000), 0.0)  # 2.2 MB of bool masks
+        np.testing.assert_array_equal(up, plain.upsample_masks(low[:, :1], (1100, 1000), 0.0))
+        assert _pinned(up) or (fixed and not replay)
+        if i < 2:
+            kept.append((got.masks, got.masks.copy()))  # kept by the caller: its blocks must never be reused
+        del got, up
+        gc.collect()
+    for result, copy in kept:
+        np.testing.assert_array_equal(result, copy)
+    assert pinned.replays > 0 if fixed else pinned.replays == 0
+    # blocks are reused: per call three pinned results, but far fewer allocations than results
+    assert pinned.pinned.allocations <= 3 + len(kept) + 2, pinned.pinned.allocations
+    pinned.close()
