@@ -132,3 +132,27 @@ def test_pipeline_results_in_pinned_arrays_are_the_same_numbers(cudart, fixed):
     # blocks are reused: per call three pinned results, but far fewer allocations than results
     assert pinned.pinned.allocations <= 3 + len(kept) + 2, pinned.pinned.allocations
     pinned.close()
+
+
+def test_a_pipeline_whose_pinned_copy_fails_returns_the_same_numbers_unpinned(cudart, monkeypatch):
+    """A device-to-host copy that fails (cuda-python and the driver disagreeing) turns pinning off, not the results."""
+    import onnxruntime as ort
+
+    from sam2rt.runtime.backends import MaskRequest
+    from sam2rt.runtime.backends.fixed_shapes import CAPTURE_AFTER
+    from sam2rt.runtime.backends.onnxruntime_backend import session_options
+    from sam2rt.runtime.backends.ort_pipeline import OrtPipeline
+
+    pipe = OrtPipeline(ort, ["CPUExecutionProvider"], "cpu", 0, lambda: session_options(2), fixed_buffers=True,
+                       pinned_results=True)
+    monkeypatch.setattr(cudart, "cudaMemcpy", lambda *args: (700,))  # cudaErrorIllegalAddress
+    rng = np.random.default_rng(2)
+    low = (rng.standard_normal((2, 4, 256, 256)) * 3).astype(np.float32)
+    iou = rng.random((2, 4)).astype(np.float32)
+    request = MaskRequest(True, (600, 700), 0.0, float_masks=True)
+    want = [(r.masks, r.low_res_logits) for r in [pipe.postprocess(low, iou, request)]][0]
+    for _ in range(CAPTURE_AFTER + 1):  # through the replays, where the pinned download is tried
+        got = pipe.postprocess(low, iou, request)
+        np.testing.assert_array_equal(got.masks, want[0])
+        np.testing.assert_array_equal(got.low_res_logits, want[1])
+    assert pipe.replays > 0 and pipe.pinned is None and not _pinned(got.masks)

@@ -16,6 +16,7 @@ graph from fixed buffers; the upsampling taps and resize matrices, set by the si
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -29,6 +30,8 @@ from .base import DecodedMasks, MaskRequest
 from .bound_session import BoundSession
 from .fixed_shapes import FixedShapeSession
 from .onnxruntime_backend import OrtDeviceTensor
+
+log = logging.getLogger("sam2rt")
 
 GRAPH_DIR = Path(__file__).resolve().parent.parent / "graphs"
 CACHED_SIZES = 8  # image sizes whose resize matrices / upsampling taps stay on the device
@@ -138,12 +141,24 @@ class OrtPipeline:
             return None  # pageable results: cuda-python (`pip install cuda-python`) is what pins them
 
     def _allocate(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray | None:
-        return self.pinned.empty(shape, dtype) if self.pinned is not None else None
+        pool = self.pinned
+        return self._pinning(lambda: pool.empty(shape, dtype)) if pool is not None else None
 
     def _download(self, value: Any, dtype: np.dtype) -> np.ndarray | None:
         from ..gpu import download
 
-        return download(value, self.pinned, dtype) if self.pinned is not None else None
+        pool = self.pinned
+        return self._pinning(lambda: download(value, pool, dtype)) if pool is not None else None
+
+    def _pinning(self, step: Callable[[], np.ndarray | None]) -> np.ndarray | None:
+        """A pinned-results step; should it fail (cuda-python and the driver disagreeing, say), results come down
+        into pageable memory from then on, as without cuda-python: the numbers never depend on pinning."""
+        try:
+            return step()
+        except Exception as exc:
+            log.warning("sam2rt: page-locked results off (%s); results come down into pageable memory", exc)
+            self.pinned = None
+            return None
 
     # --- sessions and device constants -------------------------------------------------------
     def session(self, name: str) -> Any:
