@@ -374,7 +374,7 @@ def test_device_backend_on_the_cpu_provider_matches_the_cpu_backend(request, whi
     the real export (its graphs, slow)."""
     import onnxruntime as ort
 
-    from sam2rt.runtime import Predictor, Sam2Model
+    from sam2rt.runtime import Predictor, Prompt, Sam2Model
     from sam2rt.runtime.backends import OrtDeviceBackend
     from sam2rt.runtime.backends.onnxruntime_backend import OrtDeviceTensor
 
@@ -394,6 +394,12 @@ def test_device_backend_on_the_cpu_provider_matches_the_cpu_backend(request, whi
             np.testing.assert_allclose(got.low_res_logits, ref.low_res_logits, rtol=0, atol=1e-5)
             np.testing.assert_allclose(got.scores, ref.scores, rtol=0, atol=1e-6)
             _same_masks(got.masks, cpu_model, ref_emb, multimask)
+        # a mask prompt (the full decoder: points, labels, mask and its flag packed into one buffer), twice over
+        for seed in (0, 1):
+            prev = cpu_model.decode(ref_emb, _prompts()[seed:seed + 1], False).low_res_logits[0]
+            masked = [Prompt(points=np.array([[300.0 - 90 * seed, 200.0]]), labels=np.array([1]), mask_input=prev)]
+            ref, got = cpu_model.decode(ref_emb, masked, False), bound.decode(emb, masked, False)
+            np.testing.assert_allclose(got.low_res_logits, ref.low_res_logits, rtol=0, atol=1e-5)
         # a second image through the same fixed buffers, then back to the first: nothing mixes
         other = coffee[::-1].copy()
         ref_other, emb_other = cpu_model.embed(other), bound.embed(other)
@@ -421,6 +427,36 @@ def test_device_backend_on_the_cpu_provider_matches_the_cpu_backend(request, whi
                         r.predict(point_coords=np.array([[300, 200]]), point_labels=np.array([1]))):
             assert a.dtype == b.dtype and a.shape == b.shape
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_a_decode_uploads_its_prompts_in_one_copy(tiny_model_dir, coffee, monkeypatch):
+    """With fixed buffers (the CUDA-graph path) a decode's prompt inputs (points and labels; with a mask prompt also the
+    mask and its flag) sit in one device buffer: one host-to-device copy per decode, not one per input."""
+    import onnxruntime as ort
+
+    from sam2rt.runtime import Prompt, Sam2Model
+    from sam2rt.runtime.backends import OrtDeviceBackend
+
+    m = Manifest.load(tiny_model_dir)
+    with Sam2Model(m, OrtDeviceBackend(m, "onnxruntime-cpu", fixed_buffers=True)) as model:
+        emb = model.embed(coffee)
+        prev = model.decode(emb, _prompts()[:1], False).low_res_logits[0]
+        cases = {"points": _prompts()[1:2], "boxes": [_prompts()[2]] * 3,
+                 "mask": [Prompt(points=np.array([[300.0, 200.0]]), labels=np.array([1]), mask_input=prev)]}
+        uploads: list[tuple[int, ...]] = []
+        real = ort.OrtValue.update_inplace
+
+        def counted(value, array):
+            uploads.append(array.shape)
+            real(value, array)
+
+        for name, prompts in cases.items():
+            model.decode(emb, prompts, False)  # its fixed buffers are made (and checked) on the first decode
+            uploads.clear()
+            monkeypatch.setattr(ort.OrtValue, "update_inplace", counted)
+            model.decode(emb, prompts, False)
+            monkeypatch.undo()
+            assert len(uploads) == 1, (name, uploads)
 
 
 # --- FP16 mixed precision (what FP16 engines are built from) -----------------------------------------

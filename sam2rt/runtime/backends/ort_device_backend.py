@@ -80,12 +80,28 @@ def device_graph_entries(manifest: Manifest, precision: str, backend: str = "onn
     return out
 
 
-class _Captured:
-    """A session run from fixed buffers: `inputs`/`outputs` OrtValues bound once in `binding` (a CUDA graph replays it)."""
+PACK_ALIGN = 64  # float32 elements (256 bytes) between packed prompt inputs: each starts aligned, as CUDA kernels expect
 
-    def __init__(self, session: Any, binding: Any, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
+
+class _Captured:
+    """A session run from fixed buffers: `inputs`/`outputs` OrtValues bound once in `binding` (a CUDA graph replays it).
+
+    A decoder's prompt inputs (points, labels, and mask inputs where the graph takes them) are bound at aligned offsets
+    of one device buffer, `packed` ({name: (offset, shape)} in `layout`), so that a decode uploads them in one copy.
+    """
+
+    def __init__(self, session: Any, binding: Any, inputs: dict[str, Any], outputs: dict[str, Any],
+                 packed: Any = None, layout: dict[str, tuple[int, tuple[int, ...]]] | None = None) -> None:
         self.session, self.binding, self.inputs, self.outputs = session, binding, inputs, outputs
+        self.packed, self.layout = packed, layout or {}
         self.checked = False  # whether its first outputs were compared with the dynamic session's
+
+    def upload_prompts(self, prompts: dict[str, np.ndarray]) -> None:
+        """All prompt inputs into the packed device buffer, in one host-to-device copy."""
+        host = np.zeros(self.packed.shape(), np.float32)
+        for name, (offset, shape) in self.layout.items():
+            host[offset:offset + int(np.prod(shape))] = prompts[name].ravel()
+        self.packed.update_inplace(host)
 
 
 class OrtDeviceBackend(Backend):
@@ -234,16 +250,27 @@ class OrtDeviceBackend(Backend):
         if session is None:
             session = self._new_session(slot, graph=False, dims=dims) if dims else self._session(slot)
         inputs = dict(shared)
-        for name, shape in input_shapes.items():
-            inputs[name] = self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, self.ort_device, self.device_id)
         io = session.io_binding()
+        packed, layout = None, {}
+        if dims:  # a decoder: its prompt inputs at aligned offsets of one buffer
+            offset = 0
+            for name, shape in input_shapes.items():
+                layout[name] = (offset, tuple(int(d) for d in shape))
+                offset += -(-max(int(np.prod(shape)), 1) // PACK_ALIGN) * PACK_ALIGN
+            packed = self._ort.OrtValue.ortvalue_from_shape_and_type([offset], np.float32, self.ort_device, self.device_id)
+            for name, (start, shape) in layout.items():
+                io.bind_input(name, self.ort_device, self.device_id, np.float32, list(shape), packed.data_ptr() + 4 * start)
+        else:
+            for name, shape in input_shapes.items():
+                inputs[name] = self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, self.ort_device,
+                                                                                self.device_id)
         for name, value in inputs.items():
             io.bind_ortvalue_input(name, value)
         outputs = {}
         for name, shape in self._output_shapes(session, input_shapes).items():
             outputs[name] = self._ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.ort_device, self.device_id)
             io.bind_ortvalue_output(name, outputs[name])
-        cap = self._captured[key] = _Captured(session, io, inputs, outputs)
+        cap = self._captured[key] = _Captured(session, io, inputs, outputs, packed, layout)
         cap.checked = not dims  # a static-shape session is checked against the dynamic one on its first run
         return cap
 
@@ -415,8 +442,7 @@ class OrtDeviceBackend(Backend):
                 self._pipeline.copy(self._as_value(tensors[k]), self._slot_buffers[slot][k])
             self._slot_loaded[slot] = token
             self._slot_owner[slot] = [tensors[k] for k in tensor_names]
-        for k, v in prompts.items():
-            fixed.inputs[k].update_inplace(v)
+        fixed.upload_prompts(prompts)
         self._replay(fixed)
         low_res, iou = fixed.outputs["low_res_masks"], fixed.outputs["iou_predictions"]
         if not fixed.checked:
