@@ -28,7 +28,9 @@ captured:
   node it places on the CPU), leaves that signature on the plain session for good; `status` says why.
 - `download`: how host outputs come down (the pipeline's pool of pinned arrays on a GPU); by default `numpy()`.
 - `static_inputs`: inputs whose values are a function of the signature alone (the pipeline's upsampling taps, set
-  by the sizes): copied into their buffers when the signature is captured, never again.
+  by the sizes): copied into their buffers when the signature is captured, never again. Small host inputs (a
+  threshold, a flag: up to SMALL_HOST_INPUT bytes) are copied only when their value changes: each copy is a
+  synchronisation with the device.
 On the CPU provider the same flow runs without graph capture (`capture=False`): CI tests it that way.
 """
 
