@@ -63,6 +63,8 @@ STAGES = {
     "decode_16": "16 boxes, one mask each, on the host (sam2rt Sam2Model.decode; reference predict(box=...))",
     "postprocess_512 / postprocess_1080": "sam2rt Sam2Model.finish: 4 tokens (host) -> 3 float32 0/1 masks on the host",
     "end_to_end_512 / end_to_end_1080": "Predictor.set_image + predict(1 click) from an RGB uint8 image",
+    "postprocess_1080_pageable": "postprocess_1080 with pageable instead of page-locked results (same run; GPU only)",
+    "decode_1_postprocess_uncaptured": "decode_1 with the postprocessing not captured as a CUDA graph (same run; GPU only)",
 }
 
 
@@ -189,6 +191,7 @@ def bench_sam2rt(model_dir: Path, backend: str, images: dict[str, np.ndarray], r
             pred.predict(point_coords=pt, point_labels=lab, multimask_output=True)
 
         out[f"end_to_end_{key}"] = timed(end_to_end, runs, warmup)
+    out.update(without_pipeline_measures(model, emb, prompt, low, iou, images["1080"].shape[:2], runs, warmup))
     out["_cuda_graphs"] = dict(getattr(model.backend, "cuda_graphs", {}))
     out["_cuda_graphs"]["fast_decoder"] = getattr(model.backend, "fast_decoder_check", "n/a")
     # the pre/postprocessing graphs' captured shapes (one per image size, prompt count and output): counted by outcome
@@ -200,6 +203,30 @@ def bench_sam2rt(model_dir: Path, backend: str, images: dict[str, np.ndarray], r
         out["_cuda_graphs"][graph] = {o: outcomes.count(o) for o in sorted(set(outcomes))}
     out["_files"] = {k: v.get("file") for k, v in model.backend.files.items()}
     out["_model"] = model
+    return out
+
+
+def without_pipeline_measures(model: Any, emb: Any, prompt: Any, low: Any, iou: Any, hw_1080: tuple[int, int],
+                               runs: int, warmup: int) -> dict[str, Any]:
+    """Two stages once more without a measure of the device pipeline, side by side in the same run (what each
+    brings): the 1080p postprocessing with pageable instead of page-locked results, and one click with the
+    postprocessing run as plain ONNX Runtime sessions instead of captured CUDA graphs. Only where the backend has
+    the measure on (a GPU with cuda-python; fixed buffers)."""
+    pipeline = getattr(model.backend, "_pipeline", None)
+    out: dict[str, Any] = {}
+    if pipeline is not None and pipeline.pinned is not None:
+        pool, pipeline.pinned = pipeline.pinned, None
+        try:
+            out["postprocess_1080_pageable"] = timed(lambda: model.finish(low, iou, hw_1080, True, float_masks=True),
+                                                     runs, warmup)
+        finally:
+            pipeline.pinned = pool
+    if pipeline is not None and pipeline.fixed_buffers:
+        pipeline.fixed_buffers = False
+        try:
+            out["decode_1_postprocess_uncaptured"] = timed(lambda: model.decode(emb, prompt), runs, warmup)
+        finally:
+            pipeline.fixed_buffers = True
     return out
 
 

@@ -286,6 +286,40 @@ def test_gpu_bench_script_runs_end_to_end_on_the_cpu_provider(tiny_model_dir, tm
     assert not list((tmp_path / "work").glob("*.pt"))  # no checkpoint written: nothing here reads one
 
 
+def test_gpu_bench_times_the_pipeline_measures_off_in_the_same_run(tiny_model_dir, monkeypatch):
+    """On a GPU, gpu_bench.py times the 1080p postprocessing with pageable results and one click with the
+    postprocessing uncaptured, beside the stages with both on; here on the CPU provider with fixed buffers and
+    emulated cuda-python. Each measure is back on afterwards; a backend without them gets neither stage."""
+    import importlib.util
+    from pathlib import Path
+
+    import sam2rt.runtime.gpu as gpu
+    from sam2rt.manifest import Manifest
+    from sam2rt.runtime import Prompt, Sam2Model
+    from sam2rt.runtime.backends.ort_device_backend import OrtDeviceBackend
+    from conftest import photo
+    from test_tensorrt_backend_emulated import FakeCudart
+
+    coffee = photo("coffee")
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench_measures", path)
+    gpu_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_bench)
+    monkeypatch.setattr(gpu, "_CUDART", FakeCudart())
+    m = Manifest.load(tiny_model_dir)
+    model = Sam2Model(m, OrtDeviceBackend(m, "onnxruntime-cpu", fixed_buffers=True))
+    pool = model.backend._pipeline.pinned = gpu.PinnedPool()
+    emb = model.embed(coffee)
+    prompt = Prompt(points=np.array([[100.0, 80.0]]), labels=np.array([1]))
+    low, iou = model.decode_raw(emb, np.array([[[400.0, 300.0], [0, 0]]], np.float32), np.array([[1, -1]], np.float32), None)
+    out = gpu_bench.without_pipeline_measures(model, emb, prompt, low, iou, (1080, 1920), 2, 1)
+    assert set(out) == {"postprocess_1080_pageable", "decode_1_postprocess_uncaptured"}
+    assert all(0 < r["p50_ms"] <= r["p99_ms"] and r["runs"] == 2 for r in out.values())
+    assert model.backend._pipeline.pinned is pool and model.backend._pipeline.fixed_buffers
+    plain = Sam2Model(m, OrtDeviceBackend(m, "onnxruntime-cpu"))
+    assert gpu_bench.without_pipeline_measures(plain, plain.embed(coffee), prompt, low, iou, (1080, 1920), 2, 1) == {}
+
+
 def test_video_bench_gpu_target_reads_the_settled_frames():
     """On a GPU backend the 1-object case gets issue 12's >= 100 frames/s row, measured on the frames where every
     video graph replays from fixed buffers when the benchmark recorded them (else on all timed frames)."""
