@@ -65,6 +65,7 @@ STAGES = {
     "end_to_end_512 / end_to_end_1080": "Predictor.set_image + predict(1 click) from an RGB uint8 image",
     "postprocess_1080_pageable": "postprocess_1080 with pageable instead of page-locked results (same run; GPU only)",
     "decode_1_postprocess_uncaptured": "decode_1 with the postprocessing not captured as a CUDA graph (same run; GPU only)",
+    "decode_16_nomask": "decode_16 on decoder_nomask instead of the batched fast decoder (same run; exports with the batched one)",
 }
 
 
@@ -191,7 +192,7 @@ def bench_sam2rt(model_dir: Path, backend: str, images: dict[str, np.ndarray], r
             pred.predict(point_coords=pt, point_labels=lab, multimask_output=True)
 
         out[f"end_to_end_{key}"] = timed(end_to_end, runs, warmup)
-    out.update(without_pipeline_measures(model, emb, prompt, low, iou, images["1080"].shape[:2], runs, warmup))
+    out.update(measures_off(model, emb, prompt, boxes, low, iou, images["1080"].shape[:2], runs, warmup))
     out["_cuda_graphs"] = dict(getattr(model.backend, "cuda_graphs", {}))
     out["_cuda_graphs"]["fast_decoder"] = getattr(model.backend, "fast_decoder_check", "n/a")
     # the pre/postprocessing graphs' captured shapes (one per image size, prompt count and output): counted by outcome
@@ -206,12 +207,13 @@ def bench_sam2rt(model_dir: Path, backend: str, images: dict[str, np.ndarray], r
     return out
 
 
-def without_pipeline_measures(model: Any, emb: Any, prompt: Any, low: Any, iou: Any, hw_1080: tuple[int, int],
-                               runs: int, warmup: int) -> dict[str, Any]:
-    """Two stages once more without a measure of the device pipeline, side by side in the same run (what each
-    brings): the 1080p postprocessing with pageable instead of page-locked results, and one click with the
-    postprocessing run as plain ONNX Runtime sessions instead of captured CUDA graphs. Only where the backend has
-    the measure on (a GPU with cuda-python; fixed buffers)."""
+def measures_off(model: Any, emb: Any, prompt: Any, boxes: list, low: Any, iou: Any, hw_1080: tuple[int, int],
+                 runs: int, warmup: int) -> dict[str, Any]:
+    """Stages once more with one measure of the device path off, side by side in the same run (what each brings):
+    the 1080p postprocessing with pageable instead of page-locked results; one click with the postprocessing run
+    as plain ONNX Runtime sessions instead of captured CUDA graphs; 16 boxes through decoder_nomask instead of the
+    batched fast decoder. Only where the backend has the measure on (a GPU with cuda-python; fixed buffers; an
+    export whose fast decoder takes batches)."""
     pipeline = getattr(model.backend, "_pipeline", None)
     out: dict[str, Any] = {}
     if pipeline is not None and pipeline.pinned is not None:
@@ -227,6 +229,13 @@ def without_pipeline_measures(model: Any, emb: Any, prompt: Any, low: Any, iou: 
             out["decode_1_postprocess_uncaptured"] = timed(lambda: model.decode(emb, prompt), runs, warmup)
         finally:
             pipeline.fixed_buffers = True
+    backend = model.backend
+    if pipeline is not None and "decoder_fast" in backend.files and backend.fast_prompts is None:
+        backend.fast_prompts = 1  # batches go to decoder_nomask, as before the batched fast decoder
+        try:
+            out["decode_16_nomask"] = timed(lambda: model.decode(emb, boxes, multimask_output=False), runs, warmup)
+        finally:
+            backend.fast_prompts = None
     return out
 
 

@@ -77,8 +77,8 @@ GRAPHS: tuple[GraphFile, ...] = (
     GraphFile("decoder", "fast_optimized", "decoder_fast.opt.onnx", "fp32", "onnxruntime", "fast", (CPU,),
               "decoder_fast after ONNX Runtime's offline optimisations (less the fusions it records)"),
     GraphFile("decoder", "fast_device", "decoder_fast.device.onnx", "fp32", "torch.onnx", None, (CUDA,),
-              "the same function with the upscaling as plain GEMMs: what ONNX Runtime's CUDA provider computes "
-              "correctly and captures in CUDA graphs (export/cuda_matmul.py)"),
+              "the same function for a batch of prompts per run, every product a plain or strided-batched GEMM: what "
+              "ONNX Runtime's CUDA provider computes correctly and captures in CUDA graphs (export/cuda_matmul.py)"),
     # video tracking (sam2rt.export.video_export): the VideoTracker runs them on ONNX Runtime beside every image
     # backend (beside tensorrt on ONNX Runtime's CUDA provider), so they go with every export target
     GraphFile("memory_encoder", None, "memory_encoder.onnx", "fp32", "torch.onnx", None, (CPU, CUDA, TENSORRT),

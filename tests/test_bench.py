@@ -286,10 +286,11 @@ def test_gpu_bench_script_runs_end_to_end_on_the_cpu_provider(tiny_model_dir, tm
     assert not list((tmp_path / "work").glob("*.pt"))  # no checkpoint written: nothing here reads one
 
 
-def test_gpu_bench_times_the_pipeline_measures_off_in_the_same_run(tiny_model_dir, monkeypatch):
-    """On a GPU, gpu_bench.py times the 1080p postprocessing with pageable results and one click with the
-    postprocessing uncaptured, beside the stages with both on; here on the CPU provider with fixed buffers and
-    emulated cuda-python. Each measure is back on afterwards; a backend without them gets neither stage."""
+def test_gpu_bench_times_the_device_measures_off_in_the_same_run(tiny_model_dir, monkeypatch):
+    """On a GPU, gpu_bench.py times the 1080p postprocessing with pageable results, one click with the
+    postprocessing uncaptured and 16 boxes on decoder_nomask, beside the stages with every measure on; here on the
+    CPU provider with fixed buffers and emulated cuda-python. Each measure is back on afterwards; a backend
+    without a measure gets no stage for it."""
     import importlib.util
     from pathlib import Path
 
@@ -312,12 +313,22 @@ def test_gpu_bench_times_the_pipeline_measures_off_in_the_same_run(tiny_model_di
     emb = model.embed(coffee)
     prompt = Prompt(points=np.array([[100.0, 80.0]]), labels=np.array([1]))
     low, iou = model.decode_raw(emb, np.array([[[400.0, 300.0], [0, 0]]], np.float32), np.array([[1, -1]], np.float32), None)
-    out = gpu_bench.without_pipeline_measures(model, emb, prompt, low, iou, (1080, 1920), 2, 1)
-    assert set(out) == {"postprocess_1080_pageable", "decode_1_postprocess_uncaptured"}
+    boxes = [Prompt(box=np.array([10.0 * i, 5.0, 200.0 + i, 150.0])) for i in range(16)]
+    out = gpu_bench.measures_off(model, emb, prompt, boxes, low, iou, (1080, 1920), 2, 1)
+    assert set(out) == {"postprocess_1080_pageable", "decode_1_postprocess_uncaptured", "decode_16_nomask"}
     assert all(0 < r["p50_ms"] <= r["p99_ms"] and r["runs"] == 2 for r in out.values())
     assert model.backend._pipeline.pinned is pool and model.backend._pipeline.fixed_buffers
+    assert model.backend.fast_prompts is None  # every measure back on
+    # the nomask stage did run on decoder_nomask: its fixed buffers were made for the 16 boxes
+    assert {key[0] for key in model.backend._captured if isinstance(key, tuple) and key[1] == 16} == {"decoder_nomask"}
+    # without pinned results and fixed buffers only the batched fast decoder can be turned off; an export whose
+    # fast decoder takes one prompt per run has none of the three
     plain = Sam2Model(m, OrtDeviceBackend(m, "onnxruntime-cpu"))
-    assert gpu_bench.without_pipeline_measures(plain, plain.embed(coffee), prompt, low, iou, (1080, 1920), 2, 1) == {}
+    assert set(gpu_bench.measures_off(plain, plain.embed(coffee), prompt, boxes, low, iou, (1080, 1920), 2, 1)) == {"decode_16_nomask"}
+    old = Manifest.load(tiny_model_dir)
+    old.data["graphs"]["decoder"]["variants"]["fast_device"]["prompts_per_run"] = 1
+    plain = Sam2Model(old, OrtDeviceBackend(old, "onnxruntime-cpu"))
+    assert gpu_bench.measures_off(plain, plain.embed(coffee), prompt, boxes, low, iou, (1080, 1920), 2, 1) == {}
 
 
 def test_video_bench_gpu_target_reads_the_settled_frames():

@@ -154,8 +154,9 @@ def test_fast_decoder_can_be_turned_off(tiny_model_dir):
 
 
 def test_fast_graph_is_exported_for_one_prompt_without_slow_fusions(model_dir):
-    """decoder_fast takes one prompt (only the point count is dynamic); its saved optimised copy keeps ORT's
-    slower fusions (SkipLayerNormalization, MatMul + full-size Add -> Gemm) out, as the manifest says."""
+    """decoder_fast takes one prompt (only the point count is dynamic), its GPU form any number (prompts and points
+    dynamic); the CPU's saved optimised copy keeps ORT's slower fusions (SkipLayerNormalization, MatMul + full-size
+    Add -> Gemm) out, as the manifest says."""
     import onnx
 
     from sam2rt.export.fast_decoder import FAST_DISABLED_OPTIMIZERS
@@ -165,10 +166,10 @@ def test_fast_graph_is_exported_for_one_prompt_without_slow_fusions(model_dir):
     fast, opt = m.variant("decoder", "fast"), m.variant("decoder", "fast_optimized")
     assert fast["prompts_per_run"] == 1 and opt["prompts_per_run"] == 1
     assert fast["ort_disabled_optimizers"] == list(FAST_DISABLED_OPTIMIZERS) == opt["ort_disabled_optimizers"]
-    for name in ("fast_optimized", "fast_device"):
+    for name, prompts in (("fast_optimized", 1), ("fast_device", "num_prompts")):
         graph = onnx.load(str(model_dir / m.variant("decoder", name)["file"])).graph
         dims = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
-        assert dims["point_coords"][0] == 1 and isinstance(dims["point_coords"][1], str) and dims["point_coords"][2] == 2
+        assert dims["point_coords"] == [prompts, "num_points", 2], (name, dims["point_coords"])
     optimized = onnx.load(str(model_dir / opt["file"])).graph
     assert "SkipLayerNormalization" not in {n.op_type for n in optimized.node}
     init = {t.name: t for t in optimized.initializer}
@@ -219,3 +220,71 @@ def test_an_export_without_the_new_manifest_keys_still_decodes_batches(model_cop
     together = model.decode(emb, boxes)
     for i, prompt in enumerate(boxes):
         np.testing.assert_allclose(together.low_res_logits[i : i + 1], model.decode(emb, prompt).low_res_logits, atol=1e-5)
+
+
+def _decoder_sessions(model_dir: Path, *files: str) -> list:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return [ort.InferenceSession(str(model_dir / f), so, providers=["CPUExecutionProvider"]) for f in files]
+
+
+def test_the_gpu_form_decodes_a_whole_batch_in_one_run(model_dir):
+    """decoder_fast.device.onnx, the GPU's fast decoder, takes any number of prompts per run (the manifest says
+    so): 16 boxes, and clicks with padding and every label, give decoder_nomask's batched results, and each
+    prompt's row equals a run of that prompt alone (no prompt sees another's tokens)."""
+    from sam2rt.manifest import Manifest
+
+    m = Manifest.load(model_dir)
+    assert m.variant("decoder", "fast_device")["prompts_per_run"] == "any"
+    assert m.variant("decoder", "fast_optimized")["prompts_per_run"] == 1
+    prep, fast, nomask = _decoder_sessions(model_dir, "decoder_prep.onnx", "decoder_fast.device.onnx", "decoder_nomask.onnx")
+    rng = np.random.default_rng(7)
+    shapes = {o["name"]: o["shape"] for o in m.graph("encoder")["outputs"]}
+    feats = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    prepared = dict(zip([o.name for o in prep.get_outputs()], prep.run(None, feats)))
+    corners = np.sort(rng.uniform(0, 1024, size=(16, 2, 2)), axis=1).astype(np.float32)
+    boxes = (np.concatenate([corners, np.zeros((16, 1, 2), np.float32)], axis=1),
+             np.tile(np.array([[2, 3, -1]], np.float32), (16, 1)))
+    clicks = (rng.uniform(0, 1024, size=(4, 5, 2)).astype(np.float32), rng.integers(-1, 4, size=(4, 5)).astype(np.float32))
+    for coords, labels in (boxes, clicks):
+        prompts = {"point_coords": coords, "point_labels": labels}
+        got = fast.run(None, {**prepared, **prompts})
+        ref = nomask.run(None, {**feats, **prompts})
+        assert got[0].shape == ref[0].shape == (len(coords), 4, 256, 256)
+        np.testing.assert_allclose(got[0], ref[0], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(got[1], ref[1], rtol=0, atol=1e-5)
+        for i in (0, len(coords) - 1):
+            alone = fast.run(None, {**prepared, **{k: v[i : i + 1] for k, v in prompts.items()}})
+            np.testing.assert_allclose(alone[0][0], got[0][i], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched-gpu-form", "one-prompt-form"])
+def test_the_device_backend_serves_a_batch_from_the_fast_decoder_when_it_takes_one(model_dir, sam2rt_model, batched):
+    """On the device backend (here on the CPU provider, fixed buffers on) 16 boxes run through the fast decoder in
+    one run; an export whose GPU form takes one prompt per run (before batches) sends them to decoder_nomask. Both
+    give the CPU backend's results."""
+    from sam2rt.manifest import Manifest
+    from sam2rt.runtime import Prompt, Sam2Model
+    from sam2rt.runtime.backends import OrtDeviceBackend
+
+    m = Manifest.load(model_dir)
+    if not batched:
+        m.data["graphs"]["decoder"]["variants"]["fast_device"]["prompts_per_run"] = 1
+    image = photo("chelsea")
+    h, w = image.shape[:2]
+    rng = np.random.default_rng(3)
+    boxes = [Prompt(box=np.concatenate([np.sort(rng.uniform(0, w, 2)), np.sort(rng.uniform(0, h, 2))])[[0, 2, 1, 3]])
+             for _ in range(16)]
+    ref = sam2rt_model.decode(sam2rt_model.embed(image), boxes, multimask_output=False)
+    with Sam2Model(m, OrtDeviceBackend(m, "onnxruntime-cpu", fixed_buffers=True)) as model:
+        assert model.backend.fast_decoder_check.startswith("on"), model.backend.fast_decoder_check
+        emb = model.embed(image)
+        for _ in range(2):  # the second run replays the fixed buffers
+            got = model.decode(emb, boxes, multimask_output=False)
+            np.testing.assert_allclose(got.low_res_logits, ref.low_res_logits, rtol=0, atol=1e-4)
+            np.testing.assert_allclose(got.scores, ref.scores, rtol=0, atol=1e-5)
+            assert (got.masks != ref.masks).mean() < 1e-4
+        slots = {key[0] for key in model.backend._captured if isinstance(key, tuple)}
+        assert slots == ({"decoder_fast"} if batched else {"decoder_nomask"}), slots

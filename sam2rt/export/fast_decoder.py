@@ -25,12 +25,10 @@ Per prompt, the image side is then nothing but large products and the unavoidabl
    IoU and mask tokens (the others' results are unused); the upscaling runs channels-last as plain
    products, one per kernel row of each transposed convolution, so the masks come out in row-major
    blocks and only the 1 MB result is interleaved.
-5. **Two layouts of the upscaling.** The CPU form above multiplies each kernel row of the first transposed
-   convolution with each of the second's in one broadcast MatMul, (2,1,M,K) @ (2,K,N). ONNX Runtime's CUDA
-   MatMul computes that broadcast wrongly (export/cuda_matmul.py explains why), and its other batched forms
-   copy pointer arrays from the host on every run, which CUDA graphs cannot replay. `device_layout=True`
-   therefore exports the form for GPU providers: every product is one plain GEMM against stacked weights,
-   with two transposes of a few MB between them and the small final one (free on a GPU, ~2 ms on the CPU).
+5. **The CPU's layout.** The upscaling multiplies each kernel row of the first transposed convolution with
+   each of the second's in one broadcast MatMul, (2,1,M,K) @ (2,K,N). ONNX Runtime's CUDA MatMul computes that
+   broadcast wrongly (export/cuda_matmul.py explains why): GPU providers run `DeviceFastDecoderGraph`
+   (fast_decoder_device.py), the same function for a batch of prompts in plain and strided-batched GEMMs.
 6. **One prompt per run.** Every shape but the point count is a graph constant, so no shape arithmetic
    runs per prompt; a batch is decoded prompt by prompt (on the CPU, on parallel single-threaded
    sessions; see the ONNX Runtime backend). ONNX Runtime's SkipLayerNormalization and MatMul+Add->Gemm
@@ -117,11 +115,10 @@ class FastDecoderGraph(nn.Module):
     batch one prompt after another, which on the CPU costs no more per prompt than a batched run.
     """
 
-    def __init__(self, sam_model: nn.Module, device_layout: bool = False) -> None:
+    def __init__(self, sam_model: nn.Module) -> None:
         super().__init__()
         from .graphs import PromptDecoderGraph
 
-        self.device_layout = device_layout
         self._points = PromptDecoderGraph(sam_model)  # for its point embedding (shared weights)
         self.prompt_encoder = sam_model.sam_prompt_encoder
         md = sam_model.sam_mask_decoder
@@ -136,9 +133,6 @@ class FastDecoderGraph(nn.Module):
         # ConvTranspose2d weights (in, out, kh, kw) -> (kh, in, [kw, out]): one channels-last product per kernel row
         self.register_buffer("w1", dc1.weight.detach().permute(2, 0, 3, 1).reshape(2, c, 2 * c1).clone())
         self.register_buffer("w2", dc2.weight.detach().permute(2, 0, 3, 1).reshape(2, c1, 2 * c2).clone())
-        # the device layout's stacked weights: columns (kernel row, kernel column, channel)
-        self.register_buffer("w1_stacked", self.w1.permute(1, 0, 2).reshape(c, 4 * c1).clone())
-        self.register_buffer("w2_stacked", self.w2.permute(1, 0, 2).reshape(c1, 4 * c2).clone())
         self.ln1_weight, self.ln1_bias, self.ln1_eps = ln1.weight, ln1.bias, float(ln1.eps)
         self.dim, self.c1, self.c2 = int(c), int(c1), int(c2)
 
@@ -273,19 +267,11 @@ class FastDecoderGraph(nn.Module):
         c1, c2 = self.c1, self.c2
         gh, gw = self.grid
         hyper = torch.stack([mlp(used[0, 1 + i]) for i, mlp in enumerate(md.output_hypernetworks_mlps)])  # (m,c2)
-        if self.device_layout:  # plain GEMMs only (see the module docstring, point 5)
-            up = torch.matmul(keys, self.w1_stacked).reshape(n, 2, 2 * c1).transpose(0, 1).reshape(2, 2 * n, c1)
-            up = F.gelu(F.layer_norm(up + prep_feat_s1, (c1,), self.ln1_weight, self.ln1_bias, self.ln1_eps))
-            up = torch.matmul(up, self.w2_stacked).reshape(2, 2 * n, 2, 2 * c2).transpose(1, 2).reshape(2, 2, 4 * n, c2)
-            up = F.gelu(up + prep_feat_s0)
-            masks = torch.matmul(up, hyper.transpose(0, 1))  # [a, c, (y,x,b,d), mask]
-            masks = masks.reshape(2, 2, gh, 4 * gw, m).permute(4, 2, 0, 1, 3).reshape(1, m, 4 * gh, 4 * gw)
-        else:
-            up = torch.matmul(keys, self.w1).reshape(2, 2 * n, c1)  # [a, (y,x,b), c1]
-            up = F.gelu(F.layer_norm(up + prep_feat_s1, (c1,), self.ln1_weight, self.ln1_bias, self.ln1_eps))
-            up = torch.matmul(up.unsqueeze(1), self.w2).reshape(2, 2, 4 * n, c2)  # [a, c, (y,x,b,d), c2]
-            up = F.gelu(up + prep_feat_s0)
-            masks = torch.matmul(hyper, up.transpose(2, 3))  # [a, c, mask, (y,x,b,d)]
-            masks = masks.reshape(2, 2, m, gh, 4 * gw).permute(2, 3, 0, 1, 4).reshape(1, m, 4 * gh, 4 * gw)
+        up = torch.matmul(keys, self.w1).reshape(2, 2 * n, c1)  # [a, (y,x,b), c1]
+        up = F.gelu(F.layer_norm(up + prep_feat_s1, (c1,), self.ln1_weight, self.ln1_bias, self.ln1_eps))
+        up = torch.matmul(up.unsqueeze(1), self.w2).reshape(2, 2, 4 * n, c2)  # [a, c, (y,x,b,d), c2]
+        up = F.gelu(up + prep_feat_s0)
+        masks = torch.matmul(hyper, up.transpose(2, 3))  # [a, c, mask, (y,x,b,d)]
+        masks = masks.reshape(2, 2, m, gh, 4 * gw).permute(2, 3, 0, 1, 4).reshape(1, m, 4 * gh, 4 * gw)
         iou = md.iou_prediction_head(used[:, 0, :])
         return masks, iou

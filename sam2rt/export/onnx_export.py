@@ -29,12 +29,14 @@ from ..errors import ExportError
 from ..graph_table import CUDA, GraphFile, parse_targets, rows_for_targets, rows_to_make
 from ..graph_table import row as table_row
 from ..manifest import FORMAT_VERSION, Manifest, sha256_file
+from ..runtime.embedding import PROMPTS_PER_RUN_ANY
 from ..model_specs import IMAGE_SIZE, LOW_RES_SIZE, MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD, ModelSpec
 from .checkpoint import build_model, download_checkpoint, load_checkpoint
 from .cuda_matmul import refuse_cuda_problems
 from .fast_decoder import (
     FAST_DISABLED_OPTIMIZERS, FAST_INPUTS, FAST_MAX_POINTS, PREP_INPUTS, PREP_OUTPUTS, DecoderPrepGraph, FastDecoderGraph,
 )
+from .fast_decoder_device import DeviceFastDecoderGraph
 from .graphs import (
     DECODER_INPUTS,
     DECODER_NOMASK_INPUTS,
@@ -236,9 +238,10 @@ def _verify_prep(run: ExportRun, session) -> dict[str, float]:
     return {}
 
 
-def _verify_fast(label: str) -> Callable[[ExportRun, Any], dict[str, float]]:
-    """The fast decoder (either layout), one prompt per run over decoder_prep's outputs, against the full
-    decoder's torch module with has_mask_input = 0 on the same (ONNX Runtime) encoder outputs."""
+def _verify_fast(label: str, batched: bool = False) -> Callable[[ExportRun, Any], dict[str, float]]:
+    """The fast decoder over decoder_prep's outputs, one prompt per run (the CPU form) or each case's whole batch
+    in one run (`batched`, the device form), against the full decoder's torch module with has_mask_input = 0 on
+    the same (ONNX Runtime) encoder outputs."""
 
     def verify(run: ExportRun, session) -> dict[str, float]:
         if run.prepared is None:
@@ -247,9 +250,10 @@ def _verify_fast(label: str) -> Callable[[ExportRun, Any], dict[str, float]]:
         for case, inputs, no_mask in _cases(run):
             with torch.no_grad():
                 ref = run.reference_decoder(*(torch.from_numpy(f) for f in run.onnx_features), *no_mask[3:])
-            runs = [session.run(DECODER_OUTPUTS, {**run.prepared, "point_coords": inputs[3][i : i + 1].numpy(),
-                                                  "point_labels": inputs[4][i : i + 1].numpy()})
-                    for i in range(case[0])]
+            step = case[0] if batched else 1
+            runs = [session.run(DECODER_OUTPUTS, {**run.prepared, "point_coords": inputs[3][i : i + step].numpy(),
+                                                  "point_labels": inputs[4][i : i + step].numpy()})
+                    for i in range(0, case[0], step)]
             diffs.update(_compare(label, case, [np.concatenate(parts) for parts in zip(*runs)], ref))
         return diffs
     return verify
@@ -264,13 +268,16 @@ def _decoder_sample(batch: int, points: int, inputs: int = 7) -> Callable[[Expor
     return lambda run: _sample_decoder_inputs(run.features, batch, points)[:inputs]
 
 
-def _fast_sample(run: ExportRun) -> tuple[torch.Tensor, ...]:
+def _fast_sample(run: ExportRun, batch: int = 1) -> tuple[torch.Tensor, ...]:
     with torch.no_grad():
         prepared = run.module("decoder.prep", DecoderPrepGraph)(*run.features)
-    return (*prepared, *_sample_decoder_inputs(run.features, 1, 3)[3:5])
+    return (*prepared, *_sample_decoder_inputs(run.features, batch, 3)[3:5])
 
 
 FAST_DYNAMIC_AXES = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
+# the device form takes a batch of prompts per run
+FAST_DEVICE_DYNAMIC_AXES = {**{k: {0: "num_prompts", **v} for k, v in FAST_DYNAMIC_AXES.items()},
+                            **{k: {0: "num_prompts"} for k in DECODER_OUTPUTS}}
 
 # The image graphs, in the order they are made (a base graph before its variants, decoder_prep before decoder_fast).
 IMAGE_GRAPH_SPECS: tuple[GraphSpec, ...] = (
@@ -291,10 +298,10 @@ IMAGE_GRAPH_SPECS: tuple[GraphSpec, ...] = (
               dynamic_axes=FAST_DYNAMIC_AXES,
               record={"max_points": FAST_MAX_POINTS, "prompts_per_run": 1,
                       "ort_disabled_optimizers": list(FAST_DISABLED_OPTIMIZERS)}),
-    GraphSpec("decoder.fast_device",
-              lambda run: run.module("decoder.fast_device", lambda m: FastDecoderGraph(m, device_layout=True)),
-              _fast_sample, FAST_INPUTS, DECODER_OUTPUTS, _verify_fast("decoder_fast_device"), dynamic_axes=FAST_DYNAMIC_AXES,
-              record={"max_points": FAST_MAX_POINTS, "prompts_per_run": 1}),
+    GraphSpec("decoder.fast_device", lambda run: run.module("decoder.fast_device", DeviceFastDecoderGraph),
+              lambda run: _fast_sample(run, batch=2), FAST_INPUTS, DECODER_OUTPUTS,
+              _verify_fast("decoder_fast_device", batched=True), dynamic_axes=FAST_DEVICE_DYNAMIC_AXES,
+              record={"max_points": FAST_MAX_POINTS, "prompts_per_run": PROMPTS_PER_RUN_ANY}),
 )
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..manifest import DECODER_FILE, ENCODER_FILE, FORMAT_VERSION, Manifest, sha256_file
 from ..model_specs import IMAGE_SIZE, LOW_RES_SIZE, MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD
-from ..runtime.embedding import FAST_MAX_POINTS, FEATURE_NAMES, PREPARED_NAMES
+from ..runtime.embedding import FAST_MAX_POINTS, FEATURE_NAMES, PREPARED_NAMES, PROMPTS_PER_RUN_ANY
 
 OPSET = 17
 RADII = (30.0, 15.0, 30.0, 60.0)  # per mask token: single, multi_1..3 (low-res pixels)
@@ -194,12 +194,13 @@ def build_prep():
     return _model(nodes, "sam2rt_tiny_decoder_prep", _feature_inputs(), outputs, inits)
 
 
-def build_fast():
-    """decoder_fast.onnx: PREPARED_NAMES + one prompt's points -> the nomask decoder's outputs (batch 1)."""
+def build_fast(batch: int | str = 1):
+    """decoder_fast.onnx (batch 1) or its GPU form (batch "num_prompts", any number per run): PREPARED_NAMES +
+    prompts -> the nomask decoder's outputs."""
     TensorProto, helper, _ = _helpers()
     nodes, inits = _prompt_nodes("prep_keys0", with_mask=False)
     inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in PREPARED_SHAPES.items()]
-    return _model(nodes, "sam2rt_tiny_decoder_fast", inputs + _prompt_inputs(1), _decoder_outputs(1), inits)
+    return _model(nodes, "sam2rt_tiny_decoder_fast", inputs + _prompt_inputs(batch), _decoder_outputs(batch), inits)
 
 
 def _io_spec(model) -> dict[str, list[dict]]:
@@ -224,7 +225,7 @@ def build_tiny_model_dir(
     graphs = {ENCODER_FILE: build_encoder(seed), DECODER_FILE: build_decoder(with_mask=True)}
     if variants:
         graphs.update({"decoder_nomask.onnx": build_decoder(with_mask=False), "decoder_prep.onnx": build_prep(),
-                       "decoder_fast.onnx": build_fast(), "decoder_fast.device.onnx": build_fast()})
+                       "decoder_fast.onnx": build_fast(), "decoder_fast.device.onnx": build_fast("num_prompts")})
     for name, model in graphs.items():
         (out / name).write_bytes(model.SerializeToString())
     sha = {name: sha256_file(out / name) for name in graphs}
@@ -240,8 +241,9 @@ def build_tiny_model_dir(
             "prep": entry("decoder_prep.onnx", **derived, use="once per image: the per-image part of decoder_fast"),
             "fast": entry("decoder_fast.onnx", **derived, max_points=FAST_MAX_POINTS, prompts_per_run=1,
                           ort_disabled_optimizers=[], use="prompts without mask_input, one prompt per run"),
-            "fast_device": entry("decoder_fast.device.onnx", **derived, max_points=FAST_MAX_POINTS, prompts_per_run=1,
-                                 use="decoder_fast for GPU providers (here the same tiny graph)"),
+            "fast_device": entry("decoder_fast.device.onnx", **derived, max_points=FAST_MAX_POINTS,
+                                 prompts_per_run=PROMPTS_PER_RUN_ANY,
+                                 use="decoder_fast for GPU providers, a batch per run (here the same tiny nodes)"),
         }
     manifest = Manifest(out, {
         "format": "sam2rt",

@@ -21,6 +21,15 @@ FAST_MAX_POINTS = 10
 # Prompts per fast-decoder run (the manifest's `prompts_per_run`, for exports that record none): the
 # graph is exported for one prompt, so that every shape but the point count is a constant.
 FAST_BATCH = 1
+# `prompts_per_run` of a fast decoder that takes any batch in one run (the GPU form, decoder_fast.device.onnx).
+PROMPTS_PER_RUN_ANY = "any"
+
+
+def fast_prompts_per_run(entry: dict[str, Any]) -> int | None:
+    """The prompts a fast-decoder graph takes per run, from its manifest entry: None for any number, FAST_BATCH
+    where the entry records none (exports from before the field)."""
+    value = entry.get("prompts_per_run", FAST_BATCH)
+    return None if value == PROMPTS_PER_RUN_ANY else int(value)
 
 
 @dataclass

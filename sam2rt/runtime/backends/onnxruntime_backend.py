@@ -296,9 +296,9 @@ class OnnxRuntimeBackend(Backend):
             self.files.pop("decoder_prep", None), self.files.pop("decoder_fast", None)
         fast = self.files.get("decoder_fast")
         self.fast_max_points = int(fast.get("max_points", FAST_MAX_POINTS)) if fast else 0
-        # a fast graph whose manifest entry has no `prompts_per_run` takes batches; it is run prompt by
-        # prompt too, since a batched run costs no less per prompt on the CPU
-        self.fast_batch = int(fast.get("prompts_per_run", FAST_BATCH)) if fast else FAST_BATCH
+        # a batch goes prompt by prompt whatever the graph takes (its manifest's `prompts_per_run`): a batched
+        # run costs no less per prompt on the CPU
+        self.fast_batch = FAST_BATCH
         self._encoder = self._session(manifest, "encoder")
         # Loaded now: the decoder graphs that plain point/box prompts use. The others (the full decoder for
         # mask prompts, the mask-free one for prompts of many points) load on first use: most processes never

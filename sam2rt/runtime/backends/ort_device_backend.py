@@ -30,7 +30,7 @@ import numpy as np
 
 from ...errors import BackendUnavailableError, InvalidEmbeddingError, ModelFileError
 from ...manifest import Manifest
-from ..embedding import FAST_MAX_POINTS, FEATURE_NAMES, PREPARED_NAMES
+from ..embedding import FAST_MAX_POINTS, FEATURE_NAMES, PREPARED_NAMES, fast_prompts_per_run
 from .base import Backend, DecodedMasks, MaskRequest
 from ...graph_table import DEVICE_SLOTS
 from .onnxruntime_backend import (
@@ -148,7 +148,10 @@ class OrtDeviceBackend(Backend):
         # TF32 and FP16 compute other numbers than the FP32 graph: their embeddings get their own key
         base_key = manifest.graph("encoder")["sha256"]
         self.encoder_key = base_key if precision == "fp32" else f"{self.files['encoder']['sha256']}:{precision}"
-        self.fast_max_points = int(self.files["decoder_fast"].get("max_points", FAST_MAX_POINTS)) if "decoder_fast" in self.files else 0
+        fast = self.files.get("decoder_fast")
+        self.fast_max_points = int(fast.get("max_points", FAST_MAX_POINTS)) if fast else 0
+        # prompts per fast-decoder run: the GPU form takes a whole batch (None), older exports' one prompt
+        self.fast_prompts = fast_prompts_per_run(fast) if fast else 1
         # CUDA graphs need the CUDA provider; fixed buffers (their data flow) can be forced on the CPU for tests
         self.use_cuda_graphs = bool(cuda_graphs) and name == "onnxruntime-cuda"
         self.fixed_buffers = self.use_cuda_graphs if fixed_buffers is None else bool(fixed_buffers)
@@ -298,8 +301,9 @@ class OrtDeviceBackend(Backend):
 
     def _check_fast_decoder(self) -> str:
         """decoder_fast computes decoder_nomask's function with rewritten arithmetic, and ONNX Runtime fuses and runs
-        it differently on each provider: a probe (a click and a box over seeded features) compares the two here,
-        and a disagreement turns the fast path off for this backend. Returns what was found."""
+        it differently on each provider: probes (a click and a box over seeded features, and a batch of prompts where
+        the graph takes batches) compare the two here, and a disagreement turns the fast path off for this backend.
+        Returns what was found."""
         if "decoder_fast" not in self.files or "decoder_nomask" not in self.files:
             return "no fast decoder in this export"
         shapes = {o["name"]: [int(d) for d in o["shape"]] for o in self._manifest.graph("encoder")["outputs"]}
@@ -311,6 +315,12 @@ class OrtDeviceBackend(Backend):
         probes = [(np.array([[[0.4 * size, 0.55 * size], [0.0, 0.0]]], np.float32), np.array([[1, -1]], np.float32)),
                   (np.array([[[0.1 * size, 0.2 * size], [0.7 * size, 0.8 * size], [0.0, 0.0]]], np.float32),
                    np.array([[2, 3, -1]], np.float32))]
+        if self.fast_prompts is None:  # a graph that takes batches is probed with one: three boxes and a click
+            corners = np.array([[0.1, 0.2, 0.7, 0.8], [0.3, 0.1, 0.9, 0.5], [0.0, 0.5, 0.4, 1.0]], np.float32) * size
+            coords = np.concatenate([corners.reshape(3, 2, 2), np.zeros((3, 1, 2), np.float32)], axis=1)
+            coords[2] = [[0.6 * size, 0.3 * size], [0.0, 0.0], [0.0, 0.0]]
+            labels = np.array([[2, 3, -1], [2, 3, -1], [1, -1, -1]], np.float32)
+            probes.append((coords, labels))
         worst = 0.0
         for coords, labels in probes:
             prompts = {"point_coords": coords, "point_labels": labels}
@@ -405,10 +415,12 @@ class OrtDeviceBackend(Backend):
     def _slot(self, features: dict[str, Any], b: int, n: int, has_mask: bool) -> tuple[str, tuple[str, ...]]:
         """Which decoder serves this batch, and the per-image tensors it reads.
 
-        One plain prompt of few points: the fast decoder over prepare()'s tensors; a batch without masks:
+        Plain prompts of few points: the fast decoder over prepare()'s tensors, the whole batch in one run (an
+        export whose fast decoder takes one prompt per run: single prompts only); other batches without masks:
         the mask-free decoder in one run (on a GPU one batched run beats B single-prompt runs); masks: the full one.
         """
-        if (not has_mask and b == 1 and "decoder_fast" in self.files and n <= self.fast_max_points
+        fits = self.fast_prompts is None or b <= self.fast_prompts
+        if (not has_mask and fits and "decoder_fast" in self.files and n <= self.fast_max_points
                 and all(k in features for k in PREPARED_NAMES)):
             return "decoder_fast", PREPARED_NAMES
         if not has_mask and "decoder_nomask" in self.files:
