@@ -454,7 +454,8 @@ def test_cuda_graphs_are_captured_and_change_nothing(model_dir, cuda_models):
 @requires_ort_cuda
 def test_fast_decoder_runs_on_cuda(cuda_models, cpu_model):
     """decoder_fast.device.onnx (the fast decoder without the broadcast MatMul ONNX Runtime's CUDA provider gets
-    wrong: export/cuda_matmul.py) passes the load-time probe on CUDA, serves one click, and equals the CPU."""
+    wrong: export/cuda_matmul.py) passes the load-time probe on CUDA, serves one click and 16 boxes in one run,
+    and equals the CPU."""
     from sam2rt.runtime import Prompt
 
     model = cuda_models["fp32"]
@@ -469,6 +470,13 @@ def test_fast_decoder_runs_on_cuda(cuda_models, cpu_model):
         np.testing.assert_allclose(got.low_res_logits, cpu_model.decode(ref_emb, one).low_res_logits, rtol=0, atol=1e-4)
     assert any("decoder_fast" in k and v == "captured" for k, v in model.backend.cuda_graphs.items()), \
         model.backend.cuda_graphs
+    h, w = img.shape[:2]
+    boxes = [Prompt(box=np.array([10.0 * i, 5.0 * i, w / 2 + 10.0 * i, h / 2 + 8.0 * i])) for i in range(16)]
+    ref = cpu_model.decode(ref_emb, boxes, multimask_output=False)
+    for _ in range(3):
+        got = model.decode(emb, boxes, multimask_output=False)
+        np.testing.assert_allclose(got.low_res_logits, ref.low_res_logits, rtol=0, atol=1e-4)
+    assert model.backend.cuda_graphs.get(str(("decoder_fast", 16, 3))) == "captured", model.backend.cuda_graphs
 
 
 @requires_ort_cuda
