@@ -165,7 +165,7 @@ class FastDecoderGraph(nn.Module):
         """
         h, c = attn.num_heads, self.dim
         d = attn.internal_dim // h
-        q = self._split(attn, attn.q_proj(q_tokens)) * (1.0 / math.sqrt(d))  # (1,h,T,d)
+        q = self._scaled_heads(attn, attn.q_proj(q_tokens))  # (1,h,T,d)
         wk = attn.k_proj.weight.reshape(h, d, c)
         qk = torch.matmul(q, wk).reshape(1, -1, c)  # (1,hT,C); k_proj's bias only shifts each row
         weights = torch.softmax(torch.matmul(qk, keys_pe.transpose(0, 1)), dim=-1)  # (1,hT,N)
@@ -186,13 +186,68 @@ class FastDecoderGraph(nn.Module):
         """attn(q=keys_pe, k=q_tokens, v=v_tokens) less out_proj's bias, with the image-side projections moved to the tokens."""
         h, c = attn.num_heads, self.dim
         d = attn.internal_dim // h
-        k = self._split(attn, attn.k_proj(q_tokens)) * (1.0 / math.sqrt(d))  # (1,h,T,d)
+        k = self._scaled_heads(attn, attn.k_proj(q_tokens))  # (1,h,T,d)
         wq = attn.q_proj.weight.reshape(h, d, c)
         g = torch.matmul(k, wq).reshape(-1, c)  # (hT,C)
         shift = torch.matmul(k, attn.q_proj.bias.reshape(h, d, 1)).reshape(1, -1)  # q_proj's bias
         scores = torch.matmul(keys_pe, g.transpose(0, 1)) + shift  # (N,hT)
         weights = torch.softmax(scores.reshape(self.n, h, -1), dim=-1)
         return self._image_output(attn, weights, attn.v_proj(v_tokens))
+
+    def _scaled_heads(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A projection's output split into heads and scaled by 1/sqrt(head size), as the scores take it."""
+        return self._split(attn, x) * (1.0 / math.sqrt(attn.internal_dim // attn.num_heads))
+
+    def _output_tokens(self) -> torch.Tensor:
+        """(S,C): the object-score token (SAM 2.1), the IoU token and the mask tokens, before the prompt's."""
+        md = self.md
+        tokens = [md.obj_score_token.weight] if md.pred_obj_scores else []
+        return torch.cat(tokens + [md.iou_token.weight, md.mask_tokens.weight], dim=0)
+
+    def _key_pe(self) -> torch.Tensor:
+        """(N,C): the image tokens' positional encoding, a constant of the graph."""
+        return self.prompt_encoder.get_dense_pe().reshape(self.dim, self.n).transpose(0, 1)
+
+    # --- the layers both forms share (the attention helpers above give each form its shapes) ------
+    def _carries(self) -> list[torch.Tensor | None]:
+        """Each layer's image tokens are held as `keys + carry`, carry being the next layer's image->token
+        output bias (folded into the LayerNorm's beta that makes them): a constant shift that the positional
+        encoding, the token->image values and the next residual sum take back exactly, each on a constant or on
+        the few tokens, so no per-prompt bias pass over the image tokens remains. Returns layer i's carry at i."""
+        return [layer.cross_attn_image_to_token.out_proj.bias for layer in self.transformer.layers[1:]] + [None]
+
+    def _image_norm(self, layer: nn.Module, x: torch.Tensor, carry: torch.Tensor | None) -> torch.Tensor:
+        """layer.norm4 of the image tokens, its beta shifted by the carry."""
+        n4 = layer.norm4
+        return F.layer_norm(x, (self.dim,), n4.weight, n4.bias if carry is None else n4.bias + carry, n4.eps)
+
+    def _later_layers(
+        self, queries: torch.Tensor, keys: torch.Tensor, point_emb: torch.Tensor, key_pe: torch.Tensor,
+        carries: list[torch.Tensor | None],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two-way layers after the first: (queries, keys) -> (queries, keys), keys held with their carry."""
+        carry = carries[0]
+        for i, layer in enumerate(self.transformer.layers[1:], start=1):
+            queries = layer.norm1(queries + self._self_attention(layer.self_attn, queries + point_emb, queries))
+            keys_pe = keys + (key_pe if carry is None else key_pe - carry)
+            queries = layer.norm2(
+                queries
+                + self._token_to_image(layer.cross_attn_token_to_image, queries + point_emb, keys, keys_pe, carry)
+            )
+            queries = layer.norm3(queries + layer.mlp(queries))
+            i2t = layer.cross_attn_image_to_token
+            carry = carries[i]  # this layer's output bias was the carry: the residual sum needs no bias pass
+            keys = self._image_norm(layer, keys + self._image_to_token(i2t, keys_pe, queries + point_emb, queries), carry)
+        return queries, keys
+
+    def _final_attention(self, queries: torch.Tensor, point_emb: torch.Tensor, keys: torch.Tensor, key_pe: torch.Tensor) -> torch.Tensor:
+        """The final token->image attention, only for the tokens read after it (IoU + mask tokens): the others'
+        results are unused. Returns those tokens."""
+        tr, s, m = self.transformer, self.s, self.md.num_mask_tokens
+        used = queries[:, s : s + 1 + m]
+        return tr.norm_final_attn(
+            used + self._token_to_image(tr.final_attn_token_to_image, used + point_emb[:, s : s + 1 + m], keys, keys + key_pe)
+        )
 
     # --- forward ------------------------------------------------------------------------------
     def forward(
@@ -208,59 +263,29 @@ class FastDecoderGraph(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         md, tr, n = self.md, self.transformer, self.n
         sparse = self._points._embed_points(point_coords, point_labels)
-        out_tokens = [md.obj_score_token.weight] if md.pred_obj_scores else []
-        out_tokens = torch.cat(out_tokens + [md.iou_token.weight, md.mask_tokens.weight], dim=0)
-        point_emb = torch.cat((out_tokens.unsqueeze(0), sparse), dim=1)  # (1,T,C)
-        key_pe = self.prompt_encoder.get_dense_pe().reshape(self.dim, n).transpose(0, 1)  # (N,C), a constant
-        # Each layer's image tokens are held as `keys + carry`, carry being the next layer's image->token
-        # output bias (folded into the LayerNorm's beta that makes them): a constant shift that the
-        # positional encoding, the token->image values and the next residual sum take back exactly,
-        # each on a constant or on the few tokens, so no per-prompt bias pass over the image tokens remains.
-        nxt = [layer.cross_attn_image_to_token.out_proj.bias for layer in tr.layers[1:]] + [None]
+        point_emb = torch.cat((self._output_tokens().unsqueeze(0), sparse), dim=1)  # (1,T,C)
+        key_pe = self._key_pe()
+        carries = self._carries()
 
         # layer 0: the image side of both cross-attentions comes precomputed from DecoderPrepGraph
         l0 = tr.layers[0]
         queries = l0.norm1(self._self_attention(l0.self_attn, point_emb, point_emb))
         a = l0.cross_attn_token_to_image
         h, d = a.num_heads, a.internal_dim // a.num_heads
-        q = self._split(a, a.q_proj(queries + point_emb)) * (1.0 / math.sqrt(d))
+        q = self._scaled_heads(a, a.q_proj(queries + point_emb))
         o = torch.matmul(torch.softmax(torch.matmul(q, prep_t2i_k0), dim=-1), prep_t2i_v0)  # (1,h,T,d)
         queries = l0.norm2(queries + self._merge(a, o))
         queries = l0.norm3(queries + l0.mlp(queries))
         a = l0.cross_attn_image_to_token
-        k = self._split(a, a.k_proj(queries + point_emb)) * (1.0 / math.sqrt(d))  # (1,h,T,d)
+        k = self._scaled_heads(a, a.k_proj(queries + point_emb))  # (1,h,T,d)
         # block-diagonal keys (h*d, h*T): one product gives every head's scores, heads-inner, with no transpose
         eye = torch.eye(h, dtype=k.dtype).reshape(h, 1, h, 1)
         kbd = (k[0].transpose(1, 2).unsqueeze(2) * eye).reshape(h * d, -1)
         weights = torch.softmax(torch.matmul(prep_i2t_q0, kbd).reshape(n, h, -1), dim=-1)  # (N,h,T)
-        carry = nxt[0]
-        keys = F.layer_norm(  # prep_keys0 holds the output bias
-            prep_keys0 + self._image_output(a, weights, a.v_proj(queries)), (self.dim,),
-            l0.norm4.weight, l0.norm4.bias if carry is None else l0.norm4.bias + carry, l0.norm4.eps,
-        )
-
-        for i, layer in enumerate(tr.layers[1:], start=1):
-            queries = layer.norm1(queries + self._self_attention(layer.self_attn, queries + point_emb, queries))
-            keys_pe = keys + (key_pe if carry is None else key_pe - carry)
-            queries = layer.norm2(
-                queries
-                + self._token_to_image(layer.cross_attn_token_to_image, queries + point_emb, keys, keys_pe, carry)
-            )
-            queries = layer.norm3(queries + layer.mlp(queries))
-            i2t = layer.cross_attn_image_to_token
-            carry = nxt[i]  # this layer's output bias was the carry: the residual sum needs no bias pass
-            keys = F.layer_norm(
-                keys + self._image_to_token(i2t, keys_pe, queries + point_emb, queries), (self.dim,),
-                layer.norm4.weight, layer.norm4.bias if carry is None else layer.norm4.bias + carry, layer.norm4.eps,
-            )
-        # the final attention only for the tokens read below (IoU + mask tokens): the others' results are unused
-        s, m = self.s, md.num_mask_tokens
-        used = queries[:, s : s + 1 + m]
-        used = tr.norm_final_attn(
-            used + self._token_to_image(
-                tr.final_attn_token_to_image, used + point_emb[:, s : s + 1 + m], keys, keys + key_pe
-            )
-        )
+        keys = self._image_norm(l0, prep_keys0 + self._image_output(a, weights, a.v_proj(queries)), carries[0])  # prep_keys0 holds the output bias
+        queries, keys = self._later_layers(queries, keys, point_emb, key_pe, carries)
+        used = self._final_attention(queries, point_emb, keys, key_pe)
+        m = md.num_mask_tokens
 
         # upscaling, channels-last, one product per kernel row so that the masks come out in row-major
         # blocks: pixel (4y+2a+c, 4x+2b+d) of a mask is element [a, c, y*4w + x*4 + b*2 + d]

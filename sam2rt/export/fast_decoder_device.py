@@ -23,8 +23,6 @@ whole batches, and by the device backend at load on its provider).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,7 +66,7 @@ class DeviceFastDecoderGraph(FastDecoderGraph):
         """attn(q=q_tokens, k=keys_pe, v=keys - shift) per prompt: q_tokens (B,T,C); keys, keys_pe (B,N,C) -> (B,T,C)."""
         h, c, b = attn.num_heads, self.dim, q_tokens.shape[0]
         d = attn.internal_dim // h
-        q = self._split(attn, attn.q_proj(q_tokens)) * (1.0 / math.sqrt(d))  # (B,h,T,d)
+        q = self._scaled_heads(attn, attn.q_proj(q_tokens))  # (B,h,T,d)
         qk = _per_head(q, attn.k_proj.weight.reshape(h, d, c)).reshape(b, -1, c)  # (B,hT,C); k_proj's bias drops out
         weights = torch.softmax(torch.matmul(qk, keys_pe.transpose(1, 2)), dim=-1)  # (B,hT,N)
         ax = torch.matmul(weights, keys).reshape(b, h, -1, c)  # (B,h,T,C)
@@ -88,7 +86,7 @@ class DeviceFastDecoderGraph(FastDecoderGraph):
         """attn(q=keys_pe, k=q_tokens, v=v_tokens) less out_proj's bias, per prompt: keys_pe (B,N,C) -> (B,N,C)."""
         h, c, b = attn.num_heads, self.dim, q_tokens.shape[0]
         d = attn.internal_dim // h
-        k = self._split(attn, attn.k_proj(q_tokens)) * (1.0 / math.sqrt(d))  # (B,h,T,d)
+        k = self._scaled_heads(attn, attn.k_proj(q_tokens))  # (B,h,T,d)
         g = _per_head(k, attn.q_proj.weight.reshape(h, d, c)).reshape(b, -1, c)  # (B,hT,C)
         shift = _per_head(k, attn.q_proj.bias.reshape(h, d, 1)).reshape(b, 1, -1)  # q_proj's bias, (B,1,hT)
         scores = torch.matmul(keys_pe, g.transpose(1, 2)) + shift  # (B,N,hT)
@@ -110,57 +108,31 @@ class DeviceFastDecoderGraph(FastDecoderGraph):
         md, tr, n = self.md, self.transformer, self.n
         b = point_coords.shape[0]
         sparse = self._points._embed_points(point_coords, point_labels)  # (B,N,C)
-        out_tokens = [md.obj_score_token.weight] if md.pred_obj_scores else []
-        out_tokens = torch.cat(out_tokens + [md.iou_token.weight, md.mask_tokens.weight], dim=0)
-        point_emb = torch.cat((out_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)  # (B,T,C)
-        key_pe = self.prompt_encoder.get_dense_pe().reshape(self.dim, n).transpose(0, 1)  # (N,C), a constant
-        # image tokens held as `keys + carry`, as in FastDecoderGraph.forward
-        nxt = [layer.cross_attn_image_to_token.out_proj.bias for layer in tr.layers[1:]] + [None]
+        point_emb = torch.cat((self._output_tokens().unsqueeze(0).expand(b, -1, -1), sparse), dim=1)  # (B,T,C)
+        key_pe = self._key_pe()
+        carries = self._carries()  # image tokens held as `keys + carry`, as in FastDecoderGraph.forward
 
         # layer 0: the image side of both cross-attentions comes precomputed from DecoderPrepGraph
         l0 = tr.layers[0]
         queries = l0.norm1(self._self_attention(l0.self_attn, point_emb, point_emb))
         a = l0.cross_attn_token_to_image
         h, d = a.num_heads, a.internal_dim // a.num_heads
-        q = self._split(a, a.q_proj(queries + point_emb)) * (1.0 / math.sqrt(d))  # (B,h,T,d)
+        q = self._scaled_heads(a, a.q_proj(queries + point_emb))  # (B,h,T,d)
         q = q.transpose(0, 1).reshape(h, -1, d)  # every prompt's tokens against the shared keys: (h, B*T, d)
         o = torch.matmul(torch.softmax(torch.matmul(q, prep_t2i_k0[0]), dim=-1), prep_t2i_v0[0])  # (h,B*T,d)
         queries = l0.norm2(queries + self._merge(a, o.reshape(h, b, -1, d).transpose(0, 1)))
         queries = l0.norm3(queries + l0.mlp(queries))
         a = l0.cross_attn_image_to_token
-        k = self._split(a, a.k_proj(queries + point_emb)) * (1.0 / math.sqrt(d))  # (B,h,T,d)
+        k = self._scaled_heads(a, a.k_proj(queries + point_emb))  # (B,h,T,d)
         # block-diagonal keys (h*d, B*h*T), columns (prompt, head, token): one GEMM gives every prompt's scores
         eye = torch.eye(h, dtype=k.dtype).reshape(h, 1, 1, h, 1)
         kbd = (k.permute(3, 0, 1, 2).unsqueeze(0) * eye).reshape(h * d, -1)
         weights = torch.softmax(torch.matmul(prep_i2t_q0, kbd).reshape(n, b, h, -1), dim=-1)  # (N,B,h,T)
         weights = weights.reshape(n, b, -1).transpose(0, 1)  # (B,N,hT)
-        carry = nxt[0]
-        keys = F.layer_norm(  # prep_keys0 holds the output bias
-            prep_keys0 + self._image_output(a, weights, a.v_proj(queries)), (self.dim,),
-            l0.norm4.weight, l0.norm4.bias if carry is None else l0.norm4.bias + carry, l0.norm4.eps,
-        )  # (B,N,C)
-
-        for i, layer in enumerate(tr.layers[1:], start=1):
-            queries = layer.norm1(queries + self._self_attention(layer.self_attn, queries + point_emb, queries))
-            keys_pe = keys + (key_pe if carry is None else key_pe - carry)
-            queries = layer.norm2(
-                queries
-                + self._token_to_image(layer.cross_attn_token_to_image, queries + point_emb, keys, keys_pe, carry)
-            )
-            queries = layer.norm3(queries + layer.mlp(queries))
-            i2t = layer.cross_attn_image_to_token
-            carry = nxt[i]
-            keys = F.layer_norm(
-                keys + self._image_to_token(i2t, keys_pe, queries + point_emb, queries), (self.dim,),
-                layer.norm4.weight, layer.norm4.bias if carry is None else layer.norm4.bias + carry, layer.norm4.eps,
-            )
-        s, m = self.s, md.num_mask_tokens
-        used = queries[:, s : s + 1 + m]
-        used = tr.norm_final_attn(
-            used + self._token_to_image(
-                tr.final_attn_token_to_image, used + point_emb[:, s : s + 1 + m], keys, keys + key_pe
-            )
-        )
+        keys = self._image_norm(l0, prep_keys0 + self._image_output(a, weights, a.v_proj(queries)), carries[0])  # (B,N,C)
+        queries, keys = self._later_layers(queries, keys, point_emb, key_pe, carries)
+        used = self._final_attention(queries, point_emb, keys, key_pe)
+        m = md.num_mask_tokens
 
         # upscaling channels-last, each transposed convolution one GEMM against its stacked weights; pixel
         # (4y+2a+c, 4x+2b+d) of a prompt's mask is element [a, c, y*4w + x*4 + b*2 + d] of its block
