@@ -311,3 +311,47 @@ def test_fp16_encoder_within_the_fp16_bounds_on_the_cpu_provider(model_dir, sam2
         for a, b in zip(got.reshape(-1, *got.shape[-2:]) > 0, ref.reshape(-1, *ref.shape[-2:]) > 0):
             union = np.logical_or(a, b).sum()
             assert union == 0 or np.logical_and(a, b).sum() / union >= 0.98
+
+
+@pytest.mark.parametrize("fixed_buffers", [False, True], ids=["fresh-buffers", "fixed-buffers"])
+def test_a_large_batch_is_decoded_in_bounded_runs(tiny_model_dir, monkeypatch, fixed_buffers):
+    """The device backend decodes a batch larger than MAX_PROMPTS_PER_RUN in runs of at most that many (device memory
+    stays bounded): the results, raw and postprocessed, plain prompts and mask prompts, are those of one run over the
+    whole batch, in order; with fixed buffers the batch costs two shapes (the full run and the remainder)."""
+    import sam2rt.runtime.backends.ort_device_backend as device
+    from conftest import photo
+    from sam2rt.runtime import Prompt, Sam2Model
+
+    image = photo("coffee")
+    h, w = image.shape[:2]
+    rng = np.random.default_rng(5)
+    prompts = [Prompt(points=rng.uniform(0, [w, h], size=(2, 2)), labels=np.array([1, 0])) for _ in range(6)]
+    prompts += [Prompt(box=np.array([5.0 + 9 * i, 4.0, 120.0 + 9 * i, 150.0])) for i in range(4)]
+    xy = rng.uniform(0, 1024, size=(10, 3, 2)).astype(np.float32)
+    labels = np.tile(np.array([[1, 0, -1]], np.float32), (10, 1))
+    m = Manifest.load(tiny_model_dir)
+
+    def run(limit: int):
+        monkeypatch.setattr(device, "MAX_PROMPTS_PER_RUN", limit)
+        with Sam2Model(m, device.OrtDeviceBackend(m, "onnxruntime-cpu", fixed_buffers=fixed_buffers)) as model:
+            emb = model.embed(image)
+            out = [model.decode(emb, prompts, multimask_output=True) for _ in range(2)]  # the second from fixed buffers
+            masked = [Prompt(points=p.points, labels=p.labels, mask_input=low[0]) if p.box is None else
+                      Prompt(box=p.box, mask_input=low[0]) for p, low in zip(prompts, out[0].low_res_logits)]
+            out.append(model.decode(emb, masked, multimask_output=False))
+            raw = [model.decode_raw(emb, xy, labels, None), model.decode_raw(emb, xy, labels, out[0].low_res_logits[:, :1])]
+            return out, raw, {k for k in model.backend._captured if isinstance(k, tuple)}
+
+    whole, whole_raw, _ = run(64)
+    parts, parts_raw, shapes = run(4)
+    for got, ref in zip(parts, whole):
+        assert got.masks.shape[0] == len(prompts)
+        np.testing.assert_array_equal(got.masks, ref.masks)
+        np.testing.assert_allclose(got.low_res_logits, ref.low_res_logits, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got.scores, ref.scores, rtol=0, atol=1e-6)
+    for got, ref in zip(parts_raw, whole_raw):
+        for a, b in zip(got, ref):
+            assert a.shape[0] == len(xy)
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    if fixed_buffers:
+        assert {b for _, b, _ in shapes} == {4, 2}, shapes

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import logging
 import threading
 from typing import Any
@@ -48,6 +49,10 @@ FIXED_SHAPE_TOLERANCE = 1e-3
 # decoder_fast against decoder_nomask on the backend's provider (TF32 rounding included).
 FAST_DECODER_TOLERANCE = 1e-2
 DECODER_OUTPUTS = ("low_res_masks", "iou_predictions")
+# Prompts per decoder run. A run's intermediate tensors grow with its batch (the image tokens alone are 4 MiB per
+# prompt per tensor, in every decoder), so a large batch (automatic mask generation's grids: 1024 points) runs in
+# chunks of this many: device memory stays bounded, and such a batch costs at most two captured shapes.
+MAX_PROMPTS_PER_RUN = 64
 
 
 def tensorrt_libraries_status() -> str | None:
@@ -487,11 +492,24 @@ class OrtDeviceBackend(Backend):
         low_res, iou = io.get_outputs()
         return low_res, iou
 
+    @staticmethod
+    def _runs(point_coords, point_labels, mask_input, has_mask_input) -> list[tuple[Any, Any, Any, Any]]:
+        """A batch's prompts in runs of at most MAX_PROMPTS_PER_RUN (see there), in order."""
+        b = int(point_coords.shape[0])
+        return [(point_coords[i : i + MAX_PROMPTS_PER_RUN], point_labels[i : i + MAX_PROMPTS_PER_RUN],
+                 mask_input[i : i + MAX_PROMPTS_PER_RUN], has_mask_input[i : i + MAX_PROMPTS_PER_RUN])
+                for i in range(0, b, MAX_PROMPTS_PER_RUN)]
+
     def decode(self, features, point_coords, point_labels, mask_input, has_mask_input) -> tuple[np.ndarray, np.ndarray]:
         self._check_open()
         with self._lock:
-            low_res, iou = self._decode_device(features, point_coords, point_labels, mask_input, has_mask_input)
-            return self._host(low_res), self._host(iou)
+            parts = []
+            for prompts in self._runs(point_coords, point_labels, mask_input, has_mask_input):
+                low_res, iou = self._decode_device(features, *prompts)
+                parts.append((self._host(low_res), self._host(iou)))
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def _host(self, value: Any) -> np.ndarray:
         """A new host array of a device OrtValue. With the CPU provider OrtValue.numpy() is a view, and a fixed
@@ -503,8 +521,13 @@ class OrtDeviceBackend(Backend):
                      request: MaskRequest) -> DecodedMasks:
         self._check_open()
         with self._lock:
-            low_res, iou = self._decode_device(features, point_coords, point_labels, mask_input, has_mask_input)
-            return self._pipeline.postprocess(low_res, iou, request)
+            parts = []
+            for prompts in self._runs(point_coords, point_labels, mask_input, has_mask_input):
+                low_res, iou = self._decode_device(features, *prompts)
+                parts.append(self._pipeline.postprocess(low_res, iou, request))
+        if len(parts) == 1:
+            return parts[0]
+        return DecodedMasks(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(DecodedMasks)))
 
     def postprocess(self, low_res: np.ndarray, iou: np.ndarray, request: MaskRequest) -> DecodedMasks:
         self._check_open()
