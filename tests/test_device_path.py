@@ -355,3 +355,14 @@ def test_a_large_batch_is_decoded_in_bounded_runs(tiny_model_dir, monkeypatch, f
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     if fixed_buffers:
         assert {b for _, b, _ in shapes} == {4, 2}, shapes
+
+
+def test_runs_fit_the_tensorrt_providers_profiles():
+    """On ONNX Runtime's TensorRT provider a run never holds more prompts than its decoder profiles' largest batch."""
+    from sam2rt.runtime.backends.ort_device_backend import MAX_PROMPTS_PER_RUN, max_prompts_per_run
+    from sam2rt.runtime.engines import decoder_profiles
+
+    largest = max(p.shapes["point_coords"].max[0] for p in decoder_profiles())
+    assert largest < MAX_PROMPTS_PER_RUN
+    assert max_prompts_per_run("onnxruntime-tensorrt") == largest
+    assert max_prompts_per_run("onnxruntime-cuda") == max_prompts_per_run("onnxruntime-cpu") == MAX_PROMPTS_PER_RUN

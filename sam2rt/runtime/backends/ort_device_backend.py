@@ -85,6 +85,16 @@ def device_graph_entries(manifest: Manifest, precision: str, backend: str = "onn
     return out
 
 
+def max_prompts_per_run(backend: str) -> int:
+    """The most prompts one decoder run takes on `backend`: MAX_PROMPTS_PER_RUN, and on ONNX Runtime's TensorRT
+    provider no more than its decoder profiles' largest batch (a larger one would fall outside every profile)."""
+    if backend != "onnxruntime-tensorrt":
+        return MAX_PROMPTS_PER_RUN
+    from ..engines import decoder_profiles
+
+    return min(MAX_PROMPTS_PER_RUN, max(p.shapes["point_coords"].max[0] for p in decoder_profiles()))
+
+
 PACK_ALIGN = 64  # float32 elements (256 bytes) between packed prompt inputs: each starts aligned, as CUDA kernels expect
 
 
@@ -157,6 +167,7 @@ class OrtDeviceBackend(Backend):
         self.fast_max_points = int(fast.get("max_points", FAST_MAX_POINTS)) if fast else 0
         # prompts per fast-decoder run: the GPU form takes a whole batch (None), older exports' one prompt
         self.fast_prompts = fast_prompts_per_run(fast) if fast else 1
+        self.max_prompts_per_run = max_prompts_per_run(name)
         # CUDA graphs need the CUDA provider; fixed buffers (their data flow) can be forced on the CPU for tests
         self.use_cuda_graphs = bool(cuda_graphs) and name == "onnxruntime-cuda"
         self.fixed_buffers = self.use_cuda_graphs if fixed_buffers is None else bool(fixed_buffers)
@@ -492,13 +503,11 @@ class OrtDeviceBackend(Backend):
         low_res, iou = io.get_outputs()
         return low_res, iou
 
-    @staticmethod
-    def _runs(point_coords, point_labels, mask_input, has_mask_input) -> list[tuple[Any, Any, Any, Any]]:
-        """A batch's prompts in runs of at most MAX_PROMPTS_PER_RUN (see there), in order."""
-        b = int(point_coords.shape[0])
-        return [(point_coords[i : i + MAX_PROMPTS_PER_RUN], point_labels[i : i + MAX_PROMPTS_PER_RUN],
-                 mask_input[i : i + MAX_PROMPTS_PER_RUN], has_mask_input[i : i + MAX_PROMPTS_PER_RUN])
-                for i in range(0, b, MAX_PROMPTS_PER_RUN)]
+    def _runs(self, point_coords, point_labels, mask_input, has_mask_input) -> list[tuple[Any, Any, Any, Any]]:
+        """A batch's prompts in runs of at most `max_prompts_per_run` (MAX_PROMPTS_PER_RUN says why), in order."""
+        b, step = int(point_coords.shape[0]), self.max_prompts_per_run
+        return [(point_coords[i : i + step], point_labels[i : i + step], mask_input[i : i + step], has_mask_input[i : i + step])
+                for i in range(0, b, step)]
 
     def decode(self, features, point_coords, point_labels, mask_input, has_mask_input) -> tuple[np.ndarray, np.ndarray]:
         self._check_open()
