@@ -337,9 +337,10 @@ def test_remove_object_leaves_others_unchanged(tiny_video_dir: Path):
 
 def test_tracker_keeps_features_and_memory_on_the_device(tiny_video_dir: Path, monkeypatch, tmp_path: Path):
     """On the device backend (its CPU-provider form, as CI runs it) a frame's features, the memory-conditioned
-    features and the memory bank stay device tensors: none is brought to the host while tracking, each memory is
-    uploaded once, the gathered memory equals the host selection's, and the results are exactly those of the
-    same tracker fed host features (masks: those of the host upsampler)."""
+    features and the memory bank stay device tensors: none is brought to the host while tracking, each memory goes
+    into the bank from the memory encoder's output where it was computed (none is uploaded), the gathered memory
+    equals the host selection's, and the results are exactly those of the same tracker fed host features (masks:
+    those of the host upsampler)."""
     from sam2rt.manifest import Manifest
     from sam2rt.runtime import Sam2Model, VideoTracker
     from sam2rt.runtime.backends.onnxruntime_backend import OrtDeviceTensor
@@ -348,7 +349,6 @@ def test_tracker_keeps_features_and_memory_on_the_device(tiny_video_dir: Path, m
     from sam2rt.runtime.tensors import as_host
     from sam2rt.runtime.video.bank import MemoryBank
     from sam2rt.runtime.video.graphs import VideoGraphs
-    from sam2rt.runtime.video.memory import from_bf16_bits
 
     manifest = Manifest.load(tiny_video_dir)
     backend = OrtDeviceBackend(manifest, "onnxruntime-cpu")
@@ -359,8 +359,7 @@ def test_tracker_keeps_features_and_memory_on_the_device(tiny_video_dir: Path, m
 
     def checked_gather(bank, slots):
         out = real_gather(bank, slots)
-        expected = np.stack([np.zeros(bank.entry_shape, np.float32) if b is None else from_bf16_bits(b).reshape(bank.entry_shape)
-                             for b in slots])
+        expected = np.stack([np.zeros(bank.entry_shape, np.float32) if b is None else b for b in slots])
         gathered.append(np.array_equal(out.value.numpy(), expected))  # (read past to_host: it is counted below)
         return out
 
@@ -382,7 +381,8 @@ def test_tracker_keeps_features_and_memory_on_the_device(tiny_video_dir: Path, m
     assert brought_home == []
     assert isinstance(tracker._feats["image_embed"], OrtDeviceTensor)
     assert all(isinstance(tracker.objects[k].pix_feat_with_mem, OrtDeviceTensor) for k in (1, 2))
-    assert [tracker.objects[k].bank.uploads for k in (1, 2)] == [4, 4]  # frame 0's memory, then one per tracked frame
+    banks = [tracker.objects[k].bank for k in (1, 2)]
+    assert [(b.stores, b.uploads) for b in banks] == [(5, 0), (5, 0)]  # frame 0's memory, then one per tracked frame
     assert len(gathered) == 8 and all(gathered)
     up = Upsampler()
     for masks, logits in zip(device_masks[2:], device_logits):
@@ -402,6 +402,45 @@ def test_tracker_keeps_features_and_memory_on_the_device(tiny_video_dir: Path, m
             np.testing.assert_array_equal(a[k], b[k])
     tracker.load_state(state)
     assert tracker.frame_idx == 4 and isinstance(tracker._feats["image_embed"], np.ndarray)
+
+
+def test_memory_bank_rounds_new_memories_where_they_were_computed(tiny_video_dir: Path):
+    """MemoryBank.store rounds a memory encoder output to bfloat16 exactly as torch does (bit for bit, ties to even)
+    while writing it into a free row; a stored memory is gathered without an upload, a memory given as host values
+    (a restored state's) is uploaded once; a store that finds no free row still returns the rounded values, and the
+    gather that first selects them uploads them. Gathered rows are the values, empty slots zeros."""
+    from sam2rt.manifest import Manifest
+    from sam2rt.runtime.video.bank import STORE_ROWS
+    from sam2rt.runtime.video.graphs import VideoGraphs
+    from sam2rt.runtime.video.memory import round_bf16, to_bf16_bits
+
+    graphs = VideoGraphs(Manifest.load(tiny_video_dir), "onnxruntime-cpu")
+    bank = graphs.new_bank()
+    shape = bank.entry_shape
+    rng = np.random.default_rng(0)
+
+    def features() -> np.ndarray:
+        x = rng.standard_normal((1, *shape)).astype(np.float32)
+        u = x.view(np.uint32)
+        u[0, 0, 0, :4] = (u[0, 0, 0, :4] & 0xFFFF0000) | 0x8000  # exact ties: round half to even
+        return x
+
+    raw = [features() for _ in range(STORE_ROWS)]
+    kept = [bank.store(x) for x in raw]
+    for x, v in zip(raw, kept):
+        assert v.shape == shape and v.dtype == np.float32
+        assert np.array_equal(to_bf16_bits(v), to_bf16_bits(x[0])) and np.array_equal(v, round_bf16(x[0]))
+    restored = round_bf16(features()[0])
+    out = bank.gather([kept[0], None, restored, kept[1]])
+    assert (bank.stores, bank.uploads) == (STORE_ROWS, 1)
+    np.testing.assert_array_equal(out.to_host(), np.stack([kept[0], np.zeros(shape, np.float32), restored, kept[1]]))
+    for _ in range(bank.capacity):  # more stores than rows: the last ones are kept on the host only
+        late = bank.store(extra := features())
+    rows = bank.capacity - 1  # all but the zero row; 3 held by the gathered memories
+    assert np.array_equal(late, round_bf16(extra[0])) and bank.stores == STORE_ROWS + rows - 3
+    uploads = bank.uploads
+    np.testing.assert_array_equal(bank.gather([late]).to_host(), late[None])
+    assert bank.uploads == uploads + 1
 
 
 def test_compact_memory_attention_takes_the_valid_slots_only(tiny_video_dir: Path, monkeypatch):

@@ -19,7 +19,7 @@ from ..manifest import sha256_file
 from ..runtime.video.heads import NO_POINTS_COORDS, NO_POINTS_LABELS, select_track_output, use_multimask
 from ..runtime.video.sessions import create_session, run
 from ..runtime.video.memory import (
-    FrameOutput, ObjectMemory, SlotLayout, compact_feeds, from_bf16_bits, memory_feeds, to_bf16_bits,
+    FrameOutput, ObjectMemory, SlotLayout, compact_feeds, memory_feeds, round_bf16,
 )
 from .video_graphs import (
     MASK_DOWNSAMPLE_INPUTS, MASK_DOWNSAMPLE_OUTPUTS, MEMORY_ATTENTION_COMPACT_AXES, MEMORY_ATTENTION_COMPACT_INPUTS,
@@ -199,11 +199,11 @@ def _verify(model, sessions, settings, layout: SlotLayout, image_embed, hr0, hr1
                     feats_bf16 = (torch.randn(1, layout.mem_dim, feat, feat, generator=g)).to(torch.bfloat16)
                     ptr = torch.randn(1, layout.hidden_dim, generator=g)
                     entry = FrameOutput(np.zeros((0, 0), np.float32), ptr[0].numpy(), 1.0,
-                                        to_bf16_bits(feats_bf16.float()[0].numpy()))
+                                        round_bf16(feats_bf16.float()[0].numpy()))
                     key = "cond_frame_outputs" if t in cond_t else "non_cond_frame_outputs"
                     (mem.cond if t in cond_t else mem.non_cond)[t] = entry
                     ref_dict[key][t] = {"maskmem_features": feats_bf16, "maskmem_pos_enc": [pos], "obj_ptr": ptr}
-                assert np.array_equal(from_bf16_bits(entry.maskmem), feats_bf16.float()[0].numpy())
+                assert np.array_equal(entry.maskmem, feats_bf16.float()[0].numpy())  # the tracker's rounding is torch's
                 ref = model._prepare_memory_conditioned_features(
                     frame_idx, False, [_flat(raw)], [_flat(curr_pos)], [(feat, feat)], ref_dict, num_frames
                 )

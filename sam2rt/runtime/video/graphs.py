@@ -1,8 +1,8 @@
 """The exported video graphs of a model directory, loaded and run.
 
 Inputs are host arrays or tensors on the graphs' device; the memory-conditioned features
-(`memory_attention`) and the downsampled mask prompt come back as device tensors (OrtDeviceTensor) for the
-decoder, everything the tracker reads on the host (logits, pointers, scores, memory features) as numpy.
+(`memory_attention`), the memory features (for the object's memory bank) and the downsampled mask prompt come back
+as device tensors (OrtDeviceTensor), everything the tracker reads on the host (logits, pointers, scores) as numpy.
 """
 
 from __future__ import annotations
@@ -113,14 +113,16 @@ class VideoGraphs:
         """The frame's features conditioned on one object's memory, (1,C,64,64), left on the graphs' device."""
         return self.sessions["memory_attention"].run({"image_embed": image_embed, **feeds}, ("pix_feat_with_mem",))[0]
 
-    def encode_memory(self, image_embed: Any, mask_logits: np.ndarray, score: float, binarize: bool) -> np.ndarray:
-        """(mem_dim,64,64) float32 memory features (host) of one object's (256,256) mask logits."""
-        return self.sessions["memory_encoder"].run({
+    def encode_memory(self, image_embed: Any, mask_logits: np.ndarray, score: float, binarize: bool) -> OrtDeviceTensor:
+        """(1,mem_dim,64,64) float32 memory features of one object's (256,256) mask logits, left on the graphs'
+        device (MemoryBank.store rounds them into the object's bank there)."""
+        session = self.sessions["memory_encoder"]
+        return session.run({
             "image_embed": image_embed,
             "mask_logits": np.ascontiguousarray(mask_logits, np.float32).reshape(1, 1, *mask_logits.shape[-2:]),
             "object_score_logits": np.array([[score]], np.float32),
             "binarize": np.array([1.0 if binarize else 0.0], np.float32),
-        })[0][0]
+        }, tuple(session.output_names[:1]), tuple(session.output_names[:1]))[0]
 
     def decode(
         self, pix_feat: Any, feats: dict[str, Any], coords: np.ndarray, labels: np.ndarray, mask_input: Any | None,

@@ -32,13 +32,19 @@ def from_bf16_bits(b: np.ndarray) -> np.ndarray:
     return (b.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> float32 values rounded to bfloat16 (nearest even), as the reference stores memories."""
+    return from_bf16_bits(to_bf16_bits(x))
+
+
 @dataclass
 class FrameOutput:
     """What the tracker keeps of one object on one frame (the reference's compact per-frame output).
 
     pred_masks: (256,256) float32 low-res logits (after hole filling); obj_ptr: (C,) float32;
-    object_score: the object-score logit; maskmem: (mem_dim,64,64) bfloat16 bits as uint16, or None until
-    the memory encoder has run (prompted frames are encoded when the time step ends).
+    object_score: the object-score logit; maskmem: (mem_dim,64,64) float32 memory features rounded to bfloat16
+    (the values the reference stores; state files hold their bits), or None until the memory encoder has run
+    (prompted frames are encoded when the time step ends).
     """
 
     pred_masks: np.ndarray
@@ -109,16 +115,16 @@ def memory_feeds(
     slots, feeds = select_memory(mem, frame_idx, settings, layout, num_frames)
     h, w = layout.feat_hw
     mem_feats = np.zeros((layout.mem_slots, layout.mem_dim, h, w), np.float32)
-    for i, bits in enumerate(slots):
-        if bits is not None:
-            mem_feats[i] = from_bf16_bits(bits)
+    for i, values in enumerate(slots):
+        if values is not None:
+            mem_feats[i] = values
     return {"mem_feats": mem_feats, **feeds}
 
 
 def select_memory(
     mem: ObjectMemory, frame_idx: int, settings: dict[str, Any], layout: SlotLayout, num_frames: int | None
 ) -> tuple[list[np.ndarray | None], dict[str, np.ndarray]]:
-    """memory_feeds without mem_feats: each memory slot's bfloat16 bits (None: an empty slot), and the other inputs.
+    """memory_feeds without mem_feats: each memory slot's features (None: an empty slot), and the other inputs.
 
     The caller turns the slots into `mem_feats` where the graphs run (MemoryBank keeps them on the device).
     """

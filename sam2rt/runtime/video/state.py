@@ -17,7 +17,7 @@ import numpy as np
 
 from ...errors import Sam2rtError
 from ..tensors import as_host
-from .memory import NO_MASKS, FrameOutput, ObjectMemory
+from .memory import NO_MASKS, FrameOutput, ObjectMemory, from_bf16_bits, to_bf16_bits
 
 if TYPE_CHECKING:
     from .tracker import VideoTracker
@@ -29,7 +29,7 @@ STATE_VERSION = 1
 def _put(arrays: dict[str, np.ndarray], key: str, out: FrameOutput) -> dict[str, Any]:
     arrays[f"{key}.ptr"] = out.obj_ptr
     if out.maskmem is not None:
-        arrays[f"{key}.mem"] = out.maskmem
+        arrays[f"{key}.mem"] = to_bf16_bits(out.maskmem)  # exact: the values are bfloat16 ones
     if out.pred_masks.size:
         arrays[f"{key}.masks"] = out.pred_masks
     return {"score": out.object_score, "mem": out.maskmem is not None, "masks": bool(out.pred_masks.size)}
@@ -40,7 +40,7 @@ def _get(data: Any, key: str, meta: dict[str, Any]) -> FrameOutput:
         np.array(data[f"{key}.masks"]) if meta["masks"] else NO_MASKS,
         np.array(data[f"{key}.ptr"]),
         float(meta["score"]),
-        np.array(data[f"{key}.mem"]) if meta["mem"] else None,
+        from_bf16_bits(np.array(data[f"{key}.mem"])) if meta["mem"] else None,
     )
 
 

@@ -39,7 +39,7 @@ from ..prompts import Prompt
 from .graphs import VideoGraphs
 from .heads import NO_POINTS_COORDS, NO_POINTS_LABELS, mask_prompt_inputs, select_track_output, use_multimask
 from .bank import MemoryBank
-from .memory import NO_MASKS, FrameOutput, ObjectMemory, compact_feeds, select_memory, to_bf16_bits
+from .memory import NO_MASKS, FrameOutput, ObjectMemory, compact_feeds, select_memory
 
 log = logging.getLogger("sam2rt")
 
@@ -170,7 +170,9 @@ class VideoTracker:
                     self._feats["image_embed"], out.pred_masks, out.object_score,
                     binarize=bool(self.settings["binarize_mask_from_pts_for_mem_enc"]),
                 )
-                out.maskmem = to_bf16_bits(mem)
+                if obj.bank is None:
+                    obj.bank = self.graphs.new_bank()
+                out.maskmem = obj.bank.store(mem)
             stored = FrameOutput(NO_MASKS, out.obj_ptr, out.object_score, out.maskmem)
             is_cond = obj.origin == "init" or (obj.origin == "correction" and self.settings["add_all_frames_to_correct_as_cond"])
             if is_cond:
@@ -223,7 +225,7 @@ class VideoTracker:
         lr, iou, ptrs, score = self.graphs.decode(pix, self._feats, NO_POINTS_COORDS, NO_POINTS_LABELS, None)
         mask, ptr = select_track_output(self.settings, lr, iou, ptrs, multimask)
         mem = self.graphs.encode_memory(self._feats["image_embed"], mask, score, binarize=False)
-        obj.current = FrameOutput(self._fill(mask), ptr, score, to_bf16_bits(mem))
+        obj.current = FrameOutput(self._fill(mask), ptr, score, obj.bank.store(mem))
         obj.origin = "tracked"
         obj.pix_feat_with_mem = pix
 
