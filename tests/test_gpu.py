@@ -480,6 +480,28 @@ def test_fast_decoder_runs_on_cuda(cuda_models, cpu_model):
 
 
 @requires_ort_cuda
+def test_memory_bank_rounds_on_cuda_as_torch_does(model_dir):
+    """The bank's bfloat16 rounding of a memory on the GPU (ONNX Runtime's CUDA Cast) equals torch's bit for bit, ties
+    included, and the stored memory is gathered from the bank without an upload."""
+    import onnxruntime as ort
+
+    from sam2rt.manifest import Manifest
+    from sam2rt.runtime.backends.onnxruntime_backend import OrtDeviceTensor
+    from sam2rt.runtime.video.graphs import VideoGraphs
+    from sam2rt.runtime.video.memory import to_bf16_bits
+
+    graphs = VideoGraphs(Manifest.load(model_dir), "onnxruntime-cuda")
+    bank = graphs.new_bank()
+    x = np.random.default_rng(0).standard_normal((1, *bank.entry_shape)).astype(np.float32)
+    u = x.view(np.uint32)
+    u[0, 0, :, :8] = (u[0, 0, :, :8] & 0xFFFF0000) | 0x8000  # exact ties: half to even
+    kept = bank.store(OrtDeviceTensor(ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)))
+    assert np.array_equal(to_bf16_bits(kept), to_bf16_bits(x[0]))
+    np.testing.assert_array_equal(bank.gather([kept]).to_host()[0], kept)
+    assert (bank.stores, bank.uploads) == (1, 0)
+
+
+@requires_ort_cuda
 def test_video_tracker_on_cuda_keeps_its_data_on_the_device(model_dir, cuda_models, monkeypatch):
     """The tracker on onnxruntime-cuda: features, memory-conditioned features and the memory bank stay on the GPU
     (none is brought to the host), and it tracks like the CPU tracker: fp32 within 1e-3 / IoU 0.999, fp16 within
