@@ -17,7 +17,8 @@ The graphs compute small, deterministic functions of all their inputs, so a mist
   the three features, upsampled to 256x256), plus `mask_input * has_mask_input`; the predicted IoU is
   a sigmoid of each token's mean logit, lowered by each negative (label 0) point;
 - nomask: the decoder with `has_mask_input = 0`; prep + fast: the image term once per image
-  (`prep_keys0`), then the nomask decoder on it, one prompt per run;
+  (`prep_keys0`), then the nomask decoder on it, one prompt per run (its GPU form `decoder_fast.device.onnx`: any
+  number per run, as the real export's);
 - with `optimize` (the default), ONNX Runtime's optimised copies `*.opt.onnx`, recorded as the export records them.
 
 The manifest says `random: true` and `synthetic: true`: its masks mean nothing. Regenerate a directory

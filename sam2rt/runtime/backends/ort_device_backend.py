@@ -73,7 +73,8 @@ def device_graph_entries(manifest: Manifest, precision: str, backend: str = "onn
 
     The encoder: its `fp16` variant for precision fp16, else its MultiHeadAttention form `fused` (the base
     graph where an export has none). Decoders: the exported (not CPU-optimised) graphs; ONNX Runtime
-    optimises them for the device at load. decoder_prep + decoder_fast serve single plain prompts.
+    optimises them for the device at load. decoder_prep + decoder_fast serve plain prompts (the GPU form: a whole
+    batch per run).
     """
     manifest.require_backend(backend)
     out = slot_entries(manifest, DEVICE_SLOTS)
