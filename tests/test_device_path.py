@@ -366,3 +366,21 @@ def test_runs_fit_the_tensorrt_providers_profiles():
     assert largest < MAX_PROMPTS_PER_RUN
     assert max_prompts_per_run("onnxruntime-tensorrt") == largest
     assert max_prompts_per_run("onnxruntime-cuda") == max_prompts_per_run("onnxruntime-cpu") == MAX_PROMPTS_PER_RUN
+
+
+def test_cuda_attention_kernel_is_chosen_by_name(monkeypatch):
+    """SAM2RT_CUDA_ATTENTION restricts the CUDA provider's MultiHeadAttention kernels (ONNX Runtime's `sdpa_kernel`
+    mask); unset, ONNX Runtime chooses; a name ONNX Runtime does not know is refused with the choices."""
+    from sam2rt.errors import BackendUnavailableError
+    from sam2rt.runtime.backends.onnxruntime_backend import SDPA_KERNELS, cuda_provider_options
+
+    monkeypatch.delenv("SAM2RT_CUDA_ATTENTION", raising=False)
+    options = cuda_provider_options(3, tf32=False, graph=True)
+    assert options == {"device_id": "3", "use_tf32": "0", "enable_cuda_graph": "1"}
+    for name, mask in SDPA_KERNELS.items():
+        monkeypatch.setenv("SAM2RT_CUDA_ATTENTION", name.upper())
+        assert cuda_provider_options().get("sdpa_kernel") == (str(mask) if mask else None)
+    assert cuda_provider_options(attention="math")["sdpa_kernel"] == "16"  # an explicit choice wins over the env
+    monkeypatch.setenv("SAM2RT_CUDA_ATTENTION", "fastest")
+    with pytest.raises(BackendUnavailableError, match="choose one of default, flash, efficient, cudnn, math"):
+        cuda_provider_options()

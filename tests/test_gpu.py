@@ -398,6 +398,29 @@ def test_fp16_mode_within_bounds(cuda_models, cpu_model, image_name):
 
 
 @requires_ort_cuda
+@pytest.mark.parametrize("kernel", ["efficient", "math"])
+def test_attention_kernel_choice_changes_no_result(model_dir, cuda_models, monkeypatch, kernel):
+    """SAM2RT_CUDA_ATTENTION reaches the CUDA provider (its `sdpa_kernel`) and computes what ONNX Runtime's own
+    choice computes, to FP16's rounding."""
+    from sam2rt.runtime import Sam2Model
+    from sam2rt.runtime.backends.onnxruntime_backend import SDPA_KERNELS
+
+    monkeypatch.setenv("SAM2RT_CUDA_ATTENTION", kernel)
+    model = Sam2Model.from_dir(model_dir, backend="onnxruntime-cuda:fp16")
+    try:
+        options = model.backend._session("encoder").get_provider_options()["CUDAExecutionProvider"]
+        assert options.get("sdpa_kernel") == str(SDPA_KERNELS[kernel]), options
+        img = photo("coffee")
+        prompts = parity_prompts(*img.shape[:2])
+        got, ref = model.decode(model.embed(img), prompts), cuda_models["fp16"].decode(cuda_models["fp16"].embed(img), prompts)
+    finally:
+        model.close()
+    mean_abs = float(np.abs(got.low_res_logits - ref.low_res_logits).mean())
+    assert mean_abs <= 0.01, f"{kernel} attention moves the low-res logits by {mean_abs:.4f} on average"
+    assert mask_iou(got.masks, ref.masks).min() >= FP16_MIN_IOU
+
+
+@requires_ort_cuda
 def test_cuda_embedding_round_trips_through_the_host(cuda_models):
     from sam2rt.runtime.backends.onnxruntime_backend import OrtDeviceTensor
 

@@ -30,7 +30,9 @@ import numpy as np
 
 from ..graph_table import DEVICE_SLOTS, VIDEO_DEVICE_SLOTS, VIDEO_FP16_SLOTS
 from ..manifest import Manifest
-from ..runtime.backends.onnxruntime_backend import _fresh_variant, _import_ort, session_options, slot_entries
+from ..runtime.backends.onnxruntime_backend import (
+    _fresh_variant, _import_ort, cuda_provider_options, session_options, slot_entries,
+)
 from ..runtime.embedding import fast_prompts_per_run
 
 TOP_NODES = 12
@@ -98,7 +100,7 @@ def profile_graph(path: Path, provider: str, precision: str, dims: dict[str, int
     providers: list[Any] = ["CPUExecutionProvider"]
     device = "cpu"
     if provider == "cuda":
-        providers = [("CUDAExecutionProvider", {"use_tf32": "0" if precision == "fp32" else "1"}), "CPUExecutionProvider"]
+        providers = [("CUDAExecutionProvider", cuda_provider_options(tf32=precision != "fp32")), "CPUExecutionProvider"]
         device = "cuda"
     feeds: dict[str, Any] = {}
 

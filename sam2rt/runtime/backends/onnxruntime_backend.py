@@ -82,6 +82,38 @@ def spinning_default() -> bool:
     return os.environ.get("SAM2RT_ORT_SPINNING", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+# ONNX Runtime's CUDA provider option `sdpa_kernel` (contrib_ops/cuda/bert/attention_kernel_options.h): the attention
+# kernels com.microsoft MultiHeadAttention may choose from, as a bit mask; without it ONNX Runtime chooses per call.
+SDPA_KERNELS = {"default": 0, "flash": 1, "efficient": 2, "cudnn": 8, "math": 16}
+
+
+def attention_kernel_default() -> str:
+    """The attention kernel the CUDA provider's MultiHeadAttention nodes use (env SAM2RT_CUDA_ATTENTION, a key of
+    SDPA_KERNELS; default: ONNX Runtime's own choice per call).
+
+    Every choice computes the same attention; which is fastest depends on the GPU and the shapes (Hiera attends
+    within windows of 49-196 tokens and globally over 4096), and `python -m sam2rt.bench.encoder_forms` measures
+    them on the GPU at hand. BackendUnavailableError for a name ONNX Runtime does not know.
+    """
+    name = os.environ.get("SAM2RT_CUDA_ATTENTION", "default").strip().lower() or "default"
+    if name not in SDPA_KERNELS:
+        raise BackendUnavailableError(
+            f"SAM2RT_CUDA_ATTENTION={name!r} is not an attention kernel of ONNX Runtime's CUDA provider; "
+            f"choose one of {', '.join(SDPA_KERNELS)} (or unset it)")
+    return name
+
+
+def cuda_provider_options(device_id: int = 0, tf32: bool = True, graph: bool = False,
+                          attention: str | None = None) -> dict[str, str]:
+    """CUDAExecutionProvider options for a SAM 2 graph: TF32 tensor cores for FP32 products or not, CUDA-graph capture
+    or not, and the attention kernel (`attention`, else attention_kernel_default())."""
+    options = {"device_id": str(device_id), "use_tf32": "1" if tf32 else "0", "enable_cuda_graph": "1" if graph else "0"}
+    kernel = attention or attention_kernel_default()
+    if SDPA_KERNELS[kernel]:
+        options["sdpa_kernel"] = str(SDPA_KERNELS[kernel])
+    return options
+
+
 def low_memory_default() -> bool:
     """Whether the CPU backend trades encoder speed for a lower peak RSS (opt-in: env SAM2RT_LOW_MEMORY=1).
 

@@ -35,7 +35,8 @@ from ..embedding import FAST_MAX_POINTS, FEATURE_NAMES, PREPARED_NAMES, fast_pro
 from .base import Backend, DecodedMasks, MaskRequest
 from ...graph_table import DEVICE_SLOTS
 from .onnxruntime_backend import (
-    PROVIDERS, OrtDeviceTensor, _import_ort, _trt_profile_option, required_variant, session_options, slot_entries,
+    PROVIDERS, OrtDeviceTensor, _import_ort, _trt_profile_option, cuda_provider_options, required_variant, session_options,
+    slot_entries,
 )
 from .ort_pipeline import OrtPipeline
 
@@ -199,8 +200,7 @@ class OrtDeviceBackend(Backend):
         out: list = []
         for provider in self._wanted:
             if provider == "CUDAExecutionProvider":
-                out.append((provider, {"device_id": str(self.device_id), "use_tf32": "1" if tf32 else "0",
-                                       "enable_cuda_graph": "1" if graph else "0"}))
+                out.append((provider, cuda_provider_options(self.device_id, tf32, graph)))
             elif provider == "TensorrtExecutionProvider":
                 opts: dict[str, Any] = {"device_id": self.device_id, "trt_fp16_enable": False}
                 cache = self._manifest.directory / "ort_trt_cache"

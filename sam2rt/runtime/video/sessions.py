@@ -37,12 +37,12 @@ def create_session(
         import onnxruntime as ort
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise BackendUnavailableError("onnxruntime is needed for video tracking: `pip install 'sam2rt[cpu]'`") from exc
-    from ..backends.onnxruntime_backend import session_options
+    from ..backends.onnxruntime_backend import cuda_provider_options, session_options
 
     wanted = VIDEO_PROVIDERS.get(backend.split(":")[0], ["CPUExecutionProvider"])
     available = set(ort.get_available_providers())
     providers: list[Any] = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
-    cuda = {"use_tf32": "1" if tf32 else "0", "enable_cuda_graph": "1" if graph else "0"}
+    cuda = cuda_provider_options(tf32=tf32, graph=graph)
     providers = [(p, cuda) if p == "CUDAExecutionProvider" else p for p in providers]
     so = session_options(threads, mem_pattern=False)
     for name, value in (dims or {}).items():
