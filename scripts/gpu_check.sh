@@ -14,14 +14,15 @@ step() { local t=$1; shift; echo "== $(date +%T) $* (timeout ${t}s)"; timeout --
 step 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 step 30 python3 -c "import onnxruntime as o, torch; print('onnxruntime', o.__version__, o.get_available_providers()); print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 # the benchmark first: its figures are what this device time is for. One device call may run 600 s at most, so a
-# whole check takes two: SKIP_TESTS=1 VIDEO=1 (the image benchmark <= 300 s, then the video benchmark <= 240 s on
-# the model directory it exported), then SKIP_BENCH=1 PROFILE=1 (the GPU tests <= 300 s, the profile <= 150 s; on a
-# fresh machine the profile's model directory is exported first)
+# whole check takes three, in this order of value: SKIP_TESTS=1 VIDEO=1 (the image benchmark <= 300 s, then the video
+# benchmark <= 240 s on the model directory it exported), SKIP_BENCH=1 PROFILE=1 (the GPU tests <= 300 s, the
+# profile <= 150 s), then SKIP_BENCH=1 SKIP_TESTS=1 FORMS=1 (the encoder's forms and attention kernels <= 240 s). On
+# a fresh machine the model directory is exported first.
 [ -n "${SKIP_BENCH:-}" ] || step ${BENCH_TIMEOUT:-300} python3 benchmarks/gpu_bench.py --work "$W" --out "$OUT" --runs ${RUNS:-200} --warmup 20 \
     ${BACKENDS:+--backends $BACKENDS} 2>&1 | tee "$OUT/gpu_bench.log"
 [ -n "${SKIP_TESTS:-}" ] || step ${TEST_TIMEOUT:-300} python3 -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log"
 # a fresh machine after SKIP_BENCH=1: the export the benchmark would have made (the same seeded random weights)
-if [ -n "${VIDEO:-}${PROFILE:-}${FAST_DIAG:-}" ] && [ ! -f "$W/hiera_tiny/manifest.json" ]; then
+if [ -n "${VIDEO:-}${PROFILE:-}${FAST_DIAG:-}${FORMS:-}" ] && [ ! -f "$W/hiera_tiny/manifest.json" ]; then
     step 300 python3 -m sam2rt export --model hiera_tiny --random-weights 0 --target cuda --out "$W/hiera_tiny" --quiet
 fi
 # decoder_fast on the CUDA provider: the GPU form against the CPU, and where the CPU-layout form goes wrong
@@ -33,6 +34,11 @@ fi
 [ -z "${PROFILE:-}" ] || CUDA_LAUNCH_BLOCKING=1 step ${PROFILE_TIMEOUT:-150} python3 -m sam2rt.bench.ort_profile "$W/hiera_tiny" \
     --out "$OUT" --runs 20 --label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), CUDA_LAUNCH_BLOCKING=1" \
     2>&1 | grep -v "^\s*$" | tee "$OUT/ort_profile.log"
+# which form of the encoder (as exported, or with Hiera's first stages unchunked) and which of ONNX Runtime's attention
+# kernels (SAM2RT_CUDA_ATTENTION) run fastest here, each as a CUDA graph, taking turns; off unless FORMS=1 (~2-3 min:
+# the unchunked form is exported and converted to FP16 first)
+[ -z "${FORMS:-}" ] || step ${FORMS_TIMEOUT:-240} python3 -m sam2rt.bench.encoder_forms "$W/hiera_tiny" --out "$OUT" \
+    --work "$W/forms" --label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" 2>&1 | tee "$OUT/encoder_forms.log"
 # video tracking (issue 12's GPU target: >= 100 frames/s for one object with fp16), beside SAM2VideoPredictor
 # on CUDA; off unless VIDEO=1, after the image benchmark, on the model directory gpu_bench.py exported
 # (random weights: SAM 2.1 then scores the object absent, which changes no graph's work, only the masks)

@@ -373,3 +373,55 @@ def test_video_bench_runs_whole_on_the_tiny_model(tiny_video_dir, tmp_path, monk
     [js] = tmp_path.glob("*_video.json")
     assert json.loads(js.read_text())["latency_without_cuda_graphs"]["fixed_buffers"] == {}
     assert "without CUDA graphs" in js.with_suffix(".md").read_text()
+
+
+def test_encoder_forms_measures_each_exported_form(tiny_model_dir, tmp_path):
+    """`python -m sam2rt.bench.encoder_forms` (the GPU check's FORMS=1 step) on the CPU provider, exported forms only:
+    the configuration runs, gets its timings and its difference to the reference configuration (itself: 0), and
+    both reports name it."""
+    from sam2rt.bench.encoder_forms import main
+
+    assert main([str(tiny_model_dir), "--out", str(tmp_path), "--provider", "cpu", "--rounds", "2", "--runs", "2",
+                 "--no-unchunked"]) == 0
+    doc = json.loads((tmp_path / "encoder_forms.json").read_text())
+    [(name, r)] = doc["configurations"].items()
+    assert name == "exported:fp32:default" and r["file"] == "encoder.onnx" and r["runs"] == 4
+    assert 0 < r["p50_ms"] <= r["p90_ms"] and r["max_abs_vs_reference"] == 0.0
+    assert "| exported | fp32 | default |" in (tmp_path / "encoder_forms.md").read_text()
+
+
+def test_encoder_forms_on_cuda_try_every_attention_kernel():
+    """On a GPU every form is measured in TF32 with the kernels FP32 has and in FP16 with all of ONNX Runtime's."""
+    from sam2rt.bench.encoder_forms import FP32_KERNELS, configs
+    from sam2rt.runtime.backends.onnxruntime_backend import SDPA_KERNELS
+
+    cuda = configs("cuda", ["exported", "unchunked"])
+    assert len(cuda) == len(set(cuda)) == 2 * (len(FP32_KERNELS) + len(SDPA_KERNELS))
+    assert {c.kernel for c in cuda if c.precision == "fp16"} == set(SDPA_KERNELS)
+    assert {c.kernel for c in cuda if c.precision == "tf32"} == set(FP32_KERNELS) and "flash" not in FP32_KERNELS
+    assert [c.name for c in configs("cpu", ["exported"])] == ["exported:fp32:default"]
+
+
+@pytest.mark.slow
+def test_encoder_forms_exports_the_unchunked_encoder(model_dir, tmp_path):
+    """The unchunked form is the exported encoder with Hiera's first stages whole (fewer attention, LayerNorm and
+    Split nodes: no chunks), checked against PyTorch when made, and computes what the exported form computes."""
+    import collections
+
+    import onnx
+
+    from sam2rt.bench.encoder_forms import main
+
+    assert main([str(model_dir), "--out", str(tmp_path), "--provider", "cpu", "--rounds", "1", "--runs", "1"]) == 0
+    doc = json.loads((tmp_path / "encoder_forms.json").read_text())
+    got = doc["configurations"]
+    assert set(got) == {"exported:fp32:default", "unchunked:fp32:default"}
+    assert got["unchunked:fp32:default"]["max_abs_vs_reference"] <= 1e-4
+    assert any(n.startswith("unchunked: exported") and "difference to PyTorch" in n for n in doc["notes"]), doc["notes"]
+
+    def ops(path):
+        return collections.Counter(n.op_type for n in onnx.load(path, load_external_data=False).graph.node)
+
+    exported, unchunked = ops(model_dir / got["exported:fp32:default"]["file"]), ops(tmp_path / "work" / "encoder.unchunked.onnx")
+    for op in ("MultiHeadAttention", "LayerNormalization", "Split"):
+        assert unchunked[op] < exported[op], (op, unchunked[op], exported[op])

@@ -138,9 +138,12 @@ def _padded_window_attention(attn: nn.Module, x: torch.Tensor, ws: int) -> torch
 ATTENTION_KV_CHUNK_BYTES = 32 * 2**20
 
 
-def _chunked_window_attention(attn: nn.Module, windows: torch.Tensor) -> torch.Tensor:
-    """`_fused_attention_forward` over groups of windows (windows are independent: same result)."""
+def _chunked_window_attention(attn: nn.Module, windows: torch.Tensor, chunked: bool = True) -> torch.Tensor:
+    """`_fused_attention_forward` over groups of windows (windows are independent: same result); all at once
+    unless `chunked`."""
     n_win = windows.shape[0]
+    if not chunked:
+        return _fused_attention_forward(attn, windows)
     kv_bytes = 2 * windows[0].numel() * attn.dim_out // windows.shape[-1] * n_win * 4
     n = 1
     while kv_bytes // n > ATTENTION_KV_CHUNK_BYTES and n_win % (2 * n) == 0:
@@ -162,8 +165,9 @@ def _fusable_block(block: nn.Module, h: int, w: int) -> bool:
     return True
 
 
-def _fused_block_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """hieradet.MultiScaleBlock.forward with channels-last pooling and padding after the attention's linears."""
+def _fused_block_forward(self, x: torch.Tensor, chunked: bool = True) -> torch.Tensor:
+    """hieradet.MultiScaleBlock.forward with channels-last pooling and padding after the attention's linears
+    (`chunked`: the large first-stage activations in chunks, see ATTENTION_KV_CHUNK_BYTES, MLP_HIDDEN_CHUNK_BYTES)."""
     from sam2.modeling.backbones.utils import window_partition, window_unpartition
 
     shortcut = x
@@ -178,13 +182,13 @@ def _fused_block_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _padded_window_attention(self.attn, x, ws)
     elif ws > 0:
         x, pad_hw = window_partition(x, ws)
-        x = _chunked_window_attention(self.attn, x)
+        x = _chunked_window_attention(self.attn, x, chunked)
         wq = x.shape[1]
         x = window_unpartition(x, wq, (pad_hw[0] * wq // ws, pad_hw[1] * wq // ws), shortcut.shape[1:3])
     else:
         x = _fused_attention_forward(self.attn, x)
     x = shortcut + x
-    return _chunked_mlp(self, x)
+    return _chunked_mlp(self, x) if chunked else x + self.mlp(self.norm2(x))
 
 
 # The MLP's hidden activation is 4x the block's width: (65536, 384) floats = 96 MiB in Hiera's first
@@ -212,11 +216,13 @@ def _poolable(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def fused_encoder_attention() -> Iterator[None]:
+def fused_encoder_attention(chunked: bool = True) -> Iterator[None]:
     """While active, the Hiera trunk's blocks export with com.microsoft::MultiHeadAttention (same function).
 
     Patches hieradet.MultiScaleBlock.forward (see `_fused_block_forward`); blocks it cannot reproduce
-    exactly (`_fusable_block`) keep the original forward.
+    exactly (`_fusable_block`) keep the original forward. `chunked` (the exported `fused` form): the first stages'
+    window attention and MLPs run in chunks that bound the CPU's peak memory; without, each runs whole (one kernel
+    each: what a GPU may prefer, measured by `python -m sam2rt.bench.encoder_forms`).
     """
     from sam2.modeling.backbones import hieradet
 
@@ -225,7 +231,7 @@ def fused_encoder_attention() -> Iterator[None]:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = int(x.shape[1]), int(x.shape[2])
-        return _fused_block_forward(self, x) if _fusable_block(self, h, w) else original(self, x)
+        return _fused_block_forward(self, x, chunked) if _fusable_block(self, h, w) else original(self, x)
 
     cls.forward = forward
     try:
