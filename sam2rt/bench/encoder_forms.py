@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--runs", type=int, default=25)
     ap.add_argument("--no-unchunked", action="store_true", help="only the exported forms (no torch / sam2 needed)")
+    ap.add_argument("--only", default="", help="comma-separated configurations (prefixes of form:precision:kernel, e.g. "
+                    "exported:fp16,unchunked:fp16:flash): each one holds its own session and CUDA graph, ~1-2 GB of GPU "
+                    "memory, so a small GPU measures a few at a time")
     ap.add_argument("--label", default="")
     args = ap.parse_args(argv)
     manifest = Manifest.load(args.model_dir)
@@ -230,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"unchunked: not made ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
         print(notes[-1], flush=True)
     forms = sorted({form for form, _ in files}, key=lambda f: f != "exported")
-    cfgs = configs(args.provider, forms)
+    wanted = [w for w in args.only.split(",") if w]
+    cfgs = [c for c in configs(args.provider, forms) if not wanted or any(c.name.startswith(w) for w in wanted)]
     print(f"measuring {len(cfgs)} configurations: {args.rounds} rounds x {args.runs} runs each", flush=True)
     results = measure(files, cfgs, args.provider, args.rounds, args.runs, log=lambda s: print(s, flush=True))
     label = args.label or args.provider
