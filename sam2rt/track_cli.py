@@ -139,22 +139,20 @@ def run(args: argparse.Namespace) -> int:
     step_times: list[float] = []
     ids = list(objects)
 
-    shown: list[np.ndarray] = [first]
-
-    def frames_seen() -> Iterator[np.ndarray]:  # remembers the frame being tracked, for the overlay
+    def from_first() -> Iterator[np.ndarray]:
         yield first
-        for f in frames:
-            shown[0] = f
-            yield f
+        yield from frames
 
     try:
         t_prev = time.perf_counter()
-        for idx, masks in tracker.propagate(frames_seen(), num_frames=total or None):
+        # on a GPU the next frame is read and encoded while this one is tracked: the overlay takes the frame the masks
+        # belong to from the tracker
+        for idx, masks in tracker.propagate(from_first(), num_frames=total or None):
             now = time.perf_counter()
             if idx > 0:
                 step_times.append(now - t_prev)
             t_prev = now
-            rgb = shown[0]
+            rgb = tracker.current_frame
             if writer is not None:
                 stack = np.stack([masks.get(k, np.zeros(rgb.shape[:2], bool)) for k in ids]) if ids else np.zeros((0, *rgb.shape[:2]), bool)
                 writer.write(cv2.cvtColor(annotate(rgb, stack), cv2.COLOR_RGB2BGR))

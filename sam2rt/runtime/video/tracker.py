@@ -64,6 +64,48 @@ def fill_holes(logits: np.ndarray, max_area: int) -> np.ndarray:
     return np.where(holes, np.float32(0.1), logits).astype(np.float32)
 
 
+_END = object()  # the end of a frame source
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """One frame, checked, copied and encoded (`VideoTracker._encode`), ready to become the current frame."""
+
+    frame: np.ndarray  # a copy of the frame as given
+    hw: tuple[int, int]
+    feats: dict[str, Any]  # the encoder's features: host arrays or the backend's device tensors
+    timing: dict[str, float]
+
+
+class _Prefetch:
+    """The frames of a source, each read and encoded (`encode`) on a worker thread one frame ahead of the caller: the
+    next frame's work starts when this is made and whenever the caller takes a frame. An error of a frame (or of the
+    source) is raised when that frame's turn comes, as without prefetching. `close()` waits for the frame in flight
+    (which the source has then given up: leaving early consumes one frame more) and stops the worker."""
+
+    def __init__(self, frames: Iterator[Any], encode: Any) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._frames, self._encode = frames, encode
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sam2rt-prefetch")
+        self._future = self._pool.submit(self._read_and_encode)
+
+    def _read_and_encode(self) -> _Encoded | None:
+        frame = next(self._frames, _END)
+        return None if frame is _END else self._encode(frame)
+
+    def __iter__(self) -> Iterator[_Encoded]:
+        while True:
+            encoded = self._future.result()
+            if encoded is None:
+                return
+            self._future = self._pool.submit(self._read_and_encode)
+            yield encoded
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 @dataclass
 class _Object:
     """One tracked object: its memory bank and its output on the current frame."""
@@ -145,6 +187,17 @@ class VideoTracker:
         return {k: o.current.pred_masks for k, o in self.objects.items() if o.current is not None}
 
     @property
+    def current_frame(self) -> np.ndarray | None:
+        """A copy of the current frame, as it was given (None before the first)."""
+        return self._frame
+
+    @property
+    def prefetch_default(self) -> bool:
+        """Whether `propagate` encodes the next frame beside the tracking of this one by default: where the backend
+        computes on a GPU."""
+        return self.model.backend.device != "cpu"
+
+    @property
     def object_scores(self) -> dict[ObjId, float]:
         return {k: o.current.object_score for k, o in self.objects.items() if o.current is not None}
 
@@ -190,23 +243,40 @@ class VideoTracker:
             obj.origin = ""
             obj.pix_feat_with_mem = None
 
-    def _start_step(self, frame: Any) -> dict[str, float]:
-        """Make `frame` the current frame (the next time step) and encode it."""
+    def _encode(self, frame: Any) -> _Encoded:
+        """Check, copy, preprocess and encode one frame. Touches no tracker state, so it may run on the prefetch
+        thread (`propagate`): the frame is copied before it returns, so a buffer the frame source refills in place
+        (a camera's) can be read again as soon as this returns."""
         rgb = check_image(frame)
-        self._finish_step()
-        self.graphs.step()
+        copy = np.array(frame if isinstance(frame, np.ndarray) else rgb, copy=True)
         t0 = time.perf_counter()
         x = self.model.backend.preprocess(rgb, self.image_size)  # on the backend's device where it has one
         t1 = time.perf_counter()
         feats = self.model.backend.encode(x)
         # features stay where the backend computed them (the video graphs bind device tensors in place)
-        self._feats = {k: v if isinstance(v, DeviceTensor) else np.ascontiguousarray(v, dtype=np.float32)
-                       for k, v in feats.items()}
+        feats = {k: v if isinstance(v, DeviceTensor) else np.ascontiguousarray(v, dtype=np.float32) for k, v in feats.items()}
         t2 = time.perf_counter()
-        self._frame = np.array(frame if isinstance(frame, np.ndarray) else rgb, copy=True)
-        self._orig_hw = (int(rgb.shape[0]), int(rgb.shape[1]))
+        return _Encoded(copy, (int(rgb.shape[0]), int(rgb.shape[1])), feats, {"preprocess_s": t1 - t0, "encoder_s": t2 - t1})
+
+    def _start_step(self, encoded: _Encoded) -> dict[str, float]:
+        """Make an encoded frame the current frame (the next time step)."""
+        self._finish_step()
+        self.graphs.step()
+        self._feats = encoded.feats
+        self._frame = encoded.frame
+        self._orig_hw = encoded.hw
         self.frame_idx += 1
-        return {"preprocess_s": t1 - t0, "encoder_s": t2 - t1}
+        return dict(encoded.timing)
+
+    def _step(self, encoded: _Encoded) -> dict[ObjId, np.ndarray]:
+        """One time step of a stream: the encoded frame becomes the current one, every object is tracked on it."""
+        timing = self._start_step(encoded)
+        timing.update(self._track_all())
+        t0 = time.perf_counter()
+        masks = self._masks()
+        timing["postprocess_s"] = time.perf_counter() - t0
+        self.timings.append(timing)
+        return masks
 
     def _fill(self, logits: np.ndarray) -> np.ndarray:
         return fill_holes(logits, self.fill_hole_area) if self.fill_hole_area > 0 else logits
@@ -263,7 +333,7 @@ class VideoTracker:
         same time step. Returns {obj_id: HxW bool mask} for every object on the current frame.
         """
         if frame is not None and not self._is_current(frame):
-            timing = self._start_step(frame)
+            timing = self._start_step(self._encode(frame))
             timing.update(self._track_all())
             self.timings.append(timing)
         if self._feats is None:
@@ -311,20 +381,23 @@ class VideoTracker:
 
     def track(self, frame: Any) -> dict[ObjId, np.ndarray]:
         """Track every object on the next frame of a stream; returns {obj_id: HxW bool mask}."""
-        timing = self._start_step(frame)
-        timing.update(self._track_all())
-        t0 = time.perf_counter()
-        masks = self._masks()
-        timing["postprocess_s"] = time.perf_counter() - t0
-        self.timings.append(timing)
-        return masks
+        return self._step(self._encode(frame))
 
-    def propagate(self, frames: Iterable[Any], num_frames: int | None = None) -> Iterator[tuple[int, dict[ObjId, np.ndarray]]]:
+    def propagate(
+        self, frames: Iterable[Any], num_frames: int | None = None, prefetch: bool | None = None,
+    ) -> Iterator[tuple[int, dict[ObjId, np.ndarray]]]:
         """Track through `frames` (a video file's frames from the current one on); yields (frame_index, masks).
 
         If the first frame is the current one (prompts were just given on it), its results are yielded as
         they are. The video's length (`num_frames`, else len(frames) when it has one) bounds the pointers
-        used as the reference's `propagate_in_video` does for a video of that length.
+        used as the reference's `propagate_in_video` does for a video of that length. `current_frame` is the frame
+        whose masks were yielded last.
+
+        prefetch: read and encode the next frame on a worker thread while this one is tracked (the results are the
+        same). The encoder does not depend on the objects' memory, so on a GPU the next frame's encoder runs
+        beside this frame's memory attention and decoders, and the frame source's decoding beside both. None: on
+        where the backend computes on a GPU; on the CPU both halves would share the same cores. Leaving early
+        consumes one frame more from `frames` (the one read ahead).
         """
         it = iter(frames)
         length = len(frames) if hasattr(frames, "__len__") else None  # type: ignore[arg-type]
@@ -333,15 +406,25 @@ class VideoTracker:
             return
         if num_frames is not None:
             self.num_frames = num_frames
-        if self._is_current(first):
-            if num_frames is None and length is not None:
-                self.num_frames = self.frame_idx + length
-            yield self.frame_idx, self._masks()
-        else:
-            if num_frames is None and length is not None:
-                self.num_frames = self.frame_idx + 1 + length
-            masks = self.track(first)
-            yield self.frame_idx, masks
-        for frame in it:
-            masks = self.track(frame)
-            yield self.frame_idx, masks
+        if prefetch is None:
+            prefetch = self.prefetch_default
+        ahead: _Prefetch | None = None
+        try:
+            if self._is_current(first):
+                if num_frames is None and length is not None:
+                    self.num_frames = self.frame_idx + length
+                ahead = _Prefetch(it, self._encode) if prefetch else None  # frame 1 is read while 0's masks are made
+                yield self.frame_idx, self._masks()
+            else:
+                if num_frames is None and length is not None:
+                    self.num_frames = self.frame_idx + 1 + length
+                encoded = self._encode(first)
+                ahead = _Prefetch(it, self._encode) if prefetch else None
+                masks = self._step(encoded)
+                yield self.frame_idx, masks
+            for encoded in ahead if ahead is not None else (self._encode(frame) for frame in it):
+                masks = self._step(encoded)
+                yield self.frame_idx, masks
+        finally:
+            if ahead is not None:
+                ahead.close()
