@@ -369,10 +369,15 @@ def test_video_bench_runs_whole_on_the_tiny_model(tiny_video_dir, tmp_path, monk
     [lat] = result["latency"]
     assert lat["sam2rt_ms"]["n"] == 4 and lat["fixed_buffers"] == {}  # the CPU provider: no fixed buffers by default
     assert result["latency_without_cuda_graphs"]["sam2rt_ms"]["n"] == 4
-    assert [t["target"] for t in result["targets"]] == ["GPU per-frame tracking, 1 object, onnxruntime-cpu"]
+    assert [t["target"] for t in result["targets"]] == ["GPU per-frame tracking, 1 object, onnxruntime-cpu",
+                                                         "GPU tracking a video file (propagate, prefetch), 1 object, onnxruntime-cpu"]
+    tp = result["throughput"]
+    assert tp["frames"] == [1, 5] and len(tp["runs"]["off"]) == len(tp["runs"]["on"]) == 2
+    assert tp["fps_prefetch_on"] > 0 and tp["fps_prefetch_off"] > 0
     [js] = tmp_path.glob("*_video.json")
     assert json.loads(js.read_text())["latency_without_cuda_graphs"]["fixed_buffers"] == {}
-    assert "without CUDA graphs" in js.with_suffix(".md").read_text()
+    md = js.with_suffix(".md").read_text()
+    assert "without CUDA graphs" in md and "frames/s with prefetch" in md
 
 
 def test_encoder_forms_measures_each_exported_form(tiny_model_dir, tmp_path):
@@ -382,7 +387,9 @@ def test_encoder_forms_measures_each_exported_form(tiny_model_dir, tmp_path):
     from sam2rt.bench.encoder_forms import main
 
     assert main([str(tiny_model_dir), "--out", str(tmp_path), "--provider", "cpu", "--rounds", "2", "--runs", "2",
-                 "--no-unchunked"]) == 0
+                 "--no-unchunked", "--only", "unchunked"]) == 1  # nothing to measure: the filter left no configuration
+    assert main([str(tiny_model_dir), "--out", str(tmp_path), "--provider", "cpu", "--rounds", "2", "--runs", "2",
+                 "--no-unchunked", "--only", "exported:fp32"]) == 0
     doc = json.loads((tmp_path / "encoder_forms.json").read_text())
     [(name, r)] = doc["configurations"].items()
     assert name == "exported:fp32:default" and r["file"] == "encoder.onnx" and r["runs"] == 4

@@ -82,7 +82,7 @@ def test_prefetch_reads_the_next_frame_while_this_one_is_handled(tiny_video_dir:
         _prompted(tracker, frames, corners)
         read = [threading.Event() for _ in frames]
 
-        def source():
+        def source(read=read):
             for i, f in enumerate(frames):
                 read[i].set()
                 yield f

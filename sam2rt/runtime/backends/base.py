@@ -6,8 +6,10 @@ A backend runs one exported model directory on one device. Sam2Model drives it t
     decode_masks(features, prompts, request)                      per prompt batch (Sam2Model.decode)
         = decode(...) -> postprocess(low_res, iou, request)
 
-and VideoTracker through preprocess -> encode per frame and upsample_masks(low-res logits) for its masks,
-and nothing else: Sam2Model, Embedding, Predictor and VideoTracker never probe a backend for optional methods. The base
+and VideoTracker through preprocess -> encode per frame and upsample_masks(low-res logits) for its masks (with
+prefetch, `VideoTracker.propagate` runs the next frame's preprocess -> encode on a worker thread while this frame's
+upsample_masks runs: a backend's methods must be safe to call from two threads at once; each backend here guards its
+own state with a lock), and nothing else: Sam2Model, Embedding, Predictor and VideoTracker never probe a backend for optional methods. The base
 class implements the host (numpy) versions of preprocess, postprocess and upsample_masks and a no-op prepare; a backend
 overrides them to keep the work on its device (OrtDeviceBackend does the whole path on the GPU).
 
