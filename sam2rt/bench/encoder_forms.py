@@ -1,7 +1,7 @@
 """Which form of the image encoder, and which of ONNX Runtime's attention kernels, runs fastest on this GPU.
 
     python -m sam2rt.bench.encoder_forms MODEL_DIR --out DIR [--provider cuda|cpu] [--rounds 4] [--runs 25]
-                                         [--no-unchunked] [--work DIR]
+                                         [--no-unchunked] [--work DIR] [--only CONFIGS]
 
 Why: on the H100 of run 4 (benchmarks/README.md) the FP16 encoder took 8.9 ms and TF32 12.8 ms. Were the encoder
 bound by its tensor-core work, FP16 would take about half of TF32; ~5 ms of it do not scale with the precision.
@@ -19,8 +19,9 @@ Two choices the export and the runtime make for the CPU have never been compared
 Every (form, precision, attention kernel) runs as the runtime runs the encoder: its own session, CUDA graph
 captured, input and outputs bound on the device. The configurations take turns, `--runs` runs each per round over
 `--rounds` rounds, so drifting clocks hit them alike; p50 per configuration. Each configuration's image embedding is
-compared with the exported form's in TF32 with ONNX Runtime's default kernel choice (`max_abs_vs_reference`): a kernel that computes something
-else is reported, not ranked. `encoder_forms.json` and `encoder_forms.md` go to DIR.
+compared with the exported form's in TF32 with ONNX Runtime's default kernel choice (`max_abs_vs_reference`), so a
+fast configuration that computes something else shows as such. `encoder_forms.json` and `encoder_forms.md` go to
+DIR.
 
 On the CPU provider (`--provider cpu`) only ONNX Runtime's default kernel exists; tests run it that way.
 """
