@@ -395,6 +395,25 @@ def test_encoder_forms_measures_each_exported_form(tiny_model_dir, tmp_path):
     assert name == "exported:fp32:default" and r["file"] == "encoder.onnx" and r["runs"] == 4
     assert 0 < r["p50_ms"] <= r["p90_ms"] and r["max_abs_vs_reference"] == 0.0
     assert "| exported | fp32 | default |" in (tmp_path / "encoder_forms.md").read_text()
+    assert doc["fastest"] == {"fp32": "exported:fp32:default"}
+
+
+def test_encoder_forms_recommends_the_fastest_configuration_that_computes_the_same():
+    """The fastest configuration per precision is named with how to use it, unless its embedding is off the
+    reference's (a kernel computing something else is never recommended) or it failed."""
+    from sam2rt.bench.encoder_forms import advice, fastest
+
+    def row(form, precision, kernel, ms, diff):
+        return {"form": form, "precision": precision, "kernel": kernel, "p50_ms": ms, "max_abs_vs_reference": diff}
+
+    results = {"a": row("exported", "fp16", "default", 8.9, 0.01), "b": row("exported", "fp16", "efficient", 7.0, 0.01),
+               "c": row("unchunked", "fp16", "flash", 5.0, 3.0), "d": {"error": "no cuDNN"},
+               "e": row("exported", "tf32", "default", 12.8, 0.0)}
+    best = fastest(results)
+    assert best["fp16"] is results["b"] and best["tf32"] is results["e"]  # c is faster but computes something else
+    assert advice(best["fp16"]) == "SAM2RT_CUDA_ATTENTION=efficient"
+    assert advice(best["tf32"]) == "what the runtime does already"
+    assert "unchunked encoder" in advice(row("unchunked", "fp16", "math", 1.0, 0.0))
 
 
 def test_encoder_forms_on_cuda_try_every_attention_kernel():

@@ -176,6 +176,30 @@ def measure(files: dict[tuple[str, str], Path], cfgs: list[Config], provider: st
     return results
 
 
+# How far a configuration's embedding may be from the reference's and still be the same computation (TF32 rounding
+# moves it by ~1e-3 on an H100, FP16 by ~1e-2; tests/test_gpu.py's bounds are on the masks).
+SAME_COMPUTATION = {"tf32": 1e-2, "fp16": 0.1, "fp32": 1e-4}
+
+
+def fastest(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per precision, the fastest configuration that computes what the reference computes."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in results.values():
+        if "error" in r or (r["max_abs_vs_reference"] or 0.0) > SAME_COMPUTATION.get(r["precision"], 0.1):
+            continue
+        if r["precision"] not in best or r["p50_ms"] < best[r["precision"]]["p50_ms"]:
+            best[r["precision"]] = r
+    return best
+
+
+def advice(r: dict[str, Any]) -> str:
+    """What gets a configuration in use: the attention kernel by environment, the form by export."""
+    how = [] if r["kernel"] == "default" else [f"SAM2RT_CUDA_ATTENTION={r['kernel']}"]
+    if r["form"] != "exported":
+        how.append(f"an export of the {r['form']} encoder (not made by `sam2rt export` yet)")
+    return " and ".join(how) or "what the runtime does already"
+
+
 def markdown(label: str, results: dict[str, dict[str, Any]], notes: list[str]) -> str:
     lines = [f"# Image encoder forms and attention kernels: {label}", "",
              "Each configuration ran as the runtime runs the encoder (its own session, CUDA graph, input and outputs "
@@ -191,6 +215,9 @@ def markdown(label: str, results: dict[str, dict[str, Any]], notes: list[str]) -
     for name, r in results.items():
         if "error" in r:
             lines.append(f"| {name} | | | failed: {r['error']} | | | |")
+    lines += ["", "Fastest per precision (among those within SAM_COMPUTATION of the reference):", ""]
+    lines += [f"- {precision}: {r['form']} with {r['kernel']} attention, {r['p50_ms']:.3f} ms: {advice(r)}"
+              for precision, r in sorted(fastest(results).items())]
     return "\n".join(lines) + "\n"
 
 
@@ -239,8 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"measuring {len(cfgs)} configurations: {args.rounds} rounds x {args.runs} runs each", flush=True)
     results = measure(files, cfgs, args.provider, args.rounds, args.runs, log=lambda s: print(s, flush=True))
     label = args.label or args.provider
+    best = fastest(results)
+    for precision, r in sorted(best.items()):
+        print(f"fastest {precision}: {r['form']}:{r['kernel']} {r['p50_ms']:.3f} ms -> {advice(r)}", flush=True)
     doc = {"label": label, "model": manifest.model_name, "rounds": args.rounds, "runs_per_round": args.runs,
-           "notes": notes, "configurations": results}
+           "notes": notes, "configurations": results,
+           "fastest": {p: f"{r['form']}:{p}:{r['kernel']}" for p, r in best.items()}}
     (args.out / "encoder_forms.json").write_text(json.dumps(doc, indent=1))
     (args.out / "encoder_forms.md").write_text(markdown(label, results, notes))
     print(f"wrote {args.out / 'encoder_forms.md'}")
