@@ -151,3 +151,25 @@ def test_prefetch_is_on_where_the_backend_computes_on_a_gpu(tiny_video_dir: Path
     assert tracker.prefetch_default is False  # the CPU: the encoder and the tracking would share its cores
     monkeypatch.setattr(tracker.model.backend, "device", "cuda:0")
     assert tracker.prefetch_default is True
+
+
+def test_prefetch_with_a_new_object_and_a_correction_mid_stream(tiny_video_dir: Path):
+    """Prompts given between two yields apply to the frame just yielded, as without prefetch (the frame read ahead
+    is only encoded): a new object at frame 2 and a correction click at frame 4 give the same results either way."""
+    tracker = _tracker(tiny_video_dir)
+    frames, corners = pan_clip(7)
+    runs = {}
+    for prefetch in (False, True):
+        tracker.reset()
+        tracker.add_prompt(1, frame=frames[0], **point_prompt(corners[0]))
+        out = []
+        for idx, masks in tracker.propagate(frames, prefetch=prefetch):
+            if idx == 2:
+                masks = tracker.add_prompt(2, **BOX_PROMPT)
+            if idx == 4:
+                masks = tracker.add_prompt(1, points=[[10.0, 10.0]], labels=[0])
+            out.append((idx, {k: m.copy() for k, m in masks.items()},
+                        {k: v.copy() for k, v in tracker.low_res_logits.items()}, tracker.current_frame.copy()))
+        runs[prefetch] = out
+    assert [sorted(r[1]) for r in runs[True]] == [[1]] * 2 + [[1, 2]] * 5
+    _assert_same(runs[False], runs[True])
