@@ -357,6 +357,80 @@ def test_a_large_batch_is_decoded_in_bounded_runs(tiny_model_dir, monkeypatch, f
         assert {b for _, b, _ in shapes} == {4, 2}, shapes
 
 
+@pytest.mark.parametrize("failure", ["capture refused", "first run fails", "first run differs"])
+def test_a_fixed_buffer_session_that_fails_leaves_the_plain_results(tiny_model_dir, monkeypatch, failure):
+    """The encoder's and the decoders' fixed-buffer sessions (CUDA graphs on a GPU) can fail where CI cannot see it:
+    ONNX Runtime may refuse to capture a graph, its first replay (where it captures) may raise, or a fixed-dimension
+    session may compute something else. Each way, the caller gets the plain session's results (no error), the
+    session is not used again, and `cuda_graphs` says why."""
+    import sam2rt.runtime.backends.ort_device_backend as device
+    from conftest import photo
+    from sam2rt.runtime import Prompt, Sam2Model
+
+    image = photo("coffee")
+    prompts = [Prompt(points=np.array([[200.0, 150.0]]), labels=np.array([1]))]
+    boxes = [Prompt(box=np.array([10.0 + 7 * i, 20.0, 150.0 + 7 * i, 180.0])) for i in range(3)]
+    m = Manifest.load(tiny_model_dir)
+    with Sam2Model(m, device.OrtDeviceBackend(m, "onnxruntime-cpu", fixed_buffers=False)) as plain:
+        emb = plain.embed(image)
+        want = [plain.decode(emb, p, multimask_output=True) for p in (prompts, boxes)]
+        want_embed = {k: plain.backend.to_host(v) for k, v in emb.features.items()}
+
+    class Refusing(device.OrtDeviceBackend):
+        """Asks for CUDA graphs, and is refused them as the CUDA provider does where a node would run on the CPU."""
+
+        use_cuda_graphs = property(lambda self: True, lambda self, value: None)
+
+        def _new_session(self, slot, graph, dims=None):
+            if graph:
+                raise RuntimeError("This session cannot use the CUDA Graph feature: nodes are on the CPU")
+            return super()._new_session(slot, graph, dims)
+
+    replay = device.OrtDeviceBackend._replay
+    if failure == "first run fails":
+        seen: set[int] = set()
+
+        def fail_first(fixed):
+            if id(fixed) not in seen:
+                seen.add(id(fixed))
+                raise RuntimeError("CUDA failure 900: operation not permitted when stream is capturing")
+            replay(fixed)
+
+        monkeypatch.setattr(device.OrtDeviceBackend, "_replay", staticmethod(fail_first))
+    elif failure == "first run differs":
+        def wrong(fixed):
+            replay(fixed)
+            if "low_res_masks" in fixed.outputs:  # a decoder whose fixed-dimension fusions compute something else
+                low = fixed.outputs["low_res_masks"]
+                low.update_inplace(low.numpy() + 1.0)
+
+        monkeypatch.setattr(device.OrtDeviceBackend, "_replay", staticmethod(wrong))
+    backend = (Refusing if failure == "capture refused" else device.OrtDeviceBackend)(m, "onnxruntime-cpu", fixed_buffers=True)
+    with Sam2Model(m, backend) as model:
+        for _ in range(3):  # the first run of each shape makes its session, later ones use it (or not)
+            emb = model.embed(image)
+            for k, v in want_embed.items():
+                np.testing.assert_array_equal(backend.to_host(emb.features[k]), v)
+            for p, ref in zip((prompts, boxes), want):
+                got = model.decode(emb, p, multimask_output=True)
+                np.testing.assert_array_equal(got.masks, ref.masks)
+                np.testing.assert_array_equal(got.low_res_logits, ref.low_res_logits)
+                np.testing.assert_array_equal(got.scores, ref.scores)
+        encoder_fixed, captured = backend._encoder_fixed, dict(backend._captured)  # close() drops them
+    status = dict(backend.cuda_graphs)
+    decoders = {k: v for k, v in status.items() if k != "encoder"}
+    assert len(decoders) == 2, status  # the click's shape and the boxes' shape
+    if failure == "capture refused":
+        assert all(v.startswith("not captured: This session cannot use the CUDA Graph") for v in status.values()), status
+        assert "encoder" in status and encoder_fixed is not None  # fixed buffers, without a graph
+    elif failure == "first run fails":
+        assert all(v.startswith("failed: RuntimeError: CUDA failure 900") for v in status.values()), status
+        assert "encoder" in status and encoder_fixed is None
+        assert not any(isinstance(k, tuple) for k in captured), captured
+    else:
+        assert all(v.startswith("rejected: the fixed-shape session differs") for v in decoders.values()), status
+
+
 def test_runs_fit_the_tensorrt_providers_profiles():
     """On ONNX Runtime's TensorRT provider a run never holds more prompts than its decoder profiles' largest batch."""
     from sam2rt.runtime.backends.ort_device_backend import MAX_PROMPTS_PER_RUN, max_prompts_per_run

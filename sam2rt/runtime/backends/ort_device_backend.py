@@ -11,7 +11,8 @@
 - CUDA graphs (ONNX Runtime's `enable_cuda_graph`): the encoder and each decoder shape (slot, prompts,
   points) seen, up to MAX_CAPTURED_SHAPES, run from fixed device buffers; data is copied into them on the
   device (`copy.onnx`), so a run is one graph replay. Where ONNX Runtime refuses to capture a graph (a
-  node it places on the CPU), that session runs without one and `cuda_graphs` says why. The pre/postprocessing
+  node it places on the CPU), or a fixed-buffer session fails its first run, that session runs without one and
+  `cuda_graphs` says why (the caller gets the plain session's results, never an error). The pre/postprocessing
   graphs' steady shapes (an image size, a prompt count, an output choice) are captured too (ort_pipeline.py,
   fixed_shapes.py); `pipeline_graphs` says which.
 - The same class runs on the CPU provider (`OrtDeviceBackend(manifest, "onnxruntime-cpu")`, CUDA graphs
@@ -112,6 +113,7 @@ class _Captured:
         self.session, self.binding, self.inputs, self.outputs = session, binding, inputs, outputs
         self.packed, self.layout = packed, layout or {}
         self.checked = False  # whether its first outputs were compared with the dynamic session's
+        self.ran = False  # whether it has run once (a failure after that is an error, not a session to drop)
 
     def upload_prompts(self, prompts: dict[str, np.ndarray]) -> None:
         """All prompt inputs into the packed device buffer, in one host-to-device copy."""
@@ -184,7 +186,7 @@ class OrtDeviceBackend(Backend):
         self._slot_loaded: dict[str, tuple[int, ...]] = {}  # which embedding's tensors each slot's buffers hold
         self._slot_owner: dict[str, list[Any]] = {}  # and those tensors, kept alive so their ids stay unique
         self._encoder_fixed: _Captured | None = None
-        self._rejected: set[Any] = set()  # fixed-shape sessions whose outputs disagreed with the dynamic session's
+        self._rejected: set[Any] = set()  # fixed-shape sessions that disagreed with the dynamic session or failed to run
         self._load_encoder()
         self.fast_decoder_check = self._check_fast_decoder()
         if on_gpu:
@@ -411,9 +413,27 @@ class OrtDeviceBackend(Backend):
                 session.run_with_iobinding(io)
                 return {n: OrtDeviceTensor(v) for n, v in zip(names, io.get_outputs())}
             self._pipeline.copy(src, fixed.inputs["image"])
-            self._replay(fixed)
+            try:
+                self._replay(fixed)
+            except Exception as exc:
+                if fixed.ran:
+                    raise
+                # its first replay (where ONNX Runtime captures the CUDA graph) failed: the plain session from now on
+                self._encoder_fixed = None
+                self._captured.pop("encoder", None)
+                if self._sessions.get("encoder") is fixed.session:
+                    del self._sessions["encoder"]
+                self._note_failure("encoder", exc)
+                return self.encode(image)
+            fixed.ran = True
             # the fixed outputs are overwritten by the next image: each embedding gets its own copy
             return {n: OrtDeviceTensor(self._pipeline.copy(v)) for n, v in fixed.outputs.items()}
+
+    def _note_failure(self, key: Any, exc: Exception) -> None:
+        """A fixed-buffer session failed its first run: never used again, and `cuda_graphs` says why."""
+        self._rejected.add(key)
+        self.cuda_graphs[str(key)] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        log.warning("sam2rt: fixed-buffer session %s %s; it runs on the plain session", key, self.cuda_graphs[str(key)])
 
     def prepare(self, features: dict[str, Any]) -> dict[str, Any]:
         if "decoder_prep" not in self.files:
@@ -471,8 +491,16 @@ class OrtDeviceBackend(Backend):
                 self._pipeline.copy(self._as_value(tensors[k]), self._slot_buffers[slot][k])
             self._slot_loaded[slot] = token
             self._slot_owner[slot] = [tensors[k] for k in tensor_names]
-        fixed.upload_prompts(prompts)
-        self._replay(fixed)
+        try:
+            fixed.upload_prompts(prompts)
+            self._replay(fixed)
+        except Exception as exc:
+            if fixed.ran:
+                raise
+            self._captured.pop((slot, b, n), None)
+            self._note_failure((slot, b, n), exc)
+            return self._run_plain(slot, tensors, prompts)
+        fixed.ran = True
         low_res, iou = fixed.outputs["low_res_masks"], fixed.outputs["iou_predictions"]
         if not fixed.checked:
             # ONNX Runtime optimises a session with fixed dimensions differently from the dynamic one; a fusion
