@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from typing import Iterator
 
 import torch
@@ -82,14 +83,25 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     return OrtMultiHeadAttention.apply(q.reshape(b, -1, d), k.reshape(b, -1, d), v.reshape(b, -1, d), attn.num_heads)
 
 
+def _constant(t: torch.Tensor) -> torch.Tensor:
+    """`t`'s values as a tensor the ONNX tracer records as one constant, not as the ops that computed it (the export
+    would otherwise store their float64 operands and compute at every load what is fixed at export)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # "treated as a constant": what is wanted here
+        out = torch.from_numpy(t.detach().cpu().numpy().copy())
+    return out if t.device.type == "cpu" else out.to(t.device)
+
+
 def _project(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """attn.proj(x + v_bias): the value bias left out of v (softmax rows sum to 1) folded into proj's bias."""
+    """attn.proj(x + v_bias): the value bias left out of v (softmax rows sum to 1) folded into proj's bias (formed in
+    float64 and rounded once, a constant of the graph)."""
     d = attn.dim_out
     w = attn.proj.weight
-    bias = attn.proj.bias.double() if attn.proj.bias is not None else torch.zeros(d, dtype=torch.float64)
-    if attn.qkv.bias is not None:
-        bias = bias + w.double() @ attn.qkv.bias[2 * d:].double()
-    return F.linear(x, w, bias.float())
+    with torch.no_grad():
+        bias = attn.proj.bias.double() if attn.proj.bias is not None else torch.zeros(d, dtype=torch.float64)
+        if attn.qkv.bias is not None:
+            bias = bias + w.double() @ attn.qkv.bias[2 * d:].double()
+    return F.linear(x, w, _constant(bias.float()))
 
 
 def _qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
