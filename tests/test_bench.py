@@ -394,7 +394,8 @@ def test_encoder_forms_measures_each_exported_form(tiny_model_dir, tmp_path):
     [(name, r)] = doc["configurations"].items()
     assert name == "exported:fp32:default" and r["file"] == "encoder.onnx" and r["runs"] == 4
     assert 0 < r["p50_ms"] <= r["p90_ms"] and r["max_abs_vs_reference"] == 0.0
-    assert "| exported | fp32 | default |" in (tmp_path / "encoder_forms.md").read_text()
+    assert r["kernels_run"] == {}  # the CPU provider prints no routes
+    assert "| exported | fp32 | default | not reported |" in (tmp_path / "encoder_forms.md").read_text()
     assert doc["fastest"] == {"fp32": "exported:fp32:default"}
 
 
@@ -414,6 +415,29 @@ def test_encoder_forms_recommends_the_fastest_configuration_that_computes_the_sa
     assert advice(best["fp16"]) == "SAM2RT_CUDA_ATTENTION=efficient"
     assert advice(best["tf32"]) == "what the runtime does already"
     assert "unchunked encoder" in advice(row("unchunked", "fp16", "math", 1.0, 0.0))
+
+
+def test_encoder_forms_records_which_attention_kernel_each_node_ran(capfd):
+    """ONNX Runtime's CUDA MultiHeadAttention prints its route per node (C++ std::cout, file descriptor 1) when
+    ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO is set: the lines are taken from the process's output while a
+    configuration warms up and counted per kernel, a node's last route once; other output passes through."""
+    import os
+
+    from sam2rt.bench.encoder_forms import captured_stdout, describe_kernels, kernels_run
+
+    route = "\x1b[36mOperator=MultiHeadAttention Node=/trunk/blocks.{}/attn/MHA DataType=fp16 SdpaKernel={}\x1b[0m\n"
+    with captured_stdout() as lines:
+        os.write(1, route.format(0, "EFFICIENT_ATTENTION").encode())  # as C++ writes it, past Python's sys.stdout
+        for block, kernel in ((0, "FLASH_ATTENTION"), (1, "FLASH_ATTENTION"), (2, "MATH")):
+            os.write(1, route.format(block, kernel).encode())
+        os.write(1, b"AttentionKernelOptions: FLASH_ATTENTION=1\n")
+    assert len(lines) == 5 and lines[-1] == "AttentionKernelOptions: FLASH_ATTENTION=1"
+    assert "SdpaKernel" not in capfd.readouterr().out  # nothing reached the real output meanwhile
+    kernels = kernels_run(lines)
+    assert kernels == {"FLASH_ATTENTION": 2, "MATH": 1}  # block 0 counted once, with its last route
+    assert describe_kernels(kernels) == "FLASH_ATTENTION x2, MATH x1" and describe_kernels({}) == "not reported"
+    os.write(1, b"after\n")
+    assert capfd.readouterr().out == "after\n"  # the real output is back
 
 
 def test_encoder_forms_on_cuda_try_every_attention_kernel():

@@ -23,17 +23,30 @@ compared with the exported form's in TF32 with ONNX Runtime's default kernel cho
 fast configuration that computes something else shows as such. `encoder_forms.json` and `encoder_forms.md` go to
 DIR.
 
+Which kernel each MultiHeadAttention node actually ran is recorded too (`kernels_run`): a restriction is a wish,
+not an order. ONNX Runtime falls back to the unfused kernel where the one asked for does not take the shapes or the
+type (flash has no FP32 kernel; cuDNN's needs cuDNN >= 9.3), and without a restriction its FP32 path uses the
+memory-efficient kernel only from 256 tokens on, above every Hiera window but the global blocks'. ONNX Runtime
+prints the route of each node when ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO is set (read when a session is made); its
+lines are taken from the process's standard output while each configuration warms up.
+
 On the CPU provider (`--provider cpu`) only ONNX Runtime's default kernel exists; tests run it that way.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import json
+import os
+import re
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -96,10 +109,51 @@ def fp16_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+# ONNX Runtime's CUDA MultiHeadAttention prints its route per run where this environment variable is set
+KERNEL_DEBUG_ENV = "ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO"
+_ROUTE = re.compile(r"Operator=MultiHeadAttention Node=(\S*) DataType=(\S+) SdpaKernel=([A-Z_]+)")
+
+
+@contextlib.contextmanager
+def captured_stdout() -> Iterator[list[str]]:
+    """The lines written to the process's standard output (file descriptor 1, where ONNX Runtime's C++ code prints)
+    while active; the list is filled when the block ends."""
+    lines: list[str] = []
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 1)
+        try:
+            yield lines
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+            tmp.seek(0)
+            lines += tmp.read().decode(errors="replace").splitlines()
+
+
+def kernels_run(lines: list[str]) -> dict[str, int]:
+    """How many MultiHeadAttention nodes ran each attention kernel, from ONNX Runtime's debug lines (a node's last
+    route counts once)."""
+    route = {}
+    for line in lines:
+        m = _ROUTE.search(line)
+        if m:
+            route[m.group(1)] = m.group(3)
+    return dict(sorted(collections.Counter(route.values()).items()))
+
+
 class _Timed:
     """One configuration's session with its input and outputs bound on the device (a CUDA graph on CUDA)."""
 
     def __init__(self, path: Path, config: Config, provider: str, image: np.ndarray) -> None:
+        with captured_stdout() as lines:
+            self._start(path, config, provider, image)
+        self.kernels = kernels_run(lines)
+        sys.stdout.write("".join(f"{line}\n" for line in lines if not _ROUTE.search(line)))  # the rest as it came
+
+    def _start(self, path: Path, config: Config, provider: str, image: np.ndarray) -> None:
         ort = _import_ort()
         device = "cuda" if provider == "cuda" else "cpu"
         if provider == "cuda":
@@ -170,9 +224,10 @@ def measure(files: dict[tuple[str, str], Path], cfgs: list[Config], provider: st
             (c.form, "fp16" if c.precision == "fp16" else "fp32")].name, "runs": int(ms.size),
             "p50_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)),
             "max_abs_vs_reference": float(np.abs(emb - ref).max()) if ref is not None else None,
-            "mean_abs_vs_reference": float(np.abs(emb - ref).mean()) if ref is not None else None}
+            "mean_abs_vs_reference": float(np.abs(emb - ref).mean()) if ref is not None else None,
+            "kernels_run": t.kernels}
         log(f"  {c.name:32s} p50 {results[c.name]['p50_ms']:8.3f} ms  max |diff| "
-            f"{results[c.name]['max_abs_vs_reference']:.2e}")
+            f"{results[c.name]['max_abs_vs_reference']:.2e}  {describe_kernels(t.kernels)}")
     return results
 
 
@@ -200,21 +255,27 @@ def advice(r: dict[str, Any]) -> str:
     return " and ".join(how) or "what the runtime does already"
 
 
+def describe_kernels(kernels: dict[str, int]) -> str:
+    """"FLASH_ATTENTION x12, MATH x5"; "not reported" where ONNX Runtime printed no route (the CPU provider)."""
+    return ", ".join(f"{k} x{n}" for k, n in kernels.items()) or "not reported"
+
+
 def markdown(label: str, results: dict[str, dict[str, Any]], notes: list[str]) -> str:
     lines = [f"# Image encoder forms and attention kernels: {label}", "",
              "Each configuration ran as the runtime runs the encoder (its own session, CUDA graph, input and outputs "
              "on the device), taking turns with the others; p50 over all its runs. `max |diff|`: its image embedding "
              f"against {':'.join(REFERENCE)}.", ""]
     lines += [f"- {n}" for n in notes]
-    lines += ["", "| form | precision | attention kernel | p50 ms | p90 ms | max abs diff | mean abs diff |",
-              "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    lines += ["", "| form | precision | attention kernel | kernels run (nodes) | p50 ms | p90 ms | max abs diff | "
+              "mean abs diff |", "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
     ok = {k: r for k, r in results.items() if "error" not in r}
     for r in sorted(ok.values(), key=lambda r: (r["precision"], r["p50_ms"])):
-        lines.append(f"| {r['form']} | {r['precision']} | {r['kernel']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | "
-                     f"{r['max_abs_vs_reference']:.2e} | {r['mean_abs_vs_reference']:.2e} |")
+        lines.append(f"| {r['form']} | {r['precision']} | {r['kernel']} | {describe_kernels(r.get('kernels_run', {}))} | "
+                     f"{r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['max_abs_vs_reference']:.2e} | "
+                     f"{r['mean_abs_vs_reference']:.2e} |")
     for name, r in results.items():
         if "error" in r:
-            lines.append(f"| {name} | | | failed: {r['error']} | | | |")
+            lines.append(f"| {name} | | | | failed: {r['error']} | | | |")
     lines += ["", "Fastest per precision (among those within SAM_COMPUTATION of the reference):", ""]
     lines += [f"- {precision}: {r['form']} with {r['kernel']} attention, {r['p50_ms']:.3f} ms: {advice(r)}"
               for precision, r in sorted(fastest(results).items())]
@@ -237,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     manifest = Manifest.load(args.model_dir)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.provider == "cuda":
+        os.environ.setdefault(KERNEL_DEBUG_ENV, "1")  # read as each session is made: every route gets printed
     work = args.work or args.out / "work"
     files: dict[tuple[str, str], Path] = {}
     notes: list[str] = []
