@@ -458,3 +458,36 @@ def test_cuda_attention_kernel_is_chosen_by_name(monkeypatch):
     monkeypatch.setenv("SAM2RT_CUDA_ATTENTION", "fastest")
     with pytest.raises(BackendUnavailableError, match="choose one of default, flash, efficient, cudnn, math"):
         cuda_provider_options()
+
+
+@pytest.mark.parametrize("fast_error", ["rounding", "half unwritten"])
+def test_the_fast_decoder_probe_holds_rounding_to_the_logits_magnitude(tiny_model_dir, monkeypatch, fast_error):
+    """The probe at load compares decoder_fast with decoder_nomask relative to the logits' magnitude: a trained model's
+    logits reach tens, and TF32 rounding of two arrangements of one function differs in proportion (2e-3 of it here:
+    0.2 on logits of 100, which an absolute bound of 1e-2 would call a broken decoder and turn the fast path off for
+    good); half the output left unwritten, as ONNX Runtime's CUDA MatMul did in run 3, is still caught."""
+    import onnxruntime as ort
+
+    import sam2rt.runtime.backends.ort_device_backend as device
+
+    run = device.OrtDeviceBackend._run_plain
+
+    def trained_magnitudes(self, slot, tensors, prompts):
+        low, iou = (np.array(v.numpy()) for v in run(self, slot, tensors, prompts))
+        low = 100.0 * low / max(float(np.abs(low).max()), 1e-6)  # logits up to 100, as trained weights give
+        if slot == "decoder_fast":
+            if fast_error == "rounding":
+                low = low * (1.0 + 2e-3)
+            else:
+                low[..., ::2] = 0.0
+        return tuple(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x, np.float32)) for x in (low, iou))
+
+    monkeypatch.setattr(device.OrtDeviceBackend, "_run_plain", trained_magnitudes)
+    m = Manifest.load(tiny_model_dir)
+    with device.OrtDeviceBackend(m, "onnxruntime-cpu") as backend:
+        check = backend.fast_decoder_check
+        kept = "decoder_fast" in backend.files
+    if fast_error == "rounding":
+        assert check.startswith("on: within 0.002") and kept, check
+    else:
+        assert check.startswith("off: on onnxruntime-cpu it differs from decoder_nomask by 1") and not kept, check

@@ -39,6 +39,7 @@ from .onnxruntime_backend import (
     PROVIDERS, OrtDeviceTensor, _import_ort, _trt_profile_option, cuda_provider_options, required_variant, session_options,
     slot_entries,
 )
+from .fixed_shapes import relative_difference
 from .ort_pipeline import OrtPipeline
 
 log = logging.getLogger("sam2rt")
@@ -46,9 +47,10 @@ log = logging.getLogger("sam2rt")
 GPU_PRECISIONS = ("fp32", "tf32", "fp16")
 DEFAULT_GPU_PRECISION = "tf32"
 MAX_CAPTURED_SHAPES = 8
-# A fixed-shape decoder session whose first outputs differ from the dynamic session's by more than this is not used.
+# A fixed-shape decoder session whose first outputs differ from the dynamic session's by more than this, relative to
+# their largest magnitude (fixed_shapes.relative_difference), is not used.
 FIXED_SHAPE_TOLERANCE = 1e-3
-# decoder_fast against decoder_nomask on the backend's provider (TF32 rounding included).
+# decoder_fast against decoder_nomask on the backend's provider (TF32 rounding included), relative in the same way.
 FAST_DECODER_TOLERANCE = 1e-2
 DECODER_OUTPUTS = ("low_res_masks", "iou_predictions")
 # Prompts per decoder run. A run's intermediate tensors grow with its batch (the image tokens alone are 4 MiB per
@@ -343,9 +345,10 @@ class OrtDeviceBackend(Backend):
         worst = 0.0
         for coords, labels in probes:
             prompts = {"point_coords": coords, "point_labels": labels}
-            fast = self._run_plain("decoder_fast", prepared, prompts)
-            ref = self._run_plain("decoder_nomask", feats, prompts)
-            worst = max(worst, *(float(np.abs(a.numpy() - b.numpy()).max()) for a, b in zip(fast, ref)))
+            # copies: numpy() of a CPU OrtValue is a view that does not keep the OrtValue alive
+            fast = [np.array(v.numpy()) for v in self._run_plain("decoder_fast", prepared, prompts)]
+            ref = [np.array(v.numpy()) for v in self._run_plain("decoder_nomask", feats, prompts)]
+            worst = max(worst, relative_difference(fast, ref))
         if worst > FAST_DECODER_TOLERANCE:
             self.files.pop("decoder_fast"), self.files.pop("decoder_prep")
             self._sessions.pop("decoder_fast", None), self._sessions.pop("decoder_prep", None)
@@ -506,13 +509,13 @@ class OrtDeviceBackend(Backend):
             # ONNX Runtime optimises a session with fixed dimensions differently from the dynamic one; a fusion
             # that computes something else must never reach a caller, so the first run is compared
             ref_low, ref_iou = self._run_plain(slot, tensors, prompts)
-            diff = max(float(np.abs(low_res.numpy() - ref_low.numpy()).max()),
-                       float(np.abs(iou.numpy() - ref_iou.numpy()).max()))
+            diff = relative_difference([low_res.numpy(), iou.numpy()], [ref_low.numpy(), ref_iou.numpy()])
             if diff > FIXED_SHAPE_TOLERANCE:
                 key = (slot, b, n)
                 self._captured.pop(key, None)
                 self._rejected.add(key)
-                self.cuda_graphs[str(key)] = f"rejected: the fixed-shape session differs from the dynamic one by {diff:.3g}"
+                self.cuda_graphs[str(key)] = (f"rejected: the fixed-shape session differs from the dynamic one by {diff:.3g} "
+                                              "of its largest magnitude")
                 log.warning("sam2rt: %s", self.cuda_graphs[str(key)])
                 return ref_low, ref_iou
             fixed.checked = True
