@@ -6,6 +6,7 @@ import functools
 import http.server
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -237,7 +238,7 @@ def test_graph_chain_exports_checks_verifies_and_records(tmp_path):
 
     def verify(run, session):
         got = session.run(None, {"image": run.image.numpy()})[0]
-        return {"toy": ox._check_close("toy", got, (run.image * 2).numpy(), 1e-6)}
+        return {"toy": ox.check_close("toy", got, (run.image * 2).numpy(), 1e-6)}
 
     run = ox.ExportRun(None, tmp_path, 17, torch.ones(1, 3, 4, 4), ())
     run.graphs["encoder"] = {"file": "encoder.onnx", "sha256": "a" * 64}
@@ -250,9 +251,33 @@ def test_graph_chain_exports_checks_verifies_and_records(tmp_path):
     assert entry["inputs"][0]["shape"][0] == "batch" and entry["outputs"][0]["name"] == "doubled"
 
     def wrong(run, session):
-        return {"toy": ox._check_close("toy", session.run(None, {"image": run.image.numpy()})[0], run.image.numpy(), 1e-6)}
+        return {"toy": ox.check_close("toy", session.run(None, {"image": run.image.numpy()})[0], run.image.numpy(), 1e-6)}
 
     run.graphs["encoder"].pop("variants")
     with pytest.raises(ExportError, match="toy: ONNX Runtime and PyTorch disagree"):
         ox.make_graph(ox.GraphSpec("encoder.fused", lambda r: Double(), lambda r: (r.image,), ["image"], ["doubled"], wrong), run)
     assert "variants" not in run.graphs["encoder"]
+
+
+def test_parity_check_scales_with_the_values():
+    """The export's ONNX-vs-PyTorch check: float32 rounding in proportion to a trained model's large values passes
+    (an absolute 1e-3 would refuse it), while a wrong result, NaN, or a missing part is refused with its numbers."""
+    from sam2rt.export.parity import check_close
+
+    rng = np.random.default_rng(0)
+    logits = 30.0 * rng.standard_normal((2, 4, 64, 64)).astype(np.float32)  # trained logits reach tens
+    rounded = logits * (1 + 2e-5 * rng.standard_normal(logits.shape))  # ~1e-5 relative: fused, reordered float32
+    assert 1e-3 < check_close("logits", rounded, logits, 1e-3) < 1e-1
+    small = 0.5 * logits / np.abs(logits).max()  # values within 1: the tolerance is absolute there
+    assert check_close("small", small + 9e-4, small, 1e-3) == pytest.approx(9e-4, rel=1e-3)
+    with pytest.raises(ExportError, match=r"small: ONNX Runtime and PyTorch disagree \(largest difference 0.0011 > "):
+        check_close("small", small + 1.1e-3, small, 1e-3)
+    wrong = logits.copy()
+    wrong[0, 0, :8] = 0.0  # part of the output not computed: off by the values themselves
+    with pytest.raises(ExportError, match="logits: ONNX Runtime and PyTorch disagree"):
+        check_close("logits", wrong, logits, 1e-3)
+    with pytest.raises(ExportError, match="disagree"):
+        check_close("nan", np.full(3, np.nan), np.zeros(3), 1e-3)
+    with pytest.raises(ExportError, match=r"shape \(3,\), PyTorch's \(4,\)"):
+        check_close("short", np.zeros(3), np.zeros(4), 1e-3)
+    assert check_close("score", np.array([[2.5]]), np.array(2.5), 1e-3) == 0.0  # same values, other shape

@@ -51,6 +51,7 @@ from .graphs import (
     fused_encoder_attention,
 )
 from .optimize import add_variants
+from .parity import check_close
 from .targets import default_targets, keep_only, made_by
 from .video_export import export_video_graphs
 
@@ -115,15 +116,6 @@ def _io_spec(session) -> dict[str, list[dict]]:
     return {"inputs": [one(v) for v in session.get_inputs()], "outputs": [one(v) for v in session.get_outputs()]}
 
 
-def _check_close(name: str, ours: np.ndarray, ref: np.ndarray, tol: float) -> float:
-    diff = float(np.max(np.abs(ours - ref))) if ours.size else 0.0
-    if not np.isfinite(diff) or diff > tol:
-        raise ExportError(
-            f"{name}: ONNX Runtime and PyTorch disagree (largest difference {diff:.3g} > {tol:g}); the export is not usable"
-        )
-    return diff
-
-
 # --- what the specifications share ------------------------------------------------------------------
 @dataclass
 class ExportRun:
@@ -186,7 +178,7 @@ def _verify_encoder(label: str) -> Callable[[ExportRun, Any], dict[str, float]]:
     def verify(run: ExportRun, session) -> dict[str, float]:
         outputs = session.run(ENCODER_OUTPUTS, {"image": run.image.numpy()})
         run.onnx_features = outputs
-        return {f"{label}.{n}": _check_close(f"{label} output {n}", o, t.numpy(), ENCODER_TOLERANCE)
+        return {f"{label}.{n}": check_close(f"{label} output {n}", o, t.numpy(), ENCODER_TOLERANCE)
                 for n, o, t in zip(ENCODER_OUTPUTS, outputs, run.features)}
     return verify
 
@@ -195,8 +187,8 @@ def _compare(label: str, case: tuple[int, int], got: Sequence[np.ndarray], ref: 
     """A decoder graph's (low_res_masks, iou_predictions) against PyTorch's, named as the manifest records them."""
     b, n = case
     return {
-        f"{label}.low_res_masks[B={b},N={n}]": _check_close(f"{label} low_res_masks", got[0], ref[0].numpy(), DECODER_LOGIT_TOLERANCE),
-        f"{label}.iou_predictions[B={b},N={n}]": _check_close(f"{label} iou_predictions", got[1], ref[1].numpy(), DECODER_IOU_TOLERANCE),
+        f"{label}.low_res_masks[B={b},N={n}]": check_close(f"{label} low_res_masks", got[0], ref[0].numpy(), DECODER_LOGIT_TOLERANCE),
+        f"{label}.iou_predictions[B={b},N={n}]": check_close(f"{label} iou_predictions", got[1], ref[1].numpy(), DECODER_IOU_TOLERANCE),
     }
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ..errors import ExportError
 from ..graph_table import CUDA, graph_file, row
 from .cuda_matmul import refuse_cuda_problems
+from .parity import check_close
 from .encoder_fusion import MHA_DOMAIN
 from ..manifest import sha256_file
 from ..runtime.video.heads import NO_POINTS_COORDS, NO_POINTS_LABELS, select_track_output, use_multimask
@@ -40,15 +41,13 @@ VIDEO_CONSTANTS_FILE = "video_constants.npz"
 # frame (the frame of its first prompt; later prompts on tracked frames are corrections, which the
 # reference keeps as non-conditioning frames), so one slot computes exactly what the reference does.
 DEFAULT_COND_SLOTS = 1
-# Largest differences tolerated against PyTorch before an export is refused.
+# Largest differences tolerated against PyTorch before an export is refused, relative to the reference's magnitude
+# (export/parity.py).
 VIDEO_TOLERANCE = 1e-3
 
 
 def _check(name: str, ours: np.ndarray, ref: np.ndarray, tol: float = VIDEO_TOLERANCE) -> float:
-    diff = float(np.max(np.abs(np.asarray(ours, np.float64) - np.asarray(ref, np.float64)))) if np.size(ours) else 0.0
-    if not np.isfinite(diff) or diff > tol:
-        raise ExportError(f"{name}: ONNX Runtime and PyTorch disagree (largest difference {diff:.3g} > {tol:g})")
-    return diff
+    return check_close(name, ours, ref, tol)
 
 
 def _io_spec(session) -> dict[str, list[dict]]:
