@@ -11,7 +11,8 @@ photos bundled in `sam2rt/data/photos`) over a grid of point, box and mixed prom
 - masks at the original image size: IoU of each mask with the reference's (min and percentiles).
 
 It does this for every precision the chosen backend would run (`onnxruntime-cpu`: FP32, and the opt-in
-INT8 encoder when the export has one; `tensorrt`: each engine precision built into the directory), and
+INT8 encoder when the export has one; `onnxruntime-cuda`: TF32, its default, and FP16 when the export has the FP16
+encoder; `tensorrt`: each engine precision built into the directory), and
 the prompt grid reaches every decoder graph the CPU backend loads: plain prompts of up to 10 points
 (the fast decoder), a prompt of more points (the mask-free decoder) and a mask prompt (the full decoder).
 
@@ -184,6 +185,11 @@ def backends_to_check(manifest, backend: str) -> list[str]:
         return ["onnxruntime-cpu"] + (["onnxruntime-cpu:int8"] if int8 and manifest.is_stored(int8) else [])
     if name == "tensorrt":
         return [f"tensorrt:{p}" for p in engine_entries(manifest)] or ["tensorrt"]
+    if name == "onnxruntime-cuda":  # its default, and FP16 where the export made its encoder (where overflow would show)
+        from .runtime.backends.onnxruntime_backend import _fresh_variant
+
+        fp16 = _fresh_variant(manifest, "encoder", "fp16")
+        return ["onnxruntime-cuda:tf32"] + (["onnxruntime-cuda:fp16"] if fp16 and manifest.is_stored(fp16) else [])
     return [name]
 
 

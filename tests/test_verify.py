@@ -106,3 +106,19 @@ def test_bounds_are_checked_one_by_one():
         assert len(broken) == 1, (key, broken)
     assert violations({**good, "logit_diff_max": 0.5}, BOUNDS["fp16"]) == []
     assert np.isclose(BOUNDS["int8"].min_mask_iou, 0.85)
+
+
+def test_verify_checks_the_fp16_encoder_on_a_gpu(model_dir, tiny_model_dir):
+    """On `onnxruntime-cuda` verify runs its default (TF32) and, where the export made the FP16 encoder, FP16 too:
+    FP16 overflow shows only on real weights, so the user's check must reach the fast mode they would run."""
+    from sam2rt.manifest import Manifest
+    from sam2rt.verify import backends_to_check
+
+    full = Manifest.load(model_dir)
+    assert full.variant("encoder", "fp16") is not None
+    assert backends_to_check(full, "onnxruntime-cuda") == ["onnxruntime-cuda:tf32", "onnxruntime-cuda:fp16"]
+    assert backends_to_check(full, "cuda") == ["onnxruntime-cuda:tf32", "onnxruntime-cuda:fp16"]
+    assert backends_to_check(full, "onnxruntime-cuda:fp32") == ["onnxruntime-cuda:fp32"]  # one precision asked for
+    tiny = Manifest.load(tiny_model_dir)  # the stand-in has no FP16 encoder: TF32 alone
+    assert tiny.variant("encoder", "fp16") is None
+    assert backends_to_check(tiny, "onnxruntime-cuda") == ["onnxruntime-cuda:tf32"]
