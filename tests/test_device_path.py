@@ -263,6 +263,9 @@ def test_export_records_the_fp16_encoder(model_dir):
     # ONNX Runtime's LayerNormalization keeps FP32 statistics (stash_type) on FP16 tensors, and Max is exact in FP16:
     # neither sits in an FP32 island with casts around it (export/fp16.py, ORT_FP16_OP_TYPES)
     assert "LayerNormalization" not in entry["fp32_summary"] and "Max" not in entry["fp32_summary"]
+    check = entry["check"]  # against the FP32 encoder on a real photo, at export (export/fp16_check.py)
+    assert check["refused"] is None and set(check["outputs"]) == {"image_embed", "high_res_feats_0", "high_res_feats_1"}
+    assert all(r["finite"] and 0 < r["relative_mean"] < 0.01 for r in check["outputs"].values()), check
     inits = {t.name: t for t in graph.initializer}
     norms = [n for n in graph.node if n.op_type == "LayerNormalization"]
     assert norms and all(inits[n.input[1]].data_type == onnx.TensorProto.FLOAT16 for n in norms)
@@ -491,3 +494,61 @@ def test_the_fast_decoder_probe_holds_rounding_to_the_logits_magnitude(tiny_mode
         assert check.startswith("on: within 0.002") and kept, check
     else:
         assert check.startswith("off: on onnxruntime-cpu it differs from decoder_nomask by 1") and not kept, check
+
+
+def _scaled_layernorm_encoder(path, factor: float) -> None:
+    """A stand-in `fused` encoder: LayerNorm(image * factor * factor) over the last axis. Finite in FP32 for any
+    factor; in FP16 the product overflows (inf, then NaN) once factor^2 x |image| passes 65504, as a trained model's
+    large activations would."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    k = helper.make_tensor("k", TensorProto.FLOAT, [], [factor])
+    scale = helper.make_tensor("scale", TensorProto.FLOAT, [1024], [1.0] * 1024)
+    bias = helper.make_tensor("bias", TensorProto.FLOAT, [1024], [0.0] * 1024)
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["image", "k"], ["a"]), helper.make_node("Mul", ["a", "k"], ["b"]),
+         helper.make_node("LayerNormalization", ["b", "scale", "bias"], ["image_embed"], axis=-1)],
+        "stand_in", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 1024, 1024])],
+        [helper.make_tensor_value_info("image_embed", TensorProto.FLOAT, [1, 3, 1024, 1024])], [k, scale, bias])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+@pytest.mark.parametrize("factor", [3.0, 300.0], ids=["within-range", "overflows"])
+def test_the_export_refuses_an_fp16_encoder_these_weights_overflow(tiny_model_dir, tmp_path, factor):
+    """The FP16 encoder is checked against its FP32 source on a real photo when it is made: kept with the numbers
+    where it holds; where an output is not finite (FP16 overflow, which only real weights can show), not written, the
+    manifest says why, the lean export lists it as refused, and asking for onnxruntime-cuda:fp16 says so."""
+    import shutil
+
+    from sam2rt.errors import GraphNotExportedError
+    from sam2rt.export.optimize import add_fp16_encoder
+    from sam2rt.export.targets import keep_only
+    from sam2rt.manifest import sha256_file
+    from sam2rt.runtime.backends.onnxruntime_backend import required_variant
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, d)
+    m = Manifest.load(d)
+    _scaled_layernorm_encoder(d / "encoder.fused.onnx", factor)
+    entry = m.graph("encoder")
+    entry["variants"]["fused"] = {"file": "encoder.fused.onnx", "sha256": sha256_file(d / "encoder.fused.onnx"),
+                                  "derived_from_sha256": entry["sha256"]}
+    if factor < 100:
+        add_fp16_encoder(m)
+        fp16 = m.variant("encoder", "fp16")
+        row = fp16["check"]["outputs"]["image_embed"]
+        assert fp16["check"]["refused"] is None and row["finite"] and 0 < row["relative_mean"] < 0.01, fp16["check"]
+        assert (d / fp16["file"]).exists() and required_variant(m, "encoder", "fp16", "") is fp16
+        return
+    with pytest.warns(UserWarning, match="FP16 encoder is not usable with these weights"):
+        add_fp16_encoder(m)
+    fp16 = m.variant("encoder", "fp16")
+    assert fp16["stored"] is False and not (d / fp16["file"]).exists()
+    assert "image_embed has" in fp16["refused"] and "not finite" in fp16["refused"]
+    assert fp16["check"]["outputs"]["image_embed"]["finite"] is False
+    with pytest.raises(GraphNotExportedError, match="the export refused it .image_embed has"):
+        required_variant(m, "encoder", "fp16", "")
+    m.save()
+    left_out = keep_only(Manifest.load(d), ["cpu", "cuda"]).data["export"]["left_out"]
+    assert left_out[fp16["file"]].startswith("refused at export: image_embed has"), left_out

@@ -80,7 +80,7 @@ def keep_only(model_dir: str | Path | Manifest, targets: Iterable[str]) -> Manif
         entry = manifest.entry(g.role, g.variant)
         if entry is not None:
             entry["stored"] = False
-        left_out[g.file] = how_to_write(g)
+        left_out[g.file] = f"refused at export: {entry['refused']}" if entry and entry.get("refused") else how_to_write(g)
     manifest.data["export"] = {
         "targets": list(targets),
         "written": [g.file for g in GRAPHS if g in keep],

@@ -219,6 +219,9 @@ def required_variant(manifest: Manifest, role: str, variant: str, fix: str) -> d
     """A fresh, stored variant a precision needs (e.g. the INT8 or FP16 encoder), or GraphNotExportedError saying how
     to make it."""
     entry = _fresh_variant(manifest, role, variant)
+    if entry is not None and entry.get("refused"):  # made and checked at export, and found unusable with these weights
+        raise GraphNotExportedError(f"{manifest.directory} has no {variant.upper()} {role}: the export refused it "
+                                    f"({entry['refused']}); use another precision")
     if entry is None or not manifest.is_stored(entry):
         raise GraphNotExportedError(f"{manifest.directory} has no {variant.upper()} {role} (`{role}` variant `{variant}`); {fix}")
     return entry
