@@ -649,6 +649,8 @@ def test_build_engines_records_what_the_runtime_checks(model_dir, tmp_path, monk
     assert entry["tensorrt"] == "10.3.0.99" and entry["gpu"] == {"name": "NVIDIA Test GPU", "compute_capability": "8.9"}
     assert entry["decoder"]["profiles"][1]["name"] == "batch"
     assert "LayerNormalization" in entry["encoder"]["fp32_summary"] and entry["encoder"]["fp32_nodes"]
+    check = entry["encoder"]["fp16_check"]  # the activations on a photo against FP16's range, before the build
+    assert check["refused"] is None and check["tensors_measured"] > 500, check
     env = EngineEnvironment("10.3.0.99", "NVIDIA Test GPU", "8.9")
     paths = check_engines(m, "fp16", env)
     assert paths["decoder"].read_bytes() == b"fake plan 2"
@@ -674,3 +676,28 @@ def test_embedding_features_must_fit_the_model(tiny_model, coffee):
         backend.upload_features({"image_embed": np.zeros((1, 256, 32, 32), np.float32),
                                  "high_res_feats_0": np.zeros((1, 32, 256, 256), np.float32),
                                  "high_res_feats_1": np.zeros((1, 64, 128, 128), np.float32)})
+
+
+def test_build_engine_refuses_fp16_where_the_weights_overflow_it(model_dir, tmp_path, monkeypatch, capsys):
+    """An encoder whose activations pass FP16's range (as a trained model's may): `build-engine --fp16` says so and
+    builds nothing (on a Jetson that saves minutes of building an engine that would give NaN masks)."""
+    import json
+    import shutil
+
+    from sam2rt.manifest import sha256_file
+    from sam2rt.runtime import gpu
+    from test_device_path import _scaled_layernorm_encoder
+
+    d = Path(shutil.copytree(model_dir, tmp_path / "m"))
+    _scaled_layernorm_encoder(d / "encoder.onnx", 300.0)
+    data = json.loads((d / "manifest.json").read_text())
+    data["graphs"]["encoder"]["sha256"] = sha256_file(d / "encoder.onnx")
+    (d / "manifest.json").write_text(json.dumps(data))
+    fake = _FakeTrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(gpu, "set_device", lambda device=0: None)
+    monkeypatch.setattr(gpu, "gpu_info", lambda device=0: gpu.GpuInfo(0, "NVIDIA Test GPU", "8.9", 1 << 34, False))
+    assert main(["build-engine", "--model-dir", str(d), "--fp16", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "the FP16 encoder is not usable with these weights: 1 of its FP16 tensors pass FP16's range" in err, err
+    assert fake.calls == [] and "fp16" not in (Manifest.load(d).data.get("engines") or {})

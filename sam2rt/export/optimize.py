@@ -14,8 +14,8 @@ model directory: `add_variants(DIR, int8=True)`. Each variant is recorded in the
   `fused` form (attention as MultiHeadAttention, which the CUDA provider runs as fused FP16 kernels with
   FP32 softmax statistics), FP16 weights and activations except the Casts of shape arithmetic; LayerNormalization
   runs on FP16 tensors with FP32 statistics (its stash_type; sam2rt.export.fp16); inputs and outputs stay FP32.
-  Checked against the FP32 encoder on a real photo and not written where these weights overflow FP16
-  (export/fp16_check.py; the manifest says why). REDUCED PRECISION: used only when asked for.
+  Not written where these weights' activations on a real photo pass FP16's range (export/fp16_check.py; the
+  manifest says why). REDUCED PRECISION: used only when asked for.
 - `fp16` of the video graphs (memory encoder, memory attention, tracking decoder): the VideoTracker's graphs
   for `onnxruntime-cuda:fp16`, made from the base graphs the same way (add_fp16_video). REDUCED PRECISION.
 - `int8`: the encoder with dynamic INT8 quantisation of its MatMul weights (onnxruntime.quantization,
@@ -77,7 +77,7 @@ def add_fp16_encoder(manifest: Manifest) -> None:
     # encoder.fused.fp16.onnx: not encoder.fp16.onnx, the name of build-engine's temporary TensorRT graph
     out = manifest.directory / graph_file("encoder", "fp16").file
     keep = convert_to_mixed_fp16(src, out, ort_kernels=True)
-    check = check_fp16_encoder(src, out)  # these weights' activations within FP16's range? (export/fp16_check.py)
+    check = check_fp16_encoder(src, keep)  # these weights' activations within FP16's range? (export/fp16_check.py)
     record = dict(precision="fp16", source="fused", fp32_summary=summarize(keep), check=check,
                   use="onnxruntime-cuda:fp16 (reduced precision): FP16 weights and activations, LayerNorm statistics in FP32")
     if check["refused"]:

@@ -318,6 +318,25 @@ def build_engine(
     return out
 
 
+def _check_fp16_encoder(src: Path, fp32_nodes: dict[str, str], printer: _Printer) -> dict[str, Any] | None:
+    """The FP32 encoder's activations on a photo against FP16's range, for the mixed-precision graph that keeps
+    `fp32_nodes` in FP32, before minutes of engine building: the graph is strongly typed, so TensorRT holds those
+    tensors in FP16 (export/fp16_check.py). ExportError where the weights pass the range; None without onnxruntime."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        printer.line("FP16 encoder not checked against FP32 (onnxruntime is not installed)", final=True)
+        return None
+    from .fp16_check import check_fp16_encoder
+
+    printer.line("checking the encoder's activations on a photo against FP16's range (CPU)", final=True)
+    check = check_fp16_encoder(src, fp32_nodes)
+    if check["refused"]:
+        raise ExportError(f"the FP16 encoder is not usable with these weights: {check['refused']}. Build FP32 engines "
+                          "(without --fp16; --tf32 lets them use TF32 tensor cores)")
+    return check
+
+
 def build_engines(
     manifest: Manifest,
     precision: str = "fp32",
@@ -387,9 +406,12 @@ def build_engines(
                 printer.line(
                     "kept in FP32: " + ", ".join(f"{n} {r}" for r, n in summarize(kept).items()), final=True
                 )
+                check = _check_fp16_encoder(src, kept, printer) if role == "encoder" else None
                 info = build_engine(trt, mixed, engine_path, label=label, strongly_typed=True,
                                     profiles=profiles if role == "decoder" else None, **common)
                 info.update(precision="fp16", fp32_nodes=sorted(kept), fp32_summary=summarize(kept))
+                if check is not None:
+                    info["fp16_check"] = check
             else:
                 info = build_engine(trt, src, engine_path, label=label, strongly_typed=True,
                                     profiles=profiles if role == "decoder" else None, **common)
