@@ -553,3 +553,31 @@ def test_the_export_refuses_an_fp16_encoder_these_weights_overflow(tiny_model_di
     m.save()
     left_out = keep_only(Manifest.load(d), ["cpu", "cuda"]).data["export"]["left_out"]
     assert left_out[fp16["file"]].startswith("refused at export: 1 of its FP16 tensors"), left_out
+
+
+def test_fp16_weights_are_kept_to_fp16s_range_and_checked_against_it(tmp_path):
+    """A weight FP16 can hold (30000) goes into the FP16 graph unchanged (onnxconverter-common would clamp it to
+    1e4 by default, a silently different model); one it cannot hold (1e5) makes the check refuse the encoder even
+    where the activations stay small."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sam2rt.export.fp16 import convert_to_mixed_fp16
+    from sam2rt.export.fp16_check import check_fp16_encoder
+
+    for divisor, refused in ((3.0e4, False), (1.0e5, True)):
+        graph = helper.make_graph(
+            [helper.make_node("Div", ["image", "k"], ["image_embed"])], "divide",
+            [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 1024, 1024])],
+            [helper.make_tensor_value_info("image_embed", TensorProto.FLOAT, [1, 3, 1024, 1024])],
+            [helper.make_tensor("k", TensorProto.FLOAT, [], [divisor])])
+        src, dst = tmp_path / f"d{divisor:g}.onnx", tmp_path / f"d{divisor:g}.fp16.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+        keep = convert_to_mixed_fp16(src, dst)
+        check = check_fp16_encoder(src, keep)
+        if refused:
+            assert check["refused"] and "the largest k at 1e+05" in check["refused"], check
+        else:
+            k = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(dst)).graph.initializer}["k"]
+            assert k.dtype == np.float16 and float(k) == 30000.0
+            assert check["refused"] is None and check["largest"][0] == {"tensor": "k", "max_abs": 30000.0}, check

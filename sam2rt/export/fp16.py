@@ -37,6 +37,9 @@ FP32_OP_TYPES = frozenset({"Cast", "LayerNormalization", "Softmax", "ReduceMean"
 # over image-sized activations and lets ONNX Runtime fuse Add + LayerNorm. TensorRT graphs keep LayerNorm FP32.
 ORT_FP16_OP_TYPES = frozenset({"LayerNormalization", "Max", "Min"})
 NORM_OP_TYPES = frozenset({"ReduceMean", "Pow", "Sqrt"})
+# Weights beyond this become it (onnxconverter-common clamps at 1e4 by default, which would change a weight FP16 can
+# hold exactly); export/fp16_check.py refuses an encoder whose FP16 weights pass it.
+FP16_MAX_FINITE = 65504.0
 ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div"})
 # Nodes a MatMul's result may pass through on its way to a softmax / sin / cos and still count as "feeding" it.
 PASS_THROUGH = frozenset({"Mul", "Div", "Add", "Sub", "Reshape", "Transpose"})
@@ -163,6 +166,7 @@ def convert_to_mixed_fp16(
             converted = float16.convert_float_to_float16(
                 model,
                 keep_io_types=True,
+                max_finite_val=FP16_MAX_FINITE,
                 node_block_list=sorted(keep),
                 op_block_list=[op for op in float16.DEFAULT_OP_BLOCK_LIST if not (ort_kernels and op in ORT_FP16_OP_TYPES)],
             )

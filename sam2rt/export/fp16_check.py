@@ -11,7 +11,9 @@ Why measured on the FP32 graph rather than by running the FP16 one on the CPU: O
 FP16 operators in FP32 and removes the casts between them, so an FP16 graph can run there without ever holding an
 FP16 value that overflows on a GPU. The magnitudes are the same on any hardware.
 
-Verdict (`refused`): a tensor beyond 65504 on this photo. A tensor beyond MARGIN of it is reported as close
+The weights those FP16 nodes read are measured too (a weight beyond 65504 cannot be held in FP16).
+
+Verdict (`refused`): a tensor or weight beyond 65504 on this photo. A tensor beyond MARGIN of it is reported as close
 (`near_limit`): other images may pass the range; `sam2rt verify` checks the masks on the GPU itself.
 """
 
@@ -92,6 +94,30 @@ def fp16_tensors(graph: Any, fp32_nodes: set[str]) -> list[str]:
     return list(names)
 
 
+def fp16_weight_magnitudes(fp32: str | Path, fp32_nodes: set[str]) -> dict[str, float]:
+    """max |w| of each float weight (initializer or Constant) that a node the FP16 graph runs in FP16 reads."""
+    import onnx
+    from onnx import numpy_helper
+
+    from .fp16 import _name_unnamed
+
+    graph = onnx.load(str(fp32)).graph
+    _name_unnamed(graph)
+    weights = {i.name: i for i in graph.initializer}
+    weights.update({n.output[0]: a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute
+                    if a.HasField("t")})
+    out = {}
+    for n in graph.node:
+        if n.name in fp32_nodes or n.op_type in ("Shape", "Cast"):
+            continue
+        for name in n.input:
+            if name in weights and name not in out:
+                w = numpy_helper.to_array(weights[name])
+                if w.dtype == np.float32 and w.size:
+                    out[name] = float(np.abs(w).max())
+    return out
+
+
 def activation_magnitudes(fp32: str | Path, names: list[str], image: np.ndarray) -> dict[str, float]:
     """max |x| of each named tensor of the FP32 graph on `image`, reduced inside the graph (ReduceMax, ReduceMin)."""
     import onnx
@@ -127,6 +153,7 @@ def check_fp16_encoder(fp32: str | Path, fp32_nodes: dict[str, str] | set[str]) 
     _name_unnamed(graph)  # the names the conversion gave the nodes `fp32_nodes` names
     names = fp16_tensors(graph, set(fp32_nodes))
     peaks = activation_magnitudes(fp32, names, _photo_input())
+    peaks.update(fp16_weight_magnitudes(fp32, set(fp32_nodes)))
     top = sorted(peaks.items(), key=lambda kv: -kv[1] if np.isfinite(kv[1]) else -np.inf)[:TOP]
     over = [(n, v) for n, v in peaks.items() if not np.isfinite(v) or v > FP16_MAX]
     refused = None
