@@ -94,15 +94,10 @@ def fp16_tensors(graph: Any, fp32_nodes: set[str]) -> list[str]:
     return list(names)
 
 
-def fp16_weight_magnitudes(fp32: str | Path, fp32_nodes: set[str]) -> dict[str, float]:
+def fp16_weight_magnitudes(graph: Any, fp32_nodes: set[str]) -> dict[str, float]:
     """max |w| of each float weight (initializer or Constant) that a node the FP16 graph runs in FP16 reads."""
-    import onnx
     from onnx import numpy_helper
 
-    from .fp16 import _name_unnamed
-
-    graph = onnx.load(str(fp32)).graph
-    _name_unnamed(graph)
     weights = {i.name: i for i in graph.initializer}
     weights.update({n.output[0]: a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute
                     if a.HasField("t")})
@@ -118,15 +113,14 @@ def fp16_weight_magnitudes(fp32: str | Path, fp32_nodes: set[str]) -> dict[str, 
     return out
 
 
-def activation_magnitudes(fp32: str | Path, names: list[str], image: np.ndarray) -> dict[str, float]:
-    """max |x| of each named tensor of the FP32 graph on `image`, reduced inside the graph (ReduceMax, ReduceMin)."""
-    import onnx
+def activation_magnitudes(model: Any, names: list[str], image: np.ndarray) -> dict[str, float]:
+    """max |x| of each named tensor of an FP32 model on `image`, reduced inside the graph (ReduceMax, ReduceMin);
+    `model` (an onnx ModelProto) gets those reductions as its only outputs."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     from ..runtime.backends.onnxruntime_backend import session_options
 
-    model = onnx.load(str(fp32))
     graph = model.graph
     outputs = []
     for i, name in enumerate(names):  # the largest and the smallest value: two reads, no copy of the tensor
@@ -149,11 +143,11 @@ def check_fp16_encoder(fp32: str | Path, fp32_nodes: dict[str, str] | set[str]) 
 
     from .fp16 import _name_unnamed
 
-    graph = onnx.load(str(fp32), load_external_data=False).graph
-    _name_unnamed(graph)  # the names the conversion gave the nodes `fp32_nodes` names
-    names = fp16_tensors(graph, set(fp32_nodes))
-    peaks = activation_magnitudes(fp32, names, _photo_input())
-    peaks.update(fp16_weight_magnitudes(fp32, set(fp32_nodes)))
+    model = onnx.load(str(fp32))
+    _name_unnamed(model.graph)  # the names the conversion gave the nodes `fp32_nodes` names
+    names = fp16_tensors(model.graph, set(fp32_nodes))
+    weights = fp16_weight_magnitudes(model.graph, set(fp32_nodes))
+    peaks = {**activation_magnitudes(model, names, _photo_input()), **weights}
     top = sorted(peaks.items(), key=lambda kv: -kv[1] if np.isfinite(kv[1]) else -np.inf)[:TOP]
     over = [(n, v) for n, v in peaks.items() if not np.isfinite(v) or v > FP16_MAX]
     refused = None
