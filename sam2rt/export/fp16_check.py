@@ -26,7 +26,7 @@ import numpy as np
 
 PHOTO = Path(__file__).resolve().parents[1] / "data" / "photos" / "astronaut.jpg"
 FP16_MAX = 65504.0
-MARGIN = 0.25  # a tensor above MARGIN * FP16_MAX on the photo is near the limit
+MARGIN = 0.25  # a tensor above MARGIN * FP16_MAX on the photo is near the limit (the export warns)
 TOP = 5  # the largest tensors reported
 
 

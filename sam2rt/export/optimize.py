@@ -87,6 +87,10 @@ def add_fp16_encoder(manifest: Manifest) -> None:
         warnings.warn(f"sam2rt export: the FP16 encoder is not usable with these weights and was not written: "
                       f"{check['refused']}. onnxruntime-cuda runs TF32 (its default) and FP32.", stacklevel=2)
         return
+    if check["near_limit"]:
+        warnings.warn(f"sam2rt export: the FP16 encoder was written, but {check['near_limit']} of its FP16 tensors come "
+                      "within 4x of FP16's range on the check's photo; other images may pass it: check yours with "
+                      "`sam2rt verify --backend onnxruntime-cuda:fp16`", stacklevel=2)
     entry["variants"]["fp16"] = _entry(out, fused["sha256"], **record)
 
 
