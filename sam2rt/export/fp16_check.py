@@ -122,17 +122,36 @@ def activation_magnitudes(model: Any, names: list[str], image: np.ndarray) -> di
     from ..runtime.backends.onnxruntime_backend import session_options
 
     graph = model.graph
-    outputs = []
-    for i, name in enumerate(names):  # the largest and the smallest value: two reads, no copy of the tensor
-        high, low = f"sam2rt_max_{i}", f"sam2rt_min_{i}"
-        graph.node.extend([helper.make_node("ReduceMax", [name], [high], keepdims=0),
-                           helper.make_node("ReduceMin", [name], [low], keepdims=0)])
-        outputs += [helper.make_tensor_value_info(o, TensorProto.FLOAT, []) for o in (high, low)]
+    wanted = set(names)
+    order: list[str] = []  # the tensors in the order they are computed
+
+    def reductions(name: str) -> list[Any]:
+        """ReduceMax and ReduceMin of `name` (two reads, no copy), placed right after the node that computes it. With
+        the priority-based order below each runs as soon as its tensor exists, which is then freed as before; in
+        ONNX Runtime's default order they held every activation of the encoder at once (hiera_large: over 24 GiB)."""
+        if name not in wanted or name in order:
+            return []
+        i = len(order)
+        order.append(name)
+        return [helper.make_node(op, [name], [f"sam2rt_peak_{i:06d}_{op[-3:].lower()}"], name=f"sam2rt_peak_{i:06d}_{op}",
+                                 keepdims=0) for op in ("ReduceMax", "ReduceMin")]
+
+    nodes = [r for i in graph.input for r in reductions(i.name)]
+    for n in graph.node:
+        nodes.append(n)
+        nodes += [r for o in n.output for r in reductions(o)]
+    del graph.node[:]
+    graph.node.extend(nodes)
     del graph.output[:]
-    graph.output.extend(outputs)
-    session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+    graph.output.extend(helper.make_tensor_value_info(f"sam2rt_peak_{i:06d}_{kind}", TensorProto.FLOAT, [])
+                        for i in range(len(order)) for kind in ("max", "min"))
+    so = session_options()
+    # Kahn's order, lowest node first among those ready: each reduction runs as soon as its tensor exists (the default
+    # order walks back from the last output, which needs the whole encoder before any other reduction runs)
+    so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     values = session.run(None, {session.get_inputs()[0].name: image})
-    return {name: float(max(abs(values[2 * i]), abs(values[2 * i + 1]))) for i, name in enumerate(names)}
+    return {name: float(max(abs(values[2 * i]), abs(values[2 * i + 1]))) for i, name in enumerate(order)}
 
 
 def check_fp16_encoder(fp32: str | Path, fp32_nodes: dict[str, str] | set[str]) -> dict[str, Any]:
