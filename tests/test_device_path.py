@@ -463,6 +463,19 @@ def test_cuda_attention_kernel_is_chosen_by_name(monkeypatch):
         cuda_provider_options()
 
 
+def test_the_tf32_encoder_asks_for_the_kernel_measured_fastest(monkeypatch):
+    """The TF32 encoder's sessions ask for the unfused attention kernel (the fastest on an H100, GPU run 5); FP16, FP32
+    and the other graphs leave the choice to ONNX Runtime; SAM2RT_CUDA_ATTENTION, where set, decides for all."""
+    from sam2rt.runtime.backends.onnxruntime_backend import attention_for, cuda_provider_options
+
+    monkeypatch.delenv("SAM2RT_CUDA_ATTENTION", raising=False)
+    assert cuda_provider_options(0, True, True, attention_for("encoder", "tf32"))["sdpa_kernel"] == "16"
+    for role, precision in (("encoder", "fp16"), ("encoder", "fp32"), ("decoder_fast", "tf32"), ("decoder_nomask", "tf32")):
+        assert "sdpa_kernel" not in cuda_provider_options(0, True, True, attention_for(role, precision)), (role, precision)
+    monkeypatch.setenv("SAM2RT_CUDA_ATTENTION", "efficient")
+    assert cuda_provider_options(0, True, True, attention_for("encoder", "tf32"))["sdpa_kernel"] == "2"
+
+
 @pytest.mark.parametrize("fast_error", ["rounding", "half unwritten"])
 def test_the_fast_decoder_probe_holds_rounding_to_the_logits_magnitude(tiny_model_dir, monkeypatch, fast_error):
     """The probe at load compares decoder_fast with decoder_nomask relative to the logits' magnitude: a trained model's
@@ -620,3 +633,35 @@ def test_the_fp16_range_check_frees_each_activation_as_it_goes(tmp_path):
     assert out.returncode == 0, out.stderr
     grown_mib = float(out.stdout.split()[-1])
     assert grown_mib < 10 * 64, f"the check held {grown_mib:.0f} MiB: the activations were not freed as they went"
+
+
+def test_an_embedding_decodes_the_same_on_the_host_and_on_the_device(tiny_model_dir):
+    """An embedding brought to the host (a cache, a file) and decoded on a GPU backend gives the masks and logits of
+    the same embedding on the device, bit for bit: both decode with the fast decoder (H100 run 5: the host copy went
+    through the mask-free decoder instead, and one pixel in 10.8 million flipped). The CPU provider stands in for
+    the GPU here, with the backend's device renamed so that the host copy is not on it."""
+    from conftest import photo
+    from sam2rt.runtime import Prompt, Sam2Model
+    from sam2rt.runtime.backends.ort_device_backend import OrtDeviceBackend
+
+    m = Manifest.load(tiny_model_dir)
+    backend = OrtDeviceBackend(m, "onnxruntime-cpu", fixed_buffers=True)
+    backend.device = "gpu-stand-in:0"
+    prompts = [Prompt(points=np.array([[200.0, 150.0]]), labels=np.array([1])),
+               Prompt(box=np.array([10.0, 20.0, 150.0, 180.0]))]
+    slots: list[str] = []
+    choose = backend._slot
+    backend._slot = lambda *a: slots.append(choose(*a)[0]) or choose(*a)  # which decoder each run takes
+    with Sam2Model(m, backend) as model:
+        emb = model.embed(photo("coffee"))
+        assert emb.device == "gpu-stand-in:0" and emb.prepared
+        got = model.decode(emb, prompts, multimask_output=True)
+        host = emb.to_host()
+        assert host.device == "cpu" and not host.prepared
+        for other in (model.decode(host, prompts, multimask_output=True),
+                      model.decode(host.to_device(model), prompts, multimask_output=True)):
+            np.testing.assert_array_equal(other.masks, got.masks)
+            np.testing.assert_array_equal(other.low_res_logits, got.low_res_logits)
+            np.testing.assert_array_equal(other.scores, got.scores)
+        assert not host.prepared  # prepared for the decode only: a host embedding holds no device memory
+    assert set(slots) == {"decoder_fast"}, slots  # the same decoder each way (here the two round alike)

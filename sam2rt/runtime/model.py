@@ -118,10 +118,16 @@ class Sam2Model:
         b = point_coords.shape[0]
         features = embedding.features
         if mask_input is None:
-            if not embedding.prepared and embedding.device == self.backend.device:
-                embedding.prepared = self.backend.prepare(features)  # e.g. an Embedding.load()ed file: once
-            if embedding.prepared:
-                features = {**features, **embedding.prepared}
+            prepared = embedding.prepared
+            if not prepared:
+                prepared = self.backend.prepare(features)
+                if embedding.device == self.backend.device:
+                    embedding.prepared = prepared  # e.g. an Embedding.load()ed file: once
+                # else (a host embedding on a GPU backend) for this decode only: kept, it would hold device memory
+                # in a host object. Prepared all the same, so that the embedding decodes with the same decoder
+                # (and the same masks) wherever it lives.
+            if prepared:
+                features = {**features, **prepared}
             mask = np.zeros((b, 1, LOW_RES_SIZE, LOW_RES_SIZE), np.float32)
             has_mask = np.zeros((b,), np.float32)
         else:

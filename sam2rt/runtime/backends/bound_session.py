@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..tensors import DeviceTensor, as_host
+from .capture_lock import GPU_WORK
 from .onnxruntime_backend import OrtDeviceTensor
 
 
@@ -52,7 +53,8 @@ class BoundSession:
             self._bind_input(io, name, value)
         for name, value in outputs.items():
             io.bind_ortvalue_output(name, value)
-        self.session.run_with_iobinding(io)
+        with GPU_WORK.shared():
+            self.session.run_with_iobinding(io)
 
     def run(self, feeds: dict[str, Any], device_outputs: tuple[str, ...] = (),
             outputs: tuple[str, ...] | None = None) -> list[Any]:
@@ -66,7 +68,8 @@ class BoundSession:
                 io.bind_output(name, self.device, self.device_id)
             else:
                 io.bind_output(name, "cpu")
-        self.session.run_with_iobinding(io)
-        values = io.get_outputs()
-        return [OrtDeviceTensor(v) if name in device_outputs else v.numpy()
-                for name, v in zip(names, values)]
+        with GPU_WORK.shared():  # the run and the outputs' copies to the host
+            self.session.run_with_iobinding(io)
+            values = io.get_outputs()
+            return [OrtDeviceTensor(v) if name in device_outputs else v.numpy()
+                    for name, v in zip(names, values)]

@@ -43,6 +43,7 @@ import numpy as np
 
 from ..tensors import DeviceTensor, as_host
 from .bound_session import BoundSession
+from .capture_lock import GPU_WORK
 from .onnxruntime_backend import OrtDeviceTensor
 
 log = logging.getLogger("sam2rt")
@@ -176,6 +177,10 @@ class FixedShapeSession:
     # --- runs ------------------------------------------------------------------------------------------
     def run(self, feeds: dict[str, Any], device_outputs: tuple[str, ...] = (),
             outputs: tuple[str, ...] | None = None) -> list[Any]:
+        with GPU_WORK.shared():
+            return self._run(feeds, device_outputs, outputs)
+
+    def _run(self, feeds: dict[str, Any], device_outputs: tuple[str, ...], outputs: tuple[str, ...] | None) -> list[Any]:
         feeds = {k: v for k, v in feeds.items() if k in self.input_names}
         sig = self._signature(feeds, outputs)
         fixed = self._fixed.get(sig)
@@ -184,7 +189,8 @@ class FixedShapeSession:
             result = self.plain.run(feeds, device_outputs, outputs)
             if sig in self._pending:
                 self._pending.discard(sig)
-                self._make_fixed(sig, feeds, result)
+                with GPU_WORK.exclusive():  # its first replay captures the CUDA graph (capture_lock.py)
+                    self._make_fixed(sig, feeds, result)
             return result
         fixed.last_used = self._clock()
         self._load(fixed, feeds, first=False)

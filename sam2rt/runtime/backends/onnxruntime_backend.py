@@ -103,6 +103,22 @@ def attention_kernel_default() -> str:
     return name
 
 
+# The attention kernel each graph's sessions ask for by default, per precision mode, where ONNX Runtime's own choice
+# was measured slower: the TF32 encoder ran 11.4 ms with the unfused ("math") kernel in all 17 blocks against 12.4 ms
+# with ONNX Runtime's choice (memory-efficient from 256 tokens, unfused below) and 12.1 ms memory-efficient
+# throughout (H100, GPU run 5, `sam2rt.bench.encoder_forms`; benchmarks/README.md). FP16 keeps ONNX Runtime's
+# choice (cuDNN flash attention, the fastest there); FP32 (TF32 off) was not measured.
+ATTENTION_BY_ROLE = {("encoder", "tf32"): "math"}
+
+
+def attention_for(role: str, precision: str) -> str | None:
+    """The kernel for `role`'s sessions in `precision` mode: SAM2RT_CUDA_ATTENTION where set, else ATTENTION_BY_ROLE's
+    (None: attention_kernel_default(), ONNX Runtime's choice)."""
+    if os.environ.get("SAM2RT_CUDA_ATTENTION", "").strip():
+        return None
+    return ATTENTION_BY_ROLE.get((role, precision))
+
+
 def cuda_provider_options(device_id: int = 0, tf32: bool = True, graph: bool = False,
                           attention: str | None = None) -> dict[str, str]:
     """CUDAExecutionProvider options for a SAM 2 graph: TF32 tensor cores for FP32 products or not, CUDA-graph capture

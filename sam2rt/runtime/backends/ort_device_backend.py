@@ -36,9 +36,11 @@ from ..embedding import FAST_MAX_POINTS, FEATURE_NAMES, PREPARED_NAMES, fast_pro
 from .base import Backend, DecodedMasks, MaskRequest
 from ...graph_table import DEVICE_SLOTS
 from .onnxruntime_backend import (
-    PROVIDERS, OrtDeviceTensor, _import_ort, _trt_profile_option, cuda_provider_options, required_variant, session_options,
+    PROVIDERS, OrtDeviceTensor, _import_ort, _trt_profile_option, attention_for, cuda_provider_options, required_variant,
+    session_options,
     slot_entries,
 )
+from .capture_lock import GPU_WORK
 from .fixed_shapes import relative_difference
 from .ort_pipeline import OrtPipeline
 
@@ -204,7 +206,7 @@ class OrtDeviceBackend(Backend):
         out: list = []
         for provider in self._wanted:
             if provider == "CUDAExecutionProvider":
-                out.append((provider, cuda_provider_options(self.device_id, tf32, graph)))
+                out.append((provider, cuda_provider_options(self.device_id, tf32, graph, attention_for(role, self.precision))))
             elif provider == "TensorrtExecutionProvider":
                 opts: dict[str, Any] = {"device_id": self.device_id, "trt_fp16_enable": False}
                 cache = self._manifest.directory / "ort_trt_cache"
@@ -403,7 +405,7 @@ class OrtDeviceBackend(Backend):
 
     def encode(self, image: Any) -> dict[str, Any]:
         self._check_open()
-        with self._lock:
+        with self._lock, GPU_WORK.shared():
             src = self._as_value(image)
             fixed = self._encoder_fixed
             if fixed is None:
@@ -417,7 +419,8 @@ class OrtDeviceBackend(Backend):
                 return {n: OrtDeviceTensor(v) for n, v in zip(names, io.get_outputs())}
             self._pipeline.copy(src, fixed.inputs["image"])
             try:
-                self._replay(fixed)
+                with GPU_WORK.shared() if fixed.ran else GPU_WORK.exclusive():  # the first run captures (capture_lock.py)
+                    self._replay(fixed)
             except Exception as exc:
                 if fixed.ran:
                     raise
@@ -442,7 +445,7 @@ class OrtDeviceBackend(Backend):
         if "decoder_prep" not in self.files:
             return {}
         self._check_open()
-        with self._lock:
+        with self._lock, GPU_WORK.shared():
             session = self._session("decoder_prep")
             io = session.io_binding()
             for n in FEATURE_NAMES:
@@ -495,8 +498,9 @@ class OrtDeviceBackend(Backend):
             self._slot_loaded[slot] = token
             self._slot_owner[slot] = [tensors[k] for k in tensor_names]
         try:
-            fixed.upload_prompts(prompts)
-            self._replay(fixed)
+            with GPU_WORK.shared() if fixed.ran else GPU_WORK.exclusive():  # the first run captures (capture_lock.py)
+                fixed.upload_prompts(prompts)
+                self._replay(fixed)
         except Exception as exc:
             if fixed.ran:
                 raise
@@ -543,7 +547,7 @@ class OrtDeviceBackend(Backend):
 
     def decode(self, features, point_coords, point_labels, mask_input, has_mask_input) -> tuple[np.ndarray, np.ndarray]:
         self._check_open()
-        with self._lock:
+        with self._lock, GPU_WORK.shared():
             parts = []
             for prompts in self._runs(point_coords, point_labels, mask_input, has_mask_input):
                 low_res, iou = self._decode_device(features, *prompts)
@@ -561,7 +565,7 @@ class OrtDeviceBackend(Backend):
     def decode_masks(self, features, point_coords, point_labels, mask_input, has_mask_input,
                      request: MaskRequest) -> DecodedMasks:
         self._check_open()
-        with self._lock:
+        with self._lock, GPU_WORK.shared():
             parts = []
             for prompts in self._runs(point_coords, point_labels, mask_input, has_mask_input):
                 low_res, iou = self._decode_device(features, *prompts)

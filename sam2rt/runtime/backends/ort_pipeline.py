@@ -28,6 +28,7 @@ from ..postprocess import _linear_taps
 from ..preprocess import _OFFSET, _SCALE, _aa_taps
 from .base import DecodedMasks, MaskRequest
 from .bound_session import BoundSession
+from .capture_lock import gpu_work
 from .fixed_shapes import FixedShapeSession
 from .onnxruntime_backend import OrtDeviceTensor
 
@@ -233,6 +234,7 @@ class OrtPipeline:
         return {k: self.to_device(v) for k, v in host.items()}
 
     # --- the three operations -----------------------------------------------------------------
+    @gpu_work
     def preprocess(self, image_rgb: np.ndarray, size: int, out: Any | None = None) -> Any:
         """uint8 HxWx3 RGB (host) -> normalised (1,3,size,size) float32 OrtValue on the device (into `out` if given)."""
         h, w = int(image_rgb.shape[0]), int(image_rgb.shape[1])
@@ -256,6 +258,7 @@ class OrtPipeline:
         sess.run_with_iobinding(io)
         return out if out is not None else io.get_outputs()[0]
 
+    @gpu_work
     def copy(self, value: Any, out: Any | None = None) -> Any:
         """A device-to-device copy of a float32 OrtValue (into `out`, or a fresh allocation)."""
         sess = self.session("copy")
@@ -268,6 +271,7 @@ class OrtPipeline:
         sess.run_with_iobinding(io)
         return out if out is not None else io.get_outputs()[0]
 
+    @gpu_work
     def upsample_masks(self, logits: np.ndarray, orig_hw: tuple[int, int], threshold: float) -> np.ndarray:
         """(B,C,h,w) host logits -> (B,C,H,W) bool masks above `threshold`, upsampled on the device (upsample.onnx:
         the arithmetic of the host Upsampler); only the masks come down."""
@@ -287,6 +291,7 @@ class OrtPipeline:
         sess.run_with_iobinding(io)
         return out["masks"]
 
+    @gpu_work
     def postprocess(self, low_res: Any, iou: Any, request: MaskRequest) -> DecodedMasks:
         """The decoder's (B,4,h,w) logits and (B,4) scores (OrtValues on the device, or numpy) -> host results.
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from ...errors import InvalidPromptError, Sam2rtError
 from ...model_specs import LOW_RES_SIZE
+from ..backends.capture_lock import gpu_work
 from ..model import Sam2Model
 from ..postprocess import LOGIT_CLAMP
 from ..preprocess import check_image
@@ -243,6 +244,7 @@ class VideoTracker:
             obj.origin = ""
             obj.pix_feat_with_mem = None
 
+    @gpu_work  # beside the prefetch worker's (backends/capture_lock.py)
     def _encode(self, frame: Any) -> _Encoded:
         """Check, copy, preprocess and encode one frame. Touches no tracker state, so it may run on the prefetch
         thread (`propagate`): the frame is copied before it returns, so a buffer the frame source refills in place
@@ -268,6 +270,7 @@ class VideoTracker:
         self.frame_idx += 1
         return dict(encoded.timing)
 
+    @gpu_work  # beside the prefetch worker's (backends/capture_lock.py)
     def _step(self, encoded: _Encoded) -> dict[ObjId, np.ndarray]:
         """One time step of a stream: the encoded frame becomes the current one, every object is tracked on it."""
         timing = self._start_step(encoded)
@@ -306,6 +309,7 @@ class VideoTracker:
                 self._track_object(obj)
         return {"track_s": time.perf_counter() - t0}
 
+    @gpu_work  # beside the prefetch worker's (backends/capture_lock.py)
     def _masks(self) -> dict[ObjId, np.ndarray]:
         """Every object with an output on the current frame: its mask at the frame's size."""
         ids = [k for k, o in self.objects.items() if o.current is not None]
