@@ -27,9 +27,10 @@ step 30 python3 -c "import onnxruntime as o, torch; print('onnxruntime', o.__ver
 #   3. SKIP_BENCH=1: the GPU tests (<= 300 s).
 # The steps run in that order (benchmark, video, tests, forms, profile), so when one call does several, with PACK=1
 # and shorter timeouts, the figures come back first.
-# A session's 15 minutes of device time (machine start and the wheel's parts included) hold 1 and 2; 3 if time is
-# left (the benchmark checks every mode's parity against the CPU too). On a fresh machine the model directory is
-# exported first.
+# Run 5 (H100, 2026-11-27) did 1, 3 and FORMS in one call (PACK=1 VIDEO=1 FORMS=1, BACKENDS="onnxruntime-cuda:fp16
+# onnxruntime-cuda:tf32", timeouts 200/170/130/200: 458 s) and PROFILE in a second (34 s) on the same warm machine.
+# Plan for one such call a session: copying the wheel's five parts took 6 s a call on one machine and 64 s on the
+# next, which spent the rest of the session's device time. On a fresh machine the model directory is exported first.
 [ -n "${SKIP_BENCH:-}" ] || step ${BENCH_TIMEOUT:-300} python3 benchmarks/gpu_bench.py --work "$W" --out "$OUT" --runs ${RUNS:-200} --warmup 20 \
     ${BACKENDS:+--backends $BACKENDS} 2>&1 | tee "$OUT/gpu_bench.log"
 # a fresh machine after SKIP_BENCH=1: the export the benchmark would have made (the same seeded random weights)
