@@ -34,7 +34,7 @@ step 30 python3 -c "import onnxruntime as o, torch; print('onnxruntime', o.__ver
 [ -n "${SKIP_BENCH:-}" ] || step ${BENCH_TIMEOUT:-300} python3 benchmarks/gpu_bench.py --work "$W" --out "$OUT" --runs ${RUNS:-200} --warmup 20 \
     ${BACKENDS:+--backends $BACKENDS} 2>&1 | tee "$OUT/gpu_bench.log"
 # a fresh machine after SKIP_BENCH=1: the export the benchmark would have made (the same seeded random weights)
-if [ -n "${VIDEO:-}${PROFILE:-}${FAST_DIAG:-}${FORMS:-}" ] && [ ! -f "$W/hiera_tiny/manifest.json" ]; then
+if [ -n "${VIDEO:-}${VIDEO_FORMS:-}${PROFILE:-}${FAST_DIAG:-}${FORMS:-}" ] && [ ! -f "$W/hiera_tiny/manifest.json" ]; then
     step 300 python3 -m sam2rt export --model hiera_tiny --random-weights 0 --target cuda --out "$W/hiera_tiny" --quiet
 fi
 # video tracking (issue 12's GPU target: >= 100 frames/s for one object with fp16), beside SAM2VideoPredictor
@@ -43,6 +43,10 @@ fi
 [ -z "${VIDEO:-}" ] || step ${VIDEO_TIMEOUT:-240} python3 -m sam2rt bench --video --model-dir "$W/hiera_tiny" \
     --backend "${VIDEO_BACKEND:-onnxruntime-cuda:fp16}" --out "$OUT" --label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
     2>&1 | tail -40 | tee "$OUT/video_bench.log"
+# which precision runs each video graph fastest: trackers with the video graphs in tf32, fp16 and fp16 with the
+# tracking decoder and/or memory encoder in tf32, taking turns frame by frame; off unless VIDEO_FORMS=1 (~1-2 min)
+[ -z "${VIDEO_FORMS:-}" ] || step ${VIDEO_FORMS_TIMEOUT:-180} python3 -m sam2rt.bench.video_forms "$W/hiera_tiny" --out "$OUT" \
+    --label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" 2>&1 | tee "$OUT/video_forms.log"
 # the GPU tests (their own export, ~90 s on an H100)
 [ -n "${SKIP_TESTS:-}" ] || step ${TEST_TIMEOUT:-300} python3 -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log"
 # decoder_fast on the CUDA provider: the GPU form against the CPU, and where the CPU-layout form goes wrong

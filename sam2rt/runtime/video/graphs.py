@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import ManifestError
+from ...errors import InputError, ManifestError
 from ...graph_table import VIDEO_CPU_SLOTS, VIDEO_DEVICE_SLOTS, VIDEO_FP16_SLOTS, graph_file
 from ...manifest import Manifest
 from ..backends.onnxruntime_backend import OrtDeviceTensor, required_variant, slot_entries
@@ -24,6 +24,7 @@ from .sessions import CPU_PROVIDERS, VIDEO_PROVIDERS, create_session
 
 VIDEO_ROLES = ("memory_encoder", "memory_attention", "track_decoder", "mask_downsample")
 FIXED_ROLES = ("memory_attention", "track_decoder", "memory_encoder")  # run on every tracked frame
+PRECISIONS = ("fp32", "tf32", "fp16")
 FP16_FIX = ("export it again with `sam2rt export ... --target cuda` (without --no-fp16), or run "
             "`sam2rt.export.optimize.add_variants(DIR, optimized=False, fp16=True)`")
 
@@ -35,14 +36,16 @@ class VideoGraphs:
     `fused` variant where the export made it; for `precision="fp16"` (the image backend's) the `fp16` variants,
     which onnxruntime-cuda:fp16 requires and an FP16 TensorRT engine uses where the export made them; on a GPU provider
     the memory attention's compact `device` form (valid slots only: fused attention kernels). `slots` (graph_table's
-    VIDEO_*_SLOTS) overrides the choice for FP32 (tests run the GPU's graphs on the CPU provider that way). Every file
-    is checked against its sha256 before it is loaded.
+    VIDEO_*_SLOTS) overrides the choice for FP32 (tests run the GPU's graphs on the CPU provider that way).
+    `role_precision` ({role: "fp32" | "tf32" | "fp16"}) runs the named roles in another precision than `precision`
+    (their FP16 graphs, or the FP32 ones with TF32 on or off): which precision is fastest differs per graph
+    (`python -m sam2rt.bench.video_forms` measures it). Every file is checked against its sha256 before it is loaded.
     """
 
     def __init__(
         self, manifest: Manifest, backend: str = "onnxruntime-cpu", threads: int | None = None,
         precision: str | None = None, slots: dict[str, tuple[str, tuple[str | None, ...]]] | None = None,
-        fixed_buffers: bool | None = None, cuda_graphs: bool = True,
+        fixed_buffers: bool | None = None, cuda_graphs: bool = True, role_precision: dict[str, str] | None = None,
     ) -> None:
         graphs = manifest.data.get("graphs", {})
         if "video" not in manifest.data or any(role not in graphs for role in VIDEO_ROLES):
@@ -53,21 +56,21 @@ class VideoGraphs:
         self.settings: dict[str, Any] = dict(manifest.data["video"])
         on_cpu = VIDEO_PROVIDERS.get(backend.split(":")[0], CPU_PROVIDERS) == CPU_PROVIDERS
         self.precision = precision or ("fp32" if on_cpu else "tf32")
-        if self.precision == "fp16":  # FP16 graphs, on whichever provider the backend's name gives
-            self.entries = slot_entries(manifest, VIDEO_FP16_SLOTS)
-            if backend.split(":")[0] in ("onnxruntime-cuda", "onnxruntime-cpu"):  # asked for by name: must exist
-                for slot, (role, preferences) in VIDEO_FP16_SLOTS.items():
-                    if "fp16" in preferences:
-                        self.entries[slot] = required_variant(manifest, role, "fp16", FP16_FIX)
-        else:
-            self.entries = slot_entries(manifest, slots or (VIDEO_CPU_SLOTS if on_cpu else VIDEO_DEVICE_SLOTS))
+        self.role_precision = {role: self.precision for role in VIDEO_ROLES}
+        for role, p in (role_precision or {}).items():
+            if role not in VIDEO_ROLES or p not in PRECISIONS:
+                raise InputError(f"role_precision: {role!r}: {p!r}; roles are {', '.join(VIDEO_ROLES)}, precisions "
+                                 f"{', '.join(PRECISIONS)}")
+            self.role_precision[role] = p
+        by_precision = {p: self._entries(manifest, backend, p, on_cpu, slots) for p in set(self.role_precision.values())}
+        self.entries = {role: by_precision[p][role] for role, p in self.role_precision.items() if role in by_precision[p]}
         missing = [role for role in VIDEO_ROLES if role not in self.entries]
         if missing:
             raise manifest.left_out_error(graph_file(missing[0]).file)
-        # fp32 on a GPU: TF32 off, as the image graphs (the CUDA provider's default is TF32 on)
-        tf32 = self.precision != "fp32"
         paths = {role: manifest.verify_file(self.entries[role]) for role in VIDEO_ROLES}
-        self.sessions: dict[str, Any] = {role: BoundSession(create_session(paths[role], backend, threads, tf32=tf32))
+        # fp32 on a GPU: TF32 off, as the image graphs (the CUDA provider's default is TF32 on)
+        tf32 = {role: p != "fp32" for role, p in self.role_precision.items()}
+        self.sessions: dict[str, Any] = {role: BoundSession(create_session(paths[role], backend, threads, tf32=tf32[role]))
                                          for role in VIDEO_ROLES}
         self.device = self.sessions["memory_attention"].device  # "cuda" or "cpu": where device outputs live
         # the graphs run on every tracked frame go through fixed buffers (CUDA graphs) once their shapes settle:
@@ -76,11 +79,12 @@ class VideoGraphs:
         if self.device == "cuda" if fixed_buffers is None else fixed_buffers:
             copy = BoundSession(create_session(GRAPH_DIR / "copy.onnx", backend, threads, tf32=False))
             for role in FIXED_ROLES:
-                def factory(graph: bool, dims: dict[str, int], path=paths[role]) -> Any:
+                def factory(graph: bool, dims: dict[str, int], path=paths[role], tf32=tf32[role]) -> Any:
                     return create_session(path, backend, threads, tf32=tf32, graph=graph, dims=dims)
 
                 self.sessions[role] = FixedShapeSession(self.sessions[role], factory, copy, lambda: self.frame,
-                                                        self.precision, capture=cuda_graphs, name=f"video graph {role}")
+                                                        self.role_precision[role], capture=cuda_graphs,
+                                                        name=f"video graph {role}")
         # the compact memory attention (graph_table's `device` row) takes the valid slots only, without validity flags
         self.compact_memory = "mem_valid" not in self.sessions["memory_attention"].input_names
         self._bank_sessions = tuple(BoundSession(create_session(GRAPH_DIR / f"{name}.onnx", backend, threads, tf32=False))
@@ -93,6 +97,19 @@ class VideoGraphs:
         feat = manifest.image_size // 16
         self.layout = SlotLayout(int(slots["cond"]), int(slots["recent"]), int(slots["pointers"]), int(s["mem_dim"]),
                                  int(s["hidden_dim"]), (feat, feat))
+
+    @staticmethod
+    def _entries(manifest: Manifest, backend: str, precision: str, on_cpu: bool,
+                 slots: dict[str, tuple[str, tuple[str | None, ...]]] | None) -> dict[str, dict[str, Any]]:
+        """The graph entry of each role for one precision."""
+        if precision == "fp16":  # FP16 graphs, on whichever provider the backend's name gives
+            entries = slot_entries(manifest, VIDEO_FP16_SLOTS)
+            if backend.split(":")[0] in ("onnxruntime-cuda", "onnxruntime-cpu"):  # asked for by name: must exist
+                for slot, (role, preferences) in VIDEO_FP16_SLOTS.items():
+                    if "fp16" in preferences:
+                        entries[slot] = required_variant(manifest, role, "fp16", FP16_FIX)
+            return entries
+        return slot_entries(manifest, slots or (VIDEO_CPU_SLOTS if on_cpu else VIDEO_DEVICE_SLOTS))
 
     def step(self) -> None:
         """A new frame begins (the tracker calls it once per time step)."""

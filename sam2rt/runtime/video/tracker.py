@@ -46,6 +46,9 @@ log = logging.getLogger("sam2rt")
 
 ObjId = Any  # any hashable id (ints in the reference)
 TIMINGS_KEPT = 1000  # per-step timings of the most recent steps (bounded, like everything else per stream)
+# where a tracked frame's `track_s` goes, summed over its objects: choosing and gathering the memory, the memory
+# attention, the tracking decoder (with the output's choice), the memory encoder (with the bank's write)
+TRACK_STAGES = ("gather_s", "attention_s", "decoder_s", "memory_s")
 
 
 def fill_holes(logits: np.ndarray, max_area: int) -> np.ndarray:
@@ -284,30 +287,40 @@ class VideoTracker:
     def _fill(self, logits: np.ndarray) -> np.ndarray:
         return fill_holes(logits, self.fill_hole_area) if self.fill_hole_area > 0 else logits
 
-    def _track_object(self, obj: _Object) -> None:
-        """Track one object on the current frame from its memory (a non-conditioning frame)."""
+    def _track_object(self, obj: _Object, timing: dict[str, float]) -> None:
+        """Track one object on the current frame from its memory (a non-conditioning frame); each stage's seconds are
+        added to `timing` (each graph's run ends when its outputs are ready, so no extra synchronisation is needed)."""
         assert self._feats is not None
+        t0 = time.perf_counter()
         slots, feeds = select_memory(obj.memory, self.frame_idx, self.settings, self.graphs.layout, self.num_frames)
         if self.graphs.compact_memory:  # the valid slots only, in the same order
             slots, feeds = [b for b in slots if b is not None], compact_feeds(feeds)
         if obj.bank is None:
             obj.bank = self.graphs.new_bank()
         feeds["mem_feats"] = obj.bank.gather(slots)
+        t1 = time.perf_counter()
         pix = self.graphs.memory_attention(self._feats["image_embed"], feeds)
+        t2 = time.perf_counter()
         multimask = use_multimask(self.settings, False, 0)
         lr, iou, ptrs, score = self.graphs.decode(pix, self._feats, NO_POINTS_COORDS, NO_POINTS_LABELS, None)
         mask, ptr = select_track_output(self.settings, lr, iou, ptrs, multimask)
+        t3 = time.perf_counter()
         mem = self.graphs.encode_memory(self._feats["image_embed"], mask, score, binarize=False)
         obj.current = FrameOutput(self._fill(mask), ptr, score, obj.bank.store(mem))
         obj.origin = "tracked"
         obj.pix_feat_with_mem = pix
+        t4 = time.perf_counter()
+        for key, dt in zip(TRACK_STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            timing[key] += dt
 
     def _track_all(self) -> dict[str, float]:
+        timing = dict.fromkeys(TRACK_STAGES, 0.0)
         t0 = time.perf_counter()
         for obj in self.objects.values():
             if obj.memory.cond or obj.memory.non_cond:
-                self._track_object(obj)
-        return {"track_s": time.perf_counter() - t0}
+                self._track_object(obj, timing)
+        timing["track_s"] = time.perf_counter() - t0
+        return timing
 
     @gpu_work  # beside the prefetch worker's (backends/capture_lock.py)
     def _masks(self) -> dict[ObjId, np.ndarray]:

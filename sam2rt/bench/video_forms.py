@@ -1,0 +1,145 @@
+"""Which precision runs each video graph fastest: trackers in several precision configurations, side by side.
+
+    python -m sam2rt.bench.video_forms MODEL_DIR --out DIR [--backend onnxruntime-cuda:fp16] [--frames 40]
+
+Why: on the H100 of GPU run 5 a tracked frame's memory attention, tracking decoder and memory encoder took 18.7 ms in
+FP16 (benchmarks/README.md), and ONNX Runtime's profile (launches blocking, so only a hint) had the FP16 tracking
+decoder and memory encoder *slower* than their FP32 forms: their casts and FP16 convolutions. Which precision is
+fastest can differ per graph; `VideoGraphs(role_precision=...)` runs each role in its own.
+
+How: one image model (the backend's) and one VideoTracker per configuration (CONFIGS: a precision for the video
+graphs and per-role exceptions), each prompted with the same box on frame 0 of a 640x480 pan
+(`sam2rt.bench.video.pan_frames`). The trackers take turns frame by frame, the order rotating. From frame `settled`
+on (by then the full memory bank's shapes replay as CUDA graphs on a GPU) each tracked frame's stages are read from
+`tracker.timings` (memory choice and gather, memory attention, tracking decoder, memory encoder with the bank's
+write: each graph's run ends when its outputs are ready, so these are its wall times). Each configuration's low-res
+logits are compared with the first configuration's on every timed frame. `video_forms.json` and `video_forms.md` go
+to OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..runtime.video.tracker import TRACK_STAGES
+
+# name -> (video graphs' precision, {role: precision} exceptions); the first is the reference of the comparison
+CONFIGS_GPU: dict[str, tuple[str, dict[str, str]]] = {
+    "tf32": ("tf32", {}),
+    "fp16": ("fp16", {}),
+    "fp16, tf32 decoder": ("fp16", {"track_decoder": "tf32"}),
+    "fp16, tf32 memory encoder": ("fp16", {"memory_encoder": "tf32"}),
+    "fp16, tf32 decoder and memory encoder": ("fp16", {"track_decoder": "tf32", "memory_encoder": "tf32"}),
+}
+CONFIGS_CPU: dict[str, tuple[str, dict[str, str]]] = {  # the same flow on the CPU provider (CI)
+    "fp32": ("fp32", {}),
+    "fp16": ("fp16", {}),
+    "fp16, fp32 decoder and memory encoder": ("fp16", {"track_decoder": "fp32", "memory_encoder": "fp32"}),
+}
+STAGES = (*TRACK_STAGES, "track_s")
+
+
+def _log(msg: str) -> None:
+    print(f"[video_forms {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(model_dir: Path, backend: str, frames: int, settled: int, threads: int | None = None,
+        configs: dict[str, tuple[str, dict[str, str]]] | None = None) -> dict[str, Any]:
+    """Track `frames` frames with every configuration (default: CONFIGS_GPU on a GPU backend, else CONFIGS_CPU),
+    taking turns; per configuration the p50 of each stage (ms) over the frames from `settled` on, and its logits'
+    distance to the first configuration's."""
+    from ..runtime import Sam2Model, VideoTracker
+    from ..runtime.video.graphs import VideoGraphs
+    from .video import BOXES, pan_frames
+
+    model = Sam2Model.from_dir(model_dir, backend=backend, threads=threads)
+    if configs is None:
+        configs = CONFIGS_GPU if model.backend.device != "cpu" else CONFIGS_CPU
+    clip = pan_frames(frames + 1)
+    trackers: dict[str, Any] = {}
+    for name, (precision, roles) in configs.items():
+        graphs = VideoGraphs(model.manifest, model.backend_name, threads, precision=precision, role_precision=roles)
+        trackers[name] = tracker = VideoTracker(model, graphs, fill_hole_area=0)
+        tracker.add_prompt(1, box=BOXES[0], frame=clip[0])
+    names = list(trackers)
+    diffs: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(1, frames + 1):
+        order = names[i % len(names):] + names[:i % len(names)]
+        for name in order:
+            trackers[name].track(clip[i])
+        if i >= settled:
+            ref = trackers[names[0]].low_res_logits[1]
+            for name in names:
+                diffs[name].append(float(np.mean(np.abs(trackers[name].low_res_logits[1] - ref))))
+        if i % 10 == 0 or i == frames:
+            _log(f"frame {i}/{frames}")
+    results = []
+    for name in names:
+        tracker = trackers[name]
+        timed = [t for t in list(tracker.timings)[-(frames - settled + 1):] if "track_s" in t]
+        results.append({
+            "config": name,
+            "precision": tracker.graphs.precision,
+            "role_precision": dict(configs[name][1]),  # the exceptions to `precision`
+            "files": {role: e["file"] for role, e in tracker.graphs.entries.items()},
+            "frames_timed": len(timed),
+            "p50_ms": {k.removesuffix("_s"): round(1e3 * float(np.median([t[k] for t in timed])), 3) for k in STAGES},
+            "mean_abs_logit_diff_vs_first": {"mean": float(np.mean(diffs[name])), "max": float(np.max(diffs[name]))},
+            "fixed_buffers": tracker.graphs.fixed_status,
+        })
+    model.close()
+    return {"backend": model.backend_name, "frames": [settled, frames], "configs": results,
+            "reference_config": names[0]}
+
+
+def markdown(label: str, doc: dict[str, Any]) -> str:
+    first = doc["reference_config"]
+    lines = [f"# Video graphs per precision: {label}", "",
+             f"`{doc['backend']}` image backend; one object; p50 ms of each tracked frame's stages over frames "
+             f"{doc['frames'][0]}-{doc['frames'][1]}, the configurations taking turns; logits against `{first}`.", "",
+             "| configuration | gather | memory attention | tracking decoder | memory encoder | track (all) | "
+             "mean abs logit diff (max over frames) | CUDA graphs |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in doc["configs"]:
+        p = r["p50_ms"]
+        captured = sum(v == "captured" for s in r["fixed_buffers"].values() for v in s.values())
+        fixed = sum(len(s) for s in r["fixed_buffers"].values())
+        lines.append(f"| {r['config']} | {p['gather']:.3f} | {p['attention']:.3f} | {p['decoder']:.3f} | {p['memory']:.3f} "
+                     f"| {p['track']:.3f} | {r['mean_abs_logit_diff_vs_first']['max']:.2e} | {captured} of {fixed} |")
+    best = min(doc["configs"], key=lambda r: r["p50_ms"]["track"])
+    lines += ["", f"Fastest: `{best['config']}` ({best['p50_ms']['track']:.3f} ms per tracked frame); "
+                  f"`VideoGraphs(..., precision={best['precision']!r}, role_precision={best['role_precision']})` runs it."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sam2rt.bench.video_forms", description=__doc__.splitlines()[0])
+    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--backend", default="onnxruntime-cuda:fp16", help="the image backend (default onnxruntime-cuda:fp16)")
+    ap.add_argument("--frames", type=int, default=40, help="frames tracked (default 40)")
+    ap.add_argument("--settled", type=int, default=21, help="the first timed frame (default 21: CUDA graphs replay)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--label", default="")
+    args = ap.parse_args(argv)
+    if not 1 <= args.settled <= args.frames:
+        ap.error(f"--settled {args.settled} must be between 1 and --frames {args.frames}")
+    doc = run(args.model_dir, args.backend, args.frames, args.settled, args.threads)
+    doc["label"] = args.label
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "video_forms.json").write_text(json.dumps(doc, indent=1))
+    text = markdown(args.label or doc["backend"], doc)
+    (args.out / "video_forms.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

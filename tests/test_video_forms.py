@@ -1,0 +1,75 @@
+"""Per-role precision of the video graphs, the tracker's per-stage timings, and `sam2rt.bench.video_forms`, which
+times trackers in several precision configurations side by side (on a GPU: which precision runs each graph fastest;
+here the same flow on the CPU provider)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def test_role_precision_runs_the_named_roles_in_their_own_precision(model_dir: Path):
+    """FP16 video graphs except the tracking decoder and the memory encoder, which load their FP32 graphs; a role or
+    precision that does not exist is refused, naming the choices."""
+    from sam2rt.errors import InputError
+    from sam2rt.manifest import Manifest
+    from sam2rt.runtime.video.graphs import VideoGraphs
+
+    m = Manifest.load(model_dir)
+    graphs = VideoGraphs(m, "onnxruntime-cpu", precision="fp16",
+                         role_precision={"track_decoder": "fp32", "memory_encoder": "fp32"})
+    assert {role: e["file"] for role, e in graphs.entries.items()} == {
+        "memory_encoder": "memory_encoder.onnx", "memory_attention": "memory_attention.fp16.onnx",
+        "track_decoder": "track_decoder.onnx", "mask_downsample": "mask_downsample.onnx"}
+    assert graphs.role_precision["memory_attention"] == "fp16" and graphs.compact_memory
+    with pytest.raises(InputError, match="roles are memory_encoder, memory_attention"):
+        VideoGraphs(m, "onnxruntime-cpu", role_precision={"decoder": "fp32"})
+    with pytest.raises(InputError, match="precisions fp32, tf32, fp16"):
+        VideoGraphs(m, "onnxruntime-cpu", role_precision={"track_decoder": "int8"})
+
+
+def test_tracked_frames_record_where_their_time_goes(tiny_video_dir: Path):
+    """Each tracked frame's timing holds the memory gather, memory attention, tracking decoder and memory encoder,
+    summed over its objects, which together take no more than the frame's tracking."""
+    from sam2rt.runtime import VideoTracker
+    from test_video import BOX_PROMPT, pan_clip, point_prompt
+
+    tracker = VideoTracker.from_dir(tiny_video_dir, backend="onnxruntime-cpu", fill_hole_area=0)
+    frames, corners = pan_clip(4)
+    tracker.add_prompt(1, frame=frames[0], **point_prompt(corners[0]))
+    tracker.add_prompt(2, **BOX_PROMPT)
+    for frame in frames[1:]:
+        tracker.track(frame)
+    for t in list(tracker.timings)[-3:]:
+        stages = [t["gather_s"], t["attention_s"], t["decoder_s"], t["memory_s"]]
+        assert all(s > 0 for s in stages), t
+        assert sum(stages) <= t["track_s"] + 1e-6, t
+
+
+def test_video_forms_times_each_configuration_side_by_side(tiny_video_dir: Path):
+    """Two configurations (on the CPU provider the same graphs, so equal logits), 6 frames, timed from frame 3: each
+    has a p50 per stage over 4 frames and its files; the report names the fastest and how to run it."""
+    from sam2rt.bench import video_forms
+
+    configs = {"fp32": ("fp32", {}), "fp32, tf32 decoder": ("fp32", {"track_decoder": "tf32"})}
+    doc = video_forms.run(tiny_video_dir, "onnxruntime-cpu", frames=6, settled=3, configs=configs)
+    assert [r["config"] for r in doc["configs"]] == list(configs) and doc["reference_config"] == "fp32"
+    for r in doc["configs"]:
+        assert r["frames_timed"] == 4
+        assert set(r["p50_ms"]) == {"gather", "attention", "decoder", "memory", "track"}
+        assert all(v > 0 for v in r["p50_ms"].values()), r
+        assert r["mean_abs_logit_diff_vs_first"]["max"] == 0.0  # the same graphs on the same provider
+        assert r["files"]["track_decoder"] == "track_decoder.onnx"
+    assert doc["configs"][1]["role_precision"] == {"track_decoder": "tf32"}
+    text = video_forms.markdown("test", doc)
+    assert text.count("\n| fp32") == 2 and "Fastest: `" in text and "role_precision=" in text
+
+
+def test_video_forms_refuses_a_first_timed_frame_past_the_last(tiny_video_dir: Path, tmp_path: Path, capsys):
+    from sam2rt.bench import video_forms
+
+    with pytest.raises(SystemExit) as exc:
+        video_forms.main([str(tiny_video_dir), "--out", str(tmp_path), "--frames", "5", "--settled", "9"])
+    assert exc.value.code == 2 and "--settled 9 must be between 1 and --frames 5" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
