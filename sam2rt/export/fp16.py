@@ -13,8 +13,12 @@ Kept in FP32, and why:
   transformer's attention): large logits overflow and saturate the softmax;
 - Sin / Cos of the prompt encoder's random-Fourier positional encoding, and the MatMul feeding
   them: pixel coordinates times the Gaussian matrix reach tens of radians, where FP16 keeps 2 decimals;
-- Cast (shape arithmetic, cheap) so integer-to-float conversions never change type under the converter.
+- Cast (shape arithmetic, cheap) so integer-to-float conversions never change type under the converter;
+- Constants read by FP32 nodes only (a normalisation's epsilon, an exponent): an FP16 copy cast back would lose
+  their precision (1e-6 is subnormal in FP16).
 
+The converter casts at every FP32 node's borders, also between two FP32 nodes (FP32 -> FP16 -> FP32: a rounding
+nobody asked for) and once per consumer; `fold_casts` then removes those casts (module `fold_casts` says which).
 Needs `onnx` and `onnxconverter-common` (no torch): `pip install 'sam2rt[trt]'`.
 """
 
@@ -104,6 +108,132 @@ def select_fp32_nodes(graph: Any, max_hops: int = 4, fp32_ops: frozenset[str] = 
     return keep
 
 
+def keep_fp32_constants(graph: Any, keep: dict[str, str]) -> None:
+    """Add to `keep` the Constant nodes whose every reader stays FP32 (module docstring: their precision)."""
+    readers: dict[str, list[str]] = {}
+    for n in graph.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n.name)
+    for n in graph.node:
+        users = [r for out in n.output for r in readers.get(out, [])]
+        if n.op_type == "Constant" and users and all(r in keep for r in users):
+            keep.setdefault(n.name, "Constant read by FP32 nodes")
+
+
+FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto's element types
+
+
+def _subgraph_names(graph: Any) -> set[str]:
+    """Every tensor name a node of a subgraph (an If's or a Loop's body, at any depth) reads or writes."""
+    names: set[str] = set()
+    for n in graph.node:
+        for attr in n.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                for m in sub.node:
+                    names.update(m.input)
+                    names.update(m.output)
+                names |= _subgraph_names(sub)
+    return names
+
+
+def _restore_output_types(graph: Any, types: dict[str, int], fp32_nodes: Iterable[str]) -> None:
+    """Outputs FP32 in the source graph stay FP32. onnxconverter-common's keep_io_types misses an output made by an FP32
+    node: it casts that node's result to FP16 under the output's name, declares the output FP16, and FP32 nodes that
+    read the output inside the graph get the FP16 tensor (the tiny stand-in's tracking decoder failed to load that
+    way). Such an output gets a cast back to FP32, which its FP32 readers read; its FP16 readers read the FP16 value as
+    before (fold_casts then folds the pair)."""
+    producer = {out: n for n in graph.node for out in n.output}
+    fp32_nodes = set(fp32_nodes)
+    for o in graph.output:
+        if types.get(o.name) != FLOAT or o.type.tensor_type.elem_type != FLOAT16:
+            continue
+        inner = f"{o.name}_sam2rt_fp16"
+        node = producer[o.name]
+        node.output[list(node.output).index(o.name)] = inner
+        for n in graph.node:
+            if n.name not in fp32_nodes:
+                for k, name in enumerate(n.input):
+                    if name == o.name:
+                        n.input[k] = inner
+        cast = onnx_helper().make_node("Cast", [inner], [o.name], name=f"{o.name}_sam2rt_to_fp32", to=FLOAT)
+        graph.node.insert(list(graph.node).index(node) + 1, cast)
+        vi = graph.value_info.add()
+        vi.CopyFrom(o)
+        vi.name = inner
+        o.type.tensor_type.elem_type = FLOAT
+
+
+def onnx_helper() -> Any:
+    return _import_onnx().helper
+
+
+def fold_casts(graph: Any) -> int:
+    """Remove the casts the FP16 converter leaves that change nothing or only lose precision; returns how many.
+
+    - a Cast to the type its input already has;
+    - FP16 -> FP32 -> FP16 (exact both ways): the second cast's readers read the FP16 tensor;
+    - FP32 -> FP16 -> FP32 between two FP32 nodes: the readers read the FP32 tensor, as the FP32 nodes were meant to
+      (the converter casts at every FP32 node's borders, so a chain of them rounded to FP16 between each two);
+    - the same tensor cast to the same type more than once (once per reader): one cast.
+    Graph outputs and tensors a subgraph reads keep their names (an Identity where their cast folds away). On ONNX Runtime's CUDA provider each
+    cast is a kernel launch over a whole activation: hiera_tiny's FP16 memory encoder had 129 casts around 9 convs.
+    """
+    types: dict[str, int] = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input, *graph.output)}
+    types.update({i.name: i.data_type for i in graph.initializer})
+    outputs = {o.name for o in graph.output}
+    frozen = _subgraph_names(graph) | outputs
+    producer = {out: n for n in graph.node for out in n.output}
+    replaced: dict[str, str] = {}
+    first_cast: dict[tuple[str, int], str] = {}
+
+    def resolve(name: str) -> str:
+        while name in replaced:
+            name = replaced[name]
+        return name
+
+    for n in graph.node:
+        for k, name in enumerate(n.input):
+            if name in replaced:
+                n.input[k] = resolve(name)
+        if n.op_type != "Cast":
+            continue
+        to = next(a.i for a in n.attribute if a.name == "to")
+        src, out = n.input[0], n.output[0]
+        types[out] = to
+        same = src if types.get(src) == to else None
+        before = producer.get(src)
+        if same is None and before is not None and before.op_type == "Cast":
+            origin = before.input[0]
+            if types.get(origin) == to and {to, types.get(src)} == {FLOAT, FLOAT16}:
+                same = origin
+        if same is None and (src, to) in first_cast:
+            same = first_cast[(src, to)]
+        if same is None:
+            first_cast[(src, to)] = out
+        elif out in frozen:  # the name must stay: an Identity of the same value
+            n.op_type = "Identity"
+            del n.attribute[:]
+            n.input[0] = same
+        else:
+            replaced[out] = same
+    # drop the replaced casts, then every cast nothing reads any more (the first halves of folded pairs)
+    kept = [n for n in graph.node if not (n.op_type == "Cast" and n.output[0] in replaced)]
+    while True:
+        read = {name for n in kept for name in n.input} | frozen
+        dead = [n for n in kept if n.op_type == "Cast" and n.output[0] not in read]
+        if not dead:
+            break
+        kept = [n for n in kept if n not in dead]
+    removed = len(graph.node) - len(kept)
+    live = {name for n in kept for name in n.output}
+    vi = [v for v in graph.value_info if v.name in live]
+    del graph.node[:]
+    graph.node.extend(kept)
+    del graph.value_info[:]
+    graph.value_info.extend(vi)
+    return removed
+
+
 def _name_unnamed(graph: Any) -> None:
     for i, n in enumerate(graph.node):
         if not n.name:
@@ -155,8 +285,10 @@ def convert_to_mixed_fp16(
     for n in graph.node:
         if n.op_type in ops:
             keep.setdefault(n.name, n.op_type)
-    # onnxconverter-common's cast clean-up pass crashes on some graphs (a list where a node is expected);
-    # the redundant casts it would remove are folded by TensorRT anyway, so it is skipped.
+    keep_fp32_constants(graph, keep)
+    output_types = {o.name: o.type.tensor_type.elem_type for o in graph.output}
+    # onnxconverter-common's cast clean-up pass crashes on some graphs (a list where a node is expected): fold_casts
+    # below does that work instead.
     original_cleanup = getattr(float16, "remove_unnecessary_cast_node", None)
     if original_cleanup is not None:
         float16.remove_unnecessary_cast_node = lambda graph: None
@@ -175,6 +307,8 @@ def convert_to_mixed_fp16(
     finally:
         if original_cleanup is not None:
             float16.remove_unnecessary_cast_node = original_cleanup
+    _restore_output_types(converted.graph, output_types, keep)
+    fold_casts(converted.graph)
     onnx.save(converted, str(dst))
     try:
         onnx.checker.check_model(str(dst))
