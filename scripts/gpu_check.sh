@@ -53,11 +53,13 @@ fi
 # (export/cuda_matmul.py says why; off unless FAST_DIAG=1; ~30 s)
 [ -z "${FAST_DIAG:-}" ] || step 120 python3 scripts/gpu_fast_decoder_diag.py "$W/hiera_tiny" 2>&1 | grep -v "^\s*$" \
     | tee "$OUT/fast_decoder_diag.log"
-# which form of the encoder (as exported, or with Hiera's first stages unchunked) and which of ONNX Runtime's attention
-# kernels (SAM2RT_CUDA_ATTENTION) run fastest here, each as a CUDA graph, taking turns; off unless FORMS=1 (~2-3 min:
-# the unchunked form is exported and converted to FP16 first)
+# which form of the encoder (as exported, with Hiera's first stages unchunked, or also padded once before the linears
+# without a Pad node) and which of ONNX Runtime's attention kernels (SAM2RT_CUDA_ATTENTION) run fastest here, each as a
+# CUDA graph, taking turns; off unless FORMS=1 (~2-3 min: the forms made here are exported and converted to FP16
+# first). FORMS_ONLY picks the configurations (run 5 measured every kernel: fp16 default and tf32 math were fastest).
 [ -z "${FORMS:-}" ] || step ${FORMS_TIMEOUT:-240} python3 -m sam2rt.bench.encoder_forms "$W/hiera_tiny" --out "$OUT" \
-    --work "$W/forms" --label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" 2>&1 | tee "$OUT/encoder_forms.log"
+    --work "$W/forms" --only "${FORMS_ONLY:-exported:fp16:default,exported:tf32:math,padfirst:fp16:default,padfirst:tf32:math,unchunked:fp16:default}" \
+    --label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" 2>&1 | tee "$OUT/encoder_forms.log"
 # where the time goes, per operator (ONNX Runtime's profiler, kernels launched synchronously so each node's time is
 # its GPU time): the encoder in tf32 and fp16, the decoders, the video graphs; off unless PROFILE=1 (~60 s)
 [ -z "${PROFILE:-}" ] || CUDA_LAUNCH_BLOCKING=1 step ${PROFILE_TIMEOUT:-150} python3 -m sam2rt.bench.ort_profile "$W/hiera_tiny" \

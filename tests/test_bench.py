@@ -399,6 +399,32 @@ def test_encoder_forms_measures_each_exported_form(tiny_model_dir, tmp_path):
     assert doc["fastest"] == {"fp32": "exported:fp32:default"}
 
 
+def test_encoder_forms_exports_the_pad_first_form_it_is_asked_for(model_dir, tmp_path):
+    """`--only padfirst` exports that form alone (from the model directory's seeded weights, checked against PyTorch
+    at export): no Pad node is left, a third of the windowed blocks' partitions, and on the CPU provider its embedding
+    is the exported form's to float rounding."""
+    import onnx
+    import onnxruntime as ort
+
+    from sam2rt.bench.encoder_forms import main
+
+    assert main([str(model_dir), "--out", str(tmp_path), "--provider", "cpu", "--rounds", "1", "--runs", "1",
+                 "--only", "padfirst"]) == 0
+    doc = json.loads((tmp_path / "encoder_forms.json").read_text())
+    assert list(doc["configurations"]) == ["padfirst:fp32:default"], doc["configurations"]
+    assert not (tmp_path / "work" / "encoder.unchunked.onnx").exists()  # not asked for, not made
+    made = tmp_path / "work" / "encoder.padfirst.onnx"
+    ops = [n.op_type for n in onnx.load(str(made), load_external_data=False).graph.node]
+    exported = [n.op_type for n in onnx.load(str(model_dir / "encoder.fused.onnx"), load_external_data=False).graph.node]
+    assert ops.count("Pad") == 0 and exported.count("Pad") == 15
+    assert ops.count("Transpose") < exported.count("Transpose")
+    image = np.random.default_rng(0).standard_normal((1, 3, 1024, 1024)).astype(np.float32)
+    got, want = (ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]).run(None, {"image": image})
+                 for f in (made, model_dir / "encoder.fused.onnx"))
+    for g, w in zip(got, want):
+        assert np.abs(g - w).max() < 1e-3
+
+
 def test_encoder_forms_recommends_the_fastest_configuration_that_computes_the_same():
     """The fastest configuration per precision is named with how to use it, unless its embedding is off the
     reference's (a kernel computing something else is never recommended) or it failed."""

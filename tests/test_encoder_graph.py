@@ -39,13 +39,14 @@ def _block(dim: int, dim_out: int, heads: int, window: int, q_stride) -> nn.Modu
         (32, 32, 4, 0, None, 6),  # global attention
     ],
 )
-def test_fused_block_matches_hieradet(dim, dim_out, heads, window, q_stride, hw):
+@pytest.mark.parametrize("pad_first", [False, True])
+def test_fused_block_matches_hieradet(dim, dim_out, heads, window, q_stride, hw, pad_first):
     block = _block(dim, dim_out, heads, window, q_stride)
     x = torch.randn(2, hw, hw, dim, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = block(x)
         assert fusion._fusable_block(block, hw, hw)
-        with fusion.fused_encoder_attention():
+        with fusion.fused_encoder_attention(pad_first=pad_first):
             got = block(x)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -101,3 +102,14 @@ def test_chunked_block_matches_hieradet(monkeypatch):
             got = block(x)
     assert len(calls) > 1 and sum(calls) == 16  # 16 windows of 4x4, in groups
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_window_partition_by_concat_is_sam2s():
+    """The pad-first form's partition: sam2's window_partition (F.pad) with the padding as concatenated zeros."""
+    from sam2.modeling.backbones.utils import window_partition
+
+    for hw, ws in (((12, 12), 5), ((14, 9), 7), ((8, 8), 4)):
+        x = torch.randn(2, *hw, 3, generator=torch.Generator().manual_seed(2))
+        got, got_hw = fusion._window_partition_by_concat(x, ws)
+        want, want_hw = window_partition(x, ws)
+        assert got_hw == tuple(want_hw) and torch.equal(got, want)

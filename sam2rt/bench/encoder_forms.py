@@ -63,7 +63,7 @@ REFERENCE = ("exported", "tf32", "default")
 
 @dataclass(frozen=True)
 class Config:
-    form: str  # "exported" (the encoder the device path loads: graph_table.DEVICE_SLOTS) or "unchunked"
+    form: str  # "exported" (the encoder the device path loads: graph_table.DEVICE_SLOTS) or one of FORMS_MADE_HERE
     precision: str  # "tf32" or "fp16" ("fp32" on the CPU provider)
     kernel: str  # a key of SDPA_KERNELS
 
@@ -72,10 +72,19 @@ class Config:
         return f"{self.form}:{self.precision}:{self.kernel}"
 
 
-def export_unchunked(manifest: Manifest, work: Path) -> tuple[Path, float]:
-    """The model directory's `fused` encoder without its CPU memory chunks: exported from the same weights (its
-    checkpoint, or the same seeded random weights), checked against PyTorch's forward_image as every exported graph
-    is. Returns the file and its largest difference to PyTorch."""
+# The forms exported here, beside the model directory's own: the `fused` encoder's rewrites with these arguments of
+# export.encoder_fusion.fused_encoder_attention. `unchunked`: without the CPU's memory chunks; `padfirst`: also with
+# padded windows padded once, before the linears, by concatenation (no Pad node: run 5's profile had ONNX Runtime's
+# 15 Pads at 0.27-0.5 ms each).
+FORMS_MADE_HERE: dict[str, dict[str, bool]] = {"unchunked": {"chunked": False},
+                                               "padfirst": {"chunked": False, "pad_first": True}}
+
+
+def export_unchunked(manifest: Manifest, work: Path, form: str = "unchunked") -> tuple[Path, float]:
+    """The model directory's `fused` encoder in one of FORMS_MADE_HERE (default: without its CPU memory chunks),
+    exported from the same weights (its checkpoint, or the same seeded random weights), checked against PyTorch's
+    forward_image as every exported graph is. Returns the file (encoder.FORM.onnx) and its largest difference to
+    PyTorch."""
     import torch
 
     from ..export.checkpoint import build_model, load_checkpoint, reference_checkpoint
@@ -93,10 +102,10 @@ def export_unchunked(manifest: Manifest, work: Path) -> tuple[Path, float]:
         feats = ImageEncoderGraph(model).eval()(image)
     run = ExportRun(model, work, int(manifest.data.get("opset", 17)), image, tuple(feats))
     fused = next(s for s in IMAGE_GRAPH_SPECS if s.key == "encoder.fused")
-    unchunked = replace(fused, context=lambda: fused_encoder_attention(chunked=False))
-    path = check_graph(export_graph(unchunked, run))
-    diffs = unchunked.verify(run, open_session(path))  # ExportError beyond the export's tolerance
-    out = path.with_name("encoder.unchunked.onnx")
+    made = replace(fused, context=lambda: fused_encoder_attention(**FORMS_MADE_HERE[form]))
+    path = check_graph(export_graph(made, run))
+    diffs = made.verify(run, open_session(path))  # ExportError beyond the export's tolerance
+    out = path.with_name(f"encoder.{form}.onnx")
     path.replace(out)
     return out, max(diffs.values())
 
@@ -290,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--provider", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--runs", type=int, default=25)
-    ap.add_argument("--no-unchunked", action="store_true", help="only the exported forms (no torch / sam2 needed)")
+    ap.add_argument("--no-unchunked", action="store_true", help="only the model directory's forms, none made here "
+                    "(no torch / sam2 needed)")
     ap.add_argument("--only", default="", help="comma-separated configurations (prefixes of form:precision:kernel, e.g. "
                     "exported:fp16,unchunked:fp16:flash): each one holds its own session and CUDA graph, ~1-2 GB of GPU "
                     "memory, so a small GPU measures a few at a time")
@@ -311,20 +321,22 @@ def main(argv: list[str] | None = None) -> int:
     fp16 = _fresh_variant(manifest, "encoder", "fp16")
     if fp16 is not None and manifest.is_stored(fp16):
         files[("exported", "fp16")] = manifest.verify_file(fp16)
-    if not args.no_unchunked:
+    wanted = [w for w in args.only.split(",") if w]
+    for form in () if args.no_unchunked else FORMS_MADE_HERE:
+        if wanted and not any(w.split(":")[0] == form for w in wanted):
+            continue  # not asked for: not exported either
         t0 = time.perf_counter()
         try:
-            path, diff = export_unchunked(manifest, work)
-            files[("unchunked", "fp32")] = path
+            path, diff = export_unchunked(manifest, work, form)
+            files[(form, "fp32")] = path
             if args.provider == "cuda":
-                files[("unchunked", "fp16")] = fp16_copy(path, path.with_name("encoder.unchunked.fp16.onnx"))
-            notes.append(f"unchunked: exported and converted here in {time.perf_counter() - t0:.0f} s; largest "
+                files[(form, "fp16")] = fp16_copy(path, path.with_name(f"encoder.{form}.fp16.onnx"))
+            notes.append(f"{form}: exported and converted here in {time.perf_counter() - t0:.0f} s; largest "
                          f"difference to PyTorch {diff:.2e}")
         except Exception as exc:  # no torch / sam2 here: the exported forms are still compared
-            notes.append(f"unchunked: not made ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+            notes.append(f"{form}: not made ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
         print(notes[-1], flush=True)
-    forms = sorted({form for form, _ in files}, key=lambda f: f != "exported")
-    wanted = [w for w in args.only.split(",") if w]
+    forms = sorted({form for form, _ in files}, key=lambda f: (f != "exported", f))
     cfgs = [c for c in configs(args.provider, forms) if not wanted or any(c.name.startswith(w) for w in wanted)]
     print(f"measuring {len(cfgs)} configurations: {args.rounds} rounds x {args.runs} runs each", flush=True)
     results = measure(files, cfgs, args.provider, args.rounds, args.runs, log=lambda s: print(s, flush=True))

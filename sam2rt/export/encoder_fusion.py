@@ -177,9 +177,24 @@ def _fusable_block(block: nn.Module, h: int, w: int) -> bool:
     return True
 
 
-def _fused_block_forward(self, x: torch.Tensor, chunked: bool = True) -> torch.Tensor:
+def _window_partition_by_concat(x: torch.Tensor, ws: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """sam2's `window_partition` (zero padding to a multiple of `ws`, then (B * windows, ws, ws, C)) with the padding
+    as concatenations of zeros: one Concat per padded axis in ONNX instead of a Pad (`pad_first` says why)."""
+    b, h, w, c = x.shape
+    ph, pw = (ws - h % ws) % ws, (ws - w % ws) % ws
+    if ph:
+        x = torch.cat([x, x.new_zeros(b, ph, w, c)], dim=1)
+    if pw:
+        x = torch.cat([x, x.new_zeros(b, h + ph, pw, c)], dim=2)
+    hp, wp = h + ph, w + pw
+    x = x.view(b, hp // ws, ws, wp // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws, ws, c)
+    return x, (hp, wp)
+
+
+def _fused_block_forward(self, x: torch.Tensor, chunked: bool = True, pad_first: bool = False) -> torch.Tensor:
     """hieradet.MultiScaleBlock.forward with channels-last pooling and padding after the attention's linears
-    (`chunked`: the large first-stage activations in chunks, see ATTENTION_KV_CHUNK_BYTES, MLP_HIDDEN_CHUNK_BYTES)."""
+    (`chunked`: the large first-stage activations in chunks, see ATTENTION_KV_CHUNK_BYTES, MLP_HIDDEN_CHUNK_BYTES;
+    `pad_first`: padded windows as the original pads them, before the linears, once, see `fused_encoder_attention`)."""
     from sam2.modeling.backbones.utils import window_partition, window_unpartition
 
     shortcut = x
@@ -190,10 +205,10 @@ def _fused_block_forward(self, x: torch.Tensor, chunked: bool = True) -> torch.T
             shortcut = _max_pool_channels_last(shortcut, self.pool)
     h, w = x.shape[1:3]
     ws = self.window_size
-    if ws > 0 and (h % ws or w % ws):
+    if ws > 0 and (h % ws or w % ws) and not pad_first:
         x = _padded_window_attention(self.attn, x, ws)
     elif ws > 0:
-        x, pad_hw = window_partition(x, ws)
+        x, pad_hw = _window_partition_by_concat(x, ws) if pad_first else window_partition(x, ws)
         x = _chunked_window_attention(self.attn, x, chunked)
         wq = x.shape[1]
         x = window_unpartition(x, wq, (pad_hw[0] * wq // ws, pad_hw[1] * wq // ws), shortcut.shape[1:3])
@@ -228,13 +243,20 @@ def _poolable(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def fused_encoder_attention(chunked: bool = True) -> Iterator[None]:
+def fused_encoder_attention(chunked: bool = True, pad_first: bool = False) -> Iterator[None]:
     """While active, the Hiera trunk's blocks export with com.microsoft::MultiHeadAttention (same function).
 
     Patches hieradet.MultiScaleBlock.forward (see `_fused_block_forward`); blocks it cannot reproduce
     exactly (`_fusable_block`) keep the original forward. `chunked` (the exported `fused` form): the first stages'
     window attention and MLPs run in chunks that bound the CPU's peak memory; without, each runs whole (one kernel
     each: what a GPU may prefer, measured by `python -m sam2rt.bench.encoder_forms`).
+
+    `pad_first`: windows that need padding (hiera_tiny's 14-windows on 64x64 tokens, 7-windows on 32x32) pad the block's
+    input once, by concatenating zeros, as the original does, instead of padding q, k and v after their linears (the
+    exported form: ~20% fewer GEMM rows, which the CPU wants). On the H100 of GPU run 5 ONNX Runtime's Pad took
+    0.27-0.5 ms per node in the exported form's 15 (profiled with launches blocking, in TF32 and FP16 alike), about
+    as much as the windowed blocks' attention; this form has no Pad and a third of the window partitions. Measured
+    against the others by `encoder_forms`, not exported by `sam2rt export`.
     """
     from sam2.modeling.backbones import hieradet
 
@@ -243,7 +265,7 @@ def fused_encoder_attention(chunked: bool = True) -> Iterator[None]:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = int(x.shape[1]), int(x.shape[2])
-        return _fused_block_forward(self, x, chunked) if _fusable_block(self, h, w) else original(self, x)
+        return _fused_block_forward(self, x, chunked, pad_first) if _fusable_block(self, h, w) else original(self, x)
 
     cls.forward = forward
     try:
