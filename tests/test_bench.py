@@ -480,8 +480,9 @@ def test_encoder_forms_on_cuda_try_every_attention_kernel():
 
 @pytest.mark.slow
 def test_encoder_forms_exports_the_unchunked_encoder(model_dir, tmp_path):
-    """The unchunked form is the exported encoder with Hiera's first stages whole (fewer attention, LayerNorm and
-    Split nodes: no chunks), checked against PyTorch when made, and computes what the exported form computes."""
+    """The forms made here, by default all of them: the unchunked form is the exported encoder with Hiera's first
+    stages whole (fewer attention, LayerNorm and Split nodes: no chunks); each is checked against PyTorch when made,
+    and computes what the exported form computes."""
     import collections
 
     import onnx
@@ -491,9 +492,10 @@ def test_encoder_forms_exports_the_unchunked_encoder(model_dir, tmp_path):
     assert main([str(model_dir), "--out", str(tmp_path), "--provider", "cpu", "--rounds", "1", "--runs", "1"]) == 0
     doc = json.loads((tmp_path / "encoder_forms.json").read_text())
     got = doc["configurations"]
-    assert set(got) == {"exported:fp32:default", "unchunked:fp32:default"}
-    assert got["unchunked:fp32:default"]["max_abs_vs_reference"] <= 1e-4
-    assert any(n.startswith("unchunked: exported") and "difference to PyTorch" in n for n in doc["notes"]), doc["notes"]
+    assert set(got) == {"exported:fp32:default", "unchunked:fp32:default", "padfirst:fp32:default"}
+    for form in ("unchunked", "padfirst"):
+        assert got[f"{form}:fp32:default"]["max_abs_vs_reference"] <= 1e-4
+        assert any(n.startswith(f"{form}: exported") and "difference to PyTorch" in n for n in doc["notes"]), doc["notes"]
 
     def ops(path):
         return collections.Counter(n.op_type for n in onnx.load(path, load_external_data=False).graph.node)
