@@ -28,7 +28,8 @@ class GraphFile:
     role: the manifest's `graphs.<role>`; variant: None for the role's base graph, else the key under
     `graphs.<role>.variants`; made_from: the variant it is derived from (None: the base graph, or PyTorch for
     the files `sam2rt export` writes with torch.onnx); maker: "torch.onnx", "onnxruntime" (offline
-    optimisation), "fp16" (export.fp16), "int8" (onnxruntime.quantization); runs_on: the backends that load it
+    optimisation), "fp16" (export.fp16), "int8" (onnxruntime.quantization), "sam2rt" (a graph edit of sam2rt's own,
+    e.g. export.tracking_decoder); runs_on: the backends that load it
     where the export made what they prefer (their slots fall back to other rows: CPU_SLOTS, DEVICE_SLOTS), which
     is also what `sam2rt export --target` keeps (rows_for_targets).
     """
@@ -104,6 +105,12 @@ GRAPHS: tuple[GraphFile, ...] = (
               "the attention logits, the positional encoding and the object-score test in FP32"),
     GraphFile("mask_downsample", None, "mask_downsample.onnx", "fp32", "torch.onnx", None, (CPU, CUDA, TENSORRT),
               "a mask prompt brought to the decoder's low-res mask input"),
+    # a tracked frame's decoder, edited from track_decoder.onnx (export/tracking_decoder.py; maker "sam2rt": no torch)
+    GraphFile("track_decoder", "tracking", "track_decoder.tracking.onnx", "fp32", "sam2rt", None, (CPU, CUDA, TENSORRT),
+              "the tracking decoder of a tracked frame: no prompt inputs (their constants folded in, so no mask "
+              "convolutions), the reference's token choice in the graph: the chosen mask, pointer and object score"),
+    GraphFile("track_decoder", "tracking_fp16", "track_decoder.tracking.fp16.onnx", "fp16", "fp16", "tracking", (CUDA,),
+              "onnxruntime-cuda:fp16 (reduced precision): the tracked frames' decoder as the `fp16` tracking decoder"),
 )
 
 
@@ -149,15 +156,21 @@ VIDEO_CPU_SLOTS: dict[str, tuple[str, tuple[str | None, ...]]] = {
     "memory_attention": ("memory_attention", ("fused", None)),
     "track_decoder": ("track_decoder", (None,)),
     "mask_downsample": ("mask_downsample", (None,)),
+    # optional (exports before it lack it: the tracker then runs track_decoder and chooses the token on the host)
+    "tracking_decoder": ("track_decoder", ("tracking",)),
 }
 VIDEO_DEVICE_SLOTS: dict[str, tuple[str, tuple[str | None, ...]]] = {
-    slot: (role, ("device", None) if role == "memory_attention" else (None,)) for slot, (role, _) in VIDEO_CPU_SLOTS.items()
+    **VIDEO_CPU_SLOTS, "memory_attention": ("memory_attention", ("device", None)),
 }
 # An FP16 image backend's (the mask's downsampling, a resize, stays FP32). The FP32 graphs are the fallback where
 # an export has no FP16 ones (a `tensorrt` export); onnxruntime-cuda:fp16 requires them (runtime.video.graphs).
+# The tracked frames' decoder runs in the tracking decoder's precision (runtime.video.graphs drops a mismatch).
 VIDEO_FP16_SLOTS: dict[str, tuple[str, tuple[str | None, ...]]] = {
-    slot: (role, ("fp16", "device", None) if role == "memory_attention" else ("fp16", None) if role != "mask_downsample"
-           else (None,)) for slot, (role, _) in VIDEO_CPU_SLOTS.items()
+    "memory_encoder": ("memory_encoder", ("fp16", None)),
+    "memory_attention": ("memory_attention", ("fp16", "device", None)),
+    "track_decoder": ("track_decoder", ("fp16", None)),
+    "mask_downsample": ("mask_downsample", (None,)),
+    "tracking_decoder": ("track_decoder", ("tracking_fp16", "tracking")),
 }
 # On a GPU provider the exported graphs themselves: ONNX Runtime optimises them for the device at load (the
 # CPU-optimised copies hold CPU-only fused kernels).

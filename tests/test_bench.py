@@ -243,7 +243,7 @@ def test_ort_profile_reports_where_each_graphs_time_goes(tiny_video_dir, tmp_pat
     assert main([str(tiny_video_dir), "--out", str(tmp_path), "--provider", "cpu", "--runs", "2"]) == 0
     report = json.loads((tmp_path / "ort_profile.json").read_text())["graphs"]
     assert {"encoder:tf32", "decoder_fast:16 boxes", "decoder_nomask:16 boxes", "memory_attention:fp32",
-            "track_decoder:fp32", "memory_encoder:fp32"} <= set(report)
+            "track_decoder:fp32", "tracking_decoder:fp32", "memory_encoder:fp32"} <= set(report)
     for case, r in report.items():
         assert r["kernel_ms"] > 0 and r["wall_ms_p50"] > 0, case
         assert math.isclose(sum(r["by_op"].values()), r["kernel_ms"], rel_tol=1e-6), case

@@ -163,6 +163,7 @@ def test_the_tiny_stand_ins_fp16_video_graphs_load_and_track(tmp_path):
     model = Sam2Model.from_dir(d, backend="onnxruntime-cpu")
     tracker = VideoTracker(model, VideoGraphs(Manifest.load(d), "onnxruntime-cpu", precision="fp16"), fill_hole_area=0)
     assert tracker.graphs.entries["track_decoder"]["file"] == "track_decoder.fp16.onnx"
+    assert tracker.graphs.entries["tracking_decoder"]["file"] == "track_decoder.tracking.fp16.onnx"
     frame = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
     masks = tracker.add_prompt(1, box=[8, 8, 40, 30], frame=frame)
     for _ in range(3):

@@ -21,8 +21,10 @@ from sam2rt.errors import ExportError, GraphNotExportedError
 from sam2rt.graph_table import CPU, CUDA, GRAPHS, TENSORRT, graph_file, parse_targets, rows_for_targets, rows_to_make
 from sam2rt.manifest import Manifest
 
-# the video graphs go with every target; the CPU's memory attention is its com.microsoft MultiHeadAttention variant
-VIDEO = {"memory_encoder.onnx", "memory_attention.onnx", "track_decoder.onnx", "mask_downsample.onnx"}
+# the video graphs go with every target (with the tracked frames' tracking form of the tracking decoder); the CPU's
+# memory attention is its com.microsoft MultiHeadAttention variant
+VIDEO = {"memory_encoder.onnx", "memory_attention.onnx", "track_decoder.onnx", "mask_downsample.onnx",
+         "track_decoder.tracking.onnx"}
 CPU_VIDEO = VIDEO - {"memory_attention.onnx"} | {"memory_attention.fused.onnx"}
 
 
@@ -67,7 +69,9 @@ def test_each_target_keeps_the_rows_its_backend_runs():
     assert "memory_attention.onnx" in made  # every role's base graph is made: its sha256 identifies the export
     assert files_of(rows_to_make(rows_for_targets(["tensorrt"], made_by_default))) == {"encoder.onnx", "decoder.onnx"} | VIDEO
     # without the optimised copies the CPU keeps what its slots fall back to
-    plain = rows_for_targets(["cpu"], lambda g: g.maker == "torch.onnx")
+    from sam2rt.export.targets import made_by
+
+    plain = rows_for_targets(["cpu"], made_by(optimize=False, fp16=False))  # torch.onnx's and sam2rt's own rows
     assert files_of(plain) == {"encoder.fused.onnx", "decoder.onnx", "decoder_nomask.onnx", "decoder_prep.onnx",
                                "decoder_fast.onnx"} | CPU_VIDEO
     assert parse_targets("tensorrt,cpu") == ("cpu", "tensorrt")

@@ -820,13 +820,15 @@ def test_fp16_video_graphs_are_chosen_by_precision(model_dir: Path, tiny_video_d
     graphs = VideoGraphs(Manifest.load(model_dir), "onnxruntime-cpu", precision="fp16")
     assert {role: e["file"] for role, e in graphs.entries.items()} == {
         "memory_encoder": "memory_encoder.fp16.onnx", "memory_attention": "memory_attention.fp16.onnx",
-        "track_decoder": "track_decoder.fp16.onnx", "mask_downsample": "mask_downsample.onnx"}
+        "track_decoder": "track_decoder.fp16.onnx", "mask_downsample": "mask_downsample.onnx",
+        "tracking_decoder": "track_decoder.tracking.fp16.onnx"}
     tiny = Manifest.load(tiny_video_dir)
     with pytest.raises(GraphNotExportedError, match=r"no FP16 memory_encoder .*add_variants\(DIR, optimized=False, fp16=True\)"):
         VideoGraphs(tiny, "onnxruntime-cpu", precision="fp16")
     assert graphs.compact_memory  # made from the compact `device` form
     fallback = VideoGraphs(tiny, "tensorrt", precision="fp16")  # the FP32 graphs a GPU provider loads
     assert fallback.entries["memory_attention"]["file"] == "memory_attention.device.onnx"
+    assert fallback.entries["tracking_decoder"]["file"] == "track_decoder.tracking.onnx"  # as the FP32 track_decoder
 
 
 @pytest.mark.slow

@@ -162,7 +162,7 @@ def test_tracker_with_fixed_buffers_tracks_exactly_as_without(tiny_video_dir: Pa
     from sam2rt.manifest import Manifest
     from sam2rt.runtime import Sam2Model, VideoTracker
     from sam2rt.runtime.backends.ort_device_backend import OrtDeviceBackend
-    from sam2rt.runtime.video.graphs import FIXED_ROLES, VideoGraphs
+    from sam2rt.runtime.video.graphs import VideoGraphs
 
     m = Manifest.load(tiny_video_dir)
     frames, corners = pan_clip(24)
@@ -188,8 +188,10 @@ def test_tracker_with_fixed_buffers_tracks_exactly_as_without(tiny_video_dir: Pa
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
     status = graphs.fixed_status
-    assert set(status) == set(FIXED_ROLES)
-    for role in FIXED_ROLES:
+    # the stand-in has the tracked frames' decoder (track_decoder.tracking.onnx): it replaces the tracking decoder there
+    assert graphs.fixed_slots == ("memory_attention", "tracking_decoder", "memory_encoder")
+    assert set(status) == set(graphs.fixed_slots)
+    for role in graphs.fixed_slots:
         assert graphs.sessions[role].replays > 0, role
         assert set(status[role].values()) == {"fixed buffers"}, status[role]
     pipeline = backend.pipeline_graphs  # each frame preprocessed, each object's masks upsampled: one shape each
@@ -233,7 +235,7 @@ def test_settled_shapes_leave_no_shape_arithmetic_for_the_cpu(model_dir: Path, t
     from sam2rt.manifest import Manifest
     from sam2rt.runtime.backends.onnxruntime_backend import slot_entries
     from sam2rt.runtime.backends.fixed_shapes import fixed_dims
-    from sam2rt.runtime.video.graphs import FIXED_ROLES, VideoGraphs
+    from sam2rt.runtime.video.graphs import FIXED_ROLES, TRACKING_SLOT, VideoGraphs
     from sam2rt.runtime.video.heads import NO_POINTS_COORDS, NO_POINTS_LABELS
 
     m = Manifest.load(model_dir)
@@ -247,14 +249,14 @@ def test_settled_shapes_leave_no_shape_arithmetic_for_the_cpu(model_dir: Path, t
     checked = 0
     for table in (VIDEO_DEVICE_SLOTS, VIDEO_FP16_SLOTS):
         entries = slot_entries(m, table)
-        for role in FIXED_ROLES:
+        for role in (*FIXED_ROLES, TRACKING_SLOT):  # the tracked frames' decoder: the tracking form or the full one
             path = model_dir / entries[role]["file"]
             inputs = onnx.load(str(path), load_external_data=False).graph.input
             symbolic = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in inputs}
             dims = fixed_dims(symbolic, {k: v for k, v in steady.items() if k in symbolic})
             left = _computed_shape_inputs(path, dims, tmp_path / f"fixed_{path.name}")
             assert left == [], f"{path.name} with {dims}: {left[:5]}"
-            if role != "memory_encoder":  # its shapes are static: nothing to fix
+            if role not in ("memory_encoder", TRACKING_SLOT):  # their shapes are static: nothing to fix
                 assert dims and _computed_shape_inputs(path, {}, tmp_path / f"free_{path.name}"), path.name
             checked += 1
-    assert checked == 2 * len(FIXED_ROLES)
+    assert checked == 2 * (len(FIXED_ROLES) + 1)

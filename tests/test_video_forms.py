@@ -21,7 +21,8 @@ def test_role_precision_runs_the_named_roles_in_their_own_precision(model_dir: P
                          role_precision={"track_decoder": "fp32", "memory_encoder": "fp32"})
     assert {role: e["file"] for role, e in graphs.entries.items()} == {
         "memory_encoder": "memory_encoder.onnx", "memory_attention": "memory_attention.fp16.onnx",
-        "track_decoder": "track_decoder.onnx", "mask_downsample": "mask_downsample.onnx"}
+        "track_decoder": "track_decoder.onnx", "mask_downsample": "mask_downsample.onnx",
+        "tracking_decoder": "track_decoder.tracking.onnx"}  # the tracked frames' decoder in the tracking decoder's
     assert graphs.role_precision["memory_attention"] == "fp16" and graphs.compact_memory
     with pytest.raises(InputError, match="roles are memory_encoder, memory_attention"):
         VideoGraphs(m, "onnxruntime-cpu", role_precision={"decoder": "fp32"})
@@ -48,22 +49,29 @@ def test_tracked_frames_record_where_their_time_goes(tiny_video_dir: Path):
 
 
 def test_video_forms_times_each_configuration_side_by_side(tiny_video_dir: Path):
-    """Two configurations (on the CPU provider the same graphs, so equal logits), 6 frames, timed from frame 3: each
-    has a p50 per stage over 4 frames and its files; the report names the fastest and how to run it."""
+    """Three configurations (on the CPU provider the same graphs, so equal logits; the third runs the full decoder on
+    tracked frames instead of its tracking form: the same function), 6 frames, timed from frame 3: each has a p50 per
+    stage over 4 frames and its files; the report names the fastest and how to run it."""
     from sam2rt.bench import video_forms
 
-    configs = {"fp32": ("fp32", {}), "fp32, tf32 decoder": ("fp32", {"track_decoder": "tf32"})}
+    configs = {"fp32": ("fp32", {}), "fp32, tf32 decoder": ("fp32", {"track_decoder": "tf32"}),
+               "fp32, full decoder": ("fp32", {}, {"tracking_decoder": False})}
     doc = video_forms.run(tiny_video_dir, "onnxruntime-cpu", frames=6, settled=3, configs=configs)
     assert [r["config"] for r in doc["configs"]] == list(configs) and doc["reference_config"] == "fp32"
     for r in doc["configs"]:
         assert r["frames_timed"] == 4
         assert set(r["p50_ms"]) == {"gather", "attention", "decoder", "memory", "track"}
         assert all(v > 0 for v in r["p50_ms"].values()), r
-        assert r["mean_abs_logit_diff_vs_first"]["max"] == 0.0  # the same graphs on the same provider
         assert r["files"]["track_decoder"] == "track_decoder.onnx"
-    assert doc["configs"][1]["role_precision"] == {"track_decoder": "tf32"}
+    first, tf32, full = doc["configs"]
+    for r in (first, tf32):  # the same graphs on the same provider; tracked frames through the tracking form
+        assert r["mean_abs_logit_diff_vs_first"]["max"] == 0.0 and r["tracking_decoder"]
+        assert r["files"]["tracking_decoder"] == "track_decoder.tracking.onnx"
+    assert not full["tracking_decoder"] and "tracking_decoder" not in full["files"]
+    assert full["mean_abs_logit_diff_vs_first"]["max"] < 1e-5 and full["options"] == {"tracking_decoder": False}
+    assert tf32["role_precision"] == {"track_decoder": "tf32"}
     text = video_forms.markdown("test", doc)
-    assert text.count("\n| fp32") == 2 and "Fastest: `" in text and "role_precision=" in text
+    assert text.count("\n| fp32") == 3 and "Fastest: `" in text and "role_precision=" in text
 
 
 def test_video_forms_refuses_a_first_timed_frame_past_the_last(tiny_video_dir: Path, tmp_path: Path, capsys):

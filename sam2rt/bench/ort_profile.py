@@ -63,7 +63,8 @@ def graph_cases(manifest: Manifest) -> list[tuple[str, dict[str, Any], str, dict
                 "pointers": int(layout.get("pointers", 16))}
         for precision, slots in (("fp32", VIDEO_DEVICE_SLOTS), ("fp16", VIDEO_FP16_SLOTS)):
             entries = slot_entries(manifest, slots)
-            for role in ("memory_attention", "track_decoder", "memory_encoder"):
+            # the tracked frames' decoder: the tracking form where the export made it (tracking_decoder)
+            for role in ("memory_attention", "track_decoder", "tracking_decoder", "memory_encoder"):
                 if role in entries and (precision == "fp32" or "fp16" in entries[role]["file"]):
                     cases.append((f"{role}:{precision}", entries[role], precision, bank))
     return cases

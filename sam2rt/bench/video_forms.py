@@ -30,16 +30,21 @@ import numpy as np
 
 from ..runtime.video.tracker import TRACK_STAGES
 
-# name -> (video graphs' precision, {role: precision} exceptions); the first is the reference of the comparison
-CONFIGS_GPU: dict[str, tuple[str, dict[str, str]]] = {
+# name -> (video graphs' precision, {role: precision} exceptions[, other VideoGraphs options]); the first is the
+# reference of the comparison. "full decoder on tracked frames": track_decoder.onnx where the export's tracking form
+# (export/tracking_decoder.py) would run, as before it: what the tracking form gains.
+Config = tuple  # (str, dict[str, str]) or (str, dict[str, str], dict[str, Any])
+CONFIGS_GPU: dict[str, Config] = {
     "tf32": ("tf32", {}),
     "fp16": ("fp16", {}),
+    "fp16, full decoder on tracked frames": ("fp16", {}, {"tracking_decoder": False}),
     "fp16, tf32 decoder": ("fp16", {"track_decoder": "tf32"}),
     "fp16, tf32 memory encoder": ("fp16", {"memory_encoder": "tf32"}),
     "fp16, tf32 decoder and memory encoder": ("fp16", {"track_decoder": "tf32", "memory_encoder": "tf32"}),
 }
-CONFIGS_CPU: dict[str, tuple[str, dict[str, str]]] = {  # the same flow on the CPU provider (CI)
+CONFIGS_CPU: dict[str, Config] = {  # the same flow on the CPU provider (CI)
     "fp32": ("fp32", {}),
+    "fp32, full decoder on tracked frames": ("fp32", {}, {"tracking_decoder": False}),
     "fp16": ("fp16", {}),
     "fp16, fp32 decoder and memory encoder": ("fp16", {"track_decoder": "fp32", "memory_encoder": "fp32"}),
 }
@@ -51,7 +56,7 @@ def _log(msg: str) -> None:
 
 
 def run(model_dir: Path, backend: str, frames: int, settled: int, threads: int | None = None,
-        configs: dict[str, tuple[str, dict[str, str]]] | None = None) -> dict[str, Any]:
+        configs: dict[str, Config] | None = None) -> dict[str, Any]:
     """Track `frames` frames with every configuration (default: CONFIGS_GPU on a GPU backend, else CONFIGS_CPU),
     taking turns; per configuration the p50 of each stage (ms) over the frames from `settled` on, and its logits'
     distance to the first configuration's."""
@@ -64,8 +69,9 @@ def run(model_dir: Path, backend: str, frames: int, settled: int, threads: int |
         configs = CONFIGS_GPU if model.backend.device != "cpu" else CONFIGS_CPU
     clip = pan_frames(frames + 1)
     trackers: dict[str, Any] = {}
-    for name, (precision, roles) in configs.items():
-        graphs = VideoGraphs(model.manifest, model.backend_name, threads, precision=precision, role_precision=roles)
+    for name, (precision, roles, *options) in configs.items():
+        graphs = VideoGraphs(model.manifest, model.backend_name, threads, precision=precision, role_precision=roles,
+                             **(options[0] if options else {}))
         trackers[name] = tracker = VideoTracker(model, graphs, fill_hole_area=0)
         tracker.add_prompt(1, box=BOXES[0], frame=clip[0])
     names = list(trackers)
@@ -88,6 +94,8 @@ def run(model_dir: Path, backend: str, frames: int, settled: int, threads: int |
             "config": name,
             "precision": tracker.graphs.precision,
             "role_precision": dict(configs[name][1]),  # the exceptions to `precision`
+            "options": dict(configs[name][2]) if len(configs[name]) > 2 else {},
+            "tracking_decoder": tracker.graphs.tracking_decoder,
             "files": {role: e["file"] for role, e in tracker.graphs.entries.items()},
             "frames_timed": len(timed),
             "p50_ms": {k.removesuffix("_s"): round(1e3 * float(np.median([t[k] for t in timed])), 3) for k in STAGES},
@@ -115,7 +123,8 @@ def markdown(label: str, doc: dict[str, Any]) -> str:
                      f"| {p['track']:.3f} | {r['mean_abs_logit_diff_vs_first']['max']:.2e} | {captured} of {fixed} |")
     best = min(doc["configs"], key=lambda r: r["p50_ms"]["track"])
     lines += ["", f"Fastest: `{best['config']}` ({best['p50_ms']['track']:.3f} ms per tracked frame); "
-                  f"`VideoGraphs(..., precision={best['precision']!r}, role_precision={best['role_precision']})` runs it."]
+                  f"`VideoGraphs(..., precision={best['precision']!r}, role_precision={best['role_precision']}"
+                  + "".join(f", {k}={v!r}" for k, v in best.get("options", {}).items()) + ")` runs it."]
     return "\n".join(lines) + "\n"
 
 

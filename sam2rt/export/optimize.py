@@ -18,6 +18,9 @@ model directory: `add_variants(DIR, int8=True)`. Each variant is recorded in the
   manifest says why). REDUCED PRECISION: used only when asked for.
 - `fp16` of the video graphs (memory encoder, memory attention, tracking decoder): the VideoTracker's graphs
   for `onnxruntime-cuda:fp16`, made from the base graphs the same way (add_fp16_video). REDUCED PRECISION.
+- `tracking` of the tracking decoder: the decoder of a tracked frame (no prompt inputs, the token chosen in the
+  graph), edited from track_decoder.onnx by export/tracking_decoder.py and checked against it; its `tracking_fp16`
+  is converted from it as the other FP16 video graphs.
 - `int8`: the encoder with dynamic INT8 quantisation of its MatMul weights (onnxruntime.quantization,
   per-channel, activations quantised at run time). REDUCED PRECISION: opt-in only
   (`precision="int8"`), never the default; its mask IoU against FP32 is measured by `sam2rt bench`.
@@ -94,29 +97,49 @@ def add_fp16_encoder(manifest: Manifest) -> None:
     entry["variants"]["fp16"] = _entry(out, fused["sha256"], **record)
 
 
-FP16_VIDEO_ROLES = ("memory_encoder", "memory_attention", "track_decoder")
+FP16_VIDEO_ROWS = ("memory_encoder.fp16", "memory_attention.fp16", "track_decoder.fp16", "track_decoder.tracking_fp16")
 
 
-def add_fp16_video(manifest: Manifest, roles: Collection[str] = FP16_VIDEO_ROLES) -> None:
-    """Write the video graphs of onnxruntime-cuda:fp16 (graph_table's `fp16` rows of FP16_VIDEO_ROLES) from their
-    base graphs, each recorded as its role's `fp16` variant. FP32 stays where export.fp16 keeps it, and in the
-    comparisons (the object-score test). The memory attention is made from its compact `device` form (no key mask:
-    FP16 MultiHeadAttention runs as ONNX Runtime's fused CUDA kernels), or from its standard-ops graph in an export
-    without one (never from `fused`, whose key mask sits in one extra q/k channel whose -1e9 FP16 cannot hold)."""
+def add_tracking_decoder(manifest: Manifest) -> None:
+    """Write track_decoder.tracking.onnx (export/tracking_decoder.py: the tracked frames' decoder, edited from the
+    base graph and checked against it) and record it as the tracking decoder's `tracking` variant."""
+    from .tracking_decoder import io_spec, make_tracking_decoder
+
+    entry = manifest.entry("track_decoder")
+    if entry is None or not manifest.is_stored(entry) or "video" not in manifest.data:
+        return  # an export from before video tracking, or one whose tracking decoder a lean export removed
+    row = graph_file("track_decoder", "tracking")
+    out = manifest.directory / row.file
+    check = make_tracking_decoder(manifest.verify_file(entry), out, manifest.data["video"])
+    entry.setdefault("variants", {})["tracking"] = _entry(
+        out, entry["sha256"], precision="fp32", use=row.use, check_max_abs_diff=check, **io_spec(out))
+
+
+def add_fp16_video(manifest: Manifest, keys: Collection[str] = FP16_VIDEO_ROWS) -> None:
+    """Write the video graphs of onnxruntime-cuda:fp16 (graph_table's rows `keys` of FP16_VIDEO_ROWS) from what each
+    is made from, each recorded as its role's variant. FP32 stays where export.fp16 keeps it, and in the comparisons
+    (the object-score test, the token choice's IoU comparison). The memory attention is made from its compact `device`
+    form (no key mask: FP16 MultiHeadAttention runs as ONNX Runtime's fused CUDA kernels), or from its standard-ops
+    graph in an export without one (never from `fused`, whose key mask sits in one extra q/k channel whose -1e9 FP16
+    cannot hold). The tracked frames' decoder is made from its FP32 `tracking` form, and only from it."""
     from .fp16 import COMPARISON_OP_TYPES, convert_to_mixed_fp16, summarize
 
-    for role in roles:
-        entry = manifest.entry(role)
+    for key in keys:
+        row = graph_file(*key.split("."))
+        entry = manifest.entry(row.role)
         if entry is None:
             continue  # an export from before video tracking
-        row = graph_file(role, "fp16")
         out = manifest.directory / row.file
         source = (entry.get("variants") or {}).get(row.made_from) if row.made_from else None
-        made_from = source if source is not None and manifest.is_stored(source) else entry
+        if source is not None and not manifest.is_stored(source):
+            source = None
+        if source is None and row.made_from == "tracking":
+            continue  # no tracking form to convert: the FP16 tracker runs the `fp16` tracking decoder
+        made_from = source if source is not None else entry
         keep = convert_to_mixed_fp16(manifest.verify_file(made_from), out, extra_fp32_ops=COMPARISON_OP_TYPES,
                                      ort_kernels=True)
         origin = {"source": row.made_from} if made_from is not entry else {}
-        entry.setdefault("variants", {})["fp16"] = _entry(
+        entry.setdefault("variants", {})[row.variant] = _entry(
             out, made_from["sha256"], precision="fp16", fp32_summary=summarize(keep), use=row.use, **origin,
             **{k: made_from[k] for k in ("inputs", "outputs") if k in made_from},
         )
@@ -161,8 +184,10 @@ def add_variants(
         variants[row.variant] = _entry(out, derived, precision="fp32", optimization="ORT_ENABLE_EXTENDED", **carried)
     if fp16 and wanted("encoder", "fp16"):
         add_fp16_encoder(manifest)
+    if wanted("track_decoder", "tracking"):
+        add_tracking_decoder(manifest)
     if fp16:
-        add_fp16_video(manifest, [role for role in FP16_VIDEO_ROLES if wanted(role, "fp16")])
+        add_fp16_video(manifest, [key for key in FP16_VIDEO_ROWS if wanted(*key.split("."))])
     if int8 and wanted("encoder", "int8"):
         entry = manifest.graph("encoder")
         base = manifest.graph_path("encoder")

@@ -2,7 +2,8 @@
 
 `add_tiny_video(manifest)` writes, without torch and in well under a second, the four video graphs and the
 constants a VideoTracker loads (`memory_encoder.onnx`, `memory_attention.onnx`, `track_decoder.onnx`,
-`mask_downsample.onnx`, `video_constants.npz`) into a tiny model directory (export.tiny_model), with the
+`mask_downsample.onnx`, `video_constants.npz`, and the tracked frames' `track_decoder.tracking.onnx` edited from
+the stand-in's tracking decoder as `sam2rt export` makes it) into a tiny model directory (export.tiny_model), with the
 manifest's `video` section and slots as `sam2rt export` records them. Tests of what the tracker does around the
 graphs (the CLI, cameras, saving and restoring state) run on it in milliseconds; tests of SAM 2's numerics use a
 real export and compare with SAM2VideoPredictor.
@@ -27,6 +28,7 @@ import numpy as np
 
 from ..manifest import Manifest, sha256_file
 from ..model_specs import IMAGE_SIZE, LOW_RES_SIZE
+from .optimize import add_tracking_decoder
 
 FEAT = IMAGE_SIZE // 16  # 64: the image_embed grid
 HIDDEN, MEM_DIM = 256, 64
@@ -229,5 +231,6 @@ def add_tiny_video(manifest: Manifest, seed: int = 0) -> Manifest:
                                   "use": "no_mem_embed and no_obj_ptr (float32), for mask prompts"}
     manifest.data["graphs"].update(entries)
     manifest.data["video"] = dict(SETTINGS)
+    add_tracking_decoder(manifest)  # track_decoder.tracking.onnx, edited from the stand-in as from a real export
     manifest.save()
     return manifest

@@ -17,13 +17,18 @@ from ...manifest import Manifest
 from ..backends.onnxruntime_backend import OrtDeviceTensor, required_variant, slot_entries
 from ..backends.ort_pipeline import GRAPH_DIR
 from .bank import MemoryBank
+from .heads import NO_POINTS_COORDS, NO_POINTS_LABELS, select_track_output, use_multimask
 from ..backends.bound_session import BoundSession
 from ..backends.fixed_shapes import FixedShapeSession
 from .memory import SlotLayout
 from .sessions import CPU_PROVIDERS, VIDEO_PROVIDERS, create_session
 
 VIDEO_ROLES = ("memory_encoder", "memory_attention", "track_decoder", "mask_downsample")
-FIXED_ROLES = ("memory_attention", "track_decoder", "memory_encoder")  # run on every tracked frame
+# The tracked frames' decoder (graph_table's `track_decoder.tracking`): an optional slot, in the tracking decoder's
+# precision; without it (exports from before it) the tracker runs track_decoder and chooses the token on the host.
+TRACKING_SLOT = "tracking_decoder"
+SLOT_ROLES = {**{role: role for role in VIDEO_ROLES}, TRACKING_SLOT: "track_decoder"}
+FIXED_ROLES = ("memory_attention", "track_decoder", "memory_encoder")  # run on every tracked frame (`fixed_slots`)
 PRECISIONS = ("fp32", "tf32", "fp16")
 FP16_FIX = ("export it again with `sam2rt export ... --target cuda` (without --no-fp16), or run "
             "`sam2rt.export.optimize.add_variants(DIR, optimized=False, fp16=True)`")
@@ -39,13 +44,17 @@ class VideoGraphs:
     VIDEO_*_SLOTS) overrides the choice for FP32 (tests run the GPU's graphs on the CPU provider that way).
     `role_precision` ({role: "fp32" | "tf32" | "fp16"}) runs the named roles in another precision than `precision`
     (their FP16 graphs, or the FP32 ones with TF32 on or off): which precision is fastest differs per graph
-    (`python -m sam2rt.bench.video_forms` measures it). Every file is checked against its sha256 before it is loaded.
+    (`python -m sam2rt.bench.video_forms` measures it). Tracked frames run the tracking form of the decoder
+    (graph_table's `track_decoder.tracking`) where the export made it in the tracking decoder's precision;
+    `tracking_decoder=False` runs track_decoder on them instead, as for exports from before it (video_forms compares
+    the two). Every file is checked against its sha256 before it is loaded.
     """
 
     def __init__(
         self, manifest: Manifest, backend: str = "onnxruntime-cpu", threads: int | None = None,
         precision: str | None = None, slots: dict[str, tuple[str, tuple[str | None, ...]]] | None = None,
         fixed_buffers: bool | None = None, cuda_graphs: bool = True, role_precision: dict[str, str] | None = None,
+        tracking_decoder: bool = True,
     ) -> None:
         graphs = manifest.data.get("graphs", {})
         if "video" not in manifest.data or any(role not in graphs for role in VIDEO_ROLES):
@@ -63,27 +72,32 @@ class VideoGraphs:
                                  f"{', '.join(PRECISIONS)}")
             self.role_precision[role] = p
         by_precision = {p: self._entries(manifest, backend, p, on_cpu, slots) for p in set(self.role_precision.values())}
-        self.entries = {role: by_precision[p][role] for role, p in self.role_precision.items() if role in by_precision[p]}
+        self.entries = {slot: by_precision[self.role_precision[role]][slot] for slot, role in SLOT_ROLES.items()
+                        if slot in by_precision[self.role_precision[role]]}
         missing = [role for role in VIDEO_ROLES if role not in self.entries]
         if missing:
             raise manifest.left_out_error(graph_file(missing[0]).file)
-        paths = {role: manifest.verify_file(self.entries[role]) for role in VIDEO_ROLES}
+        tracking = self.entries.get(TRACKING_SLOT)
+        if tracking is not None and (not tracking_decoder or tracking.get("precision", "fp32")
+                                     != self.entries["track_decoder"].get("precision", "fp32")):
+            del self.entries[TRACKING_SLOT]  # not asked for, or an FP32 form beside the FP16 tracking decoder: not mixed
+        paths = {slot: manifest.verify_file(entry) for slot, entry in self.entries.items()}
         # fp32 on a GPU: TF32 off, as the image graphs (the CUDA provider's default is TF32 on)
-        tf32 = {role: p != "fp32" for role, p in self.role_precision.items()}
-        self.sessions: dict[str, Any] = {role: BoundSession(create_session(paths[role], backend, threads, tf32=tf32[role]))
-                                         for role in VIDEO_ROLES}
+        tf32 = {slot: self.role_precision[SLOT_ROLES[slot]] != "fp32" for slot in self.entries}
+        self.sessions: dict[str, Any] = {slot: BoundSession(create_session(paths[slot], backend, threads, tf32=tf32[slot]))
+                                         for slot in self.entries}
         self.device = self.sessions["memory_attention"].device  # "cuda" or "cpu": where device outputs live
         # the graphs run on every tracked frame go through fixed buffers (CUDA graphs) once their shapes settle:
         # by default on a GPU (backends/fixed_shapes.py says why); `fixed_buffers=True` runs that flow on the CPU provider (tests)
         self.frame = 0  # the tracker's frame clock (`step()`): which shapes are in steady use
         if self.device == "cuda" if fixed_buffers is None else fixed_buffers:
             copy = BoundSession(create_session(GRAPH_DIR / "copy.onnx", backend, threads, tf32=False))
-            for role in FIXED_ROLES:
+            for role in self.fixed_slots:
                 def factory(graph: bool, dims: dict[str, int], path=paths[role], tf32=tf32[role]) -> Any:
                     return create_session(path, backend, threads, tf32=tf32, graph=graph, dims=dims)
 
                 self.sessions[role] = FixedShapeSession(self.sessions[role], factory, copy, lambda: self.frame,
-                                                        self.role_precision[role], capture=cuda_graphs,
+                                                        self.role_precision[SLOT_ROLES[role]], capture=cuda_graphs,
                                                         name=f"video graph {role}")
         # the compact memory attention (graph_table's `device` row) takes the valid slots only, without validity flags
         self.compact_memory = "mem_valid" not in self.sessions["memory_attention"].input_names
@@ -110,6 +124,17 @@ class VideoGraphs:
                         entries[slot] = required_variant(manifest, role, "fp16", FP16_FIX)
             return entries
         return slot_entries(manifest, slots or (VIDEO_CPU_SLOTS if on_cpu else VIDEO_DEVICE_SLOTS))
+
+    @property
+    def tracking_decoder(self) -> bool:
+        """Whether tracked frames run the tracking form of the decoder (graph_table's `track_decoder.tracking`)."""
+        return TRACKING_SLOT in self.entries
+
+    @property
+    def fixed_slots(self) -> tuple[str, ...]:
+        """The graphs run on every tracked frame: the memory attention, the tracked frames' decoder (the tracking form
+        where the export made it, else the tracking decoder) and the memory encoder."""
+        return ("memory_attention", TRACKING_SLOT if self.tracking_decoder else "track_decoder", "memory_encoder")
 
     def step(self) -> None:
         """A new frame begins (the tracker calls it once per time step)."""
@@ -157,6 +182,21 @@ class VideoGraphs:
             "has_mask_input": np.array([1.0 if has_mask else 0.0], np.float32),
         })
         return lr, iou, ptr, float(score.reshape(-1)[0])
+
+    def track(self, pix_feat: Any, feats: dict[str, Any], settings: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, float]:
+        """A tracked frame's decoder output, as the reference chooses it: host ((256,256) mask logits, (C,) object
+        pointer, object score). Through the tracking form where the export made it (no prompt inputs to send, the token
+        chosen on the device, one mask brought down), else through track_decoder and `select_track_output`."""
+        if not self.tracking_decoder:
+            lr, iou, ptrs, score = self.decode(pix_feat, feats, NO_POINTS_COORDS, NO_POINTS_LABELS, None)
+            mask, ptr = select_track_output(settings, lr, iou, ptrs, use_multimask(settings, False, 0))
+            return mask, ptr, score
+        mask, ptr, score = self.sessions[TRACKING_SLOT].run({
+            "pix_feat": pix_feat, "high_res_feats_0": feats["high_res_feats_0"],
+            "high_res_feats_1": feats["high_res_feats_1"],
+        }, (), ("mask_logits", "pointer", "object_score_logits"))
+        return (np.ascontiguousarray(mask.reshape(mask.shape[-2:]), np.float32),
+                np.ascontiguousarray(ptr.reshape(-1), np.float32), float(score.reshape(-1)[0]))
 
     def mask_downsample(self, mask: np.ndarray) -> OrtDeviceTensor:
         """(S,S) binary float mask at the input size -> (1,1,256,256) decoder mask input, on the graphs' device."""
