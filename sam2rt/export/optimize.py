@@ -103,7 +103,7 @@ FP16_VIDEO_ROWS = ("memory_encoder.fp16", "memory_attention.fp16", "track_decode
 def add_tracking_decoder(manifest: Manifest) -> None:
     """Write track_decoder.tracking.onnx (export/tracking_decoder.py: the tracked frames' decoder, edited from the
     base graph and checked against it) and record it as the tracking decoder's `tracking` variant."""
-    from .tracking_decoder import io_spec, make_tracking_decoder
+    from .tracking_decoder import CPU_DISABLED_OPTIMIZERS, io_spec, make_tracking_decoder
 
     entry = manifest.entry("track_decoder")
     if entry is None or not manifest.is_stored(entry) or "video" not in manifest.data:
@@ -112,7 +112,8 @@ def add_tracking_decoder(manifest: Manifest) -> None:
     out = manifest.directory / row.file
     check = make_tracking_decoder(manifest.verify_file(entry), out, manifest.data["video"])
     entry.setdefault("variants", {})["tracking"] = _entry(
-        out, entry["sha256"], precision="fp32", use=row.use, check_max_abs_diff=check, **io_spec(out))
+        out, entry["sha256"], precision="fp32", use=row.use, check_max_abs_diff=check,
+        ort_disabled_optimizers=list(CPU_DISABLED_OPTIMIZERS), **io_spec(out))
 
 
 def add_fp16_video(manifest: Manifest, keys: Collection[str] = FP16_VIDEO_ROWS) -> None:

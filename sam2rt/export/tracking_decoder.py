@@ -34,6 +34,12 @@ TRACKING_OUTPUTS = ("mask_logits", "pointer", "object_score_logits")
 # the source graph's prompt inputs, each fixed to what a tracked frame gives (mask_input: zeros, as the tracker feeds)
 PROMPT_INPUTS = ("point_coords", "point_labels", "mask_input", "has_mask_input")
 TOLERANCE = 1e-4  # relative to the largest magnitude: the same arithmetic, folded
+# ONNX Runtime fusions left out of the offline folding and, on the CPU provider, at load (the manifest records them as
+# the entry's `ort_disabled_optimizers`, as decoder_fast's): with this graph's static shapes ONNX Runtime fuses MatMul +
+# Add into Gemm (with Reshapes) and the residual Add + LayerNorm into SkipLayerNormalization, and on the CPU both are
+# slower than the ops they replace (hiera_tiny on the 2-core box: 52.1 ms a run with them, 46.1 without, the full
+# track_decoder.onnx 48.4; benchmarks/README.md). GPU providers fuse as they choose at load.
+CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion", "MatMulAddFusion")
 
 
 def _constant_inputs(low: int) -> dict[str, np.ndarray]:
@@ -137,7 +143,8 @@ def make_tracking_decoder(source: str | Path, dst: str | Path, settings: dict[st
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # constant folding; no device kernels
         so.optimized_model_filepath = str(dst)
         so.log_severity_level = 3
-        ort.InferenceSession(str(edited), so, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(edited), so, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=list(CPU_DISABLED_OPTIMIZERS))
     finally:
         edited.unlink(missing_ok=True)
     try:

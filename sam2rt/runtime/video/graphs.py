@@ -84,8 +84,11 @@ class VideoGraphs:
         paths = {slot: manifest.verify_file(entry) for slot, entry in self.entries.items()}
         # fp32 on a GPU: TF32 off, as the image graphs (the CUDA provider's default is TF32 on)
         tf32 = {slot: self.role_precision[SLOT_ROLES[slot]] != "fp32" for slot in self.entries}
-        self.sessions: dict[str, Any] = {slot: BoundSession(create_session(paths[slot], backend, threads, tf32=tf32[slot]))
-                                         for slot in self.entries}
+        disabled = {slot: tuple(entry.get("ort_disabled_optimizers", ())) for slot, entry in self.entries.items()}
+        self.sessions: dict[str, Any] = {
+            slot: BoundSession(create_session(paths[slot], backend, threads, tf32=tf32[slot],
+                                              cpu_disabled_optimizers=disabled[slot]))
+            for slot in self.entries}
         self.device = self.sessions["memory_attention"].device  # "cuda" or "cpu": where device outputs live
         # the graphs run on every tracked frame go through fixed buffers (CUDA graphs) once their shapes settle:
         # by default on a GPU (backends/fixed_shapes.py says why); `fixed_buffers=True` runs that flow on the CPU provider (tests)
@@ -93,8 +96,10 @@ class VideoGraphs:
         if self.device == "cuda" if fixed_buffers is None else fixed_buffers:
             copy = BoundSession(create_session(GRAPH_DIR / "copy.onnx", backend, threads, tf32=False))
             for role in self.fixed_slots:
-                def factory(graph: bool, dims: dict[str, int], path=paths[role], tf32=tf32[role]) -> Any:
-                    return create_session(path, backend, threads, tf32=tf32, graph=graph, dims=dims)
+                def factory(graph: bool, dims: dict[str, int], path=paths[role], tf32=tf32[role],
+                            disabled=disabled[role]) -> Any:
+                    return create_session(path, backend, threads, tf32=tf32, graph=graph, dims=dims,
+                                          cpu_disabled_optimizers=disabled)
 
                 self.sessions[role] = FixedShapeSession(self.sessions[role], factory, copy, lambda: self.frame,
                                                         self.role_precision[SLOT_ROLES[role]], capture=cuda_graphs,

@@ -27,12 +27,13 @@ VIDEO_PROVIDERS = {
 
 def create_session(
     path: str | Path, backend: str = "onnxruntime-cpu", threads: int | None = None, tf32: bool = True,
-    graph: bool = False, dims: dict[str, int] | None = None,
+    graph: bool = False, dims: dict[str, int] | None = None, cpu_disabled_optimizers: tuple[str, ...] | list[str] = (),
 ) -> Any:
     """An onnxruntime.InferenceSession for one video graph, on the providers that fit `backend` (`tf32`: whether
     the CUDA provider may use TF32 tensor cores for FP32 products; `graph`: CUDA-graph capture, which ONNX Runtime
     refuses, with an error here, for a graph with a node on the CPU; `dims`: symbolic dimensions fixed, so that
-    ONNX Runtime folds the shape arithmetic into constants, as capture needs)."""
+    ONNX Runtime folds the shape arithmetic into constants, as capture needs; `cpu_disabled_optimizers`: ONNX Runtime
+    fusions left out on the CPU provider, as a graph's manifest entry records them in `ort_disabled_optimizers`)."""
     try:
         import onnxruntime as ort
     except ImportError as exc:  # pragma: no cover - depends on the install
@@ -47,7 +48,8 @@ def create_session(
     so = session_options(threads, mem_pattern=False)
     for name, value in (dims or {}).items():
         so.add_free_dimension_override_by_name(name, int(value))
-    return ort.InferenceSession(str(path), so, providers=providers)
+    disabled = list(cpu_disabled_optimizers) if providers == ["CPUExecutionProvider"] else []
+    return ort.InferenceSession(str(path), so, providers=providers, disabled_optimizers=disabled)
 
 
 def run(session: Any, feeds: dict[str, Any]) -> list[Any]:
