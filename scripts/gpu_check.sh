@@ -44,7 +44,8 @@ fi
     --backend "${VIDEO_BACKEND:-onnxruntime-cuda:fp16}" --out "$OUT" --label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
     2>&1 | tail -40 | tee "$OUT/video_bench.log"
 # which precision runs each video graph fastest: trackers with the video graphs in tf32, fp16 and fp16 with the
-# tracking decoder and/or memory encoder in tf32, taking turns frame by frame; off unless VIDEO_FORMS=1 (~1-2 min)
+# tracking decoder and/or memory encoder in tf32, and fp16 with the full decoder on tracked frames (what the tracking
+# form gains), taking turns frame by frame; off unless VIDEO_FORMS=1 (~1-2 min)
 [ -z "${VIDEO_FORMS:-}" ] || step ${VIDEO_FORMS_TIMEOUT:-180} python3 -m sam2rt.bench.video_forms "$W/hiera_tiny" --out "$OUT" \
     --label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" 2>&1 | tee "$OUT/video_forms.log"
 # the GPU tests (their own export, ~90 s on an H100)
