@@ -173,6 +173,63 @@ def test_prefetch_never_captures_beside_the_other_threads_work(tiny_video_dir: P
             np.testing.assert_array_equal(a[k], b[k])
 
 
+def test_each_threads_first_replay_of_a_session_waits_for_the_other_thread(tiny_video_dir: Path, monkeypatch):
+    """ONNX Runtime's CUDA provider captures a CUDA-graph session again on the first run of each thread that runs it
+    (its per-thread contexts; GPU run 6 on an H100: the encoder, captured on the main thread by add_prompt, was
+    captured again on propagate's worker beside the main thread's tracking, and both failed). So every thread's first
+    replay of every fixed-buffer session waits until the other thread is outside its work. Two propagate calls: the
+    worker thread is the tracker's one, so the second captures nothing again."""
+    from sam2rt.runtime.backends.fixed_shapes import FixedShapeSession
+    from sam2rt.runtime.backends.ort_device_backend import OrtDeviceBackend
+    from test_video import pan_clip, point_prompt
+
+    frames, corners = pan_clip(16)
+    tracker = _device_tracker(tiny_video_dir)
+    busy: dict[str, set[str]] = {"encode": set(), "track": set()}
+    replays: list[tuple[threading.Thread, int, set[str]]] = []  # (thread, session buffers, others inside their work)
+    encode, track_all = tracker.model.backend.encode, tracker._track_all
+
+    def slowed(fn, what):
+        def run(*args):
+            me = threading.current_thread().name
+            busy[what].add(me)
+            try:
+                time.sleep(0.02)
+                return fn(*args)
+            finally:
+                busy[what].discard(me)
+        return run
+
+    def recording(original):
+        def replay(fixed):
+            me = threading.current_thread()
+            replays.append((me, id(fixed), {t for ts in busy.values() for t in ts if t != me.name}))
+            return original(fixed)
+        return staticmethod(replay)
+
+    monkeypatch.setattr(tracker.model.backend, "encode", slowed(encode, "encode"))
+    monkeypatch.setattr(tracker, "_track_all", slowed(track_all, "track"))
+    for cls in (OrtDeviceBackend, FixedShapeSession):
+        monkeypatch.setattr(cls, "_replay", recording(cls._replay))
+    tracker.add_prompt(1, frame=frames[0], **point_prompt(corners[0]))
+    # each call's first frame is encoded on the main thread, the next on the worker while the main thread tracks
+    got = [m for _, m in tracker.propagate(frames[1:9], prefetch=True)]
+    got += [m for _, m in tracker.propagate(frames[9:], prefetch=True)]
+    tracker.model.close()
+    assert len(got) == len(frames) - 1
+    seen: set[tuple[str, int]] = set()
+    firsts = []
+    for i, (thread, fixed, others) in enumerate(replays):
+        if (thread, fixed) not in seen:
+            seen.add((thread, fixed))
+            firsts.append((i, thread, fixed, others))
+    on_worker = [f for f in firsts if f[1] is not threading.main_thread()]
+    on_main = {f[2] for f in firsts if f[1] is threading.main_thread()}
+    assert any(f[2] in on_main for f in on_worker), firsts  # a session the main thread ran, run again on the worker
+    assert all(not others for _, _, _, others in firsts), firsts  # each first replay with the other thread outside
+    assert len({f[1] for f in on_worker}) == 1, on_worker  # one worker thread for both calls
+
+
 @pytest.mark.parametrize("where", ["worker", "main"])
 def test_a_capture_waits_for_the_other_thread_then_runs(where):
     """The exclusive section starts only once the other thread's shared work has ended, whichever thread captures."""

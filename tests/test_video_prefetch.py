@@ -8,6 +8,7 @@ turn, a frame buffer refilled in place by its source, and leaving early.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +110,13 @@ def test_prefetch_raises_a_bad_frame_at_its_turn(tiny_video_dir: Path):
             got.append(idx)
     assert got == [0, 1, 2] and tracker.frame_idx == 2
     np.testing.assert_array_equal(tracker.current_frame, frames[2])
-    assert not [t for t in threading.enumerate() if t.name.startswith("sam2rt-prefetch")]
+    # the worker is the tracker's for its life (a thread per call would capture CUDA graphs again); close() stops it
+    workers = [t for t in threading.enumerate() if t.name.startswith("sam2rt-prefetch")]
+    assert len(workers) == 1, workers
+    tracker.close()
+    assert not workers[0].is_alive()
+    assert [idx for idx, _ in tracker.propagate(frames[3:], prefetch=True)] == [3, 4]  # usable after close()
+    tracker.close()
 
 
 def test_prefetch_copies_a_buffer_the_source_refills(tiny_video_dir: Path):
@@ -131,19 +138,31 @@ def test_prefetch_copies_a_buffer_the_source_refills(tiny_video_dir: Path):
 
 
 def test_leaving_prefetch_early_stops_the_worker(tiny_video_dir: Path):
-    """Breaking out of propagate waits for the frame in flight and leaves no worker behind; tracking goes on."""
+    """Breaking out of propagate waits for the frame in flight, and the worker reads nothing more (one frame read
+    ahead is consumed); tracking goes on. The idle worker thread is the tracker's until close()."""
     tracker = _tracker(tiny_video_dir)
     frames, corners = pan_clip(6)
     _prompted(tracker, frames, corners)
-    stream = tracker.propagate(iter(frames), prefetch=True)
+    read: list[int] = []
+
+    def source():
+        for i, f in enumerate(frames):
+            read.append(i)
+            yield f
+
+    stream = tracker.propagate(source(), prefetch=True)
     for idx, _ in stream:
         if idx == 2:
             break
     stream.close()
-    assert not [t for t in threading.enumerate() if t.name.startswith("sam2rt-prefetch")]
+    assert read == [0, 1, 2, 3]  # frame 3 was read ahead, and nothing after it
+    time.sleep(0.1)
+    assert read == [0, 1, 2, 3]
     assert tracker.frame_idx == 2
     tracker.track(frames[5])
     assert tracker.frame_idx == 3
+    tracker.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("sam2rt-prefetch")]
 
 
 def test_prefetch_is_on_where_the_backend_computes_on_a_gpu(tiny_video_dir: Path, monkeypatch):

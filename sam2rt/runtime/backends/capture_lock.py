@@ -14,7 +14,13 @@ out meanwhile. Both nest. A thread that holds shared and asks for exclusive give
 Deadlock rule: a thread waiting for exclusive must not hold a lock that a shared holder of another thread waits for.
 The tracker's two threads keep it: the worker's encode holds the backend's encoder lock and the preprocess graph's
 lock, the main thread's tracking holds the video graphs' and the upsampling graph's; neither waits for the other's.
-Captures happen once per session and shape, so the exclusion costs nothing once shapes have settled.
+Captures happen once per session, shape and thread, so the exclusion costs nothing once shapes have settled.
+
+Per thread: ONNX Runtime's CUDA provider keeps a session's captured graph in the running thread's context
+(`CUDAExecutionProvider::PerThreadContext`, kept for the thread while `enable_cuda_graph` is on), so a session captured
+on one thread is captured again on its first run on another. `ThreadRuns` records which threads ran a session: each
+thread's first run holds exclusive, not only the session's first. GPU run 6 (H100) found this: `propagate`'s worker
+re-captured the encoder, captured on the main thread by `add_prompt`, beside the main thread's memory encoder.
 """
 
 from __future__ import annotations
@@ -113,6 +119,28 @@ class CaptureLock:
 
 # the process's one lock: CUDA graph captures of every session exclude every other thread's GPU work
 GPU_WORK = CaptureLock()
+
+
+class ThreadRuns:
+    """Which threads have run one CUDA-graph session (module docstring: ONNX Runtime captures per thread).
+
+    `guard()`: the lock a run of it on this thread holds, exclusive where this thread has not run it yet (its run
+    captures); `mark()` after a run that succeeded; `any`: whether any thread has (a later failure is then an error,
+    not a capture to give up)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()  # a new thread sees no mark, even one reusing a dead thread's ident
+        self.any = False
+
+    def here(self) -> bool:
+        return getattr(self._local, "ran", False)
+
+    def guard(self) -> Any:
+        return GPU_WORK.shared() if self.here() else GPU_WORK.exclusive()
+
+    def mark(self) -> None:
+        self._local.ran = True
+        self.any = True
 
 
 def gpu_work(fn: F) -> F:

@@ -43,7 +43,7 @@ import numpy as np
 
 from ..tensors import DeviceTensor, as_host
 from .bound_session import BoundSession
-from .capture_lock import GPU_WORK
+from .capture_lock import GPU_WORK, ThreadRuns
 from .onnxruntime_backend import OrtDeviceTensor
 
 log = logging.getLogger("sam2rt")
@@ -108,6 +108,7 @@ class _Fixed:
         self.session, self.binding, self.inputs, self.outputs = session, binding, inputs, outputs
         self.last_used = -1
         self.small: dict[str, np.ndarray] = {}  # the small host inputs' values now in their buffers
+        self.runs = ThreadRuns()  # the threads that replayed it: each one's first replay captures (capture_lock.py)
 
 
 class FixedShapeSession:
@@ -194,7 +195,9 @@ class FixedShapeSession:
             return result
         fixed.last_used = self._clock()
         self._load(fixed, feeds, first=False)
-        self._replay(fixed)
+        with fixed.runs.guard():  # on a thread that has not replayed it, ONNX Runtime captures it again
+            self._replay(fixed)
+        fixed.runs.mark()
         self.replays += 1
         return [OrtDeviceTensor(self._copy_out(fixed.outputs[n])) if n in device_outputs else self._host(fixed.outputs[n])
                 for n in fixed.outputs]
@@ -285,7 +288,8 @@ class FixedShapeSession:
         fixed = _Fixed(session, io, inputs, outputs)
         try:
             self._load(fixed, feeds, first=True)
-            self._replay(fixed)
+            self._replay(fixed)  # under GPU_WORK.exclusive (_run)
+            fixed.runs.mark()
             wrong = self._disagreement({n: v.numpy() for n, v in outputs.items()}, [as_host(r) for r in reference])
         except Exception as exc:
             self.status[key] = f"failed: {str(exc).splitlines()[0][:200]}"

@@ -40,7 +40,7 @@ from .onnxruntime_backend import (
     session_options,
     slot_entries,
 )
-from .capture_lock import GPU_WORK
+from .capture_lock import GPU_WORK, ThreadRuns
 from .fixed_shapes import relative_difference
 from .ort_pipeline import OrtPipeline
 
@@ -117,7 +117,7 @@ class _Captured:
         self.session, self.binding, self.inputs, self.outputs = session, binding, inputs, outputs
         self.packed, self.layout = packed, layout or {}
         self.checked = False  # whether its first outputs were compared with the dynamic session's
-        self.ran = False  # whether it has run once (a failure after that is an error, not a session to drop)
+        self.runs = ThreadRuns()  # the threads that ran it: each one's first run captures (capture_lock.py)
 
     def upload_prompts(self, prompts: dict[str, np.ndarray]) -> None:
         """All prompt inputs into the packed device buffer, in one host-to-device copy."""
@@ -419,10 +419,10 @@ class OrtDeviceBackend(Backend):
                 return {n: OrtDeviceTensor(v) for n, v in zip(names, io.get_outputs())}
             self._pipeline.copy(src, fixed.inputs["image"])
             try:
-                with GPU_WORK.shared() if fixed.ran else GPU_WORK.exclusive():  # the first run captures (capture_lock.py)
+                with fixed.runs.guard():  # each thread's first run captures (capture_lock.py)
                     self._replay(fixed)
             except Exception as exc:
-                if fixed.ran:
+                if fixed.runs.here():  # a replay failed: an error (a capture that failed: the plain session)
                     raise
                 # its first replay (where ONNX Runtime captures the CUDA graph) failed: the plain session from now on
                 self._encoder_fixed = None
@@ -431,7 +431,7 @@ class OrtDeviceBackend(Backend):
                     del self._sessions["encoder"]
                 self._note_failure("encoder", exc)
                 return self.encode(image)
-            fixed.ran = True
+            fixed.runs.mark()
             # the fixed outputs are overwritten by the next image: each embedding gets its own copy
             return {n: OrtDeviceTensor(self._pipeline.copy(v)) for n, v in fixed.outputs.items()}
 
@@ -498,16 +498,16 @@ class OrtDeviceBackend(Backend):
             self._slot_loaded[slot] = token
             self._slot_owner[slot] = [tensors[k] for k in tensor_names]
         try:
-            with GPU_WORK.shared() if fixed.ran else GPU_WORK.exclusive():  # the first run captures (capture_lock.py)
+            with fixed.runs.guard():  # each thread's first run captures (capture_lock.py)
                 fixed.upload_prompts(prompts)
                 self._replay(fixed)
         except Exception as exc:
-            if fixed.ran:
+            if fixed.runs.here():  # a replay failed: an error (a capture that failed: the plain session)
                 raise
             self._captured.pop((slot, b, n), None)
             self._note_failure((slot, b, n), exc)
             return self._run_plain(slot, tensors, prompts)
-        fixed.ran = True
+        fixed.runs.mark()
         low_res, iou = fixed.outputs["low_res_masks"], fixed.outputs["iou_predictions"]
         if not fixed.checked:
             # ONNX Runtime optimises a session with fixed dimensions differently from the dynamic one; a fusion

@@ -82,16 +82,13 @@ class _Encoded:
 
 
 class _Prefetch:
-    """The frames of a source, each read and encoded (`encode`) on a worker thread one frame ahead of the caller: the
-    next frame's work starts when this is made and whenever the caller takes a frame. An error of a frame (or of the
-    source) is raised when that frame's turn comes, as without prefetching. `close()` waits for the frame in flight
-    (which the source has then given up: leaving early consumes one frame more) and stops the worker."""
+    """The frames of a source, each read and encoded (`encode`) on the worker thread of `pool` (one thread) one frame
+    ahead of the caller: the next frame's work starts when this is made and whenever the caller takes a frame. An
+    error of a frame (or of the source) is raised when that frame's turn comes, as without prefetching. `close()`
+    waits for the frame in flight (which the source has then given up: leaving early consumes one frame more)."""
 
-    def __init__(self, frames: Iterator[Any], encode: Any) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._frames, self._encode = frames, encode
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sam2rt-prefetch")
+    def __init__(self, frames: Iterator[Any], encode: Any, pool: Any) -> None:
+        self._frames, self._encode, self._pool = frames, encode, pool
         self._future = self._pool.submit(self._read_and_encode)
 
     def _read_and_encode(self) -> _Encoded | None:
@@ -107,7 +104,9 @@ class _Prefetch:
             yield encoded
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        from concurrent.futures import wait
+
+        wait([self._future])  # its error, if any, belongs to a frame nobody asked for
 
 
 @dataclass
@@ -140,6 +139,7 @@ class VideoTracker:
         self.fill_hole_area = int(self.settings.get("fill_hole_area", 0) if fill_hole_area is None else fill_hole_area)
         self.image_size = model.image_size
         self.timings: deque[dict[str, float]] = deque(maxlen=TIMINGS_KEPT)  # per time step: seconds per stage
+        self._prefetch_pool: Any = None  # propagate's worker thread (`_prefetcher`), one for the tracker's life
         self.reset()
 
     @classmethod
@@ -194,6 +194,26 @@ class VideoTracker:
     def current_frame(self) -> np.ndarray | None:
         """A copy of the current frame, as it was given (None before the first)."""
         return self._frame
+
+    def _prefetcher(self, frames: Iterator[Any]) -> _Prefetch:
+        """`frames` read and encoded one ahead on the tracker's one worker thread. One thread for every `propagate`:
+        ONNX Runtime captures a CUDA-graph session again on each new thread that runs it, and keeps each capture
+        while the session lives (backends/capture_lock.py), so a thread per call would capture the encoder again
+        per call and keep every copy."""
+        if self._prefetch_pool is None:
+            import weakref
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._prefetch_pool = ThreadPoolExecutor(1, thread_name_prefix="sam2rt-prefetch")
+            weakref.finalize(self, self._prefetch_pool.shutdown, wait=False)
+        return _Prefetch(frames, self._encode, self._prefetch_pool)
+
+    def close(self) -> None:
+        """Stop `propagate`'s worker thread (after the frame in flight). The tracker stays usable: a later
+        `propagate` with prefetch starts a new one. The model and its sessions are the caller's."""
+        pool, self._prefetch_pool = self._prefetch_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     @property
     def prefetch_default(self) -> bool:
@@ -428,13 +448,13 @@ class VideoTracker:
             if self._is_current(first):
                 if num_frames is None and length is not None:
                     self.num_frames = self.frame_idx + length
-                ahead = _Prefetch(it, self._encode) if prefetch else None  # frame 1 is read while 0's masks are made
+                ahead = self._prefetcher(it) if prefetch else None  # frame 1 is read while 0's masks are made
                 yield self.frame_idx, self._masks()
             else:
                 if num_frames is None and length is not None:
                     self.num_frames = self.frame_idx + 1 + length
                 encoded = self._encode(first)
-                ahead = _Prefetch(it, self._encode) if prefetch else None
+                ahead = self._prefetcher(it) if prefetch else None
                 masks = self._step(encoded)
                 yield self.frame_idx, masks
             for encoded in ahead if ahead is not None else (self._encode(frame) for frame in it):
