@@ -52,12 +52,22 @@ class GraphFile:
 GRAPHS: tuple[GraphFile, ...] = (
     GraphFile("encoder", None, "encoder.onnx", "fp32", "torch.onnx", None, (TENSORRT,),
               "image (1,3,1024,1024) -> the three features; standard ONNX ops (TensorRT, INT8 quantisation)"),
-    GraphFile("encoder", "fused", "encoder.fused.onnx", "fp32", "torch.onnx", None, (CUDA,),
-              "the same encoder with attention as com.microsoft MultiHeadAttention (ONNX Runtime only)"),
+    GraphFile("encoder", "fused", "encoder.fused.onnx", "fp32", "torch.onnx", None, (),
+              "the same encoder with attention as com.microsoft MultiHeadAttention (ONNX Runtime only); the CPU's "
+              "form (first stages in chunks, padding after the linears), whose optimised copy the CPU runs"),
     GraphFile("encoder", "optimized", "encoder.opt.onnx", "fp32", "onnxruntime", "fused", (CPU,),
               "`fused` after ONNX Runtime's offline optimisations: the CPU encoder"),
-    GraphFile("encoder", "fp16", "encoder.fused.fp16.onnx", "fp16", "fp16", "fused", (CUDA,),
-              "onnxruntime-cuda:fp16: FP16 weights and activations, LayerNorm statistics in FP32 (reduced precision)"),
+    GraphFile("encoder", "fp16", "encoder.fused.fp16.onnx", "fp16", "fp16", "fused", (),
+              "`fused` in FP16: what onnxruntime-cuda:fp16 ran before the `device` form (exports made before it)"),
+    # the GPU's encoder form (export.encoder_fusion.fused_encoder_attention(chunked=False, pad_first=True)): on an
+    # H100 (GPU run 6, sam2rt.bench.encoder_forms) 3.51 ms in FP16 and 7.18 ms in TF32 against the `fused` form's
+    # 7.74 and 11.36, the same features
+    GraphFile("encoder", "device", "encoder.device.onnx", "fp32", "torch.onnx", None, (CUDA,),
+              "the MultiHeadAttention encoder for a GPU: each stage's attention and MLP whole, padded windows padded "
+              "once before the linears by concatenation (no Pad node)"),
+    GraphFile("encoder", "device_fp16", "encoder.device.fp16.onnx", "fp16", "fp16", "device", (CUDA,),
+              "onnxruntime-cuda:fp16: `device` with FP16 weights and activations, LayerNorm statistics in FP32 "
+              "(reduced precision)"),
     GraphFile("encoder", "int8", "encoder.int8.onnx", "int8", "int8", None, (CPU,),
               "onnxruntime-cpu:int8: dynamically quantised MatMul weights (reduced precision, opt-in)", optional=True),
     GraphFile("decoder", None, "decoder.onnx", "fp32", "torch.onnx", None, (CUDA, TENSORRT),
@@ -175,7 +185,7 @@ VIDEO_FP16_SLOTS: dict[str, tuple[str, tuple[str | None, ...]]] = {
 # On a GPU provider the exported graphs themselves: ONNX Runtime optimises them for the device at load (the
 # CPU-optimised copies hold CPU-only fused kernels).
 DEVICE_SLOTS: dict[str, tuple[str, tuple[str | None, ...]]] = {
-    "encoder": ("encoder", ("fused", None)),
+    "encoder": ("encoder", ("device", "fused", None)),
     "decoder": ("decoder", (None,)),
     "decoder_nomask": ("decoder", ("nomask",)),
     "decoder_prep": ("decoder", ("prep",)),

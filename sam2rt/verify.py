@@ -186,10 +186,9 @@ def backends_to_check(manifest, backend: str) -> list[str]:
     if name == "tensorrt":
         return [f"tensorrt:{p}" for p in engine_entries(manifest)] or ["tensorrt"]
     if name == "onnxruntime-cuda":  # its default, and FP16 where the export made its encoder (where overflow would show)
-        from .runtime.backends.onnxruntime_backend import _fresh_variant
+        from .runtime.backends.ort_device_backend import fp16_encoder_entry
 
-        fp16 = _fresh_variant(manifest, "encoder", "fp16")
-        return ["onnxruntime-cuda:tf32"] + (["onnxruntime-cuda:fp16"] if fp16 and manifest.is_stored(fp16) else [])
+        return ["onnxruntime-cuda:tf32"] + (["onnxruntime-cuda:fp16"] if fp16_encoder_entry(manifest) else [])
     return [name]
 
 

@@ -29,6 +29,8 @@ step 30 python3 -c "import onnxruntime as o, torch; print('onnxruntime', o.__ver
 # and shorter timeouts, the figures come back first.
 # Run 5 (H100, 2026-11-27) did 1, 3 and FORMS in one call (PACK=1 VIDEO=1 FORMS=1, BACKENDS="onnxruntime-cuda:fp16
 # onnxruntime-cuda:tf32", timeouts 200/170/130/200: 458 s) and PROFILE in a second (34 s) on the same warm machine.
+# Run 6 (H100, 2026-11-28): PACK=1 SKIP_BENCH=1 VIDEO=1 VIDEO_FORMS=1 FORMS=1 with timeouts 130/100/140/110 (367 s), then
+# the image benchmark alone (RUNS=150, 106 s) and PROFILE (30 s) on the same warm machine: 900 s held 695 s.
 # Plan for one such call a session: copying the wheel's five parts took 6 s a call on one machine and 64 s on the
 # next, which spent the rest of the session's device time. On a fresh machine the model directory is exported first.
 [ -n "${SKIP_BENCH:-}" ] || step ${BENCH_TIMEOUT:-300} python3 benchmarks/gpu_bench.py --work "$W" --out "$OUT" --runs ${RUNS:-200} --warmup 20 \

@@ -401,8 +401,8 @@ def test_encoder_forms_measures_each_exported_form(tiny_model_dir, tmp_path):
 
 def test_encoder_forms_exports_the_pad_first_form_it_is_asked_for(model_dir, tmp_path):
     """`--only padfirst` exports that form alone (from the model directory's seeded weights, checked against PyTorch
-    at export): no Pad node is left, a third of the windowed blocks' partitions, and on the CPU provider its embedding
-    is the exported form's to float rounding."""
+    at export): no Pad node is left, and it is the export's GPU encoder (encoder.device.onnx): the same nodes, and on
+    the CPU provider the same embedding to float rounding."""
     import onnx
     import onnxruntime as ort
 
@@ -415,12 +415,12 @@ def test_encoder_forms_exports_the_pad_first_form_it_is_asked_for(model_dir, tmp
     assert not (tmp_path / "work" / "encoder.unchunked.onnx").exists()  # not asked for, not made
     made = tmp_path / "work" / "encoder.padfirst.onnx"
     ops = [n.op_type for n in onnx.load(str(made), load_external_data=False).graph.node]
-    exported = [n.op_type for n in onnx.load(str(model_dir / "encoder.fused.onnx"), load_external_data=False).graph.node]
-    assert ops.count("Pad") == 0 and exported.count("Pad") == 15
-    assert ops.count("Transpose") < exported.count("Transpose")
+    device = [n.op_type for n in onnx.load(str(model_dir / "encoder.device.onnx"), load_external_data=False).graph.node]
+    assert ops.count("Pad") == 0 and ops.count("MultiHeadAttention") == 12  # one per block
+    assert sorted(ops) == sorted(device)
     image = np.random.default_rng(0).standard_normal((1, 3, 1024, 1024)).astype(np.float32)
     got, want = (ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]).run(None, {"image": image})
-                 for f in (made, model_dir / "encoder.fused.onnx"))
+                 for f in (made, model_dir / "encoder.device.onnx"))
     for g, w in zip(got, want):
         assert np.abs(g - w).max() < 1e-3
 
@@ -480,9 +480,10 @@ def test_encoder_forms_on_cuda_try_every_attention_kernel():
 
 @pytest.mark.slow
 def test_encoder_forms_exports_the_unchunked_encoder(model_dir, tmp_path):
-    """The forms made here, by default all of them: the unchunked form is the exported encoder with Hiera's first
-    stages whole (fewer attention, LayerNorm and Split nodes: no chunks); each is checked against PyTorch when made,
-    and computes what the exported form computes."""
+    """The forms made here, by default all of them: the unchunked form is the CPU's encoder form with Hiera's first
+    stages whole (one attention node per block, as the exported GPU form) and its padding after the linears (Pad
+    nodes, which the exported GPU form has none of); each is checked against PyTorch when made, and computes what
+    the exported form computes."""
     import collections
 
     import onnx
@@ -500,6 +501,7 @@ def test_encoder_forms_exports_the_unchunked_encoder(model_dir, tmp_path):
     def ops(path):
         return collections.Counter(n.op_type for n in onnx.load(path, load_external_data=False).graph.node)
 
-    exported, unchunked = ops(model_dir / got["exported:fp32:default"]["file"]), ops(tmp_path / "work" / "encoder.unchunked.onnx")
-    for op in ("MultiHeadAttention", "LayerNormalization", "Split"):
-        assert unchunked[op] < exported[op], (op, unchunked[op], exported[op])
+    assert got["exported:fp32:default"]["file"] == "encoder.device.onnx"
+    device, unchunked = ops(model_dir / "encoder.device.onnx"), ops(tmp_path / "work" / "encoder.unchunked.onnx")
+    assert unchunked["MultiHeadAttention"] == device["MultiHeadAttention"] == 12
+    assert unchunked["Pad"] > 0 == device["Pad"]

@@ -250,12 +250,15 @@ def test_cpu_load_prints_no_onnxruntime_warnings(tiny_model_dir):
 
 
 def test_export_records_the_fp16_encoder(model_dir):
+    """The FP16 encoder is made from the GPU's encoder form (`device`), and only from it (no FP16 copy of the CPU's
+    `fused` form beside it)."""
     import onnx
 
     m = Manifest.load(model_dir)
-    entry = m.variant("encoder", "fp16")
-    assert entry is not None and entry["source"] == "fused" and entry["precision"] == "fp16"
-    assert entry["derived_from_sha256"] == m.variant("encoder", "fused")["sha256"]
+    entry = m.variant("encoder", "device_fp16")
+    assert entry is not None and entry["source"] == "device" and entry["precision"] == "fp16"
+    assert entry["derived_from_sha256"] == m.variant("encoder", "device")["sha256"]
+    assert m.variant("encoder", "fp16") is None
     assert entry["file"] != "encoder.fp16.onnx"  # that name is build-engine's temporary TensorRT graph
     graph = onnx.load(str(m.verify_file(entry)), load_external_data=False).graph
     halves = sum(1 for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
@@ -280,11 +283,11 @@ def test_export_records_the_fp16_encoder(model_dir):
     from sam2rt.runtime.backends.ort_device_backend import device_graph_entries
 
     assert device_graph_entries(m, "fp16")["encoder"]["file"] == entry["file"]
-    assert device_graph_entries(m, "tf32")["encoder"]["file"] == m.variant("encoder", "fused")["file"]
+    assert device_graph_entries(m, "tf32")["encoder"]["file"] == m.variant("encoder", "device")["file"] == "encoder.device.onnx"
 
 
 def test_fp16_encoder_within_the_fp16_bounds_on_the_cpu_provider(model_dir, sam2rt_model):
-    """encoder.fused.fp16.onnx (LayerNorm and max pooling on FP16 tensors) run by ONNX Runtime's CPU provider: its
+    """encoder.device.fp16.onnx (LayerNorm and max pooling on FP16 tensors) run by ONNX Runtime's CPU provider: its
     features, through the FP32 decoder, keep the FP16 bounds of onnxruntime-cuda:fp16 against the FP32 encoder
     (mean |logit diff| <= 0.05, mask IoU >= 0.98) for clicks and boxes. The CUDA kernels are checked on a GPU
     (tests/test_gpu.py::test_fp16_mode_within_bounds)."""
@@ -299,7 +302,7 @@ def test_fp16_encoder_within_the_fp16_bounds_on_the_cpu_provider(model_dir, sam2
     x = preprocess(photo("coffee"), m.image_size)
     feats = {}
     for precision in ("fp32", "fp16"):
-        entry = m.variant("encoder", "fused" if precision == "fp32" else "fp16")
+        entry = m.variant("encoder", "device" if precision == "fp32" else "device_fp16")
         session = ort.InferenceSession(str(m.verify_file(entry)), session_options(), providers=["CPUExecutionProvider"])
         feats[precision] = dict(zip(names, session.run(None, {"image": x})))
     rng = np.random.default_rng(1)
@@ -548,6 +551,7 @@ def test_the_export_refuses_an_fp16_encoder_these_weights_overflow(tiny_model_di
     entry = m.graph("encoder")
     entry["variants"]["fused"] = {"file": "encoder.fused.onnx", "sha256": sha256_file(d / "encoder.fused.onnx"),
                                   "derived_from_sha256": entry["sha256"]}
+    entry["variants"].pop("device", None)  # the FP16 copy is then made from `fused`, as in exports before `device`
     if factor < 200:  # written; within 4x of the range (26400 here) it warns that other images may pass it
         import warnings
 

@@ -43,7 +43,7 @@ def test_manifest_records_the_export(model_dir, checkpoint_path):
 def test_graphs_pass_onnx_checker(model_dir):
     import onnx
 
-    for name in ("encoder.onnx", "encoder.fused.onnx", "decoder.onnx"):
+    for name in ("encoder.onnx", "encoder.device.onnx", "decoder.onnx"):
         onnx.checker.check_model(str(model_dir / name), full_check=True)
 
 
@@ -153,7 +153,8 @@ def test_model_registry():
 
 def test_encoder_fused_variant(model_dir):
     """encoder.onnx is standard ONNX; its ORT form `fused` (MultiHeadAttention) is recorded, verified and
-    the source of the optimised encoder the CPU backend loads."""
+    the source of the optimised encoder the CPU backend loads (and not kept beside it); the GPU's form `device`
+    (MultiHeadAttention in every block) is recorded, verified and kept."""
     import onnx
 
     from sam2rt.runtime.backends.onnxruntime_backend import cpu_graph_entries
@@ -164,12 +165,16 @@ def test_encoder_fused_variant(model_dir):
     assert not any(n.op_type == "Conv" and "neck" in n.name for n in base.graph.node)  # neck folded
     fused_entry = m.variant("encoder", "fused")
     assert fused_entry["derived_from_sha256"] == m.graph("encoder")["sha256"]
-    fused = onnx.load(str(m.verify_file(fused_entry)), load_external_data=False)
-    mha = [n for n in fused.graph.node if n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft"]
-    blocks = {n.name.split("/")[2] for n in mha}  # "/trunk/blocks.N/..."; first stages in window groups
-    assert blocks == {f"blocks.{i}" for i in range(12)}
+    assert fused_entry["stored"] is False and not (model_dir / fused_entry["file"]).exists()
+    device_entry = m.variant("encoder", "device")
+    assert device_entry["derived_from_sha256"] == m.graph("encoder")["sha256"]
+    device = onnx.load(str(m.verify_file(device_entry)), load_external_data=False)
+    mha = [n for n in device.graph.node if n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft"]
+    blocks = {n.name.split("/")[2] for n in mha}  # "/trunk/blocks.N/..."
+    assert blocks == {f"blocks.{i}" for i in range(12)} and len(mha) == 12  # one per block: no chunks
     diffs = m.data["verification"]["max_abs_diff"]
     assert {k for k in diffs if k.startswith("encoder_fused.")} and max(diffs.values()) < 1e-3
+    assert {k for k in diffs if k.startswith("encoder_device.")}
     opt = m.variant("encoder", "optimized")
     assert opt["source"] == "fused" and opt["derived_from_sha256"] == fused_entry["sha256"]
     assert cpu_graph_entries(m)["encoder"] is opt
@@ -200,7 +205,8 @@ def test_stale_fused_encoder_is_ignored(model_dir):
     assert cpu_graph_entries(m)["encoder"] is m.graph("encoder")
     m = Manifest.load(model_dir)
     m.data["graphs"]["encoder"]["variants"]["fused"]["sha256"] = "1" * 64  # fused replaced, optimized not remade
-    assert cpu_graph_entries(m)["encoder"] is m.variant("encoder", "fused")
+    # `fused` itself is not kept (only its optimised copy): the CPU falls back to the base graph
+    assert cpu_graph_entries(m)["encoder"] is m.graph("encoder")
 
 
 def test_load_checkpoint_reports_a_random_weights_record(tmp_path):

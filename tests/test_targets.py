@@ -59,13 +59,16 @@ def test_each_target_keeps_the_rows_its_backend_runs():
     # the GPU's memory attention is its compact form (valid slots only), the static one is TensorRT's
     assert "memory_attention.device.onnx" in files_of(cuda) and "memory_attention.onnx" not in files_of(cuda)
     assert files_of(rows_for_targets(["tensorrt"], made_by_default)) == {"encoder.onnx", "decoder.onnx"} | VIDEO
-    # every graph but the opt-in INT8 encoder and decoder_fast.onnx, which is made only as the source of the CPU's
-    # optimised copy (its GPU form is decoder_fast.device.onnx)
+    # every graph but the opt-in INT8 encoder, decoder_fast.onnx and encoder.fused.onnx, which are made only as the
+    # sources of the CPU's optimised copies (their GPU forms are decoder_fast.device.onnx and encoder.device.onnx),
+    # and the FP16 copy of the fused encoder, which exports made before the `device` form hold
     assert files_of(rows_for_targets(parse_targets("all"), made_by_default)) == \
-        {g.file for g in GRAPHS if g.maker != "int8"} - {"decoder_fast.onnx"}
+        {g.file for g in GRAPHS if g.maker != "int8"} - {"decoder_fast.onnx", "encoder.fused.onnx", "encoder.fused.fp16.onnx"}
+    assert {"encoder.device.onnx", "encoder.device.fp16.onnx"} <= files_of(cuda)
     # the CPU's encoder is made from the fused one, which is made (and verified) but not kept; no FP16 encoder
     made = files_of(rows_to_make(cpu))
     assert {"encoder.fused.onnx", "encoder.onnx", "decoder_fast.onnx"} <= made and "encoder.fused.fp16.onnx" not in made
+    assert "encoder.device.onnx" not in made  # the GPU's encoder form: not for a cpu export
     assert "memory_attention.onnx" in made  # every role's base graph is made: its sha256 identifies the export
     assert files_of(rows_to_make(rows_for_targets(["tensorrt"], made_by_default))) == {"encoder.onnx", "decoder.onnx"} | VIDEO
     # without the optimised copies the CPU keeps what its slots fall back to
@@ -181,10 +184,14 @@ def test_session_export_records_every_target(model_dir):
     m = Manifest.load(model_dir)
     export = m.data["export"]
     assert export["targets"] == ["cpu", "cuda", "tensorrt"]
-    assert set(export["written"]) == {g.file for g in GRAPHS if g.maker != "int8"} - {"decoder_fast.onnx"}
-    assert all((model_dir / f).is_file() for f in export["written"]) and sorted(export["left_out"]) == ["decoder_fast.onnx", "encoder.int8.onnx"]
-    # decoder_fast.onnx is no target's graph (made only as the source of the CPU's optimised copy): said so
-    assert "--no-optimize" in export["left_out"]["decoder_fast.onnx"] and "--target" not in export["left_out"]["decoder_fast.onnx"]
+    sources = {"decoder_fast.onnx", "encoder.fused.onnx"}  # made only as the sources of the CPU's optimised copies
+    assert set(export["written"]) == {g.file for g in GRAPHS if g.maker != "int8"} - sources - {"encoder.fused.fp16.onnx"}
+    assert all((model_dir / f).is_file() for f in export["written"])
+    assert set(export["left_out"]) == sources | {"encoder.int8.onnx", "encoder.fused.fp16.onnx"}
+    # no target's graphs: said so
+    for name in sources:
+        assert "--no-optimize" in export["left_out"][name] and "--target" not in export["left_out"][name]
+    assert "no target writes it now" in export["left_out"]["encoder.fused.fp16.onnx"]  # replaced by encoder.device.fp16
 
 
 def test_cpu_lean_copy_of_the_real_export(model_dir, sam2rt_model, tmp_path):

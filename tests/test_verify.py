@@ -115,10 +115,10 @@ def test_verify_checks_the_fp16_encoder_on_a_gpu(model_dir, tiny_model_dir):
     from sam2rt.verify import backends_to_check
 
     full = Manifest.load(model_dir)
-    assert full.variant("encoder", "fp16") is not None
+    assert full.variant("encoder", "device_fp16") is not None
     assert backends_to_check(full, "onnxruntime-cuda") == ["onnxruntime-cuda:tf32", "onnxruntime-cuda:fp16"]
     assert backends_to_check(full, "cuda") == ["onnxruntime-cuda:tf32", "onnxruntime-cuda:fp16"]
     assert backends_to_check(full, "onnxruntime-cuda:fp32") == ["onnxruntime-cuda:fp32"]  # one precision asked for
     tiny = Manifest.load(tiny_model_dir)  # the stand-in has no FP16 encoder: TF32 alone
-    assert tiny.variant("encoder", "fp16") is None
+    assert tiny.variant("encoder", "fp16") is None and tiny.variant("encoder", "device_fp16") is None
     assert backends_to_check(tiny, "onnxruntime-cuda") == ["onnxruntime-cuda:tf32"]

@@ -53,8 +53,9 @@ import numpy as np
 from ..graph_table import DEVICE_SLOTS
 from ..manifest import Manifest
 from ..runtime.backends.onnxruntime_backend import (
-    SDPA_KERNELS, _fresh_variant, _import_ort, cuda_provider_options, session_options, slot_entries,
+    SDPA_KERNELS, _import_ort, cuda_provider_options, session_options, slot_entries,
 )
+from ..runtime.backends.ort_device_backend import fp16_encoder_entry
 
 # Flash attention has no FP32 kernel: TF32 graphs are measured with the others.
 FP32_KERNELS = ("default", "efficient", "math")
@@ -259,8 +260,11 @@ def fastest(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def advice(r: dict[str, Any]) -> str:
     """What gets a configuration in use: the attention kernel by environment, the form by export."""
     how = [] if r["kernel"] == "default" else [f"SAM2RT_CUDA_ATTENTION={r['kernel']}"]
-    if r["form"] != "exported":
-        how.append(f"an export of the {r['form']} encoder (not made by `sam2rt export` yet)")
+    if r["form"] == "padfirst":
+        how.append("an export made since the `device` encoder (`sam2rt export --target cuda` writes the padfirst form "
+                   "as encoder.device.onnx)")
+    elif r["form"] != "exported":
+        how.append(f"an export of the {r['form']} encoder (not made by `sam2rt export`)")
     return " and ".join(how) or "what the runtime does already"
 
 
@@ -318,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.model_dir} holds no encoder the device path runs: export it with --target cuda")
         return 1
     files[("exported", "fp32")] = manifest.verify_file(encoder)
-    fp16 = _fresh_variant(manifest, "encoder", "fp16")
-    if fp16 is not None and manifest.is_stored(fp16):
+    fp16 = fp16_encoder_entry(manifest)
+    if fp16 is not None:
         files[("exported", "fp16")] = manifest.verify_file(fp16)
     wanted = [w for w in args.only.split(",") if w]
     for form in () if args.no_unchunked else FORMS_MADE_HERE:

@@ -31,9 +31,10 @@ import numpy as np
 from ..graph_table import DEVICE_SLOTS, VIDEO_DEVICE_SLOTS, VIDEO_FP16_SLOTS
 from ..manifest import Manifest
 from ..runtime.backends.onnxruntime_backend import (
-    _fresh_variant, _import_ort, cuda_provider_options, session_options, slot_entries,
+    _import_ort, cuda_provider_options, session_options, slot_entries,
 )
 from ..runtime.embedding import fast_prompts_per_run
+from ..runtime.backends.ort_device_backend import fp16_encoder_entry
 
 TOP_NODES = 12
 DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -44,8 +45,7 @@ def graph_cases(manifest: Manifest) -> list[tuple[str, dict[str, Any], str, dict
     """(case name, manifest entry, precision, symbolic dimensions) for each graph profiled."""
     device = slot_entries(manifest, DEVICE_SLOTS)
     cases: list[tuple[str, dict[str, Any], str, dict[str, int]]] = []
-    fp16 = _fresh_variant(manifest, "encoder", "fp16")
-    fp16 = fp16 if fp16 is not None and manifest.is_stored(fp16) else None
+    fp16 = fp16_encoder_entry(manifest)
     for precision in ("tf32", "fp16"):
         entry = fp16 if precision == "fp16" else device.get("encoder")
         if entry is not None:

@@ -255,8 +255,8 @@ def fused_encoder_attention(chunked: bool = True, pad_first: bool = False) -> It
     input once, by concatenating zeros, as the original does, instead of padding q, k and v after their linears (the
     exported form: ~20% fewer GEMM rows, which the CPU wants). On the H100 of GPU run 5 ONNX Runtime's Pad took
     0.27-0.5 ms per node in the exported form's 15 (profiled with launches blocking, in TF32 and FP16 alike), about
-    as much as the windowed blocks' attention; this form has no Pad and a third of the window partitions. Measured
-    against the others by `encoder_forms`, not exported by `sam2rt export`.
+    as much as the windowed blocks' attention; this form has no Pad and a third of the window partitions. With
+    `chunked=False` it is the GPU's encoder (`device_encoder_attention`, graph_table's `encoder.device`).
     """
     from sam2.modeling.backbones import hieradet
 
@@ -349,3 +349,10 @@ class FoldedNeck(nn.Module):
         up = top[:, :, None, :, None, :].expand(b, h, 2, w, 2, c).reshape(b, 2 * h, 2 * w, c)
         l2 = F.linear(cl[2], self.l2_w, self.l2_b) + up
         return tuple(t.permute(0, 3, 1, 2).contiguous() for t in (l2, l0, l1))  # type: ignore[return-value]
+
+
+def device_encoder_attention() -> contextlib.AbstractContextManager[None]:
+    """The GPU's encoder form (`encoder.device.onnx`): `fused_encoder_attention` with each stage's attention and MLP
+    whole and padded windows padded once before the linears. GPU run 6 (H100, `sam2rt.bench.encoder_forms`): 3.51 ms
+    in FP16 and 7.18 ms in TF32, against 7.74 and 11.36 for the CPU's form (`fused`), the same features."""
+    return fused_encoder_attention(chunked=False, pad_first=True)

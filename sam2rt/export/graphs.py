@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder_fusion import MHA_DOMAIN, FoldedNeck, fused_encoder_attention
+from .encoder_fusion import MHA_DOMAIN, FoldedNeck, device_encoder_attention, fused_encoder_attention
 
-__all__ = ["MHA_DOMAIN", "fused_encoder_attention"]  # re-exported for onnx_export
+__all__ = ["MHA_DOMAIN", "device_encoder_attention", "fused_encoder_attention"]  # re-exported for onnx_export
 
 ENCODER_INPUTS = ["image"]
 ENCODER_OUTPUTS = ["image_embed", "high_res_feats_0", "high_res_feats_1"]

@@ -48,6 +48,7 @@ from .graphs import (
     PromptDecoderGraph,
     PromptDecoderNoMaskGraph,
     chunked_encoder_attention,
+    device_encoder_attention,
     fused_encoder_attention,
 )
 from .optimize import add_variants
@@ -277,6 +278,8 @@ IMAGE_GRAPH_SPECS: tuple[GraphSpec, ...] = (
               _verify_encoder("encoder"), context=chunked_encoder_attention),
     GraphSpec("encoder.fused", _folded_encoder, lambda run: (run.image,), ENCODER_INPUTS, ENCODER_OUTPUTS,
               _verify_encoder("encoder_fused"), custom_opsets={MHA_DOMAIN: 1}, context=fused_encoder_attention),
+    GraphSpec("encoder.device", _folded_encoder, lambda run: (run.image,), ENCODER_INPUTS, ENCODER_OUTPUTS,
+              _verify_encoder("encoder_device"), custom_opsets={MHA_DOMAIN: 1}, context=device_encoder_attention),
     GraphSpec("decoder", lambda run: run.reference_decoder, _decoder_sample(2, 3), DECODER_INPUTS, DECODER_OUTPUTS,
               _verify_decoder, dynamic_axes=DYNAMIC_AXES),
     GraphSpec("decoder.nomask", lambda run: run.module("decoder.nomask", PromptDecoderNoMaskGraph),

@@ -10,9 +10,9 @@ model directory: `add_variants(DIR, int8=True)`. Each variant is recorded in the
   portable between CPUs. It computes the same function as the base graph.
   The encoder's is made from its `fused` variant where the export wrote one (attention as ONNX
   Runtime's MultiHeadAttention; recorded as `source: fused`), otherwise from encoder.onnx.
-- `fp16`: the encoder for ONNX Runtime's CUDA provider in FP16 (`onnxruntime-cuda:fp16`): made from its
-  `fused` form (attention as MultiHeadAttention, which the CUDA provider runs as fused FP16 kernels with
-  FP32 softmax statistics), FP16 weights and activations except the Casts of shape arithmetic; LayerNormalization
+- `device_fp16` (`fp16` in exports before the `device` form): the encoder for ONNX Runtime's CUDA provider in FP16
+  (`onnxruntime-cuda:fp16`): made from its `device` form, else its `fused` one (attention as MultiHeadAttention,
+  which the CUDA provider runs as fused FP16 kernels with FP32 softmax statistics), FP16 weights and activations except the Casts of shape arithmetic; LayerNormalization
   runs on FP16 tensors with FP32 statistics (its stash_type; sam2rt.export.fp16); inputs and outputs stay FP32.
   Not written where these weights' activations on a real photo pass FP16's range (export/fp16_check.py; the
   manifest says why). REDUCED PRECISION: used only when asked for.
@@ -68,25 +68,34 @@ def _entry(path: Path, derived_from: str, **extra) -> dict:
             "onnxruntime": ort.__version__, **extra}
 
 
+# The FP16 encoder of each MultiHeadAttention form: the GPU's `device` form where the export made it, else `fused`
+FP16_ENCODER_ROWS = (("device", "device_fp16"), ("fused", "fp16"))
+
+
 def add_fp16_encoder(manifest: Manifest) -> None:
-    """Write encoder.fused.fp16.onnx from the encoder's `fused` form and record it as the encoder's `fp16` variant."""
+    """Write the FP16 copy of the encoder's MultiHeadAttention form (FP16_ENCODER_ROWS: encoder.device.fp16.onnx
+    from `device`, else encoder.fused.fp16.onnx from `fused`) and record it as that form's FP16 variant."""
     from .fp16 import convert_to_mixed_fp16, summarize
 
     entry = manifest.graph("encoder")
-    fused = (entry.get("variants") or {}).get("fused")
-    if fused is None or fused.get("derived_from_sha256") != entry["sha256"]:
-        return  # exports without the MultiHeadAttention form: the CUDA provider's FP16 mode needs it
-    src = manifest.verify_file(fused)
-    # encoder.fused.fp16.onnx: not encoder.fp16.onnx, the name of build-engine's temporary TensorRT graph
-    out = manifest.directory / graph_file("encoder", "fp16").file
+    variants = entry.get("variants") or {}
+    made = [(form, fp16) for form, fp16 in FP16_ENCODER_ROWS
+            if (variants.get(form) or {}).get("derived_from_sha256") == entry["sha256"] and manifest.is_stored(variants[form])]
+    if not made:
+        return  # exports without a MultiHeadAttention form: the CUDA provider's FP16 mode needs one
+    form, variant = made[0]
+    source = variants[form]
+    src = manifest.verify_file(source)
+    # encoder.*.fp16.onnx: not encoder.fp16.onnx, the name of build-engine's temporary TensorRT graph
+    out = manifest.directory / graph_file("encoder", variant).file
     keep = convert_to_mixed_fp16(src, out, ort_kernels=True)
     check = check_fp16_encoder(src, keep)  # these weights' activations within FP16's range? (export/fp16_check.py)
-    record = dict(precision="fp16", source="fused", fp32_summary=summarize(keep), check=check,
+    record = dict(precision="fp16", source=form, fp32_summary=summarize(keep), check=check,
                   use="onnxruntime-cuda:fp16 (reduced precision): FP16 weights and activations, LayerNorm statistics in FP32")
     if check["refused"]:
         out.unlink()
-        entry["variants"]["fp16"] = {"file": out.name, "derived_from_sha256": fused["sha256"], "stored": False,
-                                     "refused": check["refused"], **record}
+        entry["variants"][variant] = {"file": out.name, "derived_from_sha256": source["sha256"], "stored": False,
+                                      "refused": check["refused"], **record}
         warnings.warn(f"sam2rt export: the FP16 encoder is not usable with these weights and was not written: "
                       f"{check['refused']}. onnxruntime-cuda runs TF32 (its default) and FP32.", stacklevel=2)
         return
@@ -94,7 +103,7 @@ def add_fp16_encoder(manifest: Manifest) -> None:
         warnings.warn(f"sam2rt export: the FP16 encoder was written, but {check['near_limit']} of its FP16 tensors come "
                       "within 4x of FP16's range on the check's photo; other images may pass it: check yours with "
                       "`sam2rt verify --backend onnxruntime-cuda:fp16`", stacklevel=2)
-    entry["variants"]["fp16"] = _entry(out, fused["sha256"], **record)
+    entry["variants"][variant] = _entry(out, source["sha256"], **record)
 
 
 FP16_VIDEO_ROWS = ("memory_encoder.fp16", "memory_attention.fp16", "track_decoder.fp16", "track_decoder.tracking_fp16")
@@ -183,7 +192,7 @@ def add_variants(
         if row.role == "encoder" and origin:  # recorded as before: the encoder's copy names its source
             carried.update(origin)
         variants[row.variant] = _entry(out, derived, precision="fp32", optimization="ORT_ENABLE_EXTENDED", **carried)
-    if fp16 and wanted("encoder", "fp16"):
+    if fp16 and (wanted("encoder", "fp16") or wanted("encoder", "device_fp16")):
         add_fp16_encoder(manifest)
     if wanted("track_decoder", "tracking"):
         add_tracking_decoder(manifest)

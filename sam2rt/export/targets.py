@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..errors import ExportError
-from ..graph_table import GRAPHS, TARGETS, GraphFile, rows_for_targets, targets_writing
+from ..graph_table import GRAPHS, TARGETS, GraphFile, rows_for_targets, source_of, targets_writing
 from ..manifest import Manifest
 
 # What each maker needs from `sam2rt export`'s options (torch.onnx rows are made whenever a target needs them).
@@ -51,8 +51,11 @@ def how_to_write(g: GraphFile) -> str:
     """The export option that writes row `g`, for the manifest's record of what a lean export left out."""
     option = {"int8": " --int8", "fp16": " (without --no-fp16)", "onnxruntime": " (without --no-optimize)"}.get(g.maker, "")
     targets = targets_writing(g)
-    if not targets:  # made only as the source of another row: kept where that row is not made
+    if not targets and any(source_of(r) == g and r.maker == "onnxruntime" for r in GRAPHS):
+        # made only as the source of another row: kept where that row is not made
         return "kept by an export whose optimised copy of it is not made (--no-optimize)"
+    if not targets:  # a form an older export wrote, which a newer row replaced (e.g. encoder.fused.fp16.onnx)
+        return "written by exports made before its replacement; no target writes it now"
     return f"--target {' or '.join(targets)}{option}"
 
 

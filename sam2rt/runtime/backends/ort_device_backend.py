@@ -36,7 +36,7 @@ from ..embedding import FAST_MAX_POINTS, FEATURE_NAMES, PREPARED_NAMES, fast_pro
 from .base import Backend, DecodedMasks, MaskRequest
 from ...graph_table import DEVICE_SLOTS
 from .onnxruntime_backend import (
-    PROVIDERS, OrtDeviceTensor, _import_ort, _trt_profile_option, attention_for, cuda_provider_options, required_variant,
+    PROVIDERS, OrtDeviceTensor, _fresh_variant, _import_ort, _trt_profile_option, attention_for, cuda_provider_options, required_variant,
     session_options,
     slot_entries,
 )
@@ -74,11 +74,24 @@ def tensorrt_libraries_status() -> str | None:
             "(`pip install tensorrt`, or JetPack's) or use backend='onnxruntime-cuda'")
 
 
+def fp16_encoder_variant(manifest: Manifest) -> str:
+    """The encoder variant onnxruntime-cuda:fp16 runs: `device_fp16` (the FP16 copy of the GPU's `device` form), or
+    `fp16` (of the `fused` form) in exports made before the `device` form."""
+    variants = manifest.graph("encoder").get("variants") or {}
+    return "fp16" if "fp16" in variants and "device_fp16" not in variants else "device_fp16"
+
+
+def fp16_encoder_entry(manifest: Manifest) -> dict[str, Any] | None:
+    """The stored, fresh FP16 encoder entry of fp16_encoder_variant, or None."""
+    entry = _fresh_variant(manifest, "encoder", fp16_encoder_variant(manifest))
+    return entry if entry is not None and manifest.is_stored(entry) else None
+
+
 def device_graph_entries(manifest: Manifest, precision: str, backend: str = "onnxruntime-cuda") -> dict[str, dict[str, Any]]:
     """Manifest entries of the graphs the device backend loads, by slot.
 
-    The encoder: its `fp16` variant for precision fp16, else its MultiHeadAttention form `fused` (the base
-    graph where an export has none). Decoders: the exported (not CPU-optimised) graphs; ONNX Runtime
+    The encoder: the FP16 copy of its GPU form (`device_fp16`; `fp16`, of the `fused` form, in exports before it) for
+    precision fp16, else its GPU form `device`, else `fused` (the base graph where an export has neither). Decoders: the exported (not CPU-optimised) graphs; ONNX Runtime
     optimises them for the device at load. decoder_prep + decoder_fast serve plain prompts (the GPU form: a whole
     batch per run).
     """
@@ -86,7 +99,7 @@ def device_graph_entries(manifest: Manifest, precision: str, backend: str = "onn
     out = slot_entries(manifest, DEVICE_SLOTS)
     if precision == "fp16":
         out["encoder"] = required_variant(
-            manifest, "encoder", "fp16",
+            manifest, "encoder", fp16_encoder_variant(manifest),
             f"export it with `{manifest.export_command(manifest.targets or ('cuda',))}` (without --no-fp16), "
             "or run `sam2rt.export.optimize.add_variants(DIR, fp16=True)`")
     return out
