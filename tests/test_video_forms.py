@@ -46,6 +46,7 @@ def test_tracked_frames_record_where_their_time_goes(tiny_video_dir: Path):
         stages = [t["gather_s"], t["attention_s"], t["decoder_s"], t["memory_s"]]
         assert all(s > 0 for s in stages), t
         assert sum(stages) <= t["track_s"] + 1e-6, t
+        assert 0 < t["memory_store_s"] < t["memory_s"], t  # the bank store's part of the memory stage
 
 
 def test_video_forms_times_each_configuration_side_by_side(tiny_video_dir: Path):
@@ -60,7 +61,7 @@ def test_video_forms_times_each_configuration_side_by_side(tiny_video_dir: Path)
     assert [r["config"] for r in doc["configs"]] == list(configs) and doc["reference_config"] == "fp32"
     for r in doc["configs"]:
         assert r["frames_timed"] == 4
-        assert set(r["p50_ms"]) == {"gather", "attention", "decoder", "memory", "track"}
+        assert set(r["p50_ms"]) == {"gather", "attention", "decoder", "memory", "memory_store", "track"}
         assert all(v > 0 for v in r["p50_ms"].values()), r
         assert r["files"]["track_decoder"] == "track_decoder.onnx"
     first, tf32, full = doc["configs"]

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.video.tracker import TRACK_STAGES
+from ..runtime.video.tracker import MEMORY_STORE_STAGE, TRACK_STAGES
 
 # name -> (video graphs' precision, {role: precision} exceptions[, other VideoGraphs options]); the first is the
 # reference of the comparison. "full decoder on tracked frames": track_decoder.onnx where the export's tracking form
@@ -48,7 +48,7 @@ CONFIGS_CPU: dict[str, Config] = {  # the same flow on the CPU provider (CI)
     "fp16": ("fp16", {}),
     "fp16, fp32 decoder and memory encoder": ("fp16", {"track_decoder": "fp32", "memory_encoder": "fp32"}),
 }
-STAGES = (*TRACK_STAGES, "track_s")
+STAGES = (*TRACK_STAGES, MEMORY_STORE_STAGE, "track_s")
 
 
 def _log(msg: str) -> None:
@@ -112,15 +112,15 @@ def markdown(label: str, doc: dict[str, Any]) -> str:
     lines = [f"# Video graphs per precision: {label}", "",
              f"`{doc['backend']}` image backend; one object; p50 ms of each tracked frame's stages over frames "
              f"{doc['frames'][0]}-{doc['frames'][1]}, the configurations taking turns; logits against `{first}`.", "",
-             "| configuration | gather | memory attention | tracking decoder | memory encoder | track (all) | "
-             "mean abs logit diff (max over frames) | CUDA graphs |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| configuration | gather | memory attention | tracking decoder | memory encoder | of which bank store | "
+             "track (all) | mean abs logit diff (max over frames) | CUDA graphs |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in doc["configs"]:
         p = r["p50_ms"]
         captured = sum(v == "captured" for s in r["fixed_buffers"].values() for v in s.values())
         fixed = sum(len(s) for s in r["fixed_buffers"].values())
         lines.append(f"| {r['config']} | {p['gather']:.3f} | {p['attention']:.3f} | {p['decoder']:.3f} | {p['memory']:.3f} "
-                     f"| {p['track']:.3f} | {r['mean_abs_logit_diff_vs_first']['max']:.2e} | {captured} of {fixed} |")
+                     f"| {p['memory_store']:.3f} | {p['track']:.3f} | {r['mean_abs_logit_diff_vs_first']['max']:.2e} | {captured} of {fixed} |")
     best = min(doc["configs"], key=lambda r: r["p50_ms"]["track"])
     lines += ["", f"Fastest: `{best['config']}` ({best['p50_ms']['track']:.3f} ms per tracked frame); "
                   f"`VideoGraphs(..., precision={best['precision']!r}, role_precision={best['role_precision']}"
