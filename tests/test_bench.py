@@ -257,6 +257,24 @@ def test_ort_profile_reports_where_each_graphs_time_goes(tiny_video_dir, tmp_pat
     assert not list(tmp_path.glob("ort_profile_*.json"))
 
 
+def test_ort_profile_counts_only_the_measured_runs_kernels():
+    """A trace of two warm-up runs (one with a 50 ms algorithm search) and two measured runs: only the kernels that
+    start in the measured runs count, and the mean is over those two runs."""
+    from sam2rt.bench.ort_profile import measured_kernel_events
+
+    def run(ts):
+        return {"cat": "Session", "name": "model_run", "ts": ts, "dur": 90}
+
+    def kernel(ts, dur):
+        return {"cat": "Node", "name": "conv_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": "Conv"}}
+
+    events = [run(0), kernel(1, 50_000), run(100), kernel(101, 10), run(200), kernel(201, 12), run(300), kernel(301, 14),
+              {"cat": "Node", "name": "conv_fence_before", "ts": 302, "dur": 1}]
+    kernels, runs = measured_kernel_events(events, 2)
+    assert runs == 2 and [k["dur"] for k in kernels] == [12, 14]
+    assert measured_kernel_events(events, 9)[1] == 4  # no more runs than the trace holds
+
+
 def test_gpu_bench_script_runs_end_to_end_on_the_cpu_provider(tiny_model_dir, tmp_path):
     """benchmarks/gpu_bench.py only runs for real on a lent GPU (minutes of device time): here it runs whole on the CPU
     provider, so a change that breaks it (a stage, the parity pass, the report) fails CI instead of a GPU session."""

@@ -73,8 +73,10 @@ def test_a_shape_gets_fixed_buffers_after_capture_after_frames(scaled):
         clock.frame = frame
         np.testing.assert_array_equal(session.run({"x": _x(2, frame)})[0], 2 * _x(2, frame))
     assert list(session.status.values()) == ["fixed buffers"] and session.replays == 0
+    assert set(session.seconds.values()) == {0.0}  # plain runs are not replays
     results = [session.run({"x": _x(2, 100 + i)})[0] for i in range(3)]
     assert session.replays == 3
+    assert all(v > 0 for v in session.seconds.values()), session.seconds  # inputs in, the replay, outputs out
     for i, y in enumerate(results):  # each result the caller's own: later replays did not touch it
         np.testing.assert_array_equal(y, 2 * _x(2, 100 + i))
     np.testing.assert_array_equal(session.run({"x": _x(5, 7)})[0], 2 * _x(5, 7))  # another shape: the plain session

@@ -46,33 +46,57 @@ def test_tracked_frames_record_where_their_time_goes(tiny_video_dir: Path):
         stages = [t["gather_s"], t["attention_s"], t["decoder_s"], t["memory_s"]]
         assert all(s > 0 for s in stages), t
         assert sum(stages) <= t["track_s"] + 1e-6, t
-        assert 0 < t["memory_store_s"] < t["memory_s"], t  # the bank store's part of the memory stage
+        # the parts after the memory encoder's graph: hole filling (off here, a call that returns) and the bank store
+        assert 0 <= t["memory_fill_s"] < t["memory_store_s"] and t["memory_fill_s"] + t["memory_store_s"] < t["memory_s"], t
 
 
 def test_video_forms_times_each_configuration_side_by_side(tiny_video_dir: Path):
-    """Three configurations (on the CPU provider the same graphs, so equal logits; the third runs the full decoder on
-    tracked frames instead of its tracking form: the same function), 6 frames, timed from frame 3: each has a p50 per
-    stage over 4 frames and its files; the report names the fastest and how to run it."""
+    """Three configurations (on the CPU provider the same graphs, so equal logits; the second runs the graphs of every
+    tracked frame from fixed buffers but the memory encoder; the third runs the full decoder on tracked frames instead
+    of its tracking form: the same function), 6 frames, timed from frame 3: each has a p50 per stage over 4 frames and
+    its files, and the second the ms per replay of its fixed-buffer graphs; the report names the fastest and how to
+    run it."""
     from sam2rt.bench import video_forms
+    from sam2rt.runtime.backends.fixed_shapes import CAPTURE_AFTER
 
-    configs = {"fp32": ("fp32", {}), "fp32, tf32 decoder": ("fp32", {"track_decoder": "tf32"}),
+    configs = {"fp32": ("fp32", {}),
+               "fp32, tf32 decoder, fixed buffers": ("fp32", {"track_decoder": "tf32"},
+                                                     {"fixed_buffers": True, "plain_slots": ("memory_encoder",)}),
                "fp32, full decoder": ("fp32", {}, {"tracking_decoder": False})}
     doc = video_forms.run(tiny_video_dir, "onnxruntime-cpu", frames=6, settled=3, configs=configs)
     assert [r["config"] for r in doc["configs"]] == list(configs) and doc["reference_config"] == "fp32"
     for r in doc["configs"]:
         assert r["frames_timed"] == 4
-        assert set(r["p50_ms"]) == {"gather", "attention", "decoder", "memory", "memory_store", "track"}
+        assert set(r["p50_ms"]) == {"gather", "attention", "decoder", "memory", "memory_fill", "memory_store", "track"}
         assert all(v > 0 for v in r["p50_ms"].values()), r
         assert r["files"]["track_decoder"] == "track_decoder.onnx"
-    first, tf32, full = doc["configs"]
-    for r in (first, tf32):  # the same graphs on the same provider; tracked frames through the tracking form
-        assert r["mean_abs_logit_diff_vs_first"]["max"] == 0.0 and r["tracking_decoder"]
-        assert r["files"]["tracking_decoder"] == "track_decoder.tracking.onnx"
+    first, fixed, full = doc["configs"]
+    for r in (first, fixed):  # the same graphs on the same provider; tracked frames through the tracking form
+        assert r["tracking_decoder"] and r["files"]["tracking_decoder"] == "track_decoder.tracking.onnx"
+    assert first["mean_abs_logit_diff_vs_first"]["max"] == 0.0 and first["replay_ms"] == {}
+    assert fixed["mean_abs_logit_diff_vs_first"]["max"] < 1e-5  # sessions with fixed dimensions fuse differently
+    # fixed once a shape ran on CAPTURE_AFTER frames (frame 4 here), replayed on frames 5 and 6; the memory encoder
+    # stays on its plain session, as asked
+    assert set(fixed["replay_ms"]) == {"memory_attention", "tracking_decoder"}, fixed["replay_ms"]
+    for ms in fixed["replay_ms"].values():
+        assert ms["replays"] == 6 - CAPTURE_AFTER and all(ms[part] > 0 for part in ("load", "replay", "out")), ms
+    assert "memory_encoder" not in fixed["fixed_buffers"]
     assert not full["tracking_decoder"] and "tracking_decoder" not in full["files"]
     assert full["mean_abs_logit_diff_vs_first"]["max"] < 1e-5 and full["options"] == {"tracking_decoder": False}
-    assert tf32["role_precision"] == {"track_decoder": "tf32"}
+    assert fixed["role_precision"] == {"track_decoder": "tf32"}
     text = video_forms.markdown("test", doc)
-    assert text.count("\n| fp32") == 3 and "Fastest: `" in text and "role_precision=" in text
+    assert text.count("\n| fp32") == 3 + 2 and "Fastest: `" in text and "role_precision=" in text
+    assert "| fp32, tf32 decoder, fixed buffers | memory_attention |" in text
+
+
+def test_plain_slots_names_only_graphs_run_through_fixed_buffers(tiny_video_dir: Path):
+    from sam2rt.errors import InputError
+    from sam2rt.manifest import Manifest
+    from sam2rt.runtime.video.graphs import VideoGraphs
+
+    with pytest.raises(InputError, match="plain_slots: \\['mask_downsample'\\] are not graphs run through fixed "
+                                         "buffers; those are memory_attention, tracking_decoder, memory_encoder"):
+        VideoGraphs(Manifest.load(tiny_video_dir), "onnxruntime-cpu", fixed_buffers=True, plain_slots=("mask_downsample",))
 
 
 def test_video_forms_refuses_a_first_timed_frame_past_the_last(tiny_video_dir: Path, tmp_path: Path, capsys):

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.video.tracker import MEMORY_STORE_STAGE, TRACK_STAGES
+from ..runtime.backends.fixed_shapes import REPLAY_PARTS, FixedShapeSession
+from ..runtime.video.tracker import MEMORY_PARTS, TRACK_STAGES
 
 # name -> (video graphs' precision, {role: precision} exceptions[, other VideoGraphs options]); the first is the
 # reference of the comparison. "full decoder on tracked frames": track_decoder.onnx where the export's tracking form
@@ -41,6 +42,8 @@ CONFIGS_GPU: dict[str, Config] = {
     "fp16, tf32 decoder": ("fp16", {"track_decoder": "tf32"}),
     "fp16, tf32 memory encoder": ("fp16", {"memory_encoder": "tf32"}),
     "fp16, tf32 decoder and memory encoder": ("fp16", {"track_decoder": "tf32", "memory_encoder": "tf32"}),
+    # the memory encoder's plain run beside its CUDA graph (run 6: the memory stage took ~11 ms in every precision)
+    "fp16, memory encoder uncaptured": ("fp16", {}, {"plain_slots": ("memory_encoder",)}),
 }
 CONFIGS_CPU: dict[str, Config] = {  # the same flow on the CPU provider (CI)
     "fp32": ("fp32", {}),
@@ -48,8 +51,26 @@ CONFIGS_CPU: dict[str, Config] = {  # the same flow on the CPU provider (CI)
     "fp16": ("fp16", {}),
     "fp16, fp32 decoder and memory encoder": ("fp16", {"track_decoder": "fp32", "memory_encoder": "fp32"}),
 }
-STAGES = (*TRACK_STAGES, MEMORY_STORE_STAGE, "track_s")
+STAGES = (*TRACK_STAGES, *MEMORY_PARTS, "track_s")
 
+
+def _replay_seconds(graphs: Any) -> dict[str, tuple[dict[str, float], int]]:
+    """Per video graph run through fixed buffers: (its summed seconds per part of a replay, its replays) so far."""
+    return {slot: (dict(s.seconds), s.replays) for slot, s in graphs.sessions.items() if isinstance(s, FixedShapeSession)}
+
+
+def replay_ms(before: dict[str, tuple[dict[str, float], int]], after: dict[str, tuple[dict[str, float], int]]
+              ) -> dict[str, dict[str, float]]:
+    """Mean ms per replay of each part (inputs in, the replay, outputs out) between two `_replay_seconds` readings,
+    per graph that replayed in between."""
+    out = {}
+    for slot, (seconds, replays) in after.items():
+        seconds0, replays0 = before.get(slot, (dict.fromkeys(REPLAY_PARTS, 0.0), 0))
+        n = replays - replays0
+        if n > 0:
+            out[slot] = {part: round(1e3 * (seconds[part] - seconds0[part]) / n, 3) for part in REPLAY_PARTS}
+            out[slot]["replays"] = n
+    return out
 
 def _log(msg: str) -> None:
     print(f"[video_forms {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -76,7 +97,10 @@ def run(model_dir: Path, backend: str, frames: int, settled: int, threads: int |
         tracker.add_prompt(1, box=BOXES[0], frame=clip[0])
     names = list(trackers)
     diffs: dict[str, list[float]] = {n: [] for n in names}
+    replays_before: dict[str, Any] = {}
     for i in range(1, frames + 1):
+        if i == settled:
+            replays_before = {name: _replay_seconds(trackers[name].graphs) for name in names}
         order = names[i % len(names):] + names[:i % len(names)]
         for name in order:
             trackers[name].track(clip[i])
@@ -101,6 +125,8 @@ def run(model_dir: Path, backend: str, frames: int, settled: int, threads: int |
             "p50_ms": {k.removesuffix("_s"): round(1e3 * float(np.median([t[k] for t in timed])), 3) for k in STAGES},
             "mean_abs_logit_diff_vs_first": {"mean": float(np.mean(diffs[name])), "max": float(np.max(diffs[name]))},
             "fixed_buffers": tracker.graphs.fixed_status,
+            # per graph replayed from fixed buffers over the timed frames: ms per replay of each part
+            "replay_ms": replay_ms(replays_before.get(name, {}), _replay_seconds(tracker.graphs)),
         })
     model.close()
     return {"backend": model.backend_name, "frames": [settled, frames], "configs": results,
@@ -112,15 +138,23 @@ def markdown(label: str, doc: dict[str, Any]) -> str:
     lines = [f"# Video graphs per precision: {label}", "",
              f"`{doc['backend']}` image backend; one object; p50 ms of each tracked frame's stages over frames "
              f"{doc['frames'][0]}-{doc['frames'][1]}, the configurations taking turns; logits against `{first}`.", "",
-             "| configuration | gather | memory attention | tracking decoder | memory encoder | of which bank store | "
-             "track (all) | mean abs logit diff (max over frames) | CUDA graphs |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| configuration | gather | memory attention | tracking decoder | memory encoder | of which hole filling "
+             "| of which bank store | track (all) | mean abs logit diff (max over frames) | CUDA graphs |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in doc["configs"]:
         p = r["p50_ms"]
         captured = sum(v == "captured" for s in r["fixed_buffers"].values() for v in s.values())
         fixed = sum(len(s) for s in r["fixed_buffers"].values())
         lines.append(f"| {r['config']} | {p['gather']:.3f} | {p['attention']:.3f} | {p['decoder']:.3f} | {p['memory']:.3f} "
-                     f"| {p['memory_store']:.3f} | {p['track']:.3f} | {r['mean_abs_logit_diff_vs_first']['max']:.2e} | {captured} of {fixed} |")
+                     f"| {p['memory_fill']:.3f} | {p['memory_store']:.3f} | {p['track']:.3f} "
+                     f"| {r['mean_abs_logit_diff_vs_first']['max']:.2e} | {captured} of {fixed} |")
+    replayed = [(r["config"], slot, ms) for r in doc["configs"] for slot, ms in r.get("replay_ms", {}).items()]
+    if replayed:
+        lines += ["", "Graphs replayed from fixed buffers, mean ms per replay over the timed frames: inputs copied into "
+                      "their buffers, the replay until its outputs are ready, outputs copied out (device) or down (host).",
+                  "", "| configuration | graph | inputs in | replay | outputs out | replays |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {config} | {slot} | {ms['load']:.3f} | {ms['replay']:.3f} | {ms['out']:.3f} | {ms['replays']} |"
+                  for config, slot, ms in replayed]
     best = min(doc["configs"], key=lambda r: r["p50_ms"]["track"])
     lines += ["", f"Fastest: `{best['config']}` ({best['p50_ms']['track']:.3f} ms per tracked frame); "
                   f"`VideoGraphs(..., precision={best['precision']!r}, role_precision={best['role_precision']}"

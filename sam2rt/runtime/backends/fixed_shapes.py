@@ -27,6 +27,9 @@ captured:
   their largest magnitude; bool outputs must be equal. A disagreement, or a graph ONNX Runtime cannot capture (a
   node it places on the CPU), leaves that signature on the plain session for good; `status` says why.
 - `download`: how host outputs come down (the pipeline's pool of pinned arrays on a GPU); by default `numpy()`.
+- `seconds`: where a replayed run's wall time went, summed over replays ({"load", "replay", "out"}: inputs into
+  their buffers, the replay until its outputs are ready, outputs copied out or down): the video benchmark reads
+  it to tell a graph's own time from the copies around it.
 - `static_inputs`: inputs whose values are a function of the signature alone (the pipeline's upsampling taps, set
   by the sizes): copied into their buffers when the signature is captured, never again. Small host inputs (a
   threshold, a flag: up to SMALL_HOST_INPUT bytes) are copied only when their value changes: each copy is a
@@ -37,6 +40,7 @@ On the CPU provider the same flow runs without graph capture (`capture=False`): 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -58,6 +62,7 @@ SMALL_HOST_INPUT = 256  # bytes: a host input this small (a threshold, a flag) i
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(float16)": np.float16,
              "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(uint8)": np.uint8}
 
+REPLAY_PARTS = ("load", "replay", "out")  # FixedShapeSession.seconds: where a replayed run's time goes
 Shapes = tuple[tuple[str, tuple[int, ...]], ...]
 Signature = tuple[Shapes, tuple[str, ...] | None]  # (input shapes, the outputs asked for; None: all)
 # (graph, dims) -> an onnxruntime.InferenceSession of the same graph, with CUDA-graph capture when `graph` and the
@@ -148,6 +153,7 @@ class FixedShapeSession:
         self._pending: set[Signature] = set()  # qualified: captured on its next run
         self.status: dict[str, str] = {}  # status_key(signature) -> "captured" / "fixed buffers" / why not
         self.replays = 0  # runs served from fixed buffers (tests and benchmarks read it)
+        self.seconds = dict.fromkeys(REPLAY_PARTS, 0.0)  # summed over replays (module docstring)
 
     # --- which shapes --------------------------------------------------------------------------------
     def _signature(self, feeds: dict[str, Any], outputs: tuple[str, ...] | None) -> Signature:
@@ -194,13 +200,19 @@ class FixedShapeSession:
                     self._make_fixed(sig, feeds, result)
             return result
         fixed.last_used = self._clock()
+        t0 = time.perf_counter()
         self._load(fixed, feeds, first=False)
+        t1 = time.perf_counter()
         with fixed.runs.guard():  # on a thread that has not replayed it, ONNX Runtime captures it again
             self._replay(fixed)
         fixed.runs.mark()
+        t2 = time.perf_counter()
         self.replays += 1
-        return [OrtDeviceTensor(self._copy_out(fixed.outputs[n])) if n in device_outputs else self._host(fixed.outputs[n])
-                for n in fixed.outputs]
+        out = [OrtDeviceTensor(self._copy_out(fixed.outputs[n])) if n in device_outputs else self._host(fixed.outputs[n])
+               for n in fixed.outputs]
+        for part, dt in zip(REPLAY_PARTS, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+            self.seconds[part] += dt
+        return out
 
     def _host(self, value: Any) -> np.ndarray:
         """A new host array of an output buffer (OrtValue.numpy() of a CPU buffer is a view of it, not a copy)."""

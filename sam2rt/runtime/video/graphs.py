@@ -47,14 +47,16 @@ class VideoGraphs:
     (`python -m sam2rt.bench.video_forms` measures it). Tracked frames run the tracking form of the decoder
     (graph_table's `track_decoder.tracking`) where the export made it in the tracking decoder's precision;
     `tracking_decoder=False` runs track_decoder on them instead, as for exports from before it (video_forms compares
-    the two). Every file is checked against its sha256 before it is loaded.
+    the two). `plain_slots` names graphs of `fixed_slots` left on their plain session where fixed buffers are on
+    (video_forms times a graph's CUDA graph against its plain run that way). Every file is checked against its sha256
+    before it is loaded.
     """
 
     def __init__(
         self, manifest: Manifest, backend: str = "onnxruntime-cpu", threads: int | None = None,
         precision: str | None = None, slots: dict[str, tuple[str, tuple[str | None, ...]]] | None = None,
         fixed_buffers: bool | None = None, cuda_graphs: bool = True, role_precision: dict[str, str] | None = None,
-        tracking_decoder: bool = True,
+        tracking_decoder: bool = True, plain_slots: tuple[str, ...] = (),
     ) -> None:
         graphs = manifest.data.get("graphs", {})
         if "video" not in manifest.data or any(role not in graphs for role in VIDEO_ROLES):
@@ -94,8 +96,14 @@ class VideoGraphs:
         # by default on a GPU (backends/fixed_shapes.py says why); `fixed_buffers=True` runs that flow on the CPU provider (tests)
         self.frame = 0  # the tracker's frame clock (`step()`): which shapes are in steady use
         if self.device == "cuda" if fixed_buffers is None else fixed_buffers:
+            unknown = set(plain_slots) - set(self.fixed_slots)
+            if unknown:
+                raise InputError(f"plain_slots: {sorted(unknown)} are not graphs run through fixed buffers; those are "
+                                 f"{', '.join(self.fixed_slots)}")
             copy = BoundSession(create_session(GRAPH_DIR / "copy.onnx", backend, threads, tf32=False))
             for role in self.fixed_slots:
+                if role in plain_slots:
+                    continue
                 def factory(graph: bool, dims: dict[str, int], path=paths[role], tf32=tf32[role],
                             disabled=disabled[role]) -> Any:
                     return create_session(path, backend, threads, tf32=tf32, graph=graph, dims=dims,
