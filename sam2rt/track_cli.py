@@ -175,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
             jsonl.close()
         cap.release()
 
+    tracker.wait()  # the last frame's memory encoding (background memory): its time belongs to the stages below
+    tracker.close()
     n = len(step_times) + 1
     print(f"tracked {len(ids)} object(s) over {n} frame(s) on {tracker.model.backend_name} "
           f"(weights: {tracker.model.manifest.describe_weights()}); load {t_load:.2f} s")

@@ -373,6 +373,12 @@ def test_video_bench_gpu_target_reads_the_settled_frames():
     slow_then_fast["targets"] = targets(slow_then_fast)
     md = markdown(slow_then_fast)
     assert "frames 21-40 (every video graph from fixed buffers): sam2rt p50 9.5 ms" in md and "**no**" not in md
+    assert "background memory" not in md
+    # background memory: the time to the masks is reported beside the whole work, which the rows keep reading
+    slow_then_fast["latency"][0].update(background_memory=True, sam2rt_to_masks_ms={"p50": 6.5, "p90": 7.0})
+    [row] = targets(slow_then_fast)
+    assert "105.3 frames/s" in row["measured"]
+    assert "background memory: the masks after p50 6.5 ms (p90 7.0)" in markdown(slow_then_fast)
 
 
 def test_video_bench_runs_whole_on_the_tiny_model(tiny_video_dir, tmp_path, monkeypatch):
@@ -386,6 +392,7 @@ def test_video_bench_runs_whole_on_the_tiny_model(tiny_video_dir, tmp_path, monk
                                        rss_frames=0, reference=False, backend="onnxruntime-cpu")
     [lat] = result["latency"]
     assert lat["sam2rt_ms"]["n"] == 4 and lat["fixed_buffers"] == {}  # the CPU provider: no fixed buffers by default
+    assert lat["sam2rt_to_masks_ms"]["n"] == 4 and lat["background_memory"] is False  # nor background memory
     assert result["latency_without_cuda_graphs"]["sam2rt_ms"]["n"] == 4
     assert [t["target"] for t in result["targets"]] == ["GPU per-frame tracking, 1 object, onnxruntime-cpu",
                                                          "GPU tracking a video file (propagate, prefetch), 1 object, onnxruntime-cpu"]

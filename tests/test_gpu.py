@@ -621,9 +621,11 @@ def test_video_graphs_replay_as_cuda_graphs_once_their_shapes_settle(cuda_models
 
 @requires_ort_cuda
 def test_video_prefetch_on_cuda_changes_nothing(cuda_models):
-    """On the GPU the next frame's encoder runs on the prefetch thread beside this frame's tracking (other CUDA
-    streams): the masks and logits are those of the same tracker without prefetch (logits within 1e-3, masks IoU >=
-    0.999: the second run may replay video graphs the first captured, which round within that)."""
+    """On the GPU the next frame's encoder runs on the prefetch thread beside this frame's tracking, and (background
+    memory, the GPU's default) each tracked frame's memory encoding on the memory thread after its masks (other CUDA
+    streams, each thread's first replay of a CUDA graph capturing it): the masks and logits are those of the same
+    tracker with neither (logits within 1e-3, masks IoU >= 0.999: later runs may replay video graphs the first
+    captured, which round within that)."""
     from sam2rt.runtime import VideoTracker
     from sam2rt.runtime.video.graphs import VideoGraphs
 
@@ -631,20 +633,24 @@ def test_video_prefetch_on_cuda_changes_nothing(cuda_models):
     frames = [np.ascontiguousarray(img[10 + 4 * i: 250 + 4 * i, 20 + 5 * i: 340 + 5 * i]) for i in range(10)]
     model = cuda_models["tf32"]
     tracker = VideoTracker(model, VideoGraphs(model.manifest, model.backend_name, precision="tf32"), fill_hole_area=0)
-    assert tracker.prefetch_default
+    assert tracker.prefetch_default and tracker.background_memory
     runs = {}
-    for prefetch in (False, True):
+    for prefetch, background in ((False, False), (False, True), (True, True)):
+        tracker.background_memory = background
         tracker.reset()
         tracker.add_prompt(1, frame=frames[0], points=[[160.0, 60.0]], labels=[1])
         tracker.add_prompt(2, box=[20.0, 20.0, 200.0, 180.0])
-        runs[prefetch] = [({k: v.copy() for k, v in tracker.low_res_logits.items()}, m)
-                          for _, m in tracker.propagate(frames[1:], prefetch=prefetch)]
-    assert len(runs[True]) == len(runs[False]) == len(frames) - 1
-    for (la, ma), (lb, mb) in zip(runs[False], runs[True]):
-        for k in (1, 2):
-            assert float(np.abs(la[k] - lb[k]).max()) <= 1e-3, k
-            union = np.logical_or(ma[k], mb[k]).sum()
-            assert union == 0 or np.logical_and(ma[k], mb[k]).sum() / union >= 0.999, k
+        runs[prefetch, background] = [({k: v.copy() for k, v in tracker.low_res_logits.items()}, m)
+                                      for _, m in tracker.propagate(frames[1:], prefetch=prefetch)]
+    tracker.close()
+    want = runs.pop((False, False))
+    for config, got in runs.items():
+        assert len(got) == len(want) == len(frames) - 1
+        for (la, ma), (lb, mb) in zip(want, got):
+            for k in (1, 2):
+                assert float(np.abs(la[k] - lb[k]).max()) <= 1e-3, (config, k)
+                union = np.logical_or(ma[k], mb[k]).sum()
+                assert union == 0 or np.logical_and(ma[k], mb[k]).sum() / union >= 0.999, (config, k)
 
 
 @requires_ort_cuda

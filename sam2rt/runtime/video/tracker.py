@@ -16,6 +16,12 @@ It computes what `SAM2VideoPredictor` computes when a video is tracked forward, 
 
 Objects are independent (the reference's defaults: no non-overlap constraint, no memory clearing), so
 removing one leaves the others' results unchanged.
+
+Background memory (`background_memory`, on by default where the backend computes on a GPU): a tracked frame's masks
+do not depend on its memory encoding, only the next frame does. So a tracked frame's memory encoder and bank store
+run on the tracker's memory thread after its decoder, while its masks are made and returned, and while the next frame
+is preprocessed and encoded; the next time step (and every call that reads or changes the tracker's state) waits for
+them first (`wait()`). Results are the same function; a live stream sees its masks without the memory stage's time.
 """
 
 from __future__ import annotations
@@ -137,7 +143,8 @@ class VideoTracker:
     >>> for rgb in stream: masks = tracker.track(rgb)          # {obj_id: HxW bool mask}
     """
 
-    def __init__(self, model: Sam2Model, graphs: VideoGraphs, fill_hole_area: int | None = None) -> None:
+    def __init__(self, model: Sam2Model, graphs: VideoGraphs, fill_hole_area: int | None = None,
+                 background_memory: bool | None = None) -> None:
         self.model = model
         self.graphs = graphs
         self.settings = graphs.settings
@@ -145,24 +152,36 @@ class VideoTracker:
         self.image_size = model.image_size
         self.timings: deque[dict[str, float]] = deque(maxlen=TIMINGS_KEPT)  # per time step: seconds per stage
         self._prefetch_pool: Any = None  # propagate's worker thread (`_prefetcher`), one for the tracker's life
+        # tracked frames' memory encoding after their masks (module docstring); on the CPU both would share its cores
+        self.background_memory = model.backend.device != "cpu" if background_memory is None else bool(background_memory)
+        self._memory_pool: Any = None  # the memory thread, one for the tracker's life (CUDA graphs are per thread)
+        self._pending: list[Any] = []  # futures of memory work in flight
+        self._failed: BaseException | None = None  # memory work that failed: the state is incomplete until reset()
         self.reset()
 
     @classmethod
     def from_dir(
-        cls, model_dir: str | Path, backend: str = "auto", fill_hole_area: int | None = None, threads: int | None = None
+        cls, model_dir: str | Path, backend: str = "auto", fill_hole_area: int | None = None, threads: int | None = None,
+        background_memory: bool | None = None,
     ) -> "VideoTracker":
         """Load an exported model directory (its image graphs on `backend`, the video graphs on ONNX Runtime).
 
         fill_hole_area: None keeps the model's setting (the video predictor's 8 pixels of the low-res mask);
         0 turns hole filling off (the reference skips it without its CUDA extension).
+        background_memory: encode tracked frames into memory on the tracker's memory thread, after their masks (module
+        docstring); None: where the backend computes on a GPU.
         """
         model = Sam2Model.from_dir(model_dir, backend=backend, threads=threads)
         graphs = VideoGraphs(model.manifest, model.backend_name, threads, precision=model.backend.precision)
-        return cls(model, graphs, fill_hole_area)
+        return cls(model, graphs, fill_hole_area, background_memory)
 
     # --- state ------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget every object and frame."""
+        """Forget every object and frame (after the memory work in flight; a failure of it goes with the state)."""
+        self._drain()
+        if self._failed is not None:
+            log.warning("sam2rt: reset() drops a state whose memory encoding failed: %s", self._failed)
+        self._failed = None
         self.objects: dict[ObjId, _Object] = {}
         self.frame_idx = -1
         self.num_frames: int | None = None  # the video's length when known (pointer count as the reference)
@@ -172,19 +191,33 @@ class VideoTracker:
 
     def remove(self, obj_id: ObjId) -> None:
         """Stop tracking `obj_id` (KeyError-free: unknown ids are ignored, as the reference's strict=False)."""
+        self.wait()
         self.objects.pop(obj_id, None)
 
     def save_state(self, path: str | Path) -> Path:
         """Save the whole tracking state to an .npz file (no pickle); see `load_state`."""
         from .state import save_state
 
+        self.wait()
         return save_state(self, path)
 
     def load_state(self, path: str | Path) -> None:
         """Replace this tracker's state with one saved by `save_state` (same model directory)."""
         from .state import load_state
 
+        self._drain()  # the file replaces the state (load_state resets it once the file is read)
         load_state(self, path)
+
+    def wait(self) -> None:
+        """Wait for the memory work in flight (background memory: the last tracked frame's memory encoding). Every
+        call that reads or changes the tracking state waits first; benchmarks call it to time a frame's whole work.
+
+        Raises Sam2rtError if memory work failed (then or before): the objects' memory misses that frame, so the
+        tracker refuses to go on until `reset()` or `load_state()`."""
+        self._drain()
+        if self._failed is not None:
+            raise Sam2rtError(f"the tracker's background memory encoding failed ({type(self._failed).__name__}: "
+                              f"{self._failed}); its memory is incomplete: call reset() or load_state()") from self._failed
 
     @property
     def object_ids(self) -> list[ObjId]:
@@ -213,12 +246,35 @@ class VideoTracker:
             weakref.finalize(self, self._prefetch_pool.shutdown, wait=False)
         return _Prefetch(frames, self._encode, self._prefetch_pool)
 
+    def _drain(self) -> None:
+        """Wait for the memory work in flight; a failure is kept in `_failed` (wait() raises it)."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            try:
+                future.result()
+            except BaseException as exc:  # noqa: BLE001 - kept, raised by wait() until reset()
+                self._failed = self._failed or exc
+
     def close(self) -> None:
-        """Stop `propagate`'s worker thread (after the frame in flight). The tracker stays usable: a later
-        `propagate` with prefetch starts a new one. The model and its sessions are the caller's."""
-        pool, self._prefetch_pool = self._prefetch_pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
+        """Stop `propagate`'s worker thread (after the frame in flight) and the memory thread (after its work). The
+        tracker stays usable: later calls start new ones. The model and its sessions are the caller's."""
+        self._drain()  # a failure stays kept: wait() raises it
+        for name in ("_prefetch_pool", "_memory_pool"):
+            pool = getattr(self, name)
+            setattr(self, name, None)
+            if pool is not None:
+                pool.shutdown(wait=True)
+
+    def _in_background(self, work: Any) -> None:
+        """Run `work()` on the memory thread (one for the tracker's life: ONNX Runtime captures a CUDA graph again
+        on each new thread that runs a session, and keeps each capture)."""
+        if self._memory_pool is None:
+            import weakref
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._memory_pool = ThreadPoolExecutor(1, thread_name_prefix="sam2rt-memory")
+            weakref.finalize(self, self._memory_pool.shutdown, wait=False)
+        self._pending.append(self._memory_pool.submit(work))
 
     @property
     def prefetch_default(self) -> bool:
@@ -239,7 +295,10 @@ class VideoTracker:
         return arr.shape == cur.shape and np.array_equal(arr, cur)
 
     def _finish_step(self) -> None:
-        """End the current time step: encode prompted outputs into memory, move outputs into the banks, prune."""
+        """End the current time step: encode prompted outputs into memory, move outputs into the banks, prune. The
+        caller has waited for the memory work in flight (`wait()`, outside GPU_WORK: the memory thread may need it
+        exclusively for a capture)."""
+        assert not self._pending, "wait() before a time step ends"
         if self._feats is None:
             return
         f = self.frame_idx
@@ -328,16 +387,28 @@ class VideoTracker:
         t2 = time.perf_counter()
         mask, ptr, score = self.graphs.track(pix, self._feats, self.settings)
         t3 = time.perf_counter()
-        mem = self.graphs.encode_memory(self._feats["image_embed"], mask, score, binarize=False)
-        t_graph = time.perf_counter()
-        filled = self._fill(mask)
-        t_fill = time.perf_counter()
-        obj.current = FrameOutput(filled, ptr, score, obj.bank.store(mem))
+        out = obj.current = FrameOutput(self._fill(mask), ptr, score, None)
         obj.origin = "tracked"
         obj.pix_feat_with_mem = pix
-        t4 = time.perf_counter()
-        for key, dt in zip((*TRACK_STAGES, *MEMORY_PARTS), (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t_fill - t_graph, t4 - t_fill)):
+        t_fill = time.perf_counter()
+        for key, dt in zip((*TRACK_STAGES[:3], MEMORY_FILL_STAGE), (t1 - t0, t2 - t1, t3 - t2, t_fill - t3)):
             timing[key] += dt
+        timing["memory_s"] += t_fill - t3
+        image_embed, bank = self._feats["image_embed"], obj.bank
+
+        def encode() -> None:  # the memory of the frame's raw (unfilled) mask, as the reference's track_step
+            t_start = time.perf_counter()
+            mem = self.graphs.encode_memory(image_embed, mask, score, binarize=False)
+            t_graph = time.perf_counter()
+            out.maskmem = bank.store(mem)
+            t_end = time.perf_counter()
+            timing["memory_s"] += t_end - t_start
+            timing[MEMORY_STORE_STAGE] += t_end - t_graph
+
+        if self.background_memory:
+            self._in_background(gpu_work(encode))  # beside the main thread's work (backends/capture_lock.py)
+        else:
+            encode()
 
     def _track_all(self) -> dict[str, float]:
         timing = dict.fromkeys((*TRACK_STAGES, *MEMORY_PARTS), 0.0)
@@ -375,10 +446,12 @@ class VideoTracker:
         the objects already tracked are tracked on it first. Prompts before the next `track()` belong to the
         same time step. Returns {obj_id: HxW bool mask} for every object on the current frame.
         """
+        self.wait()
         if frame is not None and not self._is_current(frame):
             timing = self._start_step(self._encode(frame))
             timing.update(self._track_all())
             self.timings.append(timing)
+            self.wait()  # the prompt may correct an object just tracked: its memory first (prompts are rare)
         if self._feats is None:
             raise InvalidPromptError("no current frame: pass the frame to prompt on with add_prompt(..., frame=rgb)")
         if mask is not None and (points is not None or box is not None):
@@ -423,8 +496,11 @@ class VideoTracker:
         return FrameOutput(self._fill(low), ptr.astype(np.float32), score, None)
 
     def track(self, frame: Any) -> dict[ObjId, np.ndarray]:
-        """Track every object on the next frame of a stream; returns {obj_id: HxW bool mask}."""
-        return self._step(self._encode(frame))
+        """Track every object on the next frame of a stream; returns {obj_id: HxW bool mask}. With background memory
+        the frame's memory encoding goes on after this returns (the next call waits for it)."""
+        encoded = self._encode(frame)  # beside the previous frame's memory work
+        self.wait()
+        return self._step(encoded)
 
     def propagate(
         self, frames: Iterable[Any], num_frames: int | None = None, prefetch: bool | None = None,
@@ -463,9 +539,11 @@ class VideoTracker:
                     self.num_frames = self.frame_idx + 1 + length
                 encoded = self._encode(first)
                 ahead = self._prefetcher(it) if prefetch else None
+                self.wait()
                 masks = self._step(encoded)
                 yield self.frame_idx, masks
             for encoded in ahead if ahead is not None else (self._encode(frame) for frame in it):
+                self.wait()
                 masks = self._step(encoded)
                 yield self.frame_idx, masks
         finally:
