@@ -387,22 +387,32 @@ def test_video_bench_runs_whole_on_the_tiny_model(tiny_video_dir, tmp_path, monk
     row; JSON and Markdown written. A change that breaks it fails CI instead of a GPU session."""
     import sam2rt.bench.video as video
 
+    from sam2rt.runtime import VideoTracker
+
     monkeypatch.setattr(video, "GPU_BACKENDS", ("onnxruntime-cpu",))
+    from_dir = VideoTracker.from_dir.__func__
+
+    def gpu_like(cls, *args, **kwargs):  # background memory, the GPU's default
+        return from_dir(cls, *args, **{**kwargs, "background_memory": True})
+
+    monkeypatch.setattr(VideoTracker, "from_dir", classmethod(gpu_like))
     result = video.run_video_benchmark(tiny_video_dir, tmp_path, threads=1, first=2, last=5, objects=(1,),
                                        rss_frames=0, reference=False, backend="onnxruntime-cpu")
     [lat] = result["latency"]
     assert lat["sam2rt_ms"]["n"] == 4 and lat["fixed_buffers"] == {}  # the CPU provider: no fixed buffers by default
-    assert lat["sam2rt_to_masks_ms"]["n"] == 4 and lat["background_memory"] is False  # nor background memory
+    assert lat["sam2rt_to_masks_ms"]["n"] == 4 and lat["background_memory"] is True
     assert result["latency_without_cuda_graphs"]["sam2rt_ms"]["n"] == 4
     assert [t["target"] for t in result["targets"]] == ["GPU per-frame tracking, 1 object, onnxruntime-cpu",
                                                          "GPU tracking a video file (propagate, prefetch), 1 object, onnxruntime-cpu"]
     tp = result["throughput"]
-    assert tp["frames"] == [1, 5] and len(tp["runs"]["off"]) == len(tp["runs"]["on"]) == 2
-    assert tp["fps_prefetch_on"] > 0 and tp["fps_prefetch_off"] > 0
+    assert tp["frames"] == [1, 5] and tp["background_memory"] is True
+    assert len(tp["runs"]["off"]) == len(tp["runs"]["on"]) == len(tp["runs"]["on_inline_memory"]) == 2
+    assert tp["fps_prefetch_on"] > 0 and tp["fps_prefetch_off"] > 0 and tp["fps_prefetch_on_inline_memory"] > 0
     [js] = tmp_path.glob("*_video.json")
     assert json.loads(js.read_text())["latency_without_cuda_graphs"]["fixed_buffers"] == {}
     md = js.with_suffix(".md").read_text()
-    assert "without CUDA graphs" in md and "frames/s with prefetch" in md
+    assert "without CUDA graphs" in md and "frames/s with prefetch" in md and "the memory encoded inline" in md
+    assert "background memory: the masks after p50" in md
 
 
 def test_encoder_forms_measures_each_exported_form(tiny_model_dir, tmp_path):

@@ -169,27 +169,37 @@ def throughput(model_dir: Path, last: int, threads: int, backend: str, repeats: 
 
     frames = pan_frames(last + 1)
     start = SETTLED_FRAME if last > SETTLED_FRAME + 1 else 1
-    runs: dict[str, list[float]] = {"off": [], "on": []}
     tracker = VideoTracker.from_dir(model_dir, backend=backend, fill_hole_area=0, threads=threads)
+    background = tracker.background_memory
+    # mode -> (prefetch, background memory); where background memory is the default, prefetch without it beside
+    modes = {"off": (False, background), "on": (True, background)}
+    if background:
+        modes["on_inline_memory"] = (True, False)
+    runs: dict[str, list[float]] = {mode: [] for mode in modes}
     try:
         for _ in range(repeats):
-            for mode in ("off", "on"):
+            for mode, (prefetch, background_memory) in modes.items():
+                tracker.background_memory = background_memory
                 tracker.reset()
                 for k in range(objects):
                     tracker.add_prompt(k + 1, box=BOXES[k], frame=frames[0])
                 gc.collect()
                 stamps: dict[int, float] = {}
-                for idx, _ in tracker.propagate(frames, prefetch=mode == "on"):
+                for idx, _ in tracker.propagate(frames, prefetch=prefetch):
                     stamps[idx] = time.perf_counter()
                 runs[mode].append((last - start) / (stamps[last] - stamps[start]))
     finally:
+        tracker.close()
         tracker.model.close()
     def sig(x: float) -> float:  # 3 significant digits: ~100 frames/s on a GPU, ~0.2 on a CPU
         return float(f"{x:.3g}")
 
     fps = {mode: sig(float(np.median(v))) for mode, v in runs.items()}
-    return {"objects": objects, "frames": [start, last], "backend": backend, "fps_prefetch_off": fps["off"],
-            "fps_prefetch_on": fps["on"], "runs": {k: [sig(x) for x in v] for k, v in runs.items()}}
+    out = {"objects": objects, "frames": [start, last], "backend": backend, "background_memory": background,
+           "fps_prefetch_off": fps["off"], "fps_prefetch_on": fps["on"], "runs": {k: [sig(x) for x in v] for k, v in runs.items()}}
+    if "on_inline_memory" in fps:
+        out["fps_prefetch_on_inline_memory"] = fps["on_inline_memory"]
+    return out
 
 
 def _stats(samples: list[float]) -> dict[str, float]:
@@ -312,7 +322,9 @@ def markdown(result: dict[str, Any]) -> str:
     if "throughput" in result:
         tp = result["throughput"]
         lines += ["", f"A video file through `propagate`, {tp['objects']} object(s), frames {tp['frames'][0]}-{tp['frames'][1]}: "
-                  f"{tp['fps_prefetch_on']} frames/s with prefetch, {tp['fps_prefetch_off']} without (runs: {tp['runs']})"]
+                  f"{tp['fps_prefetch_on']} frames/s with prefetch, {tp['fps_prefetch_off']} without"
+                  + (f", {tp['fps_prefetch_on_inline_memory']} with prefetch and the memory encoded inline (background "
+                     "memory off)" if "fps_prefetch_on_inline_memory" in tp else "") + f" (runs: {tp['runs']})"]
     for who in ("sam2rt", "reference"):
         if f"rss_{who}_mib" in result:
             lines += ["", f"RSS of {who} (MiB): " + ", ".join(f"{k.replace('_', ' ')}: {v}"
