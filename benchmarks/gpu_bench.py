@@ -192,6 +192,8 @@ def bench_sam2rt(model_dir: Path, backend: str, images: dict[str, np.ndarray], r
             pred.predict(point_coords=pt, point_labels=lab, multimask_output=True)
 
         out[f"end_to_end_{key}"] = timed(end_to_end, runs, warmup)
+    out["_parts"] = {"decode_1": decode_parts(model, lambda: model.decode(emb, prompt), runs),
+                     "decode_16": decode_parts(model, lambda: model.decode(emb, boxes, multimask_output=False), runs)}
     out.update(measures_off(model, emb, prompt, boxes, low, iou, images["1080"].shape[:2], runs, warmup))
     out["_cuda_graphs"] = dict(getattr(model.backend, "cuda_graphs", {}))
     out["_cuda_graphs"]["fast_decoder"] = getattr(model.backend, "fast_decoder_check", "n/a")
@@ -205,6 +207,30 @@ def bench_sam2rt(model_dir: Path, backend: str, images: dict[str, np.ndarray], r
     out["_files"] = {k: v.get("file") for k, v in model.backend.files.items()}
     out["_model"] = model
     return out
+
+
+def decode_parts(model: Any, fn: Callable[[], Any], runs: int) -> dict[str, float]:
+    """Where a decode's time goes, mean ms per call over `runs` calls (after the stage's own timed runs, so every
+    shape replays): the decoder's prompt upload and replay, each postprocessing graph's inputs in / replay / outputs
+    out (from fixed buffers), and the rest of the call (Python, the host arrays). Empty where the backend does not
+    count them (not the device backend, or nothing replayed)."""
+    backend, pipeline = model.backend, getattr(model.backend, "_pipeline", None)
+    if not hasattr(backend, "decoder_seconds") or pipeline is None:
+        return {}
+    dec0, post0 = dict(backend.decoder_seconds), pipeline.replay_seconds
+    t0 = time.perf_counter()
+    for _ in range(runs):
+        fn()
+    total = time.perf_counter() - t0
+    dec, post = backend.decoder_seconds, pipeline.replay_seconds
+    parts = {f"decoder {k}": dec[k] - dec0[k] for k in ("upload", "replay")}
+    for graph, (seconds, _) in post.items():
+        before = post0.get(graph, ({k: 0.0 for k in seconds}, 0))[0]
+        parts.update({f"{graph} {k}": seconds[k] - before[k] for k in seconds if seconds[k] > before[k]})
+    if dec["replays"] == dec0["replays"] and len(parts) == 2:
+        return {}
+    parts["rest"] = total - sum(parts.values())
+    return {k: round(1e3 * v / runs, 3) for k, v in parts.items()}
 
 
 def measures_off(model: Any, emb: Any, prompt: Any, boxes: list, low: Any, iou: Any, hw_1080: tuple[int, int],
@@ -387,6 +413,11 @@ def markdown(doc: dict) -> str:
             continue
         lines.append(f"| {b} | {p['low_res_logits_max_abs']:.2e} | {p['low_res_logits_mean_abs']:.2e} | {p['scores_max_abs']:.2e} | "
                      f"{p['same_multimask_choice_fraction']:.3f} | {p['pixels_flipped_where_abs_logit_gt_0.5']:.2e} | {p['mask_iou_single_min']:.4f} |")
+    parts = {b: p for b, p in doc.get("decode_parts", {}).items() if any(p.values())}
+    if parts:
+        lines += ["", "Where a decode's time goes (mean ms per call, after the timed runs):", ""]
+        lines += [f"- {b} {stage}: " + ", ".join(f"{k} {v:.3f}" for k, v in p.items()) for b, stages in parts.items()
+                  for stage, p in stages.items() if p]
     if doc["cuda_graphs"]:
         lines += ["", "CUDA graphs:", ""] + [f"- {b}: {g}" for b, g in doc["cuda_graphs"].items()]
     if doc["errors"]:
@@ -444,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
     graphs: dict[str, Any] = {}
+    decode_parts_of: dict[str, Any] = {}
     parities: dict[str, Any] = {}
     cpu_cache: dict[str, Any] = {}
 
@@ -456,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         return {
             "date": today, "environment": env, "runs": args.runs, "warmup": args.warmup,
             "images": {k: list(v.shape) for k, v in images.items()}, "weights": {args.model: weights},
-            "results": results, "errors": errors, "parity": parities, "cuda_graphs": graphs,
+            "results": results, "errors": errors, "parity": parities, "cuda_graphs": graphs, "decode_parts": decode_parts_of,
             "end_to_end_speedup_p50_vs_pytorch_eager_fp32": speedups(results, "pytorch-eager-fp32"),
             "end_to_end_speedup_p50_vs_pytorch_bf16_autocast": speedups(results, "pytorch-bf16-autocast"),
             "end_to_end_1080_speedup_p50_vs_pytorch_eager_fp32": speedups(results, "pytorch-eager-fp32", "end_to_end_1080"),
@@ -482,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
             stages = bench_sam2rt(model_dir, backend, images, args.runs, args.warmup)
             record(backend, stages)
             graphs[backend] = stages.get("_cuda_graphs", {})
+            decode_parts_of[backend] = stages.get("_parts", {})
             log(f"  graphs {graphs[backend]}")
         except Exception as exc:
             errors.append({"backend": backend, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=4)})

@@ -349,6 +349,42 @@ def test_gpu_bench_times_the_device_measures_off_in_the_same_run(tiny_model_dir,
     assert gpu_bench.measures_off(plain, plain.embed(coffee), prompt, boxes, low, iou, (1080, 1920), 2, 1) == {}
 
 
+def test_gpu_bench_says_where_a_decodes_time_goes(tiny_model_dir):
+    """gpu_bench.py's decode breakdown on the device backend (CPU provider, fixed buffers): once the shapes replay, a
+    click's time splits into the decoder's prompt upload and replay, the postprocessing graph's inputs in, replay
+    and outputs out, and the rest, each positive; without fixed buffers there is nothing to split."""
+    import importlib.util
+    from pathlib import Path
+
+    from sam2rt.manifest import Manifest
+    from sam2rt.runtime import Prompt, Sam2Model
+    from sam2rt.runtime.backends.fixed_shapes import CAPTURE_AFTER
+    from sam2rt.runtime.backends.ort_device_backend import OrtDeviceBackend
+    from conftest import photo
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench_parts", path)
+    gpu_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_bench)
+    m = Manifest.load(tiny_model_dir)
+    prompt = Prompt(points=np.array([[100.0, 80.0]]), labels=np.array([1]))
+    model = Sam2Model(m, OrtDeviceBackend(m, "onnxruntime-cpu", fixed_buffers=True))
+    emb = model.embed(photo("coffee"))
+    for _ in range(CAPTURE_AFTER + 1):
+        model.decode(emb, prompt)
+    parts = gpu_bench.decode_parts(model, lambda: model.decode(emb, prompt), 3)
+    assert set(parts) == {"decoder upload", "decoder replay", "postprocess_multi load", "postprocess_multi replay",
+                          "postprocess_multi out", "rest"}, parts
+    assert all(v > 0 for v in parts.values()), parts
+    plain = Sam2Model(m, OrtDeviceBackend(m, "onnxruntime-cpu"))
+    emb = plain.embed(photo("coffee"))
+    assert gpu_bench.decode_parts(plain, lambda: plain.decode(emb, prompt), 2) == {}
+    doc = {"environment": {}, "date": "d", "weights": {}, "runs": 1, "warmup": 0, "results": [], "parity": {},
+           "end_to_end_speedup_p50_vs_pytorch_eager_fp32": {}, "end_to_end_speedup_p50_vs_pytorch_bf16_autocast": {},
+           "cuda_graphs": {}, "errors": [], "decode_parts": {"onnxruntime-cuda:fp16": {"decode_1": parts}}}
+    assert "- onnxruntime-cuda:fp16 decode_1: decoder upload " in gpu_bench.markdown(doc)
+
+
 def test_video_bench_gpu_target_reads_the_settled_frames():
     """On a GPU backend the 1-object case gets issue 12's >= 100 frames/s row, measured on the frames where every
     video graph replays from fixed buffers when the benchmark recorded them (else on all timed frames)."""

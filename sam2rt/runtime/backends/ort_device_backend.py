@@ -26,6 +26,7 @@ import ctypes.util
 import dataclasses
 import logging
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -193,6 +194,9 @@ class OrtDeviceBackend(Backend):
         self.use_cuda_graphs = bool(cuda_graphs) and name == "onnxruntime-cuda"
         self.fixed_buffers = self.use_cuda_graphs if fixed_buffers is None else bool(fixed_buffers)
         self.cuda_graphs: dict[str, str] = {}  # session -> "captured" or why not
+        # decoder runs from fixed buffers, summed: seconds uploading prompts, seconds replaying until the outputs are
+        # ready, and how many (gpu_bench reads it to tell the decoder's time from the postprocessing's)
+        self.decoder_seconds: dict[str, float] = {"upload": 0.0, "replay": 0.0, "replays": 0}
         self._lock = threading.RLock()
         self._pipeline = OrtPipeline(ort, self._providers("pipeline", tf32=False, graph=False), self.ort_device, device_id,
                                      lambda: session_options(threads), fixed_buffers=self.fixed_buffers,
@@ -512,8 +516,14 @@ class OrtDeviceBackend(Backend):
             self._slot_owner[slot] = [tensors[k] for k in tensor_names]
         try:
             with fixed.runs.guard():  # each thread's first run captures (capture_lock.py)
+                t0 = time.perf_counter()
                 fixed.upload_prompts(prompts)
+                t1 = time.perf_counter()
                 self._replay(fixed)
+                t2 = time.perf_counter()
+            self.decoder_seconds["upload"] += t1 - t0
+            self.decoder_seconds["replay"] += t2 - t1
+            self.decoder_seconds["replays"] += 1
         except Exception as exc:
             if fixed.runs.here():  # a replay failed: an error (a capture that failed: the plain session)
                 raise

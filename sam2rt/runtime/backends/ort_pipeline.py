@@ -209,6 +209,13 @@ class OrtPipeline:
             return {name: dict(fixed.status) for name, (fixed, _) in self._fixed.items()}
 
     @property
+    def replay_seconds(self) -> dict[str, tuple[dict[str, float], int]]:
+        """Per graph run through fixed buffers: its seconds per part of a replay summed so far (inputs in, replay,
+        outputs out: FixedShapeSession.seconds) and its replays."""
+        with self._lock:
+            return {name: (dict(fixed.seconds), fixed.replays) for name, (fixed, _) in self._fixed.items()}
+
+    @property
     def replays(self) -> int:
         """Runs served from fixed buffers so far, over all graphs."""
         with self._lock:
