@@ -83,6 +83,35 @@ def test_a_shape_gets_fixed_buffers_after_capture_after_frames(scaled):
     assert session.replays == 3
 
 
+def test_a_device_input_is_copied_into_its_buffer_only_when_it_is_another_tensor(scaled):
+    """Device inputs (a frame's features, shared by its objects): the same tensor again is not copied again; another
+    tensor, even with the same values, is; every result is right."""
+    import onnxruntime as ort
+
+    from sam2rt.runtime.backends.fixed_shapes import CAPTURE_AFTER
+    from sam2rt.runtime.backends.onnxruntime_backend import OrtDeviceTensor
+
+    session, clock, _ = scaled
+    copies = []
+    run_into = session._copy.run_into
+    session._copy.run_into = lambda feeds, outputs: (copies.append(1), run_into(feeds, outputs))[1]
+
+    def device(x):
+        return OrtDeviceTensor(ort.OrtValue.ortvalue_from_numpy(x))
+
+    for frame in range(1, CAPTURE_AFTER + 1):  # fixed on the last
+        clock.frame = frame
+        session.run({"x": device(_x(2, frame))})
+    copies.clear()
+    shared = device(_x(2, 50))
+    for _ in range(3):  # three objects of one frame
+        np.testing.assert_array_equal(session.run({"x": shared})[0], 2 * _x(2, 50))
+    assert len(copies) == 1 and session.replays == 3
+    np.testing.assert_array_equal(session.run({"x": device(_x(2, 50))})[0], 2 * _x(2, 50))  # another tensor
+    np.testing.assert_array_equal(session.run({"x": device(_x(2, 51))})[0], 2 * _x(2, 51))
+    assert len(copies) == 3
+
+
 def test_at_most_max_fixed_shapes_and_stale_ones_give_way(scaled):
     from sam2rt.runtime.backends.fixed_shapes import CAPTURE_AFTER, MAX_FIXED_SHAPES
 
