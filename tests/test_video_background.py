@@ -88,7 +88,7 @@ def test_a_tracked_frames_memory_is_encoded_after_its_masks_are_returned(model, 
         release, threads = threading.Event(), []
         original = tracker.graphs.encode_memory
 
-        def encode_memory(*args, **kwargs):
+        def encode_memory(*args, threads=threads, release=release, original=original, **kwargs):
             threads.append(threading.current_thread().name)
             release.wait(timeout=2)  # inline: track() itself stalls here until the timeout
             return original(*args, **kwargs)
