@@ -64,7 +64,9 @@ STAGES = {
     "postprocess_512 / postprocess_1080": "sam2rt Sam2Model.finish: 4 tokens (host) -> 3 float32 0/1 masks on the host",
     "end_to_end_512 / end_to_end_1080": "Predictor.set_image + predict(1 click) from an RGB uint8 image",
     "postprocess_1080_pageable": "postprocess_1080 with pageable instead of page-locked results (same run; GPU only)",
-    "decode_1_postprocess_uncaptured": "decode_1 with the postprocessing not captured as a CUDA graph (same run; GPU only)",
+    "decode_1_two_graphs / decode_16_two_graphs": "decode_1 / decode_16 as the decoder's and the postprocessing's runs, "
+    "each captured, instead of the merged decode graph's one (same run; exports with the merged graphs)",
+    "decode_1_postprocess_uncaptured": "decode_1 in two graphs with the postprocessing not captured as a CUDA graph (same run; GPU only)",
     "decode_16_nomask": "decode_16 on decoder_nomask instead of the batched fast decoder (same run; exports with the batched one)",
 }
 
@@ -195,8 +197,12 @@ def bench_sam2rt(model_dir: Path, backend: str, images: dict[str, np.ndarray], r
     out["_parts"] = {"decode_1": decode_parts(model, lambda: model.decode(emb, prompt), runs),
                      "decode_16": decode_parts(model, lambda: model.decode(emb, boxes, multimask_output=False), runs)}
     out.update(measures_off(model, emb, prompt, boxes, low, iou, images["1080"].shape[:2], runs, warmup))
+    two_graphs = out.pop("_parts_two_graphs", None)
+    if two_graphs:
+        out["_parts"]["decode_1_two_graphs"] = two_graphs
     out["_cuda_graphs"] = dict(getattr(model.backend, "cuda_graphs", {}))
     out["_cuda_graphs"]["fast_decoder"] = getattr(model.backend, "fast_decoder_check", "n/a")
+    out["_cuda_graphs"]["merged_decode"] = getattr(model.backend, "merged_decode", "n/a")
     # the pre/postprocessing graphs' captured shapes (one per image size, prompt count and output): counted by outcome
     pipeline = getattr(model.backend, "_pipeline", None)
     if pipeline is not None:  # masks of 1 MiB and more into page-locked arrays (runtime/gpu.py PinnedPool)?
@@ -211,8 +217,8 @@ def bench_sam2rt(model_dir: Path, backend: str, images: dict[str, np.ndarray], r
 
 def decode_parts(model: Any, fn: Callable[[], Any], runs: int) -> dict[str, float]:
     """Where a decode's time goes, mean ms per call over `runs` calls (after the stage's own timed runs, so every
-    shape replays): the decoder's prompt upload and replay, each postprocessing graph's inputs in / replay / outputs
-    out (from fixed buffers), and the rest of the call (Python, the host arrays). Empty where the backend does not
+    shape replays): the decoder's prompt upload and replay, each postprocessing graph's (or merged decode graph's)
+    inputs in / replay / outputs out (from fixed buffers), and the rest of the call (Python, the host arrays). Empty where the backend does not
     count them (not the device backend, or nothing replayed)."""
     backend, pipeline = model.backend, getattr(model.backend, "_pipeline", None)
     if not hasattr(backend, "decoder_seconds") or pipeline is None:
@@ -223,11 +229,11 @@ def decode_parts(model: Any, fn: Callable[[], Any], runs: int) -> dict[str, floa
         fn()
     total = time.perf_counter() - t0
     dec, post = backend.decoder_seconds, pipeline.replay_seconds
-    parts = {f"decoder {k}": dec[k] - dec0[k] for k in ("upload", "replay")}
-    for graph, (seconds, _) in post.items():
+    parts = {f"decoder {k}": dec[k] - dec0[k] for k in ("upload", "replay")} if dec["replays"] > dec0["replays"] else {}
+    for graph, (seconds, _) in post.items():  # the postprocessing's graphs, and the merged decode graphs
         before = post0.get(graph, ({k: 0.0 for k in seconds}, 0))[0]
         parts.update({f"{graph} {k}": seconds[k] - before[k] for k in seconds if seconds[k] > before[k]})
-    if dec["replays"] == dec0["replays"] and len(parts) == 2:
+    if not parts:
         return {}
     parts["rest"] = total - sum(parts.values())
     return {k: round(1e3 * v / runs, 3) for k, v in parts.items()}
@@ -236,10 +242,12 @@ def decode_parts(model: Any, fn: Callable[[], Any], runs: int) -> dict[str, floa
 def measures_off(model: Any, emb: Any, prompt: Any, boxes: list, low: Any, iou: Any, hw_1080: tuple[int, int],
                  runs: int, warmup: int) -> dict[str, Any]:
     """Stages once more with one measure of the device path off, side by side in the same run (what each brings):
-    the 1080p postprocessing with pageable instead of page-locked results; one click with the postprocessing run
-    as plain ONNX Runtime sessions instead of captured CUDA graphs; 16 boxes through decoder_nomask instead of the
-    batched fast decoder. Only where the backend has the measure on (a GPU with cuda-python; fixed buffers; an
-    export whose fast decoder takes batches)."""
+    the 1080p postprocessing with pageable instead of page-locked results; one click and 16 boxes as the decoder's and
+    the postprocessing's runs instead of the merged decode graph's one (and where the time of the click went then);
+    one click in two graphs with the postprocessing run as plain ONNX Runtime sessions instead of captured CUDA
+    graphs; 16 boxes through decoder_nomask instead of the batched fast decoder. Only where the backend has the
+    measure on (a GPU with cuda-python; merged decode graphs; fixed buffers; an export whose fast decoder takes
+    batches)."""
     pipeline = getattr(model.backend, "_pipeline", None)
     out: dict[str, Any] = {}
     if pipeline is not None and pipeline.pinned is not None:
@@ -249,13 +257,25 @@ def measures_off(model: Any, emb: Any, prompt: Any, boxes: list, low: Any, iou: 
                                                      runs, warmup)
         finally:
             pipeline.pinned = pool
-    if pipeline is not None and pipeline.fixed_buffers:
-        pipeline.fixed_buffers = False
-        try:
-            out["decode_1_postprocess_uncaptured"] = timed(lambda: model.decode(emb, prompt), runs, warmup)
-        finally:
-            pipeline.fixed_buffers = True
     backend = model.backend
+    merged = bool(getattr(backend, "use_merged_decode", False))
+    try:
+        backend.use_merged_decode = False  # what run 6 measured: the decoder's replay, then the postprocessing's
+        if merged:
+            out["decode_1_two_graphs"] = timed(lambda: model.decode(emb, prompt), runs, warmup)
+            out["decode_16_two_graphs"] = timed(lambda: model.decode(emb, boxes, multimask_output=False), runs, warmup)
+            parts = decode_parts(model, lambda: model.decode(emb, prompt), runs)
+            if parts:
+                out["_parts_two_graphs"] = parts
+        if pipeline is not None and pipeline.fixed_buffers:
+            pipeline.fixed_buffers = False
+            try:
+                out["decode_1_postprocess_uncaptured"] = timed(lambda: model.decode(emb, prompt), runs, warmup)
+            finally:
+                pipeline.fixed_buffers = True
+    finally:
+        if merged:
+            backend.use_merged_decode = True
     if pipeline is not None and "decoder_fast" in backend.files and backend.fast_prompts is None:
         backend.fast_prompts = 1  # batches go to decoder_nomask, as before the batched fast decoder
         try:

@@ -90,6 +90,14 @@ GRAPHS: tuple[GraphFile, ...] = (
     GraphFile("decoder", "fast_device", "decoder_fast.device.onnx", "fp32", "torch.onnx", None, (CUDA,),
               "the same function for a batch of prompts per run, every product a plain or strided-batched GEMM: what "
               "ONNX Runtime's CUDA provider computes correctly and captures in CUDA graphs (export/cuda_matmul.py)"),
+    # decoder_fast.device + the package's postprocessing (runtime/graphs) as one graph: a decode to masks is one run
+    # (export/decode_graphs.py; maker "sam2rt": a graph merge, no torch)
+    GraphFile("decoder", "decode_multi", "decoder_fast.device.multi.onnx", "fp32", "sam2rt", "fast_device", (CUDA,),
+              "fast_device followed by the device postprocessing of the three multimask tokens (postprocess_multi): "
+              "prompts -> masks, scores and low-res logits in one CUDA-graph replay"),
+    GraphFile("decoder", "decode_single", "decoder_fast.device.single.onnx", "fp32", "sam2rt", "fast_device", (CUDA,),
+              "fast_device followed by the device postprocessing of the single-mask token, with the stability "
+              "fallback (postprocess_single): prompts -> masks, scores and low-res logits in one CUDA-graph replay"),
     # video tracking (sam2rt.export.video_export): the VideoTracker runs them on ONNX Runtime beside every image
     # backend (beside tensorrt on ONNX Runtime's CUDA provider), so they go with every export target
     GraphFile("memory_encoder", None, "memory_encoder.onnx", "fp32", "torch.onnx", None, (CPU, CUDA, TENSORRT),
@@ -190,6 +198,9 @@ DEVICE_SLOTS: dict[str, tuple[str, tuple[str | None, ...]]] = {
     "decoder_nomask": ("decoder", ("nomask",)),
     "decoder_prep": ("decoder", ("prep",)),
     "decoder_fast": ("decoder", ("fast_device",)),
+    # optional: decoder_fast + postprocessing in one graph (exports before them decode in two runs)
+    "decode_multi": ("decoder", ("decode_multi",)),
+    "decode_single": ("decoder", ("decode_single",)),
 }
 
 

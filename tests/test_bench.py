@@ -305,8 +305,9 @@ def test_gpu_bench_script_runs_end_to_end_on_the_cpu_provider(tiny_model_dir, tm
 
 
 def test_gpu_bench_times_the_device_measures_off_in_the_same_run(tiny_model_dir, monkeypatch):
-    """On a GPU, gpu_bench.py times the 1080p postprocessing with pageable results, one click with the
-    postprocessing uncaptured and 16 boxes on decoder_nomask, beside the stages with every measure on; here on the
+    """On a GPU, gpu_bench.py times the 1080p postprocessing with pageable results, one click and 16 boxes in two
+    graphs instead of the merged one, one click with the postprocessing uncaptured and 16 boxes on decoder_nomask,
+    beside the stages with every measure on; here on the
     CPU provider with fixed buffers and emulated cuda-python. Each measure is back on afterwards; a backend
     without a measure gets no stage for it."""
     import importlib.util
@@ -333,18 +334,26 @@ def test_gpu_bench_times_the_device_measures_off_in_the_same_run(tiny_model_dir,
     low, iou = model.decode_raw(emb, np.array([[[400.0, 300.0], [0, 0]]], np.float32), np.array([[1, -1]], np.float32), None)
     boxes = [Prompt(box=np.array([10.0 * i, 5.0, 200.0 + i, 150.0])) for i in range(16)]
     out = gpu_bench.measures_off(model, emb, prompt, boxes, low, iou, (1080, 1920), 2, 1)
-    assert set(out) == {"postprocess_1080_pageable", "decode_1_postprocess_uncaptured", "decode_16_nomask"}
+    two_graphs = out.pop("_parts_two_graphs")  # where the click's time went in two graphs
+    assert set(two_graphs) == {"decoder upload", "decoder replay", "postprocess_multi load", "postprocess_multi replay",
+                               "postprocess_multi out", "rest"}, two_graphs
+    assert set(out) == {"postprocess_1080_pageable", "decode_1_two_graphs", "decode_16_two_graphs",
+                        "decode_1_postprocess_uncaptured", "decode_16_nomask"}
     assert all(0 < r["p50_ms"] <= r["p99_ms"] and r["runs"] == 2 for r in out.values())
     assert model.backend._pipeline.pinned is pool and model.backend._pipeline.fixed_buffers
-    assert model.backend.fast_prompts is None  # every measure back on
-    # the nomask stage did run on decoder_nomask: its fixed buffers were made for the 16 boxes
-    assert {key[0] for key in model.backend._captured if isinstance(key, tuple) and key[1] == 16} == {"decoder_nomask"}
+    assert model.backend.fast_prompts is None and model.backend.use_merged_decode  # every measure back on
+    # the two-graph stage ran the fast decoder's fixed buffers, the nomask stage decoder_nomask's, for the 16 boxes
+    assert {key[0] for key in model.backend._captured if isinstance(key, tuple) and key[1] == 16} == \
+        {"decoder_fast", "decoder_nomask"}
     # without pinned results and fixed buffers only the batched fast decoder can be turned off; an export whose
     # fast decoder takes one prompt per run has none of the three
     plain = Sam2Model(m, OrtDeviceBackend(m, "onnxruntime-cpu"))
-    assert set(gpu_bench.measures_off(plain, plain.embed(coffee), prompt, boxes, low, iou, (1080, 1920), 2, 1)) == {"decode_16_nomask"}
-    old = Manifest.load(tiny_model_dir)
+    assert set(gpu_bench.measures_off(plain, plain.embed(coffee), prompt, boxes, low, iou, (1080, 1920), 2, 1)) == \
+        {"decode_1_two_graphs", "decode_16_two_graphs", "decode_16_nomask"}
+    old = Manifest.load(tiny_model_dir)  # as exported before the batched fast decoder and the merged decode graphs
     old.data["graphs"]["decoder"]["variants"]["fast_device"]["prompts_per_run"] = 1
+    for variant in ("decode_multi", "decode_single"):
+        del old.data["graphs"]["decoder"]["variants"][variant]
     plain = Sam2Model(old, OrtDeviceBackend(old, "onnxruntime-cpu"))
     assert gpu_bench.measures_off(plain, plain.embed(coffee), prompt, boxes, low, iou, (1080, 1920), 2, 1) == {}
 
@@ -370,6 +379,13 @@ def test_gpu_bench_says_where_a_decodes_time_goes(tiny_model_dir):
     prompt = Prompt(points=np.array([[100.0, 80.0]]), labels=np.array([1]))
     model = Sam2Model(m, OrtDeviceBackend(m, "onnxruntime-cpu", fixed_buffers=True))
     emb = model.embed(photo("coffee"))
+    for _ in range(CAPTURE_AFTER + 1):
+        model.decode(emb, prompt)
+    # the merged decode graph (export/decode_graphs.py): one fixed-buffer run, its inputs in, replay, outputs out
+    parts = gpu_bench.decode_parts(model, lambda: model.decode(emb, prompt), 3)
+    assert set(parts) == {"decode_multi load", "decode_multi replay", "decode_multi out", "rest"}, parts
+    assert all(v > 0 for v in parts.values()), parts
+    model.backend.use_merged_decode = False  # the two graphs: the decoder's replay, then the postprocessing's
     for _ in range(CAPTURE_AFTER + 1):
         model.decode(emb, prompt)
     parts = gpu_bench.decode_parts(model, lambda: model.decode(emb, prompt), 3)

@@ -263,7 +263,7 @@ def test_the_gpu_form_decodes_a_whole_batch_in_one_run(model_dir):
 @pytest.mark.parametrize("batched", [True, False], ids=["batched-gpu-form", "one-prompt-form"])
 def test_the_device_backend_serves_a_batch_from_the_fast_decoder_when_it_takes_one(model_dir, sam2rt_model, batched):
     """On the device backend (here on the CPU provider, fixed buffers on) 16 boxes run through the fast decoder in
-    one run; an export whose GPU form takes one prompt per run (before batches) sends them to decoder_nomask. Both
+    one run (its merged decode graph, with the postprocessing); an export whose GPU form takes one prompt per run (before batches) sends them to decoder_nomask. Both
     give the CPU backend's results."""
     from sam2rt.manifest import Manifest
     from sam2rt.runtime import Prompt, Sam2Model
@@ -287,4 +287,8 @@ def test_the_device_backend_serves_a_batch_from_the_fast_decoder_when_it_takes_o
             np.testing.assert_allclose(got.scores, ref.scores, rtol=0, atol=1e-5)
             assert (got.masks != ref.masks).mean() < 1e-4
         slots = {key[0] for key in model.backend._captured if isinstance(key, tuple)}
-        assert slots == ({"decoder_fast"} if batched else {"decoder_nomask"}), slots
+        graphs = model.backend.pipeline_graphs
+        if batched:  # the fast decoder and the postprocessing in one graph (export/decode_graphs.py)
+            assert list(graphs["decode_single"].values()) == ["fixed buffers"] and not slots, (graphs, slots)
+        else:
+            assert slots == {"decoder_nomask"} and "decode_single" not in graphs, (graphs, slots)

@@ -455,7 +455,8 @@ def test_cuda_graphs_are_captured_and_change_nothing(model_dir, cuda_models):
     graphs = model.backend.cuda_graphs
     assert graphs.get("encoder") == "captured", f"the encoder did not run as a CUDA graph: {graphs}"
     pipeline = model.backend.pipeline_graphs
-    for graph in ("preprocess", "postprocess_multi"):  # the image's size; one click and 16 boxes, multimask
+    # the image's size; one click and 16 boxes, multimask, each decoded to masks by the merged decode graph
+    for graph in ("preprocess", "decode_multi"):
         assert set(pipeline[graph].values()) == {"captured"}, (graph, pipeline[graph])
     assert model.backend._pipeline.replays > replays
     if model.backend._pipeline.pinned is not None:  # cuda-python installed: 16 x 3 masks (>= 1 MiB) come down pinned
@@ -491,15 +492,52 @@ def test_fast_decoder_runs_on_cuda(cuda_models, cpu_model):
     for _ in range(3):  # the first run, the capture, a replay
         got = model.decode(emb, one)
         np.testing.assert_allclose(got.low_res_logits, cpu_model.decode(ref_emb, one).low_res_logits, rtol=0, atol=1e-4)
-    assert any("decoder_fast" in k and v == "captured" for k, v in model.backend.cuda_graphs.items()), \
-        model.backend.cuda_graphs
+    # decoded to masks in one graph, the fast decoder's and the postprocessing's (export/decode_graphs.py)
+    assert model.backend.merged_decode == "on", model.backend.merged_decode
+    assert "captured" in model.backend.pipeline_graphs["decode_multi"].values(), model.backend.pipeline_graphs
     h, w = img.shape[:2]
     boxes = [Prompt(box=np.array([10.0 * i, 5.0 * i, w / 2 + 10.0 * i, h / 2 + 8.0 * i])) for i in range(16)]
     ref = cpu_model.decode(ref_emb, boxes, multimask_output=False)
     for _ in range(3):
         got = model.decode(emb, boxes, multimask_output=False)
         np.testing.assert_allclose(got.low_res_logits, ref.low_res_logits, rtol=0, atol=1e-4)
-    assert model.backend.cuda_graphs.get(str(("decoder_fast", 16, 3))) == "captured", model.backend.cuda_graphs
+    assert "captured" in model.backend.pipeline_graphs["decode_single"].values(), model.backend.pipeline_graphs
+
+
+@requires_ort_cuda
+@pytest.mark.parametrize("mode", ["fp32", "tf32", "fp16"])
+def test_merged_decode_on_cuda_equals_the_two_graphs(cuda_models, mode):
+    """One click (three masks) and 16 boxes (one mask each) decoded to masks by the merged decode graph's CUDA graph
+    and by the decoder's and the postprocessing's: the same logits to rounding (the merged session may fuse the
+    decoder part otherwise), masks differing at no more than MERGED_MASK_FLIPS of the pixels."""
+    from sam2rt.runtime import Prompt
+    from sam2rt.runtime.backends.ort_device_backend import MERGED_MASK_FLIPS
+
+    model = cuda_models[mode]
+    backend = model.backend
+    assert backend.merged_decode == "on", backend.merged_decode
+    img = photo("astronaut")
+    h, w = img.shape[:2]
+    one = Prompt(points=np.array([[200.0, 150.0]]), labels=np.array([1]))
+    boxes = [Prompt(box=np.array([10.0 * i, 5.0 * i, w / 2 + 10.0 * i, h / 2 + 8.0 * i])) for i in range(16)]
+    emb = model.embed(img)
+    out = {}
+    try:
+        for merged in (True, False):
+            backend.use_merged_decode = merged
+            for _ in range(6):  # captures, then replays (the postprocessing's after CAPTURE_AFTER calls)
+                got = [model.decode(emb, one), model.decode(emb, boxes, multimask_output=False)]
+            out[merged] = got
+    finally:
+        backend.use_merged_decode = True
+    tol = 1e-5 if mode == "fp32" else 2e-3
+    for a, b in zip(out[True], out[False]):
+        scale = max(1.0, float(np.abs(b.low_res_logits).max()))
+        assert np.abs(a.low_res_logits - b.low_res_logits).max() <= tol * scale
+        np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=tol * scale)
+        assert (a.masks != b.masks).mean() <= MERGED_MASK_FLIPS
+    pipeline = backend.pipeline_graphs
+    assert "captured" in pipeline["decode_multi"].values() and "captured" in pipeline["decode_single"].values(), pipeline
 
 
 @requires_ort_cuda

@@ -431,7 +431,9 @@ def test_device_backend_on_the_cpu_provider_matches_the_cpu_backend(request, whi
 
 def test_a_decode_uploads_its_prompts_in_one_copy(tiny_model_dir, coffee, monkeypatch):
     """With fixed buffers (the CUDA-graph path) a decode's prompt inputs (points and labels; with a mask prompt also the
-    mask and its flag) sit in one device buffer: one host-to-device copy per decode, not one per input."""
+    mask and its flag) sit in one device buffer: one host-to-device copy per decode, not one per input. Plain prompts
+    decode through the merged decode graph (one packed input, point_prompts), mask prompts through the full decoder;
+    the merged graph's packed prompts go up only when they changed (the same click again: no copy)."""
     import onnxruntime as ort
 
     from sam2rt.runtime import Prompt, Sam2Model
@@ -450,13 +452,22 @@ def test_a_decode_uploads_its_prompts_in_one_copy(tiny_model_dir, coffee, monkey
             uploads.append(array.shape)
             real(value, array)
 
+        def moved(prompts):  # the same prompts 7 pixels to the right: another click of the same shape
+            return [Prompt(points=None if p.points is None else p.points + [7.0, 0.0], labels=p.labels,
+                           box=None if p.box is None else p.box + [7.0, 0.0, 7.0, 0.0], mask_input=p.mask_input)
+                    for p in prompts]
+
         for name, prompts in cases.items():
             model.decode(emb, prompts, False)  # its fixed buffers are made (and checked) on the first decode
-            uploads.clear()
-            monkeypatch.setattr(ort.OrtValue, "update_inplace", counted)
-            model.decode(emb, prompts, False)
-            monkeypatch.undo()
-            assert len(uploads) == 1, (name, uploads)
+            for again, want in ((moved(prompts), 1), (moved(prompts), 0 if name != "mask" else 1)):
+                uploads.clear()
+                monkeypatch.setattr(ort.OrtValue, "update_inplace", counted)
+                model.decode(emb, again, False)
+                monkeypatch.undo()
+                assert len(uploads) == want, (name, uploads)
+        status = model.backend.pipeline_graphs["decode_single"]
+        assert len(status) == 3 and set(status.values()) == {"fixed buffers"}, status  # one click, two points, 3 boxes
+        assert {k[0] for k in model.backend._captured if isinstance(k, tuple)} == {"decoder"}  # the mask prompt's
 
 
 # --- FP16 mixed precision (what FP16 engines are built from) -----------------------------------------

@@ -186,6 +186,46 @@ def test_a_fixed_session_whose_masks_differ_at_all_is_never_used(tmp_path):
     assert session.replays == 0
 
 
+@pytest.mark.parametrize("flips", [1, 2])
+def test_bool_flips_admits_that_many_flipped_mask_values_and_no_more(tmp_path, flips: int):
+    """`bool_flips` (the merged decode graphs': their TF32 logits may round across the threshold) admits that fraction
+    of a bool output's values differing in the first replay; one more rejects. `capture_after=1` fixes a signature on
+    its first run."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from sam2rt.runtime.backends.bound_session import BoundSession
+    from sam2rt.runtime.backends.fixed_shapes import FixedShapeSession
+    from sam2rt.runtime.backends.ort_pipeline import GRAPH_DIR
+    from sam2rt.runtime.video.sessions import create_session
+
+    def above(name: str, k: float) -> Path:
+        graph = helper.make_graph(
+            [helper.make_node("Greater", ["x", "k"], ["y"])], "above",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+            [helper.make_tensor_value_info("y", TensorProto.BOOL, ["n", 4])],
+            [helper.make_tensor("k", TensorProto.FLOAT, [], [k])])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / name)
+        return tmp_path / name
+
+    right, rounded = above("right.onnx", 0.5), above("rounded.onnx", 0.55)
+    session = FixedShapeSession(BoundSession(create_session(right)),
+                                lambda graph, dims: create_session(rounded, graph=graph, dims=dims),
+                                BoundSession(create_session(GRAPH_DIR / "copy.onnx")), _Clock(),
+                                capture_after=1, bool_flips=1 / 400)
+    x = np.full((100, 4), 0.1, np.float32)
+    x[50, :flips] = 0.52  # values between the two thresholds: `flips` of 400 differ
+    np.testing.assert_array_equal(session.run({"x": x})[0], x > 0.5)  # the first run: the plain session's result
+    [status] = session.status.values()
+    if flips == 1:
+        assert status == "fixed buffers" and session.refused({"x": x}) is None
+        np.testing.assert_array_equal(session.run({"x": x})[0], x > 0.55)  # replayed: the fixed session's rounding
+        assert session.replays == 1
+    else:
+        assert status.startswith("rejected") and "2 of 400 values differ" in status, status
+        assert session.refused({"x": x}) == status and session.replays == 0
+
+
 def test_tracker_with_fixed_buffers_tracks_exactly_as_without(tiny_video_dir: Path):
     """24 frames (the bank fills at frame 16), a second object added on frame 6 and a correction on frame 21:
     the fixed-buffer graphs give the same results bit for bit; the bank's warm-up shapes were never fixed."""

@@ -21,6 +21,9 @@ model directory: `add_variants(DIR, int8=True)`. Each variant is recorded in the
 - `tracking` of the tracking decoder: the decoder of a tracked frame (no prompt inputs, the token chosen in the
   graph), edited from track_decoder.onnx by export/tracking_decoder.py and checked against it; its `tracking_fp16`
   is converted from it as the other FP16 video graphs.
+- `decode_multi` / `decode_single` of the decoder: the GPU fast decoder (`fast_device`) followed by the package's
+  device postprocessing in one graph (export/decode_graphs.py, checked against the two): a decode to masks in one
+  ONNX Runtime run.
 - `int8`: the encoder with dynamic INT8 quantisation of its MatMul weights (onnxruntime.quantization,
   per-channel, activations quantised at run time). REDUCED PRECISION: opt-in only
   (`precision="int8"`), never the default; its mask IoU against FP32 is measured by `sam2rt bench`.
@@ -125,6 +128,32 @@ def add_tracking_decoder(manifest: Manifest) -> None:
         ort_disabled_optimizers=list(CPU_DISABLED_OPTIMIZERS), **io_spec(out))
 
 
+DECODE_ROWS = ("decoder.decode_multi", "decoder.decode_single")
+
+
+def add_decode_graphs(manifest: Manifest, keys: Collection[str] = DECODE_ROWS) -> None:
+    """Write the merged decode graphs (graph_table's rows `keys` of DECODE_ROWS: export/decode_graphs.py, the GPU fast
+    decoder followed by the package's postprocessing, checked against the two) and record each as a variant of the
+    decoder made from `fast_device`, with the postprocessing graph's sha256 (the runtime uses a merged graph only
+    while the package ships that postprocessing)."""
+    from .decode_graphs import make_decode_graph, postprocess_sha256
+    from .tracking_decoder import io_spec
+
+    source = manifest.variant("decoder", "fast_device")
+    if source is None or not manifest.is_stored(source):
+        return  # an export without the GPU fast decoder
+    src = manifest.verify_file(source)
+    for key in keys:
+        row = graph_file(*key.split("."))
+        multimask = row.variant == "decode_multi"
+        out = manifest.directory / row.file
+        check = make_decode_graph(src, out, multimask)
+        manifest.graph("decoder")["variants"][row.variant] = _entry(
+            out, source["sha256"], precision="fp32", source=row.made_from, use=row.use, check_max_abs_diff=check,
+            postprocess_sha256=postprocess_sha256(multimask),
+            **{k: source[k] for k in ("max_points", "prompts_per_run") if k in source}, **io_spec(out))
+
+
 def add_fp16_video(manifest: Manifest, keys: Collection[str] = FP16_VIDEO_ROWS) -> None:
     """Write the video graphs of onnxruntime-cuda:fp16 (graph_table's rows `keys` of FP16_VIDEO_ROWS) from what each
     is made from, each recorded as its role's variant. FP32 stays where export.fp16 keeps it, and in the comparisons
@@ -196,6 +225,7 @@ def add_variants(
         add_fp16_encoder(manifest)
     if wanted("track_decoder", "tracking"):
         add_tracking_decoder(manifest)
+    add_decode_graphs(manifest, [key for key in DECODE_ROWS if wanted(*key.split("."))])
     if fp16:
         add_fp16_video(manifest, [key for key in FP16_VIDEO_ROWS if wanted(*key.split("."))])
     if int8 and wanted("encoder", "int8"):

@@ -175,3 +175,9 @@ class Prompt:
             raise InvalidPromptError("a prompt needs at least one point, a box or a mask_input")
         xy, lab = assemble(coords, labels, boxes)
         return CheckedPrompt(xy, lab, mask)
+
+
+def pack_point_prompts(point_coords: np.ndarray, point_labels: np.ndarray) -> np.ndarray:
+    """(B,N,2) coordinates and (B,N) labels -> (B,N,3) float32 (x, y, label): the merged decode graphs' one prompt
+    input (export/decode_graphs.py), so that a decode's prompts go up in one copy."""
+    return np.concatenate([np.asarray(point_coords, np.float32), np.asarray(point_labels, np.float32)[..., None]], axis=-1)

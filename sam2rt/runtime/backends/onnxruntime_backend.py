@@ -264,6 +264,8 @@ def slot_entries(manifest: Manifest, slots: dict[str, tuple[str, tuple[str | Non
                                      "re-run `sam2rt export` into it")
     if ("decoder_prep" in out) != ("decoder_fast" in out):
         out.pop("decoder_prep", None), out.pop("decoder_fast", None)
+    if "decoder_fast" not in out:  # the merged decode graphs run over decoder_prep's tensors
+        out.pop("decode_multi", None), out.pop("decode_single", None)
     return out
 
 

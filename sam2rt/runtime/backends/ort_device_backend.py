@@ -34,6 +34,7 @@ import numpy as np
 from ...errors import BackendUnavailableError, InvalidEmbeddingError, ModelFileError
 from ...manifest import Manifest
 from ..embedding import FAST_MAX_POINTS, FEATURE_NAMES, PREPARED_NAMES, fast_prompts_per_run
+from ..prompts import pack_point_prompts
 from .base import Backend, DecodedMasks, MaskRequest
 from ...graph_table import DEVICE_SLOTS
 from .onnxruntime_backend import (
@@ -43,7 +44,8 @@ from .onnxruntime_backend import (
 )
 from .capture_lock import GPU_WORK, ThreadRuns
 from .fixed_shapes import relative_difference
-from .ort_pipeline import OrtPipeline
+from .ort_pipeline import TAP_NAMES, OrtPipeline, graph_sha256
+from .bound_session import BoundSession
 
 log = logging.getLogger("sam2rt")
 
@@ -56,6 +58,12 @@ FIXED_SHAPE_TOLERANCE = 1e-3
 # decoder_fast against decoder_nomask on the backend's provider (TF32 rounding included), relative in the same way.
 FAST_DECODER_TOLERANCE = 1e-2
 DECODER_OUTPUTS = ("low_res_masks", "iou_predictions")
+# multimask_output -> the merged decode graph (graph_table's decode_multi / decode_single: decoder_fast.device + the
+# postprocessing in one graph, export/decode_graphs.py) and the package's postprocessing graph it was made with
+MERGED_DECODE = {True: ("decode_multi", "postprocess_multi"), False: ("decode_single", "postprocess_single")}
+# the fraction of a merged decode's mask pixels its first CUDA-graph replay may flip against its plain session: the
+# decoder part computes in TF32, and another fusion's rounding moves a logit lying on the threshold across it
+MERGED_MASK_FLIPS = 1e-3
 # Prompts per decoder run. A run's intermediate tensors grow with its batch (the image tokens alone are 4 MiB per
 # prompt per tensor, in every decoder), so a large batch (automatic mask generation's grids: 1024 points) runs in
 # chunks of this many: device memory stays bounded, and such a batch costs at most two captured shapes.
@@ -210,6 +218,10 @@ class OrtDeviceBackend(Backend):
         self._rejected: set[Any] = set()  # fixed-shape sessions that disagreed with the dynamic session or failed to run
         self._load_encoder()
         self.fast_decoder_check = self._check_fast_decoder()
+        self.merged_decode = self._check_merged_decode()
+        # whether a plain-prompt decode to masks runs as the merged graph (gpu_bench turns it off to time the two)
+        self.use_merged_decode = self.merged_decode == "on"
+        self._merged_refused: dict[Any, str] = {}  # merged-graph signatures that are not captured: they run in two
         if on_gpu:
             providers = self._session("encoder").get_providers()
             if wanted[0] not in providers:
@@ -375,6 +387,32 @@ class OrtDeviceBackend(Backend):
             log.warning("sam2rt: fast decoder %s; every prompt runs on the mask-free decoder", message)
             return message
         return f"on: within {worst:.2g} of decoder_nomask"
+
+    def _check_merged_decode(self) -> str:
+        """Whether decodes to masks run as the merged decode graphs: where the export made them, the fast decoder is
+        on, the provider is not TensorRT (whose decoder profiles name the decoder's inputs alone), and the package's
+        postprocessing graph is the one each was made with (another sam2rt version's may compute otherwise).
+        Returns what was found; the graphs not used leave `files`."""
+        slots = [slot for slot, _ in MERGED_DECODE.values() if slot in self.files]
+        if not slots:
+            return "no merged decode graphs in this export"
+        why = None
+        if "decoder_fast" not in self.files:
+            why = "the fast decoder is off"
+        elif self.name == "onnxruntime-tensorrt":
+            why = "not on ONNX Runtime's TensorRT provider"
+        else:
+            stale = [slot for slot, post in MERGED_DECODE.values()
+                     if slot in self.files and self.files[slot].get("postprocess_sha256") != graph_sha256(post)]
+            if stale:
+                why = (f"{', '.join(self.files[s]['file'] for s in stale)} made with another sam2rt's postprocessing; "
+                       "re-run `sam2rt export`, or `sam2rt.export.optimize.add_variants(DIR, optimized=False)`")
+        if why is None:
+            return "on"
+        for slot in slots:
+            self.files.pop(slot)
+        log.info("sam2rt: merged decode graphs off: %s", why)
+        return f"off: {why}"
 
     @property
     def pipeline_graphs(self) -> dict[str, dict[str, str]]:
@@ -591,11 +629,48 @@ class OrtDeviceBackend(Backend):
         with self._lock, GPU_WORK.shared():
             parts = []
             for prompts in self._runs(point_coords, point_labels, mask_input, has_mask_input):
+                merged = self._decode_merged(features, prompts[0], prompts[1], prompts[3], request)
+                if merged is not None:
+                    parts.append(merged)
+                    continue
                 low_res, iou = self._decode_device(features, *prompts)
                 parts.append(self._pipeline.postprocess(low_res, iou, request))
         if len(parts) == 1:
             return parts[0]
         return DecodedMasks(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(DecodedMasks)))
+
+    def _decode_merged(self, features, point_coords, point_labels, has_mask_input, request: MaskRequest) -> DecodedMasks | None:
+        """One run of plain prompts to masks through the merged decode graph (one CUDA-graph replay where captured);
+        None where the two-graph path serves the batch: no merged graph for it, prompts the fast decoder does not
+        take, or a signature the merged graph's fixed buffers refused (a cheaper replay of the two captured graphs
+        than one uncaptured run)."""
+        if not self.use_merged_decode:
+            return None
+        slot = MERGED_DECODE[bool(request.multimask_output)][0]
+        b, n = int(point_coords.shape[0]), int(point_coords.shape[1])
+        if slot not in self.files or self._slot(features, b, n, bool(np.any(has_mask_input)))[0] != "decoder_fast":
+            return None
+        key = (slot, b, n, tuple(int(d) for d in request.orig_hw), request.threshold is None, request.float_masks)
+        if key in self._merged_refused:
+            return None
+        low = int(self._manifest.data.get("low_res_size", 256))
+        _, feeds, wanted = self._pipeline.postprocess_feeds(request, (low, low))
+        feeds.update({k: features[k] for k in PREPARED_NAMES})
+        # one input, so one host-to-device copy (export/decode_graphs.py); none where the prompts are the last ones
+        feeds["point_prompts"] = pack_point_prompts(point_coords, point_labels)
+        outputs = ("low_res_logits", "scores", wanted)
+        if not self._pipeline.fixed_buffers:
+            logits, scores, masks = BoundSession(self._session(slot)).run(feeds, (), outputs)
+            return DecodedMasks(masks, scores, logits)
+        self._pipeline.add_graph(slot, self._session(slot), lambda graph, dims: self._new_session(slot, graph, dims),
+                                 TAP_NAMES, precision=self.precision, capture_after=1, bool_flips=MERGED_MASK_FLIPS,
+                                 max_shapes=MAX_CAPTURED_SHAPES)
+        logits, scores, masks = self._pipeline.run_fixed(slot, feeds, outputs)
+        why = self._pipeline.refused(slot, feeds, outputs)
+        if why is not None:
+            self._merged_refused[key] = why
+            log.info("sam2rt: %s %s: decoded in two graphs from now on", slot, why)
+        return DecodedMasks(masks, scores, logits)
 
     def postprocess(self, low_res: np.ndarray, iou: np.ndarray, request: MaskRequest) -> DecodedMasks:
         self._check_open()

@@ -16,6 +16,7 @@ graph from fixed buffers; the upsampling taps and resize matrices, set by the si
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections import OrderedDict
@@ -42,6 +43,12 @@ STATIC_INPUTS = {"preprocess": ("resize_w", "resize_h", "scale", "offset"), "pos
                  "postprocess_multi": TAP_NAMES, "upsample": TAP_NAMES}
 FIXED_SHAPES_PER_GRAPH = 4  # e.g. one click and a batch of boxes, at two image sizes
 FIXED_BUFFER_BYTES = 64 * 2**20  # three 1920x1080 float masks fit (25 MB); larger runs are bound by their copies
+
+
+def graph_sha256(name: str) -> str:
+    """The sha256 of the package's graph `name` (e.g. "postprocess_single"): the merged decode graphs of a model
+    directory record the postprocessing's they were made with (export/decode_graphs.py)."""
+    return hashlib.sha256((GRAPH_DIR / f"{name}.onnx").read_bytes()).hexdigest()
 
 
 def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -188,18 +195,41 @@ class OrtPipeline:
         with self._lock:
             entry = self._fixed.get(name)
             if entry is None:
-                fixed = FixedShapeSession(
-                    BoundSession(self.session(name)), lambda graph, dims: self._new_session(name, graph, dims),
-                    BoundSession(self.session("copy")), lambda: self._calls, capture=self._cuda_graphs,
-                    static_inputs=STATIC_INPUTS.get(name, ()), name=f"{name} graph",
-                    max_shapes=FIXED_SHAPES_PER_GRAPH, max_buffer_bytes=FIXED_BUFFER_BYTES,
-                    download=self._download if self.pinned is not None else None)
-                entry = self._fixed[name] = (fixed, threading.Lock())
+                self.add_graph(name, self.session(name), lambda graph, dims: self._new_session(name, graph, dims),
+                               STATIC_INPUTS.get(name, ()))
+                entry = self._fixed[name]
             self._calls += 1
         fixed, lock = entry
         feeds = {k: OrtDeviceTensor(v) if isinstance(v, self._ort.OrtValue) else v for k, v in feeds.items()}
         with lock:
             return fixed.run(feeds, device_outputs, outputs)
+
+    def add_graph(self, name: str, session: Any, factory: Callable[[bool, dict[str, int]], Any],
+                  static_inputs: tuple[str, ...] = (), precision: str = "fp32", **options: Any) -> None:
+        """Run graph `name` (`session`: its plain session; `factory`: its fixed-dimension sessions) through a
+        FixedShapeSession of this pipeline: the pipeline's own graphs on first use, and the backend's merged decode
+        graphs (its providers, its precision), whose replays then count in `fixed_status` and `replay_seconds` as
+        the pipeline's. `options`: FixedShapeSession's (capture_after, bool_flips, max_shapes)."""
+        with self._lock:
+            if name in self._fixed:
+                return
+            options.setdefault("max_shapes", FIXED_SHAPES_PER_GRAPH)
+            fixed = FixedShapeSession(
+                BoundSession(session), factory, BoundSession(self.session("copy")), lambda: self._calls,
+                precision=precision, capture=self._cuda_graphs, static_inputs=static_inputs, name=f"{name} graph",
+                max_buffer_bytes=FIXED_BUFFER_BYTES, download=self._download if self.pinned is not None else None,
+                **options)
+            self._fixed[name] = (fixed, threading.Lock())
+
+    def run_fixed(self, name: str, feeds: dict[str, Any], outputs: tuple[str, ...]) -> list[Any]:
+        """One run of a graph added with add_graph: `outputs` in order, as host arrays."""
+        return self._run_fixed(name, feeds, outputs)
+
+    def refused(self, name: str, feeds: dict[str, Any], outputs: tuple[str, ...]) -> str | None:
+        """Why graph `name`'s runs of these feeds stay on its plain session for good (FixedShapeSession.refused)."""
+        with self._lock:
+            entry = self._fixed.get(name)
+        return None if entry is None else entry[0].refused(feeds, outputs)
 
     @property
     def fixed_status(self) -> dict[str, dict[str, str]]:
@@ -298,21 +328,13 @@ class OrtPipeline:
         sess.run_with_iobinding(io)
         return out["masks"]
 
-    @gpu_work
-    def postprocess(self, low_res: Any, iou: Any, request: MaskRequest) -> DecodedMasks:
-        """The decoder's (B,4,h,w) logits and (B,4) scores (OrtValues on the device, or numpy) -> host results.
-
-        Only what `request` asks for comes back: the masks (bool, or float32 0/1) or the upsampled logits,
-        and the chosen tokens' scores and clamped low-res logits.
-        """
+    def postprocess_feeds(self, request: MaskRequest, low_hw: tuple[int, int]) -> tuple[str, dict[str, Any], str]:
+        """The postprocessing graph `request` runs on (lh, lw) logits, its inputs but the decoder's two (the
+        upsampling taps on the device, the threshold, the stability test's settings), and the output it wants (the
+        masks as bool or float 0/1, or the upsampled logits). The merged decode graphs take the same inputs."""
         single = not request.multimask_output
-        graph = "postprocess_single" if single else "postprocess_multi"
-        b, _, lh, lw = (int(d) for d in (low_res.shape() if callable(getattr(low_res, "shape", None)) else low_res.shape))
         h, w = (int(d) for d in request.orig_hw)
-        feeds: dict[str, Any] = {}
-        for name, value in (("low_res_masks", low_res), ("iou_predictions", iou)):
-            feeds[name] = np.ascontiguousarray(value, dtype=np.float32) if isinstance(value, np.ndarray) else value
-        feeds.update(self._taps((h, w, lh, lw)))
+        feeds: dict[str, Any] = dict(self._taps((h, w, int(low_hw[0]), int(low_hw[1]))))
         feeds["threshold"] = np.asarray(0.0 if request.threshold is None else request.threshold, np.float32)
         if single:
             choice = request.choice
@@ -320,6 +342,21 @@ class OrtPipeline:
             feeds["stability_thresh"] = np.asarray(choice.stability_thresh if choice.dynamic_via_stability else -np.inf,
                                                    np.float32)
         wanted = "upsampled" if request.threshold is None else ("mask_values" if request.float_masks else "masks")
+        return ("postprocess_single" if single else "postprocess_multi"), feeds, wanted
+
+    @gpu_work
+    def postprocess(self, low_res: Any, iou: Any, request: MaskRequest) -> DecodedMasks:
+        """The decoder's (B,4,h,w) logits and (B,4) scores (OrtValues on the device, or numpy) -> host results.
+
+        Only what `request` asks for comes back: the masks (bool, or float32 0/1) or the upsampled logits,
+        and the chosen tokens' scores and clamped low-res logits.
+        """
+        b, _, lh, lw = (int(d) for d in (low_res.shape() if callable(getattr(low_res, "shape", None)) else low_res.shape))
+        h, w = (int(d) for d in request.orig_hw)
+        graph, feeds, wanted = self.postprocess_feeds(request, (lh, lw))
+        for name, value in (("low_res_masks", low_res), ("iou_predictions", iou)):
+            feeds[name] = np.ascontiguousarray(value, dtype=np.float32) if isinstance(value, np.ndarray) else value
+        single = graph == "postprocess_single"
         if self.fixed_buffers:
             logits, scores, masks = self._run_fixed(graph, feeds, ("low_res_logits", "scores", wanted))
             return DecodedMasks(masks, scores, logits)
