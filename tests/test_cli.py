@@ -122,20 +122,6 @@ def test_session_export_ran_through_the_cli(model_dir, checkpoint_path):
     assert "decoder_fast.device.multi.onnx" in out and "decoder_fast.device.single.onnx" in out
 
 
-@pytest.mark.slow
-def test_export_random_weights_is_labelled(tmp_path, image_file):
-    """A second full export (random weights, seed 7): in the slow suite."""
-    out = tmp_path / "random"
-    res = sam2rt("export", "--model", "hiera_tiny", "--random-weights", "7", "--out", str(out), "--quiet")
-    assert res.returncode == 0, res.stderr
-    assert "RANDOM" in res.stderr and "RANDOM" in res.stdout
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["model"]["weights"] == {"random": True, "seed": 7, "checkpoint": None, "checkpoint_sha256": None}
-    res = sam2rt("segment", "--model-dir", str(out), "--image", str(image_file), "--point", "10,10", "--json")
-    assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["weights"].startswith("RANDOM weights")
-
-
 def test_hiera_b_plus_is_accepted_as_a_model_name():
     from sam2rt.cli import build_parser
     from sam2rt.model_specs import get_spec

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -238,15 +239,15 @@ def test_tensorrt_lean_copy_of_the_real_export_passes_build_engine_checks(model_
 
 
 # --- real lean exports (slow: a full export each) --------------------------------------------------------------
-def _export(checkpoint_path: Path, out: Path, *options: str) -> str:
+def _export(out: Path, *options: str) -> tuple[str, str]:
+    """`sam2rt export --model hiera_tiny --out OUT --quiet OPTIONS` in this process -> (stdout, stderr)."""
     from sam2rt.cli import main
 
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        rc = main(["export", "--model", "hiera_tiny", "--checkpoint", str(checkpoint_path), "--out", str(out), "--quiet",
-                   *options])
+        rc = main(["export", "--model", "hiera_tiny", "--out", str(out), "--quiet", *options])
     assert rc == 0, stderr.getvalue()
-    return stdout.getvalue()
+    return stdout.getvalue(), stderr.getvalue()
 
 
 @pytest.mark.slow
@@ -258,7 +259,7 @@ def test_cpu_export(checkpoint_path, sam2rt_model, tmp_path):
     from conftest import photo
 
     out = tmp_path / "cpu"
-    printed = _export(checkpoint_path, out, "--target", "cpu")
+    printed, _ = _export(out, "--checkpoint", str(checkpoint_path), "--target", "cpu")
     assert "--target cpu: 10 graphs" in printed
     expected = {g.file for g in GRAPHS if CPU in g.runs_on and g.maker != "int8"}
     assert {p.name for p in out.iterdir()} == expected | {"manifest.json", "video_constants.npz"}
@@ -276,13 +277,18 @@ def test_cpu_export(checkpoint_path, sam2rt_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_tensorrt_export(checkpoint_path, tmp_path):
-    """`sam2rt export --target tensorrt`: the two graphs TensorRT builds engines from and the video graphs; the
-    ONNX Runtime forms are not even made."""
+def test_tensorrt_export_of_random_weights(tmp_path):
+    """`sam2rt export --target tensorrt --random-weights 7`: the two graphs TensorRT builds engines from and the video
+    graphs; the ONNX Runtime forms are not even made. Built without a checkpoint, the export says RANDOM where it
+    prints and where it records (one export for both: each costs over a minute)."""
     from sam2rt.runtime import Sam2Model
 
     out = tmp_path / "trt"
-    _export(checkpoint_path, out, "--target", "tensorrt")
+    stdout, stderr = _export(out, "--random-weights", "7", "--target", "tensorrt")
+    assert "RANDOM" in stdout and "RANDOM" in stderr
+    weights = json.loads((out / "manifest.json").read_text())["model"]["weights"]
+    assert weights == {"random": True, "seed": 7, "checkpoint": None, "checkpoint_sha256": None}
+    assert Manifest.load(out).describe_weights().startswith("RANDOM weights (seed 7)")
     assert {p.name for p in out.iterdir()} == {"encoder.onnx", "decoder.onnx", "manifest.json", "video_constants.npz"} | VIDEO
     m = Manifest.load(out)
     assert not m.graph("encoder").get("variants") and not m.graph("decoder").get("variants")

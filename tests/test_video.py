@@ -238,62 +238,51 @@ def test_stream_three_objects_point_box_mask(tracker, video_reference, tmp_path:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("encode_each_frame_once")
-def test_stream_new_object_mid_stream(tracker, video_reference, tmp_path: Path):
-    """Object 2 appears at frame k: the reference propagates 0..k-1, adds it at k, propagates from k."""
-    n, k = 16, 5
+def test_stream_new_object_then_a_correction_click(tracker, video_reference, tmp_path: Path):
+    """Two of the streaming cases on one 16-frame clip (each object and frame costs ~3 s a side, so one clip for both):
+
+    - a new object at frame K_NEW: the reference propagates 0..K_NEW-1, adds object 2 at K_NEW and propagates on; the
+      tracker gets the prompt with frame K_NEW while streaming;
+    - a correction click at frame K_FIX on a tracked object (a negative click on object 2): the reference propagates
+      through K_FIX, adds the click there, then propagates from K_FIX+1; the tracker gets the click after
+      track(frame K_FIX). Object 1 is tracked throughout, so the correction of one object must also leave the other
+      as the reference has it.
+    """
+    n, k_new, k_fix = 16, 5, 10
     frames, corners = pan_clip(n)
+    click = {"points": [[corners[k_fix][1] + 10.0, corners[k_fix][0] + 60.0]], "labels": [0]}
     state = reference_state(video_reference, frames, tmp_path)
     video_reference.add_new_points_or_box(state, 0, 1, **BOX_PROMPT)
     ref = {}
-    for idx, ids, m in video_reference.propagate_in_video(state, max_frame_num_to_track=k - 1):
+    for idx, ids, m in video_reference.propagate_in_video(state, max_frame_num_to_track=k_new - 1):
         ref[idx] = (reference_logits(state, idx), video_masks(ids, m))
-    assert max(ref) == k - 1
-    video_reference.add_new_points_or_box(state, k, 2, **point_prompt(corners[k]))
-    for idx, ids, m in video_reference.propagate_in_video(state, start_frame_idx=k):
+    assert max(ref) == k_new - 1
+    video_reference.add_new_points_or_box(state, k_new, 2, **point_prompt(corners[k_new]))
+    for idx, ids, m in video_reference.propagate_in_video(state, start_frame_idx=k_new,
+                                                          max_frame_num_to_track=k_fix - k_new):
         ref[idx] = (reference_logits(state, idx), video_masks(ids, m))
+    assert max(ref) == k_fix
+    _, ids, m = video_reference.add_new_points_or_box(state, k_fix, 2, **click)
+    ref_corrected = (reference_logits_temp(state, k_fix), video_masks(ids, m))
+    for idx, ids, m in video_reference.propagate_in_video(state, start_frame_idx=k_fix + 1):
+        ref[idx] = (reference_logits(state, idx), video_masks(ids, m))
+    assert sorted(ref) == list(range(n))
 
     tracker.reset()
     cmp = Comparison()
     masks = tracker.add_prompt(1, frame=frames[0], **BOX_PROMPT)
     cmp.add(0, tracker.low_res_logits, ref[0][0], masks, ref[0][1])
     for i in range(1, n):
-        if i == k:
-            masks = tracker.add_prompt(2, frame=frames[k], **point_prompt(corners[k]))
+        if i == k_new:
+            masks = tracker.add_prompt(2, frame=frames[k_new], **point_prompt(corners[k_new]))
         else:
             masks = tracker.track(frames[i])
         cmp.add(i, tracker.low_res_logits, ref[i][0], masks, ref[i][1])
-    cmp.check()
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("encode_each_frame_once")
-def test_stream_correction_click(tracker, video_reference, tmp_path: Path):
-    """A correction click at frame k on a tracked object: the reference propagates through k, adds the click
-    at k, then propagates from k+1; the tracker gets the click after track(frame_k). One object: the others'
-    independence is test_remove_object_leaves_others_unchanged's, and each object costs ~100 s here."""
-    n, k = 16, 6
-    frames, corners = pan_clip(n)
-    click = {"points": [[corners[k][1] + 10.0, corners[k][0] + 60.0]], "labels": [0]}
-    state = reference_state(video_reference, frames, tmp_path)
-    video_reference.add_new_points_or_box(state, 0, 1, **point_prompt(corners[0]))
-    ref = {}
-    for idx, ids, m in video_reference.propagate_in_video(state, max_frame_num_to_track=k):
-        ref[idx] = (reference_logits(state, idx), video_masks(ids, m))
-    _, ids, m = video_reference.add_new_points_or_box(state, k, 1, **click)
-    ref_corrected = (reference_logits_temp(state, k), video_masks(ids, m))
-    for idx, ids, m in video_reference.propagate_in_video(state, start_frame_idx=k + 1):
-        ref[idx] = (reference_logits(state, idx), video_masks(ids, m))
-
-    tracker.reset()
-    cmp = Comparison()
-    masks = tracker.add_prompt(1, frame=frames[0], **point_prompt(corners[0]))
-    cmp.add(0, tracker.low_res_logits, ref[0][0], masks, ref[0][1])
-    for i in range(1, n):
-        masks = tracker.track(frames[i])
-        cmp.add(i, tracker.low_res_logits, ref[i][0], masks, ref[i][1])
-        if i == k:
-            masks = tracker.add_prompt(1, **click)
-            cmp.add(k, tracker.low_res_logits, ref_corrected[0], masks, ref_corrected[1])
+        if i == k_fix:
+            before = tracker.low_res_logits[2]
+            masks = tracker.add_prompt(2, **click)
+            assert not np.array_equal(tracker.low_res_logits[2], before), "the click changed nothing"
+            cmp.add(k_fix, tracker.low_res_logits, ref_corrected[0], masks, ref_corrected[1])
     cmp.check()
 
 

@@ -3,9 +3,11 @@
 The sizes differ only in their image encoder (Hiera): every other part of the model config (memory
 attention, memory encoder, mask decoder, the tracking settings) is the same for all four sizes of a
 release, which the first test checks on the `sam2` package's own config files. So the video graphs of
-a release are one export: hiera_tiny 2.1's is conftest's session export, and the slow test exports
-and verifies SAM 2.0 (hiera_small) and SAM 2.1 (hiera_large) once more (export_video_graphs refuses a
-graph that differs from the reference's own methods by more than 1e-3). Each release's differences
+a release are one export: SAM 2.1's is conftest's session export (hiera_tiny), verified in every run, and
+the slow test exports and verifies SAM 2.0's (hiera_small) (export_video_graphs refuses a graph that
+differs from the reference's own methods by more than 1e-3). A second SAM 2.1 size would export the same
+graphs again: hiera_large 2.1's took 53 s of the slow suite, which must stay under 30 minutes, and checked
+nothing the session's export and the config comparison do not. Each release's differences
 (signed temporal encodings for pointers, `no_obj_embed_spatial`, ...) are read from its config. The
 memory path takes the image encoder's features as inputs: random features of the right shapes stand in
 for them, which keeps hiera_large's encoder out of a 2-core test run.
@@ -20,7 +22,7 @@ import pytest
 from sam2rt.model_specs import get_spec
 
 SIZES = ("hiera_tiny", "hiera_small", "hiera_base_plus", "hiera_large")
-CONFIGS = [("hiera_small", "2.0"), ("hiera_large", "2.1")]
+CONFIGS = [("hiera_small", "2.0")]  # SAM 2.1: the session export (module docstring)
 
 
 @pytest.mark.parametrize("version", ["2.0", "2.1"])
