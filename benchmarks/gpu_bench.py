@@ -142,7 +142,8 @@ def prepare(
 
     The seeded random checkpoint is only written when something reads it: an export, or the PyTorch reference.
     """
-    from sam2rt.export import build_model, export_model, save_checkpoint
+    from sam2rt.export import export_model
+    from sam2rt.export.checkpoint import random_checkpoint
     from sam2rt.model_specs import get_spec
 
     spec = get_spec(name, "2.1")
@@ -151,13 +152,15 @@ def prepare(
     else:
         checkpoint = work / f"{spec.model_id}_random_seed0.pt"
         if not checkpoint.is_file() and (reference or model_dir is None):
-            save_checkpoint(build_model(spec, seed=0), checkpoint)
+            # marked random in the file, so every export from it (and what reads that export) says RANDOM weights
+            random_checkpoint(spec, 0, checkpoint)
         weights = {"random": True, "seed": 0, "note": "random weights: latency does not depend on the weights' values"}
     if model_dir is None:
         model_dir = work / name
         if not (model_dir / "manifest.json").is_file():
             log(f"exporting {name}")
-            export_model(spec, model_dir, checkpoint=checkpoint, progress=False)
+            # the GPU's graphs and the CPU's: parity() holds every GPU mode against ONNX Runtime CPU FP32
+            export_model(spec, model_dir, checkpoint=checkpoint, targets=("cpu", "cuda"), progress=False)
     return model_dir, checkpoint, weights
 
 

@@ -50,8 +50,8 @@ fi
 # form gains), taking turns frame by frame; off unless VIDEO_FORMS=1 (~1-2 min)
 [ -z "${VIDEO_FORMS:-}" ] || step ${VIDEO_FORMS_TIMEOUT:-180} python3 -m sam2rt.bench.video_forms "$W/hiera_tiny" --out "$OUT" \
     --label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" 2>&1 | tee "$OUT/video_forms.log"
-# the GPU tests (their own export, ~90 s on an H100)
-[ -n "${SKIP_TESTS:-}" ] || step ${TEST_TIMEOUT:-300} python3 -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log"
+# the GPU tests (their own export, ~90 s on an H100; TEST_K: a pytest -k expression to run some of them)
+[ -n "${SKIP_TESTS:-}" ] || step ${TEST_TIMEOUT:-300} python3 -m pytest -q -m gpu -rs -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log"
 # decoder_fast on the CUDA provider: the GPU form against the CPU, and where the CPU-layout form goes wrong
 # (export/cuda_matmul.py says why; off unless FAST_DIAG=1; ~30 s)
 [ -z "${FAST_DIAG:-}" ] || step 120 python3 scripts/gpu_fast_decoder_diag.py "$W/hiera_tiny" 2>&1 | grep -v "^\s*$" \

@@ -304,6 +304,27 @@ def test_gpu_bench_script_runs_end_to_end_on_the_cpu_provider(tiny_model_dir, tm
     assert not list((tmp_path / "work").glob("*.pt"))  # no checkpoint written: nothing here reads one
 
 
+def test_gpu_bench_reference_checkpoint_is_marked_random(tiny_model_dir, tmp_path):
+    """The seeded random checkpoint gpu_bench.py writes for the PyTorch reference (and exports from on a fresh GPU
+    machine) carries the random-weights record, so an export from it, and the video benchmark reading that export, say
+    RANDOM weights (GPU run 7's video report called such an export "trained")."""
+    import importlib.util
+    from pathlib import Path
+
+    from sam2rt.export import build_model
+    from sam2rt.export.checkpoint import load_checkpoint
+    from sam2rt.model_specs import get_spec
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench_checkpoint", path)
+    gpu_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_bench)
+    model_dir, checkpoint, weights = gpu_bench.prepare("hiera_tiny", tmp_path, tiny_model_dir, None, print)
+    assert model_dir == tiny_model_dir and weights["random"] is True
+    record = load_checkpoint(build_model(get_spec("hiera_tiny", "2.1")), checkpoint)
+    assert record is not None and record["seed"] == 0, record
+
+
 def test_gpu_bench_times_the_device_measures_off_in_the_same_run(tiny_model_dir, monkeypatch):
     """On a GPU, gpu_bench.py times the 1080p postprocessing with pageable results, one click and 16 boxes in two
     graphs instead of the merged one, one click with the postprocessing uncaptured and 16 boxes on decoder_nomask,

@@ -471,8 +471,12 @@ def test_cuda_graphs_are_captured_and_change_nothing(model_dir, cuda_models):
         pe = plain.embed(img)
         for got, ref in zip(again, [plain.decode(pe, one), plain.decode(pe, boxes)]):
             np.testing.assert_allclose(got.low_res_logits, ref.low_res_logits, rtol=0, atol=1e-5)
+    # the first decodes ran before any capture, on the plain sessions' kernels: in FP32 they round differently from
+    # the replays by ~1e-7, which flips a pixel only where the upsampled logit is that close to 0 (H200 run 7: 2 of
+    # 12.6M pixels of the 16 boxes). The logits agree as above; the masks may differ in such pixels alone.
     for a, b in zip(results, again):
-        np.testing.assert_array_equal(a.masks, b.masks)
+        np.testing.assert_allclose(a.low_res_logits, b.low_res_logits, rtol=0, atol=1e-5)
+        assert np.count_nonzero(a.masks != b.masks) <= 1e-6 * a.masks.size, np.count_nonzero(a.masks != b.masks)
 
 
 @requires_ort_cuda

@@ -415,6 +415,7 @@ def test_memory_bank_rounds_new_memories_where_they_were_computed(tiny_video_dir
         return x
 
     raw = [features() for _ in range(STORE_ROWS)]
+    address = bank._bank.value.data_ptr()
     kept = [bank.store(x) for x in raw]
     for x, v in zip(raw, kept):
         assert v.shape == shape and v.dtype == np.float32
@@ -423,6 +424,7 @@ def test_memory_bank_rounds_new_memories_where_they_were_computed(tiny_video_dir
     out = bank.gather([kept[0], None, restored, kept[1]])
     assert (bank.stores, bank.uploads) == (STORE_ROWS, 1)
     np.testing.assert_array_equal(out.to_host(), np.stack([kept[0], np.zeros(shape, np.float32), restored, kept[1]]))
+    assert bank._bank.value.data_ptr() == address  # written in place: a store moves one memory, not the bank
     for _ in range(bank.capacity):  # more stores than rows: the last ones are kept on the host only
         late = bank.store(extra := features())
     rows = bank.capacity - 1  # all but the zero row; 3 held by the gathered memories

@@ -186,11 +186,13 @@ def test_a_fixed_session_whose_masks_differ_at_all_is_never_used(tmp_path):
     assert session.replays == 0
 
 
+@pytest.mark.parametrize("as_float", [False, True], ids=["bool masks", "float mask_values"])
 @pytest.mark.parametrize("flips", [1, 2])
-def test_bool_flips_admits_that_many_flipped_mask_values_and_no_more(tmp_path, flips: int):
+def test_bool_flips_admits_that_many_flipped_mask_values_and_no_more(tmp_path, flips: int, as_float: bool):
     """`bool_flips` (the merged decode graphs': their TF32 logits may round across the threshold) admits that fraction
-    of a bool output's values differing in the first replay; one more rejects. `capture_after=1` fixes a signature on
-    its first run."""
+    of a bool output's values differing in the first replay; one more rejects. The same holds for float 0/1 masks
+    (`mask_values`, what the Predictor asks for), not held to the float tolerance. `capture_after=1` fixes a
+    signature on its first run."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -199,11 +201,15 @@ def test_bool_flips_admits_that_many_flipped_mask_values_and_no_more(tmp_path, f
     from sam2rt.runtime.backends.ort_pipeline import GRAPH_DIR
     from sam2rt.runtime.video.sessions import create_session
 
+    out = "mask_values" if as_float else "y"
+
     def above(name: str, k: float) -> Path:
+        nodes = [helper.make_node("Greater", ["x", "k"], ["y"])]
+        if as_float:
+            nodes.append(helper.make_node("Cast", ["y"], [out], to=TensorProto.FLOAT))
         graph = helper.make_graph(
-            [helper.make_node("Greater", ["x", "k"], ["y"])], "above",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
-            [helper.make_tensor_value_info("y", TensorProto.BOOL, ["n", 4])],
+            nodes, "above", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+            [helper.make_tensor_value_info(out, TensorProto.FLOAT if as_float else TensorProto.BOOL, ["n", 4])],
             [helper.make_tensor("k", TensorProto.FLOAT, [], [k])])
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / name)
         return tmp_path / name

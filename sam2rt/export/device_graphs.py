@@ -19,8 +19,11 @@ Regenerate them with `python -m sam2rt.export.device_graphs`.
   (`mask_values`), or the upsampled logits, so only what the caller needs leaves the device.
 - `memory_write.onnx` / `memory_gather.onnx`: the video tracker's memory bank on the device. Each object's
   memory features (float32 values of their bfloat16 rounding, which the write makes) live in rows of one
-  (N,C,h,w) tensor; a new memory is written into its row once (ScatterND), and each frame the rows the memory selection names are
-  gathered into the memory attention's static (slots,C,h,w) input (Gather), so the bank never crosses PCIe.
+  (N,C,h,w) tensor the tracker allocates once. A new memory is rounded once and written straight into its row: the
+  write's output is bound to the row's address (IO binding), so a write moves one memory, not the bank (the
+  ScatterND this replaced made a new bank of all N rows on every store: 10.3 ms of a 23.9 ms tracked frame on an
+  H200, benchmarks/README.md). Each frame the rows the memory selection names are gathered into the memory
+  attention's static (slots,C,h,w) input (Gather), so the bank never crosses PCIe.
 - `copy.onnx`: one Identity: a device-to-device copy of a float tensor into a buffer bound as its output
   (how the CUDA-graph path moves tensors in and out of its fixed buffers without a host round trip).
 """
@@ -170,21 +173,20 @@ def build_copy_graph() -> Any:
 
 
 def build_memory_write_graph() -> Any:
-    """bank (N,C,h,w), rows (K,1) int64, entries (K,C,h,w) -> bank_out: the bank with row rows[k] replaced by
-    entries[k] rounded to bfloat16 (Cast there and back: round to nearest even, as torch's `.to(torch.bfloat16)`;
-    ScatterND; rows are distinct), and entries_rounded (K,C,h,w), what was written. Entries that are bfloat16
-    values already (a memory restored from its bits) are written unchanged."""
+    """entries (K,C,h,w) -> entries_rounded (K,C,h,w): the entries rounded to bfloat16 (Cast there and back: round to
+    nearest even, as torch's `.to(torch.bfloat16)`), which the caller binds to the bank rows they go to; and kept, the
+    same values, which the caller brings to the host. Entries that are bfloat16 values already (a memory restored from
+    its bits) are written unchanged."""
     from onnx import TensorProto, helper
 
     f32 = TensorProto.FLOAT
-    inputs = [helper.make_tensor_value_info("bank", f32, ["N", "C", "h", "w"]),
-              helper.make_tensor_value_info("rows", TensorProto.INT64, ["K", 1]),
-              helper.make_tensor_value_info("entries", f32, ["K", "C", "h", "w"])]
-    outputs = [helper.make_tensor_value_info("bank_out", f32, ["N", "C", "h", "w"]),
-               helper.make_tensor_value_info("entries_rounded", f32, ["K", "C", "h", "w"])]
+    shape = ["K", "C", "h", "w"]
+    inputs = [helper.make_tensor_value_info("entries", f32, shape)]
+    outputs = [helper.make_tensor_value_info("entries_rounded", f32, shape),
+               helper.make_tensor_value_info("kept", f32, shape)]
     nodes = [helper.make_node("Cast", ["entries"], ["entries_bf16"], to=TensorProto.BFLOAT16),
              helper.make_node("Cast", ["entries_bf16"], ["entries_rounded"], to=f32),
-             helper.make_node("ScatterND", ["bank", "rows", "entries_rounded"], ["bank_out"])]
+             helper.make_node("Identity", ["entries_rounded"], ["kept"])]
     return _model(nodes, "sam2rt_memory_write", inputs, outputs)
 
 

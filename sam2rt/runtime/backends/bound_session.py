@@ -56,6 +56,23 @@ class BoundSession:
         with GPU_WORK.shared():
             self.session.run_with_iobinding(io)
 
+    def run_at(self, feeds: dict[str, Any], at: dict[str, tuple[int, tuple[int, ...]]],
+               outputs: tuple[str, ...] = ()) -> list[np.ndarray]:
+        """One run writing each output named in `at` into memory the caller owns, (address, shape) of float32 on the
+        session's device (e.g. one row of a larger tensor, which no OrtValue can stand for), and returning those named
+        in `outputs` as new numpy arrays, in order."""
+        io = self.session.io_binding()
+        for name, value in feeds.items():
+            if name in self.input_names:
+                self._bind_input(io, name, value)
+        for name, (address, shape) in at.items():
+            io.bind_output(name, self.device, self.device_id, np.float32, list(shape), int(address))
+        for name in outputs:
+            io.bind_output(name, "cpu")
+        with GPU_WORK.shared():
+            self.session.run_with_iobinding(io)
+            return [v.numpy() for v in io.get_outputs()[len(at):]]
+
     def run(self, feeds: dict[str, Any], device_outputs: tuple[str, ...] = (),
             outputs: tuple[str, ...] | None = None) -> list[Any]:
         io = self.session.io_binding()

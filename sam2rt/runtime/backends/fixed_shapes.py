@@ -28,7 +28,7 @@ captured:
   node it places on the CPU), leaves that signature on the plain session for good; `status` says why.
 - `capture_after` (default CAPTURE_AFTER): the distinct ticks a signature needs; 1 captures on its first run (the
   image path's merged decode graph: a click must not run three times uncaptured first).
-- `bool_flips`: the fraction of a bool output's values the first replay may differ in (default 0: equal), for a graph
+- `bool_flips`: the fraction of a bool output's values (or of a float mask's, MASK_VALUE_OUTPUTS) the first replay may differ in (default 0: equal), for a graph
   whose bool outputs threshold floats that another fusion rounds differently (the merged decode graph's masks, where
   its TF32 decoder part's logits lie on the threshold); its float outputs are held to the tolerance all the same.
 - `download`: how host outputs come down (the pipeline's pool of pinned arrays on a GPU); by default `numpy()`.
@@ -61,6 +61,10 @@ from .onnxruntime_backend import OrtDeviceTensor
 
 log = logging.getLogger("sam2rt")
 
+# float outputs that hold thresholded masks (0.0/1.0; the postprocessing and merged decode graphs' `mask_values`, what
+# SAM2ImagePredictor-style callers get): compared as masks, a flipped pixel counted against `bool_flips`, not as a
+# float difference of 1 (GPU run 7 rejected the merged decode graph for the Predictor's float masks over one pixel)
+MASK_VALUE_OUTPUTS = frozenset({"mask_values"})
 CAPTURE_AFTER = 4  # distinct clock ticks a signature is run on before it gets fixed buffers
 MAX_FIXED_SHAPES = 2  # fixed-buffer sessions (each with its own CUDA graph and buffers) per graph
 # a fixed session's first outputs may differ from the plain session's by this much, relative to the outputs' largest
@@ -278,11 +282,11 @@ class FixedShapeSession:
 
     def _disagreement(self, got: dict[str, np.ndarray], want: list[np.ndarray]) -> str | None:
         """Why a fixed session's first outputs are not the plain session's (None: they agree). Float outputs may
-        differ by the tolerance relative to their largest magnitude (floor 1); bool outputs in `bool_flips` of their
-        values at most."""
+        differ by the tolerance relative to their largest magnitude (floor 1); bool outputs, and the float masks of
+        MASK_VALUE_OUTPUTS, in `bool_flips` of their values at most."""
         floats = []
         for (name, value), ref in zip(got.items(), want):
-            if ref.dtype == np.bool_:
+            if ref.dtype == np.bool_ or name in MASK_VALUE_OUTPUTS:
                 flipped = int(np.count_nonzero(value != ref))
                 if flipped > self.bool_flips * ref.size:
                     return f"{name}: {flipped} of {ref.size} values differ"

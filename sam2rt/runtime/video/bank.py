@@ -6,8 +6,9 @@ on every frame would upload ~7 MB per object per frame (7 slots of 64x64x64). In
 row of the object's bank on the device:
 
 - `store(features)`: a new memory, straight from the memory encoder's output where it was computed, is rounded
-  to bfloat16 and written into a free row by one run of `memory_write.onnx`, which also brings the rounded
-  values down (what the tracker keeps). No host rounding and no upload on the tracking path.
+  to bfloat16 and written into a free row by one run of `memory_write.onnx`, whose output is bound to that row's
+  address (the bank is allocated once and only the new row is written), and which also brings the rounded values
+  down (what the tracker keeps). No host rounding and no upload on the tracking path.
 - `gather(slots)`: the rows the frame's selection names are gathered into the input on the device
   (`memory_gather.onnx`). A selected memory without a row (a restored state's, or one whose row was given up) is
   uploaded from its host values first: the same floats, so the result is the same function bit for bit.
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..backends.bound_session import BoundSession
+from ..backends.onnxruntime_backend import OrtDeviceTensor
 from ..tensors import as_host
 from .memory import round_bf16
 
@@ -36,14 +38,25 @@ class MemoryBank:
     """The rows of one object's memories on the graphs' device: `store()` a new memory, `gather(slots)` -> mem_feats."""
 
     def __init__(self, write: BoundSession, gather: BoundSession, slots: int, entry_shape: tuple[int, ...]) -> None:
+        import onnxruntime as ort
+
         self._write, self._gather = write, gather
         self.capacity = slots + 1 + STORE_ROWS  # every slot its own row, the zero row, the rows of new memories
         self.entry_shape = tuple(int(d) for d in entry_shape)
-        self._bank: Any = np.zeros((self.capacity, *self.entry_shape), np.float32)  # uploaded by the first write
+        # allocated (and zeroed: row 0 must be) once on the write's device; writes go into its rows in place
+        self._bank = OrtDeviceTensor(ort.OrtValue.ortvalue_from_numpy(
+            np.zeros((self.capacity, *self.entry_shape), np.float32), write.device, write.device_id))
+        self._row_bytes = int(np.prod(self.entry_shape)) * 4
         # id(values) -> (row, values): the arrays are held so that their ids stay theirs while they own a row
         self._rows: dict[int, tuple[int, np.ndarray]] = {}
         self.stores = 0  # memories written from the memory encoder's output so far
         self.uploads = 0  # memories written from host values so far (tests and benchmarks read both)
+
+    def _write_row(self, row: int, entries: Any, keep: bool) -> np.ndarray | None:
+        """Round one (1,C,h,w) memory to bfloat16 into `row`; with `keep`, also its rounded values on the host."""
+        at = {"entries_rounded": (self._bank.value.data_ptr() + row * self._row_bytes, (1, *self.entry_shape))}
+        kept = self._write.run_at({"entries": entries}, at, ("kept",) if keep else ())
+        return kept[0] if keep else None
 
     def _free_rows(self) -> list[int]:
         return sorted(set(range(1, self.capacity)) - {row for row, _ in self._rows.values()})
@@ -54,8 +67,7 @@ class MemoryBank:
         free = self._free_rows()
         if not free:  # not on the tracker's path (STORE_ROWS): round on the host, upload when selected
             return round_bf16(as_host(features).reshape(self.entry_shape))
-        self._bank, rounded = self._write.run(
-            {"bank": self._bank, "rows": np.array([[free[0]]], np.int64), "entries": features}, ("bank_out",))
+        rounded = self._write_row(free[0], features, keep=True)
         values = np.ascontiguousarray(rounded.reshape(self.entry_shape))
         self._rows[id(values)] = (free[0], values)
         self.stores += 1
@@ -67,13 +79,9 @@ class MemoryBank:
         self._rows = {k: v for k, v in self._rows.items() if k in wanted}  # rows of unselected memories are free
         free = self._free_rows()
         new = [b for k, b in wanted.items() if k not in self._rows]
-        if new:
-            rows = free[: len(new)]
-            entries = np.stack([np.asarray(b, np.float32).reshape(self.entry_shape) for b in new])
-            self._bank = self._write.run(
-                {"bank": self._bank, "rows": np.asarray(rows, np.int64)[:, None], "entries": entries}, ("bank_out",),
-                ("bank_out",))[0]
-            self._rows.update({id(b): (row, b) for row, b in zip(rows, new)})
-            self.uploads += len(new)
+        for row, b in zip(free, new):  # rare (a restored state's memories): one write each, into its row
+            self._write_row(row, np.asarray(b, np.float32).reshape(1, *self.entry_shape), keep=False)
+            self._rows[id(b)] = (row, b)
+            self.uploads += 1
         index = np.array([0 if b is None else self._rows[id(b)][0] for b in slots], np.int64)
         return self._gather.run({"bank": self._bank, "index": index}, ("mem_feats",))[0]
