@@ -17,7 +17,7 @@ from ..model_specs import LOW_RES_SIZE
 from .backends import Backend, MaskRequest, TokenChoice, create_backend
 from .embedding import Embedding
 from .preprocess import check_image
-from .prompts import CheckedPrompt, Prompt
+from .prompts import CheckedPrompt, Prompt, check_prompt_batch
 
 log = logging.getLogger("sam2rt")
 
@@ -229,4 +229,6 @@ class Sam2Model:
         prompts = list(prompts)
         if not prompts:
             raise InvalidPromptError("decode() needs at least one Prompt")
-        return [p.checked(image_size) for p in prompts]
+        # many prompts of one form, all valid: checked as one batch (a single prompt gains nothing from it)
+        batch = check_prompt_batch(prompts, image_size) if len(prompts) > 1 else None
+        return batch if batch is not None else [p.checked(image_size) for p in prompts]

@@ -177,6 +177,55 @@ class Prompt:
         return CheckedPrompt(xy, lab, mask)
 
 
+def check_prompt_batch(prompts: list[Prompt], orig_hw: tuple[int, int]) -> list[CheckedPrompt] | None:
+    """Prompts of one form (the same number of points, each with or each without a box, no mask_input), all valid:
+    the same CheckedPrompts `Prompt.checked` gives one by one, each value computed by the same operations, validated
+    and converted as one batch (16 boxes: 0.75 ms of numpy calls one by one on a 2-core Xeon, benchmarks/README.md).
+    None for anything else, an invalid prompt included: the caller then checks them one by one, which raises the
+    first bad prompt's own error."""
+    first = prompts[0]
+    with_points, with_box = first.points is not None, first.box is not None
+    for p in prompts:
+        if (p.mask_input is not None or (p.points is not None) != with_points or (p.box is not None) != with_box
+                or (p.labels is not None) != with_points):
+            return None
+    if not (with_points or with_box):
+        return None
+    h, w = orig_hw
+    try:
+        coords = labels = boxes = None
+        if with_points:
+            coords = np.asarray([p.points for p in prompts], dtype=np.float64)
+            labels = np.asarray([p.labels for p in prompts], dtype=np.float64)
+            if coords.ndim != 3 or coords.shape[1] == 0 or coords.shape[2] != 2 or labels.shape != coords.shape[:2]:
+                return None
+        if with_box:
+            boxes = np.asarray([p.box for p in prompts], dtype=np.float64)
+            if boxes.shape != (len(prompts), 4):
+                return None
+    except (TypeError, ValueError):  # ragged, or not numbers
+        return None
+    for arr in (coords, labels, boxes):
+        if arr is not None and not np.all(np.isfinite(arr)):
+            return None
+    if labels is not None and not np.isin(labels, VALID_LABELS).all():
+        return None
+    corners = [] if coords is None else [coords.reshape(-1, 2)]
+    if boxes is not None:
+        if np.any(boxes[:, 2] < boxes[:, 0]) or np.any(boxes[:, 3] < boxes[:, 1]):
+            return None
+        corners.append(boxes.reshape(-1, 2))
+    for xy in corners:
+        if np.any((xy[:, 0] < 0) | (xy[:, 0] > w) | (xy[:, 1] < 0) | (xy[:, 1] > h)):
+            return None
+    if coords is not None:
+        coords = to_input_frame(coords, orig_hw, normalized=False)
+    if boxes is not None:
+        boxes = to_input_frame(boxes.reshape(-1, 2), orig_hw, normalized=False).reshape(-1, 4)
+    xy, lab = assemble(coords, labels, boxes)
+    return [CheckedPrompt(xy[i:i + 1], lab[i:i + 1], None) for i in range(len(prompts))]
+
+
 def pack_point_prompts(point_coords: np.ndarray, point_labels: np.ndarray) -> np.ndarray:
     """(B,N,2) coordinates and (B,N) labels -> (B,N,3) float32 (x, y, label): the merged decode graphs' one prompt
     input (export/decode_graphs.py), so that a decode's prompts go up in one copy."""
