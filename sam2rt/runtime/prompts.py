@@ -180,7 +180,7 @@ class Prompt:
 def check_prompt_batch(prompts: list[Prompt], orig_hw: tuple[int, int]) -> list[CheckedPrompt] | None:
     """Prompts of one form (the same number of points, each with or each without a box, no mask_input), all valid:
     the same CheckedPrompts `Prompt.checked` gives one by one, each value computed by the same operations, validated
-    and converted as one batch (16 boxes: 0.75 ms of numpy calls one by one on a 2-core Xeon, benchmarks/README.md).
+    and converted as one batch (benchmarks/README.md: 16 boxes 0.79 ms one by one, 0.093 ms as a batch).
     None for anything else, an invalid prompt included: the caller then checks them one by one, which raises the
     first bad prompt's own error."""
     first = prompts[0]
