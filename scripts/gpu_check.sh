@@ -31,6 +31,8 @@ step 30 python3 -c "import onnxruntime as o, torch; print('onnxruntime', o.__ver
 # onnxruntime-cuda:tf32", timeouts 200/170/130/200: 458 s) and PROFILE in a second (34 s) on the same warm machine.
 # Run 6 (H100, 2026-11-28): PACK=1 SKIP_BENCH=1 VIDEO=1 VIDEO_FORMS=1 FORMS=1 with timeouts 130/100/140/110 (367 s), then
 # the image benchmark alone (RUNS=150, 106 s) and PROFILE (30 s) on the same warm machine: 900 s held 695 s.
+# Runs 7 and 8 (H200, 2026-11-28), one call per lease: PACK=1 RUNS=200 VIDEO=1 VIDEO_FORMS=1 with BENCH/VIDEO/VIDEO_FORMS/TEST
+# timeouts 230/120/70/150 (361 s), then 160/95/40/70 with TEST_K naming three tests (333 s; the third was cut off).
 # Plan for one such call a session: copying the wheel's five parts took 6 s a call on one machine and 64 s on the
 # next, which spent the rest of the session's device time. On a fresh machine the model directory is exported first.
 [ -n "${SKIP_BENCH:-}" ] || step ${BENCH_TIMEOUT:-300} python3 benchmarks/gpu_bench.py --work "$W" --out "$OUT" --runs ${RUNS:-200} --warmup 20 \
