@@ -60,17 +60,26 @@ def test_preprocessing_graph_equals_numpy(pipeline, hw):
     assert float(np.abs(got - preprocess(img, 1024)).max()) <= 1e-5
 
 
-def test_resize_matrix_is_the_tap_table():
-    """Each row of the dense matrix sums the antialiased taps of one output pixel (rows sum to 1)."""
-    from sam2rt.runtime.backends.ort_pipeline import resize_matrix
-    from sam2rt.runtime.preprocess import _resize_axis
+@pytest.mark.parametrize("n_in, n_out", [(1920, 1024), (3840, 1024), (200, 1024), (1024, 1024), (3, 1024), (1, 1024),
+                                         (100, 90), (1000, 96)])
+def test_resize_windows_hold_every_tap(n_in, n_out):
+    """The block-banded windows are the antialiased resize's whole tap table: laid out densely they give the
+    resize of a random signal (rows summing to 1), within bounds, and each block reads fewer inputs than all of
+    them where the image is larger than a block's reach."""
+    from sam2rt.runtime.preprocess import RESIZE_BLOCK, _resize_axis, resize_windows
 
-    for n_in, n_out in ((1920, 1024), (200, 1024), (1024, 1024), (3, 1024)):
-        m = resize_matrix(n_in, n_out)
-        assert m.shape == (n_out, n_in)
-        np.testing.assert_allclose(m.sum(1), 1.0, atol=1e-5)
-        x = np.random.default_rng(n_in).random((n_in, 1), np.float32)
-        np.testing.assert_allclose(m @ x, _resize_axis(x, n_out, axis=0), atol=1e-5)
+    index, taps = resize_windows(n_in, n_out)
+    g, b, length = taps.shape
+    assert g * b == n_out and index.shape == (g, length) and b == (RESIZE_BLOCK if n_out % RESIZE_BLOCK == 0 else n_out)
+    assert index.min() >= 0 and index.max() < n_in and np.all(np.diff(index, axis=1) == 1)  # contiguous windows
+    dense = np.zeros((n_out, n_in))
+    for k in range(g):
+        dense[k * b : (k + 1) * b, index[k]] += taps[k]
+    np.testing.assert_allclose(dense.sum(1), 1.0, atol=1e-5)
+    x = np.random.default_rng(n_in).random((n_in, 1), np.float32)
+    np.testing.assert_allclose(dense @ x, _resize_axis(x, n_out, axis=0), atol=1e-5)
+    if n_in >= 1000 and b == RESIZE_BLOCK:
+        assert length < n_in / 4, length  # banded: a block's window is a small part of the row
 
 
 @pytest.mark.parametrize("multimask", [True, False])

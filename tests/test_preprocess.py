@@ -22,6 +22,24 @@ def test_preprocess_matches_sam2_transforms(hw):
     assert np.abs(ours - ref).max() < 1e-5
 
 
+@pytest.mark.parametrize("hw", [(480, 640), (1080, 1920), (17, 33), (1024, 777), (2100, 1500)])
+def test_the_cpu_backends_preprocessing_matches_sam2_transforms(sam2rt_model, hw):
+    """The CPU backend preprocesses with the package's block-banded graph (what `embed` runs): the reference's
+    transforms within 1e-5, each call's result a new array of its own."""
+    from sam2.utils.transforms import SAM2Transforms
+
+    backend = sam2rt_model.backend
+    assert backend.name == "onnxruntime-cpu"
+    img = np.random.default_rng(hw[1]).integers(0, 256, (*hw, 3), dtype=np.uint8)
+    ref = SAM2Transforms(1024, 0.0)(img)[None].numpy()
+    ours = backend.preprocess(img, 1024)
+    assert isinstance(ours, np.ndarray) and ours.shape == (1, 3, 1024, 1024) and ours.dtype == np.float32
+    assert np.abs(ours - ref).max() < 1e-5
+    kept = ours.copy()
+    backend.preprocess(255 - img, 1024)
+    np.testing.assert_array_equal(ours, kept)
+
+
 @pytest.mark.parametrize("hw", [(480, 640), (1080, 1920), (100, 77), (256, 256), (1023, 513)])
 def test_upsample_matches_interpolate(hw):
     x = np.random.default_rng(1).standard_normal((2, 3, 256, 256)).astype(np.float32)

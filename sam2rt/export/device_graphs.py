@@ -6,9 +6,9 @@ Regenerate them with `python -m sam2rt.export.device_graphs`.
 
 - `preprocess.onnx`: uint8 HxWx3 RGB -> normalised float32 1x3xSxS, as SAM2Transforms (ToTensor, the
   antialiased bilinear Resize of torchvision, Normalize). The antialiased resize is linear and
-  separable, so it is two matrix products with the tap weights of `sam2rt.runtime.preprocess._aa_taps`
-  laid out as dense matrices (inputs, cached per image size by the runtime): width first, then height,
-  as ATen does. ONNX Runtime's own antialiased Resize differs from torchvision when downscaling, so it is
+  separable, so it is two matrix products with the tap weights of `sam2rt.runtime.preprocess._aa_taps`,
+  block-banded (`resize_windows`: each block of 64 output pixels against the window of input pixels it
+  reads; inputs, cached per image size by the runtime): width first, then height, as ATen does. ONNX Runtime's own antialiased Resize differs from torchvision when downscaling, so it is
   not used. The products must run in true FP32 (TF32 would move pixels by ~1e-3): the runtime loads
   this graph with TF32 off whatever the model's precision.
 - `postprocess_multi.onnx` / `postprocess_single.onnx`: the decoder's four tokens -> the masks a caller
@@ -60,32 +60,56 @@ def _model(nodes: list, name: str, inputs: list, outputs: list, initializers: li
 
 
 def build_preprocess_graph() -> Any:
-    """image uint8 (H,W,3), resize_w (W,S), resize_h (S,H), scale (3,1,1), offset (3,1,1) -> image (1,3,S,S).
+    """image uint8 (H,W,3), index_w (Gw,Lw) int64, taps_w (Gw,bw,Lw), index_h (Gh,Lh) int64, taps_h (Gh,bh,Lh),
+    scale (3,1,1), offset (3,1,1) -> image (1,3,S,S), S = Gw*bw = Gh*bh.
 
-    image = (resize_h @ (image^T as CHW) @ resize_w) * scale - offset, scale = 1/(255 std), offset = mean/std.
+    image = resize_h(resize_w(image as CHW)) * scale - offset, scale = 1/(255 std), offset = mean/std; each resize
+    is the block-banded product of sam2rt.runtime.preprocess.resize_windows (its windows and taps are inputs,
+    cached per image size by the runtime): a block's output pixels are one product of its taps with the input
+    pixels of its window, Gathered. Width first, as ATen. Why banded: the dense products (resize_matrix) multiplied
+    ~95% zeros at 1920x1080, 12.7 GFLOP in FP32 (the graph runs TF32 off) for a 6 MB image; and their row resize,
+    a matrix times a batch, took ONNX Runtime's CUDA pointer-array path, which a captured CUDA graph replays from
+    freed host memory (export/cuda_matmul.py). Both products here are strided-batched with equal batches. The
+    uint8 image is transposed and gathered before its Cast (a quarter of the bytes moved).
     """
     from onnx import TensorProto, helper, numpy_helper
     import numpy as np
 
-    f32 = TensorProto.FLOAT
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     inputs = [
         helper.make_tensor_value_info("image", TensorProto.UINT8, ["H", "W", 3]),
-        helper.make_tensor_value_info("resize_w", f32, ["W", "S"]),
-        helper.make_tensor_value_info("resize_h", f32, ["S", "H"]),
+        helper.make_tensor_value_info("index_w", i64, ["Gw", "Lw"]),
+        helper.make_tensor_value_info("taps_w", f32, ["Gw", "bw", "Lw"]),
+        helper.make_tensor_value_info("index_h", i64, ["Gh", "Lh"]),
+        helper.make_tensor_value_info("taps_h", f32, ["Gh", "bh", "Lh"]),
         helper.make_tensor_value_info("scale", f32, [3, 1, 1]),
         helper.make_tensor_value_info("offset", f32, [3, 1, 1]),
     ]
+    # reshapes by 0 (keep that dimension) and -1 only: no Shape arithmetic, so a session with symbolic dimensions
+    # runs nothing on the host, and every dimension of a fixed-shape one is known
+    consts = {"windows_flat": [0, 0, -1], "split_rgb_h": [0, 0, 3, -1], "h_by_pixels": [0, -1],
+              "split_j_rgb": [0, 0, -1, 3], "nchw": [1, 3, -1, 0]}
+    inits = [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in consts.items()]
     node = helper.make_node
     nodes = [
-        node("Cast", ["image"], ["pixels"], to=f32),
-        node("Transpose", ["pixels"], ["chw"], perm=[2, 0, 1]),
-        node("MatMul", ["chw", "resize_w"], ["cols"]),  # (3,H,S): width first, as ATen
-        node("MatMul", ["resize_h", "cols"], ["resized"]),  # (3,S,S)
+        # width: the windows of columns, (Gw, Lw, 3*H), against each block's taps -> (Gw, bw, 3*H)
+        node("Transpose", ["image"], ["wch"], perm=[1, 2, 0]),  # (W,3,H)
+        node("Gather", ["wch", "index_w"], ["win_w"], axis=0),  # (Gw,Lw,3,H)
+        node("Reshape", ["win_w", "windows_flat"], ["win_w_flat"]),  # (Gw,Lw,3H)
+        node("Cast", ["win_w_flat"], ["win_w_f"], to=f32),
+        node("MatMul", ["taps_w", "win_w_f"], ["cols"]),  # (Gw,bw,3H)
+        # height: the rows, (H, 3S) with columns (j, c), in windows (Gh, Lh, 3S) -> (Gh, bh, 3S)
+        node("Reshape", ["cols", "split_rgb_h"], ["cols_4d"]),  # (Gw,bw,3,H)
+        node("Transpose", ["cols_4d"], ["h_cols"], perm=[3, 0, 1, 2]),  # (H,Gw,bw,3)
+        node("Reshape", ["h_cols", "h_by_pixels"], ["h_jc"]),  # (H,3S)
+        node("Gather", ["h_jc", "index_h"], ["win_h"], axis=0),  # (Gh,Lh,3S)
+        node("MatMul", ["taps_h", "win_h"], ["rows"]),  # (Gh,bh,3S)
+        node("Reshape", ["rows", "split_j_rgb"], ["rows_4d"]),  # (Gh,bh,S,3)
+        node("Transpose", ["rows_4d"], ["rgb_rows"], perm=[3, 0, 1, 2]),  # (3,Gh,bh,S)
+        node("Reshape", ["rgb_rows", "nchw"], ["resized"]),  # (1,3,S,S)
         node("Mul", ["resized", "scale"], ["scaled"]),
-        node("Sub", ["scaled", "offset"], ["normalised"]),
-        node("Unsqueeze", ["normalised", "axis0"], ["image_out"]),
+        node("Sub", ["scaled", "offset"], ["image_out"]),
     ]
-    inits = [numpy_helper.from_array(np.array([0], np.int64), "axis0")]
     outputs = [helper.make_tensor_value_info("image_out", f32, [1, 3, "S", "S"])]
     return _model(nodes, "sam2rt_preprocess", inputs, outputs, inits)
 

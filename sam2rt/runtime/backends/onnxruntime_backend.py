@@ -343,6 +343,7 @@ class OnnxRuntimeBackend(Backend):
         self._manifest = manifest
         self._sessions: dict[str, Any] = {}
         self._sessions_lock = threading.Lock()
+        self._preprocessing: Any = None  # an OrtPipeline on the CPU provider, made on first use (preprocess)
         self._fast_lanes: list[Any] | None = None
         self._lane_pool: ThreadPoolExecutor | None = None
         if not fast_decoder:  # the plain graphs only
@@ -371,7 +372,28 @@ class OnnxRuntimeBackend(Backend):
                 self._lane_pool.shutdown(wait=True)
             self._lane_pool, self._fast_lanes = None, None
             self._sessions.clear()
+            if self._preprocessing is not None:
+                self._preprocessing.close()
+            self._preprocessing = None
         super().close()
+
+    def preprocess(self, image_rgb: np.ndarray, size: int) -> np.ndarray:
+        """The package's preprocess.onnx (the block-banded resize + normalisation the device path runs) on this
+        backend's CPU threads, into a new host array: the numpy path's result within ~1e-6, and faster than it at
+        every size measured (2-core Xeon, 2026-11-28: 1.8x at 512x512 on one thread, 2.0x at 1920x1080, 2.6x at
+        3840x2160; 2.6x / 3.8x / 5.4x on two; benchmarks/README.md)."""
+        self._check_open()
+        pipeline = self._preprocessing
+        if pipeline is None:
+            from .ort_pipeline import OrtPipeline
+
+            with self._sessions_lock:
+                if self._preprocessing is None:
+                    self._preprocessing = OrtPipeline(
+                        self._ort, ["CPUExecutionProvider"], "cpu", 0,
+                        lambda: session_options(self.threads, self.spinning, mem_pattern=False))
+                pipeline = self._preprocessing
+        return pipeline.preprocess_to_host(image_rgb, size)
 
     def _decoder_session(self, slot: str):
         """The session of decoder slot `slot` (see cpu_graph_entries), created on first use."""

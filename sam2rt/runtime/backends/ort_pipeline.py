@@ -1,7 +1,7 @@
 """SAM 2's pre- and postprocessing as ONNX Runtime sessions on the device that runs the model.
 
 The graphs ship with the package (sam2rt/runtime/graphs, built by sam2rt.export.device_graphs):
-preprocessing is the exact antialiased resize + normalisation as two matrix products; postprocessing is
+preprocessing is the exact antialiased resize + normalisation as two block-banded matrix products; postprocessing is
 the token choice, the clamp, the bilinear upsampling and the threshold. On a GPU provider the image goes up
 once as uint8 and only the final masks, scores and 256x256 logits come down. The sessions always compute in
 true FP32 (TF32 off), whatever the model's precision: they must equal the numpy path (sam2rt.runtime.
@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..postprocess import _linear_taps
-from ..preprocess import _OFFSET, _SCALE, _aa_taps
+from ..preprocess import _OFFSET, _SCALE, resize_windows
 from .base import DecodedMasks, MaskRequest
 from .bound_session import BoundSession
 from .capture_lock import gpu_work
@@ -39,7 +39,8 @@ GRAPH_DIR = Path(__file__).resolve().parent.parent / "graphs"
 CACHED_SIZES = 8  # image sizes whose resize matrices / upsampling taps stay on the device
 TAP_NAMES = ("c0", "c1", "r0", "r1", "cw0_col", "cw1_col", "rw0", "rw1")
 # per graph, the inputs whose values follow from the input shapes alone (FixedShapeSession's static inputs)
-STATIC_INPUTS = {"preprocess": ("resize_w", "resize_h", "scale", "offset"), "postprocess_single": TAP_NAMES,
+RESIZE_INPUTS = ("index_w", "taps_w", "index_h", "taps_h")  # preprocess.onnx's resize windows (resize_windows)
+STATIC_INPUTS = {"preprocess": (*RESIZE_INPUTS, "scale", "offset"), "postprocess_single": TAP_NAMES,
                  "postprocess_multi": TAP_NAMES, "upsample": TAP_NAMES}
 FIXED_SHAPES_PER_GRAPH = 4  # e.g. one click and a batch of boxes, at two image sizes
 FIXED_BUFFER_BYTES = 64 * 2**20  # three 1920x1080 float masks fit (25 MB); larger runs are bound by their copies
@@ -51,13 +52,11 @@ def graph_sha256(name: str) -> str:
     return hashlib.sha256((GRAPH_DIR / f"{name}.onnx").read_bytes()).hexdigest()
 
 
-def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out_size, in_size) float32 matrix of torch's antialiased bilinear resize along one axis (the taps of _aa_taps)."""
-    idx, w = _aa_taps(in_size, out_size)
-    m = np.zeros((out_size, in_size), np.float64)
-    rows = np.repeat(np.arange(out_size), idx.shape[1])
-    np.add.at(m, (rows, idx.ravel()), w.ravel().astype(np.float64))  # clipped taps carry weight 0
-    return m.astype(np.float32)
+def resize_feeds(h: int, w: int, size: int) -> dict[str, np.ndarray]:
+    """preprocess.onnx's resize inputs (RESIZE_INPUTS) for an HxW image: the width's and the height's windows."""
+    index_w, taps_w = resize_windows(w, size)
+    index_h, taps_h = resize_windows(h, size)
+    return {"index_w": index_w, "taps_w": taps_w, "index_h": index_h, "taps_h": taps_h}
 
 
 def bind_host_outputs(io: Any, outputs: dict[str, tuple[tuple[int, ...], Any]],
@@ -260,8 +259,8 @@ class OrtPipeline:
             v = self._consts[name] = self.to_device(value)
         return v
 
-    def _make_resize(self, h: int, w: int, size: int) -> tuple[Any, Any]:
-        return self.to_device(resize_matrix(w, size).T), self.to_device(resize_matrix(h, size))
+    def _make_resize(self, h: int, w: int, size: int) -> dict[str, Any]:
+        return {k: self.to_device(v) for k, v in resize_feeds(h, w, size).items()}
 
     def _make_taps(self, h: int, w: int, lh: int, lw: int) -> dict[str, Any]:
         c0, c1, cl = _linear_taps(lw, w)
@@ -275,25 +274,29 @@ class OrtPipeline:
     def preprocess(self, image_rgb: np.ndarray, size: int, out: Any | None = None) -> Any:
         """uint8 HxWx3 RGB (host) -> normalised (1,3,size,size) float32 OrtValue on the device (into `out` if given)."""
         h, w = int(image_rgb.shape[0]), int(image_rgb.shape[1])
-        resize_w, resize_h = self._resize((h, w, size))
+        feeds = {"image": np.ascontiguousarray(image_rgb, dtype=np.uint8), **self._resize((h, w, size)),
+                 "scale": self._const("scale", _SCALE.reshape(3, 1, 1)),
+                 "offset": self._const("offset", _OFFSET.reshape(3, 1, 1))}
         if self.fixed_buffers and out is None:
-            feeds = {"image": np.ascontiguousarray(image_rgb, dtype=np.uint8), "resize_w": resize_w,
-                     "resize_h": resize_h, "scale": self._const("scale", _SCALE.reshape(3, 1, 1)),
-                     "offset": self._const("offset", _OFFSET.reshape(3, 1, 1))}
             return self._run_fixed("preprocess", feeds, ("image_out",), ("image_out",))[0].value
         sess = self.session("preprocess")
         io = sess.io_binding()
-        io.bind_cpu_input("image", np.ascontiguousarray(image_rgb, dtype=np.uint8))
-        io.bind_ortvalue_input("resize_w", resize_w)
-        io.bind_ortvalue_input("resize_h", resize_h)
-        io.bind_ortvalue_input("scale", self._const("scale", _SCALE.reshape(3, 1, 1)))
-        io.bind_ortvalue_input("offset", self._const("offset", _OFFSET.reshape(3, 1, 1)))
+        io.bind_cpu_input("image", feeds.pop("image"))
+        for name, value in feeds.items():
+            io.bind_ortvalue_input(name, value)
         if out is None:
             io.bind_output("image_out", self.ort_device, self.device_id)
         else:
             io.bind_ortvalue_output("image_out", out)
         sess.run_with_iobinding(io)
         return out if out is not None else io.get_outputs()[0]
+
+    def preprocess_to_host(self, image_rgb: np.ndarray, size: int) -> np.ndarray:
+        """preprocess() into a new host array, on the CPU provider (the CPU backend's preprocessing)."""
+        h, w = int(image_rgb.shape[0]), int(image_rgb.shape[1])
+        feeds = {"image": np.ascontiguousarray(image_rgb, dtype=np.uint8), **resize_feeds(h, w, size),
+                 "scale": _SCALE.reshape(3, 1, 1), "offset": _OFFSET.reshape(3, 1, 1)}
+        return self.session("preprocess").run(["image_out"], feeds)[0]
 
     @gpu_work
     def copy(self, value: Any, out: Any | None = None) -> Any:
