@@ -68,6 +68,8 @@ STAGES = {
     "each captured, instead of the merged decode graph's one (same run; exports with the merged graphs)",
     "decode_1_postprocess_uncaptured": "decode_1 in two graphs with the postprocessing not captured as a CUDA graph (same run; GPU only)",
     "decode_16_nomask": "decode_16 on decoder_nomask instead of the batched fast decoder (same run; exports with the batched one)",
+    "decode_1_fp32_decoder / decode_16_fp32_decoder": "fp16 only: decode_1 / decode_16 through the FP32 merged decode "
+    "graphs instead of their FP16 copies (same run; exports with the FP16 copies)",
 }
 
 
@@ -203,6 +205,9 @@ def bench_sam2rt(model_dir: Path, backend: str, images: dict[str, np.ndarray], r
     two_graphs = out.pop("_parts_two_graphs", None)
     if two_graphs:
         out["_parts"]["decode_1_two_graphs"] = two_graphs
+    fp32_decoder = out.pop("_parts_fp32_decoder", None)
+    if fp32_decoder:
+        out["_parts"]["decode_16_fp32_decoder"] = fp32_decoder
     out["_cuda_graphs"] = dict(getattr(model.backend, "cuda_graphs", {}))
     out["_cuda_graphs"]["fast_decoder"] = getattr(model.backend, "fast_decoder_check", "n/a")
     out["_cuda_graphs"]["merged_decode"] = getattr(model.backend, "merged_decode", "n/a")
@@ -285,6 +290,16 @@ def measures_off(model: Any, emb: Any, prompt: Any, boxes: list, low: Any, iou: 
             out["decode_16_nomask"] = timed(lambda: model.decode(emb, boxes, multimask_output=False), runs, warmup)
         finally:
             backend.fast_prompts = None
+    if getattr(backend, "use_fp16_decoder", False):  # fp16 with the merged graphs' FP16 copies: their FP32 ones beside
+        backend.use_fp16_decoder = False
+        try:
+            out["decode_1_fp32_decoder"] = timed(lambda: model.decode(emb, prompt), runs, warmup)
+            out["decode_16_fp32_decoder"] = timed(lambda: model.decode(emb, boxes, multimask_output=False), runs, warmup)
+            parts = decode_parts(model, lambda: model.decode(emb, boxes, multimask_output=False), runs)
+            if parts:
+                out["_parts_fp32_decoder"] = parts
+        finally:
+            backend.use_fp16_decoder = True
     return out
 
 

@@ -98,6 +98,14 @@ GRAPHS: tuple[GraphFile, ...] = (
     GraphFile("decoder", "decode_single", "decoder_fast.device.single.onnx", "fp32", "sam2rt", "fast_device", (CUDA,),
               "fast_device followed by the device postprocessing of the single-mask token, with the stability "
               "fallback (postprocess_single): prompts -> masks, scores and low-res logits in one CUDA-graph replay"),
+    # the merged graphs of onnxruntime-cuda:fp16 (export.optimize.add_fp16_decode): the decoder part in FP16, its
+    # postprocessing FP32 as in every mode (the upsampling and threshold must equal the host path's)
+    GraphFile("decoder", "decode_multi_fp16", "decoder_fast.device.multi.fp16.onnx", "fp16", "fp16", "decode_multi", (CUDA,),
+              "onnxruntime-cuda:fp16 (reduced precision): decode_multi with the decoder in FP16 weights and activations "
+              "(softmax, its logits' products and the positional encoding's sin/cos in FP32), the postprocessing FP32"),
+    GraphFile("decoder", "decode_single_fp16", "decoder_fast.device.single.fp16.onnx", "fp16", "fp16", "decode_single",
+              (CUDA,), "onnxruntime-cuda:fp16 (reduced precision): decode_single with the decoder in FP16 as "
+              "decode_multi_fp16"),
     # video tracking (sam2rt.export.video_export): the VideoTracker runs them on ONNX Runtime beside every image
     # backend (beside tensorrt on ONNX Runtime's CUDA provider), so they go with every export target
     GraphFile("memory_encoder", None, "memory_encoder.onnx", "fp32", "torch.onnx", None, (CPU, CUDA, TENSORRT),
@@ -201,6 +209,9 @@ DEVICE_SLOTS: dict[str, tuple[str, tuple[str | None, ...]]] = {
     # optional: decoder_fast + postprocessing in one graph (exports before them decode in two runs)
     "decode_multi": ("decoder", ("decode_multi",)),
     "decode_single": ("decoder", ("decode_single",)),
+    # optional, onnxruntime-cuda:fp16 only: the same in FP16 (exports before them, or with --no-fp16, decode in FP32)
+    "decode_multi_fp16": ("decoder", ("decode_multi_fp16",)),
+    "decode_single_fp16": ("decoder", ("decode_single_fp16",)),
 }
 
 

@@ -118,8 +118,9 @@ def test_session_export_ran_through_the_cli(model_dir, checkpoint_path):
     # conftest's checkpoint carries the record of its random weights (export.checkpoint.random_checkpoint): the
     # export says RANDOM, and no warning about --random-weights was printed
     assert "weights: RANDOM weights (seed 1234)" in out and "WARNING" not in err
-    assert "--target cpu,cuda,tensorrt: 25 graphs" in out  # the table's rows but INT8 and three older forms
+    assert "--target cpu,cuda,tensorrt: 27 graphs" in out  # the table's rows but INT8 and three older forms
     assert "decoder_fast.device.multi.onnx" in out and "decoder_fast.device.single.onnx" in out
+    assert "decoder_fast.device.multi.fp16.onnx" in out and "decoder_fast.device.single.fp16.onnx" in out
 
 
 def test_hiera_b_plus_is_accepted_as_a_model_name():

@@ -187,3 +187,112 @@ def test_a_refused_merged_signature_decodes_in_two_graphs_from_then_on(tiny_mode
     assert all(v.startswith("rejected") for v in backend._merged_refused.values())
     assert replays["decode_multi"][1] + replays["decode_single"][1] == 0
     assert {"postprocess_single", "postprocess_multi"} <= set(graphs), graphs  # the two-graph path took over
+
+
+FP16_FILES = ("decoder_fast.device.multi.fp16.onnx", "decoder_fast.device.single.fp16.onnx")
+
+
+def test_the_export_writes_fp16_merged_graphs_checked_against_the_fp32_ones(model_dir: Path):
+    """`sam2rt export` (fp16 on) writes the merged graphs' FP16 copies for onnxruntime-cuda:fp16: made from the FP32
+    merged graphs, their decoder in FP16 weights, their postprocessing (everything from the decoder's outputs on)
+    FP32, inputs and outputs FP32, and the export's check against the FP32 graph within the FP16 bounds."""
+    import onnx
+    from onnx import TensorProto
+
+    from sam2rt.export.decode_graphs import DECODER_OUTPUTS, FP16_BOUNDS
+    from sam2rt.export.fp16 import downstream_nodes
+    from sam2rt.graph_table import CUDA, graph_file
+
+    m = Manifest.load(model_dir)
+    for variant, source, name in (("decode_multi_fp16", "decode_multi", FP16_FILES[0]),
+                                  ("decode_single_fp16", "decode_single", FP16_FILES[1])):
+        entry = m.variant("decoder", variant)
+        assert entry["file"] == name == graph_file("decoder", variant).file and graph_file("decoder", variant).runs_on == (CUDA,)
+        assert entry["source"] == source and entry["derived_from_sha256"] == m.variant("decoder", source)["sha256"]
+        assert entry["postprocess_sha256"] == m.variant("decoder", source)["postprocess_sha256"]
+        check = entry["check"]
+        assert check["refused"] is None and check["best_token_same"] == 1.0
+        assert all(check[k] <= bound for k, bound in FP16_BOUNDS.items()), check
+        assert 0 < check["low_res_logits_max"]  # it is FP16: it rounds
+        g = onnx.shape_inference.infer_shapes(onnx.load(str(m.verify_file(entry)))).graph
+        weights = [t for t in g.initializer if len(t.dims) == 2 and min(t.dims) >= 32]
+        assert weights and all(t.data_type == TensorProto.FLOAT16 for t in weights)
+        assert all(o.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.BOOL) for o in g.output)
+        types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.output]}
+        post = [n for n in g.node if n.name in set(downstream_nodes(g, DECODER_OUTPUTS))]
+        assert len(post) >= 15 and entry["fp32_summary"]["after the FP16 part"] > 0
+        # the postprocessing computes in FP32 from the decoder's outputs on: no FP16 value in it
+        assert not [o for n in post for o in n.output if types.get(o) == TensorProto.FLOAT16]
+        assert any(t == TensorProto.FLOAT16 for t in types.values())  # while the decoder's values are FP16
+
+
+def _parity_stats(got: list, want: list) -> dict[str, float]:
+    low = [np.abs(g.low_res_logits.astype(np.float64) - w.low_res_logits).mean() for g, w in zip(got, want)]
+    scores = [np.abs(g.scores - w.scores).max() for g, w in zip(got, want)]
+    same = np.concatenate([g.scores.argmax(-1) == w.scores.argmax(-1) for g, w in zip(got, want) if w.scores.shape[-1] > 1])
+    flips = sum(int(np.count_nonzero(g.masks != w.masks)) for g, w in zip(got, want))  # of all pixels: stricter
+    pixels = sum(w.masks.size for w in want)  # than the issue's, which counts confident pixels only
+    return {"logits_mean": float(max(low)), "scores_max": float(max(scores)), "same_choice": float(same.mean()),
+            "flipped": flips / pixels}
+
+
+def test_fp16_mode_decodes_through_the_fp16_merged_graphs_within_the_bounds(model_dir: Path):
+    """The device backend in fp16 (on the CPU provider, fixed buffers: the GPU's data flow) decodes plain prompts
+    through the FP16 merged graphs, and the whole fp16 mode (encoder and decoder) keeps issue 11's bounds against
+    FP32 on two photos: clicks, clicks with a negative point and boxes. With `use_fp16_decoder` off it decodes
+    through the FP32 merged graphs."""
+    from conftest import photo
+    from sam2rt.runtime import Prompt, Sam2Model
+    from sam2rt.runtime.backends.ort_device_backend import OrtDeviceBackend
+
+    m = Manifest.load(model_dir)
+    results: dict[str, list] = {}
+    for mode in ("fp32", "fp16", "fp16, FP32 decoder"):
+        backend = OrtDeviceBackend(m, "onnxruntime-cpu", precision=mode.split(",")[0], fixed_buffers=True)
+        assert backend.use_fp16_decoder == (mode != "fp32")
+        backend.use_fp16_decoder = mode == "fp16"
+        with Sam2Model(m, backend) as model:
+            out = []
+            for name in ("astronaut", "coffee"):
+                image = photo(name)
+                h, w = image.shape[:2]
+                emb = model.embed(image)
+                clicks = [Prompt(points=[[x * w, y * h]], labels=[1]) for x, y in ((0.3, 0.4), (0.6, 0.5), (0.5, 0.8))]
+                out += [model.decode(emb, p) for p in clicks]
+                out.append(model.decode(emb, Prompt(points=[[0.4 * w, 0.4 * h], [0.7 * w, 0.7 * h]], labels=[1, 0])))
+                out.append(model.decode(emb, [Prompt(box=[0.1 * w, 0.1 * h, (0.3 + 0.1 * i) * w, 0.8 * h]) for i in range(6)],
+                                        multimask_output=False))
+            results[mode] = out
+            used = set(backend.pipeline_graphs)
+        fp16_graphs, fp32_graphs = {"decode_multi_fp16", "decode_single_fp16"}, {"decode_multi", "decode_single"}
+        if mode == "fp16":
+            assert fp16_graphs <= used and not used & fp32_graphs, used
+        else:
+            assert fp32_graphs <= used and not used & fp16_graphs, used
+    stats = _parity_stats(results["fp16"], results["fp32"])
+    assert stats["logits_mean"] <= 0.05 and stats["scores_max"] <= 0.02, stats
+    assert stats["same_choice"] >= 0.95 and stats["flipped"] <= 0.01, stats
+    # the FP16 decoder is a change of its own: the fp16 mode with it and without it differ
+    assert any(not np.array_equal(a.low_res_logits, b.low_res_logits)
+               for a, b in zip(results["fp16"], results["fp16, FP32 decoder"]))
+
+
+def test_an_fp16_copy_that_fails_its_check_is_not_written_and_fp16_decodes_in_fp32(tiny_model_dir: Path, tmp_path: Path,
+                                                                                     monkeypatch):
+    """Weights whose FP16 decoder would pass the bounds (forced here: bounds of 0) get no FP16 copy: the manifest
+    says why, the file is not left behind, and a device backend finds the FP32 merged graphs alone (the fp16 mode
+    then decodes with them: test_fp16_mode_decodes_through_the_fp16_merged_graphs_within_the_bounds)."""
+    from sam2rt.export import decode_graphs
+    from sam2rt.export.optimize import add_variants
+    from sam2rt.graph_table import DEVICE_SLOTS
+    from sam2rt.runtime.backends.onnxruntime_backend import slot_entries
+
+    d = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    monkeypatch.setattr(decode_graphs, "FP16_BOUNDS", {"low_res_logits_mean": 0.0, "scores_max": 1.0, "confident_flipped": 1.0})
+    with pytest.warns(UserWarning, match="decoder_fast.device.multi.fp16.onnx is not usable"):
+        m = add_variants(d, optimized=False, fp16=True)
+    entry = m.variant("decoder", "decode_multi_fp16")
+    assert entry["stored"] is False and entry["refused"].startswith("low_res_logits_mean")
+    assert not (d / FP16_FILES[0]).exists() and not (d / FP16_FILES[1]).exists()
+    slots = slot_entries(m, DEVICE_SLOTS)  # what a device backend loads: the FP32 merged graphs, no FP16 copy
+    assert {"decode_multi", "decode_single"} <= set(slots) and not {"decode_multi_fp16", "decode_single_fp16"} & set(slots)

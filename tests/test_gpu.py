@@ -513,13 +513,15 @@ def test_fast_decoder_runs_on_cuda(cuda_models, cpu_model):
 def test_merged_decode_on_cuda_equals_the_two_graphs(cuda_models, mode):
     """One click (three masks) and 16 boxes (one mask each) decoded to masks by the merged decode graph's CUDA graph
     and by the decoder's and the postprocessing's: the same logits to rounding (the merged session may fuse the
-    decoder part otherwise), masks differing at no more than MERGED_MASK_FLIPS of the pixels."""
+    decoder part otherwise), masks differing at no more than MERGED_MASK_FLIPS of the pixels. In fp16 the same holds
+    of the FP32 merged graphs, and their FP16 copies (fp16's default) stay within FP16's rounding of them."""
     from sam2rt.runtime import Prompt
     from sam2rt.runtime.backends.ort_device_backend import MERGED_MASK_FLIPS
 
     model = cuda_models[mode]
     backend = model.backend
     assert backend.merged_decode == "on", backend.merged_decode
+    assert backend.use_fp16_decoder == (mode == "fp16"), backend.files
     img = photo("astronaut")
     h, w = img.shape[:2]
     one = Prompt(points=np.array([[200.0, 150.0]]), labels=np.array([1]))
@@ -527,21 +529,31 @@ def test_merged_decode_on_cuda_equals_the_two_graphs(cuda_models, mode):
     emb = model.embed(img)
     out = {}
     try:
-        for merged in (True, False):
-            backend.use_merged_decode = merged
+        for case in ("merged", "two graphs", "merged fp16"):
+            backend.use_merged_decode = case != "two graphs"
+            backend.use_fp16_decoder = case == "merged fp16"
+            if case == "merged fp16" and mode != "fp16":
+                break
             for _ in range(6):  # captures, then replays (the postprocessing's after CAPTURE_AFTER calls)
                 got = [model.decode(emb, one), model.decode(emb, boxes, multimask_output=False)]
-            out[merged] = got
+            out[case] = got
     finally:
-        backend.use_merged_decode = True
+        backend.use_merged_decode, backend.use_fp16_decoder = True, mode == "fp16"
     tol = 1e-5 if mode == "fp32" else 2e-3
-    for a, b in zip(out[True], out[False]):
+    for a, b in zip(out["merged"], out["two graphs"]):
         scale = max(1.0, float(np.abs(b.low_res_logits).max()))
         assert np.abs(a.low_res_logits - b.low_res_logits).max() <= tol * scale
         np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=tol * scale)
         assert (a.masks != b.masks).mean() <= MERGED_MASK_FLIPS
     pipeline = backend.pipeline_graphs
     assert "captured" in pipeline["decode_multi"].values() and "captured" in pipeline["decode_single"].values(), pipeline
+    if mode == "fp16":  # the FP16 decoder against the FP32 one (the export's check bounds it the same way)
+        for a, b in zip(out["merged fp16"], out["merged"]):
+            assert np.abs(a.low_res_logits - b.low_res_logits).mean() <= 0.01
+            assert np.abs(a.scores - b.scores).max() <= 0.02
+            assert (a.masks != b.masks).mean() <= 0.01
+        assert "captured" in pipeline["decode_multi_fp16"].values(), pipeline
+        assert "captured" in pipeline["decode_single_fp16"].values(), pipeline
 
 
 @requires_ort_cuda

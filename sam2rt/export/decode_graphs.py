@@ -171,3 +171,53 @@ def make_decode_graph(decoder: str | Path, dst: str | Path, multimask: bool, see
     except Exception:
         dst.unlink(missing_ok=True)
         raise
+
+
+# An FP16 copy's bounds against its FP32 merged graph (issue 11's, for onnxruntime-cuda:fp16 against CPU FP32): the
+# low-res logits' mean difference, the scores' largest, and the share of mask pixels flipped where the FP32 logit's
+# magnitude exceeds CONFIDENT_LOGIT (pixels near the threshold may flip with any rounding)
+FP16_BOUNDS = {"low_res_logits_mean": 0.05, "scores_max": 0.02, "confident_flipped": 0.01}
+CONFIDENT_LOGIT = 0.5
+
+
+def make_fp16_decode_graph(merged: str | Path, dst: str | Path, multimask: bool, seed: int = 0) -> dict[str, Any]:
+    """Write the FP16 copy of a merged decode graph to `dst`: its decoder part in FP16 (export.fp16, ONNX Runtime's
+    kernels), everything from the decoder's outputs on (the postprocessing) in FP32, inputs and outputs FP32. Checked
+    against the FP32 graph on the seeded inputs of check_decode_graph (on the CPU provider): returns the check's
+    figures with `refused` (why the copy must not be used: non-finite outputs or a bound of FP16_BOUNDS passed;
+    None when within them) and the FP32 nodes' summary."""
+    import onnxruntime as ort
+
+    from .fp16 import COMPARISON_OP_TYPES, convert_to_mixed_fp16, summarize
+
+    keep = convert_to_mixed_fp16(merged, dst, extra_fp32_ops=COMPARISON_OP_TYPES, ort_kernels=True,
+                                 fp32_from=DECODER_OUTPUTS)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    ref = ort.InferenceSession(str(merged), so, providers=["CPUExecutionProvider"])
+    ours = ort.InferenceSession(str(dst), so, providers=["CPUExecutionProvider"])
+    names = ["low_res_logits", "scores", "upsampled", "masks"]
+    low = ref.get_outputs()[0].shape[-1]
+    diffs: dict[str, list[float]] = {"low_res_logits_mean": [], "low_res_logits_max": [], "scores_max": [],
+                                     "confident_flipped": [], "best_token_same": []}
+    finite = True
+    for feeds in _check_feeds(ref, low if isinstance(low, int) else 256, multimask, seed):
+        feeds = {i.name: feeds[i.name] for i in ref.get_inputs()}
+        want = dict(zip(names, ref.run(names, feeds)))
+        got = dict(zip(names, ours.run(names, feeds)))
+        finite &= all(bool(np.isfinite(got[n]).all()) for n in names if got[n].dtype != np.bool_)
+        d = np.abs(got["low_res_logits"].astype(np.float64) - want["low_res_logits"])
+        diffs["low_res_logits_mean"].append(float(d.mean()))
+        diffs["low_res_logits_max"].append(float(d.max()))
+        diffs["scores_max"].append(float(np.abs(got["scores"] - want["scores"]).max()))
+        confident = np.abs(want["upsampled"]) > CONFIDENT_LOGIT
+        diffs["confident_flipped"].append(float(np.count_nonzero((got["masks"] != want["masks"]) & confident))
+                                          / max(1, int(np.count_nonzero(confident))))
+        diffs["best_token_same"].append(float(np.mean(got["scores"].argmax(1) == want["scores"].argmax(1))))
+    check: dict[str, Any] = {k: (min(v) if k == "best_token_same" else max(v)) for k, v in diffs.items()}
+    check = {k: round(v, 6) for k, v in check.items()}
+    passed = [f"{k} {check[k]:.3g} > {bound:g}" for k, bound in FP16_BOUNDS.items() if not check[k] <= bound]
+    check["refused"] = ("non-finite outputs (FP16 overflow)" if not finite
+                        else "; ".join(passed) if passed else None)
+    check["fp32_summary"] = summarize(keep)
+    return check

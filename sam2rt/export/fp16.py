@@ -262,15 +262,26 @@ def _inline_initializer_aliases(graph: Any) -> int:
     return len(alias)
 
 
+def downstream_nodes(graph: Any, tensors: Iterable[str]) -> list[str]:
+    """Names of the nodes that read `tensors` or anything computed from them (graph order is topological)."""
+    seen, out = set(tensors), []
+    for n in graph.node:
+        if any(name in seen for name in n.input):
+            out.append(n.name)
+            seen.update(n.output)
+    return out
+
+
 def convert_to_mixed_fp16(
     src: str | Path, dst: str | Path, extra_fp32: Iterable[str] = (), extra_fp32_ops: Iterable[str] = (),
-    ort_kernels: bool = False,
+    ort_kernels: bool = False, fp32_from: Iterable[str] = (),
 ) -> dict[str, str]:
     """Write `dst`: `src` with FP16 weights and activations except the FP32 nodes; inputs/outputs stay FP32.
 
     `extra_fp32`: more node names to keep in FP32; `extra_fp32_ops`: more op types (e.g. COMPARISON_OP_TYPES);
-    `ort_kernels`: the graph is for ONNX Runtime, whose kernels keep ORT_FP16_OP_TYPES exact enough in FP16.
-    Returns the FP32 node names with their reasons (what the manifest records).
+    `fp32_from`: tensor names whose every consumer, and all that follows from them, stays FP32 (a merged graph's
+    postprocessing after its decoder); `ort_kernels`: the graph is for ONNX Runtime, whose kernels keep
+    ORT_FP16_OP_TYPES exact enough in FP16. Returns the FP32 node names with their reasons (what the manifest records).
     """
     onnx = _import_onnx()
     float16 = _import_float16()
@@ -281,6 +292,8 @@ def convert_to_mixed_fp16(
     keep = select_fp32_nodes(graph, fp32_ops=FP32_OP_TYPES - ORT_FP16_OP_TYPES if ort_kernels else FP32_OP_TYPES)
     for name in extra_fp32:
         keep.setdefault(name, "requested")
+    for name in downstream_nodes(graph, fp32_from):
+        keep.setdefault(name, "after the FP16 part")
     ops = set(extra_fp32_ops)
     for n in graph.node:
         if n.op_type in ops:

@@ -24,6 +24,9 @@ model directory: `add_variants(DIR, int8=True)`. Each variant is recorded in the
 - `decode_multi` / `decode_single` of the decoder: the GPU fast decoder (`fast_device`) followed by the package's
   device postprocessing in one graph (export/decode_graphs.py, checked against the two): a decode to masks in one
   ONNX Runtime run.
+- `decode_multi_fp16` / `decode_single_fp16`: the merged decode graphs of `onnxruntime-cuda:fp16`, their decoder part
+  in FP16 and their postprocessing FP32 (add_fp16_decode), checked against the FP32 merged graphs; not written where
+  that check fails. REDUCED PRECISION.
 - `int8`: the encoder with dynamic INT8 quantisation of its MatMul weights (onnxruntime.quantization,
   per-channel, activations quantised at run time). REDUCED PRECISION: opt-in only
   (`precision="int8"`), never the default; its mask IoU against FP32 is measured by `sam2rt bench`.
@@ -184,6 +187,39 @@ def add_fp16_video(manifest: Manifest, keys: Collection[str] = FP16_VIDEO_ROWS) 
         )
 
 
+FP16_DECODE_ROWS = ("decoder.decode_multi_fp16", "decoder.decode_single_fp16")
+
+
+def add_fp16_decode(manifest: Manifest, keys: Collection[str] = FP16_DECODE_ROWS) -> None:
+    """Write the FP16 copies of the merged decode graphs (graph_table's rows `keys` of FP16_DECODE_ROWS,
+    export/decode_graphs.make_fp16_decode_graph: the decoder part FP16, the postprocessing FP32) and record each as
+    a variant of the decoder made from its FP32 merged graph. A copy whose check against the FP32 graph fails
+    (overflow, or a parity bound passed) is not written: onnxruntime-cuda:fp16 then decodes in FP32 and the
+    manifest says why."""
+    from .decode_graphs import make_fp16_decode_graph
+
+    for key in keys:
+        row = graph_file(*key.split("."))
+        source = manifest.variant("decoder", row.made_from)
+        if source is None or not manifest.is_stored(source):
+            continue  # an export without the merged graphs
+        out = manifest.directory / row.file
+        check = make_fp16_decode_graph(manifest.verify_file(source), out, row.made_from == "decode_multi")
+        carried = {k: source[k] for k in ("postprocess_sha256", "max_points", "prompts_per_run", "inputs", "outputs")
+                   if k in source}
+        record = dict(precision="fp16", source=row.made_from, use=row.use, fp32_summary=check.pop("fp32_summary"),
+                      check=check, **carried)
+        if check["refused"]:
+            out.unlink(missing_ok=True)
+            manifest.graph("decoder")["variants"][row.variant] = {
+                "file": out.name, "derived_from_sha256": source["sha256"], "stored": False, "refused": check["refused"],
+                **record}
+            warnings.warn(f"sam2rt export: {out.name} is not usable with these weights and was not written: "
+                          f"{check['refused']}. onnxruntime-cuda:fp16 decodes with the FP32 merged graphs.", stacklevel=2)
+            continue
+        manifest.graph("decoder")["variants"][row.variant] = _entry(out, source["sha256"], **record)
+
+
 def add_variants(
     model_dir: str | Path, optimized: bool = True, int8: bool = False, fp16: bool = False,
     only: Collection[str] | None = None,
@@ -227,6 +263,7 @@ def add_variants(
         add_tracking_decoder(manifest)
     add_decode_graphs(manifest, [key for key in DECODE_ROWS if wanted(*key.split("."))])
     if fp16:
+        add_fp16_decode(manifest, [key for key in FP16_DECODE_ROWS if wanted(*key.split("."))])
         add_fp16_video(manifest, [key for key in FP16_VIDEO_ROWS if wanted(*key.split("."))])
     if int8 and wanted("encoder", "int8"):
         entry = manifest.graph("encoder")

@@ -265,7 +265,8 @@ def slot_entries(manifest: Manifest, slots: dict[str, tuple[str, tuple[str | Non
     if ("decoder_prep" in out) != ("decoder_fast" in out):
         out.pop("decoder_prep", None), out.pop("decoder_fast", None)
     if "decoder_fast" not in out:  # the merged decode graphs run over decoder_prep's tensors
-        out.pop("decode_multi", None), out.pop("decode_single", None)
+        for slot in ("decode_multi", "decode_single", "decode_multi_fp16", "decode_single_fp16"):
+            out.pop(slot, None)
     return out
 
 

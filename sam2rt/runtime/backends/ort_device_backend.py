@@ -5,8 +5,9 @@
   256x256 logits come down.
 - Precisions (`onnxruntime-cuda:<mode>`): `fp32` (TF32 off: equal to the CPU path to float rounding),
   `tf32` (the default: TF32 tensor cores for matrix products and convolutions), `fp16` (the encoder's
-  FP16 variant with fused MultiHeadAttention, made at export; the decoders stay FP32 weights with TF32:
-  they are bound by kernel launches, not arithmetic, and FP16 there costs point prompts their parity).
+  FP16 variant with fused MultiHeadAttention, made at export, and the merged decode graphs' FP16 copies where the
+  export made them: the decoder part in FP16, its postprocessing FP32; the export checks their parity against
+  the FP32 graphs. The two-graph path's decoders stay FP32 weights with TF32).
   The pre/postprocessing sessions always run in true FP32.
 - CUDA graphs (ONNX Runtime's `enable_cuda_graph`): the encoder and each decoder shape (slot, prompts,
   points) seen, up to MAX_CAPTURED_SHAPES, run from fixed device buffers; data is copied into them on the
@@ -61,6 +62,13 @@ DECODER_OUTPUTS = ("low_res_masks", "iou_predictions")
 # multimask_output -> the merged decode graph (graph_table's decode_multi / decode_single: decoder_fast.device + the
 # postprocessing in one graph, export/decode_graphs.py) and the package's postprocessing graph it was made with
 MERGED_DECODE = {True: ("decode_multi", "postprocess_multi"), False: ("decode_single", "postprocess_single")}
+
+
+def fp16_slot(slot: str) -> str:
+    """The slot of a merged decode graph's FP16 copy (graph_table's decode_*_fp16, onnxruntime-cuda:fp16 only)."""
+    return f"{slot}_fp16"
+
+
 # the fraction of a merged decode's mask pixels its first CUDA-graph replay may flip against its plain session: the
 # decoder part computes in TF32, and another fusion's rounding moves a logit lying on the threshold across it
 MERGED_MASK_FLIPS = 1e-3
@@ -102,10 +110,13 @@ def device_graph_entries(manifest: Manifest, precision: str, backend: str = "onn
     The encoder: the FP16 copy of its GPU form (`device_fp16`; `fp16`, of the `fused` form, in exports before it) for
     precision fp16, else its GPU form `device`, else `fused` (the base graph where an export has neither). Decoders: the exported (not CPU-optimised) graphs; ONNX Runtime
     optimises them for the device at load. decoder_prep + decoder_fast serve plain prompts (the GPU form: a whole
-    batch per run).
+    batch per run). The merged decode graphs' FP16 copies (`decode_*_fp16` slots) are kept for precision fp16 only.
     """
     manifest.require_backend(backend)
     out = slot_entries(manifest, DEVICE_SLOTS)
+    if precision != "fp16":
+        for slot, _ in MERGED_DECODE.values():
+            out.pop(fp16_slot(slot), None)
     if precision == "fp16":
         out["encoder"] = required_variant(
             manifest, "encoder", fp16_encoder_variant(manifest),
@@ -167,7 +178,8 @@ class OrtDeviceBackend(Backend):
         if name not in PROVIDERS:
             raise BackendUnavailableError(f"unknown onnxruntime backend {name!r}; choose one of {sorted(PROVIDERS)}")
         precision = precision or (DEFAULT_GPU_PRECISION if name == "onnxruntime-cuda" else "fp32")
-        allowed = GPU_PRECISIONS if name == "onnxruntime-cuda" else ("fp32",)
+        # on the CPU provider (CI's vehicle for the device path) fp16 runs the FP16 graphs' data flow
+        allowed = GPU_PRECISIONS if name == "onnxruntime-cuda" else ("fp32", "fp16") if name == "onnxruntime-cpu" else ("fp32",)
         if precision not in allowed:
             raise BackendUnavailableError(f"backend {name!r} offers precisions {', '.join(allowed)}, not {precision!r}")
         wanted = PROVIDERS[name]
@@ -221,6 +233,9 @@ class OrtDeviceBackend(Backend):
         self.merged_decode = self._check_merged_decode()
         # whether a plain-prompt decode to masks runs as the merged graph (gpu_bench turns it off to time the two)
         self.use_merged_decode = self.merged_decode == "on"
+        # onnxruntime-cuda:fp16: whether the merged graphs run in their FP16 copies, where the export made them
+        # (gpu_bench turns it off to time the FP32 ones beside them)
+        self.use_fp16_decoder = any(fp16_slot(slot) in self.files for slot, _ in MERGED_DECODE.values())
         self._merged_refused: dict[Any, str] = {}  # merged-graph signatures that are not captured: they run in two
         if on_gpu:
             providers = self._session("encoder").get_providers()
@@ -393,7 +408,9 @@ class OrtDeviceBackend(Backend):
         on, the provider is not TensorRT (whose decoder profiles name the decoder's inputs alone), and the package's
         postprocessing graph is the one each was made with (another sam2rt version's may compute otherwise).
         Returns what was found; the graphs not used leave `files`."""
-        slots = [slot for slot, _ in MERGED_DECODE.values() if slot in self.files]
+        pairs = [(slot, post) for slot, post in MERGED_DECODE.values()]
+        pairs += [(fp16_slot(slot), post) for slot, post in pairs]
+        slots = [slot for slot, _ in pairs if slot in self.files]
         if not slots:
             return "no merged decode graphs in this export"
         why = None
@@ -402,7 +419,7 @@ class OrtDeviceBackend(Backend):
         elif self.name == "onnxruntime-tensorrt":
             why = "not on ONNX Runtime's TensorRT provider"
         else:
-            stale = [slot for slot, post in MERGED_DECODE.values()
+            stale = [slot for slot, post in pairs
                      if slot in self.files and self.files[slot].get("postprocess_sha256") != graph_sha256(post)]
             if stale:
                 why = (f"{', '.join(self.files[s]['file'] for s in stale)} made with another sam2rt's postprocessing; "
@@ -647,6 +664,8 @@ class OrtDeviceBackend(Backend):
         if not self.use_merged_decode:
             return None
         slot = MERGED_DECODE[bool(request.multimask_output)][0]
+        if self.use_fp16_decoder and fp16_slot(slot) in self.files:
+            slot = fp16_slot(slot)
         b, n = int(point_coords.shape[0]), int(point_coords.shape[1])
         if slot not in self.files or self._slot(features, b, n, bool(np.any(has_mask_input)))[0] != "decoder_fast":
             return None
