@@ -314,13 +314,18 @@ def emulated(tiny_model_dir, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def plain_cpu_model(tiny_model_dir):
-    """The CPU backend running the same decoder graphs as the emulated engines (no fast decoder)."""
+    """The CPU backend running the same decoder graphs as the emulated engines (no fast decoder), and preprocessing
+    as the TensorRT backend does, in numpy (the CPU backend's own preprocess.onnx differs from it by ~1e-6)."""
     from sam2rt.manifest import Manifest
     from sam2rt.runtime import Sam2Model
+    from sam2rt.runtime.backends.base import Backend
     from sam2rt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
+    class NumpyPreprocessing(OnnxRuntimeBackend):
+        preprocess = Backend.preprocess
+
     manifest = Manifest.load(tiny_model_dir)
-    return Sam2Model(manifest, OnnxRuntimeBackend(manifest, "onnxruntime-cpu", fast_decoder=False))
+    return Sam2Model(manifest, NumpyPreprocessing(manifest, "onnxruntime-cpu", fast_decoder=False))
 
 
 @pytest.fixture

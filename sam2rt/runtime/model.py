@@ -22,6 +22,10 @@ from .prompts import CheckedPrompt, Prompt, check_prompt_batch
 log = logging.getLogger("sam2rt")
 
 
+_NO_MASK = np.zeros((1, 1, LOW_RES_SIZE, LOW_RES_SIZE), np.float32)  # mask_input of prompts without a mask
+_NO_MASK.setflags(write=False)
+
+
 @dataclass
 class Masks:
     """Decoded masks for B prompts with C masks each (C = 3 with multimask_output, else 1).
@@ -128,7 +132,9 @@ class Sam2Model:
                 # (and the same masks) wherever it lives.
             if prepared:
                 features = {**features, **prepared}
-            mask = np.zeros((b, 1, LOW_RES_SIZE, LOW_RES_SIZE), np.float32)
+            # a read-only view, not 256 KiB of zeros per prompt (the decoders of plain prompts never read it; a
+            # backend that feeds it to a graph makes it contiguous: Backend.decode's contract)
+            mask = np.broadcast_to(_NO_MASK, (b, 1, LOW_RES_SIZE, LOW_RES_SIZE))
             has_mask = np.zeros((b,), np.float32)
         else:
             if mask_input.shape[0] not in (1, b):

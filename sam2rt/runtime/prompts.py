@@ -24,6 +24,12 @@ def _as_float_array(value: object, name: str) -> np.ndarray:
     return arr
 
 
+def valid_labels(labels: np.ndarray) -> np.ndarray:
+    """Elementwise: the label is one of VALID_LABELS, the integers -1..3 (np.isin's test; np.isin sorts, ~40 us
+    a click)."""
+    return (labels == np.floor(labels)) & (labels >= VALID_LABELS[0]) & (labels <= VALID_LABELS[-1])
+
+
 def check_points(coords: object, labels: object) -> tuple[np.ndarray, np.ndarray]:
     """Validate (N,2) or (B,N,2) coordinates with (N,) or (B,N) labels; returns (B,N,2), (B,N)."""
     if labels is None:
@@ -41,7 +47,7 @@ def check_points(coords: object, labels: object) -> tuple[np.ndarray, np.ndarray
             f"point_labels shape {np.shape(labels)} does not match point_coords shape {np.shape(coords)}: "
             "give one label per point"
         )
-    bad = ~np.isin(lab, VALID_LABELS)
+    bad = ~valid_labels(lab)
     if bad.any():
         raise InvalidPromptError(
             f"point_labels must be in {{-1, 0, 1, 2, 3}} (1 foreground, 0 background, 2/3 box corners, "
@@ -208,7 +214,7 @@ def check_prompt_batch(prompts: list[Prompt], orig_hw: tuple[int, int]) -> list[
     for arr in (coords, labels, boxes):
         if arr is not None and not np.all(np.isfinite(arr)):
             return None
-    if labels is not None and not np.isin(labels, VALID_LABELS).all():
+    if labels is not None and not valid_labels(labels).all():
         return None
     corners = [] if coords is None else [coords.reshape(-1, 2)]
     if boxes is not None:

@@ -145,7 +145,9 @@ class Backend(abc.ABC):
     ) -> tuple[np.ndarray, np.ndarray]:
         """One decoder pass over a batch of B prompts in the 1024 input frame -> host low_res_masks (B,4,256,256)
         and iou_predictions (B,4). `features` holds FEATURE_NAMES (host or this backend's device) and may
-        hold prepare()'s tensors too."""
+        hold prepare()'s tensors too. `mask_input` (B,1,256,256) float32 may be a read-only broadcast view (the
+        zeros of prompts without a mask, has_mask_input 0): a backend that feeds it to a graph makes it
+        contiguous (np.ascontiguousarray) first."""
 
     def postprocess(self, low_res: np.ndarray, iou: np.ndarray, request: MaskRequest) -> DecodedMasks:
         """The four tokens -> the requested masks, scores and clamped low-res logits (host numpy path)."""

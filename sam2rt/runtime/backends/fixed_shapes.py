@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import lru_cache
 from typing import Any, Callable
 
 import numpy as np
@@ -84,8 +85,8 @@ SessionFactory = Callable[[bool, dict[str, int]], Any]
 
 
 def _shape(value: Any) -> tuple[int, ...]:
-    shape = value.shape() if callable(getattr(value, "shape", None)) else value.shape
-    return tuple(int(d) for d in shape)
+    shape = value.shape
+    return tuple(shape()) if callable(shape) else tuple(shape)  # numpy's and ONNX Runtime's dimensions are ints
 
 
 def fixed_dims(symbolic: dict[str, list[Any]], shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
@@ -113,6 +114,7 @@ def relative_difference(got: list[np.ndarray], want: list[np.ndarray]) -> float:
     return diff / scale
 
 
+@lru_cache(maxsize=256)  # asked on every merged decode (OrtDeviceBackend checks whether its signature was refused)
 def status_key(sig: Signature) -> str:
     """How `status` names a signature: its input shapes, and the outputs asked for where not all."""
     shapes, outputs = sig
