@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                                lambda t=threads: session_options(t, False, mem_pattern=False))
         for h, w in SIZES:
             img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-            graph = _median_ms(lambda: pipeline.preprocess_to_host(img, 1024), args.runs)
-            host = _median_ms(lambda: preprocess(img, 1024), args.runs)
+            graph = _median_ms(lambda p=pipeline, x=img: p.preprocess_to_host(x, 1024), args.runs)
+            host = _median_ms(lambda x=img: preprocess(x, 1024), args.runs)
             diff = float(np.abs(pipeline.preprocess_to_host(img, 1024) - preprocess(img, 1024)).max())
             print(f"| {threads} | {w}x{h} | {host:.1f} | {graph:.1f} | {host / graph:.2f} | {diff:.1e} |")
         pipeline.close()
