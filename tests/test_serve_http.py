@@ -669,7 +669,11 @@ def test_load_32_clients_8_images(real_server: Server, real_astro: dict, sam2rt_
             await asyncio.sleep(0.2)
 
     async def main() -> tuple[list[float], list[float], float, float]:
-        limits = httpx.Limits(max_connections=LOAD_CLIENTS, max_keepalive_connections=LOAD_CLIENTS)
+        # idle connections are dropped by the client before the server's keep-alive (5 s) closes them: a request sent
+        # on a connection the server is closing at that moment is reset unanswered (httpx.ReadError), a race of the
+        # transport, not an answer of the server's (httpx's default expiry is the server's 5 s, so the race was open
+        # whenever a first-round client waited ~5 s for the others on a loaded machine)
+        limits = httpx.Limits(max_connections=LOAD_CLIENTS, max_keepalive_connections=LOAD_CLIENTS, keepalive_expiry=1.0)
         async with httpx.AsyncClient(timeout=300, limits=limits) as client:
             stop = asyncio.Event()
             sampler = asyncio.create_task(sample_rss(stop))
