@@ -201,7 +201,7 @@ def bench_sam2rt(model_dir: Path, backend: str, images: dict[str, np.ndarray], r
         out[f"end_to_end_{key}"] = timed(end_to_end, runs, warmup)
     out["_parts"] = {"decode_1": decode_parts(model, lambda: model.decode(emb, prompt), runs),
                      "decode_16": decode_parts(model, lambda: model.decode(emb, boxes, multimask_output=False), runs)}
-    out.update(measures_off(model, emb, prompt, boxes, low, iou, images["1080"].shape[:2], runs, warmup))
+    out.update(measures_off(model, emb, prompt, boxes, low, iou, images["1080"].shape[:2], runs, warmup, images))
     two_graphs = out.pop("_parts_two_graphs", None)
     if two_graphs:
         out["_parts"]["decode_1_two_graphs"] = two_graphs
@@ -248,9 +248,10 @@ def decode_parts(model: Any, fn: Callable[[], Any], runs: int) -> dict[str, floa
 
 
 def measures_off(model: Any, emb: Any, prompt: Any, boxes: list, low: Any, iou: Any, hw_1080: tuple[int, int],
-                 runs: int, warmup: int) -> dict[str, Any]:
+                 runs: int, warmup: int, images: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Stages once more with one measure of the device path off, side by side in the same run (what each brings):
-    the 1080p postprocessing with pageable instead of page-locked results; one click and 16 boxes as the decoder's and
+    the 1080p postprocessing with pageable instead of page-locked results; the preprocessing of `images` uploaded
+    from the caller's pageable array instead of through a page-locked block; one click and 16 boxes as the decoder's and
     the postprocessing's runs instead of the merged decode graph's one (and where the time of the click went then);
     one click in two graphs with the postprocessing run as plain ONNX Runtime sessions instead of captured CUDA
     graphs; 16 boxes through decoder_nomask instead of the batched fast decoder. Only where the backend has the
@@ -265,6 +266,13 @@ def measures_off(model: Any, emb: Any, prompt: Any, boxes: list, low: Any, iou: 
                                                      runs, warmup)
         finally:
             pipeline.pinned = pool
+        pipeline.pinned_uploads = False
+        try:
+            for key, img in (images or {}).items():
+                out[f"preprocess_{key}_pageable_upload"] = timed(
+                    lambda img=img: model.backend.preprocess(img, model.image_size), runs, warmup)
+        finally:
+            pipeline.pinned_uploads = True
     backend = model.backend
     merged = bool(getattr(backend, "use_merged_decode", False))
     try:

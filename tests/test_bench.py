@@ -326,7 +326,8 @@ def test_gpu_bench_reference_checkpoint_is_marked_random(tiny_model_dir, tmp_pat
 
 
 def test_gpu_bench_times_the_device_measures_off_in_the_same_run(tiny_model_dir, monkeypatch):
-    """On a GPU, gpu_bench.py times the 1080p postprocessing with pageable results, one click and 16 boxes in two
+    """On a GPU, gpu_bench.py times the 1080p postprocessing with pageable results, the preprocessing with pageable
+    uploads, one click and 16 boxes in two
     graphs instead of the merged one, one click with the postprocessing uncaptured and 16 boxes on decoder_nomask,
     beside the stages with every measure on; here on the
     CPU provider with fixed buffers and emulated cuda-python. Each measure is back on afterwards; a backend
@@ -354,14 +355,16 @@ def test_gpu_bench_times_the_device_measures_off_in_the_same_run(tiny_model_dir,
     prompt = Prompt(points=np.array([[100.0, 80.0]]), labels=np.array([1]))
     low, iou = model.decode_raw(emb, np.array([[[400.0, 300.0], [0, 0]]], np.float32), np.array([[1, -1]], np.float32), None)
     boxes = [Prompt(box=np.array([10.0 * i, 5.0, 200.0 + i, 150.0])) for i in range(16)]
-    out = gpu_bench.measures_off(model, emb, prompt, boxes, low, iou, (1080, 1920), 2, 1)
+    images = {"512": coffee, "1080": np.zeros((1080, 1920, 3), np.uint8)}
+    out = gpu_bench.measures_off(model, emb, prompt, boxes, low, iou, (1080, 1920), 2, 1, images)
     two_graphs = out.pop("_parts_two_graphs")  # where the click's time went in two graphs
     assert set(two_graphs) == {"decoder upload", "decoder replay", "postprocess_multi load", "postprocess_multi replay",
                                "postprocess_multi out", "rest"}, two_graphs
-    assert set(out) == {"postprocess_1080_pageable", "decode_1_two_graphs", "decode_16_two_graphs",
-                        "decode_1_postprocess_uncaptured", "decode_16_nomask"}
+    assert set(out) == {"postprocess_1080_pageable", "preprocess_512_pageable_upload", "preprocess_1080_pageable_upload",
+                        "decode_1_two_graphs", "decode_16_two_graphs", "decode_1_postprocess_uncaptured", "decode_16_nomask"}
     assert all(0 < r["p50_ms"] <= r["p99_ms"] and r["runs"] == 2 for r in out.values())
     assert model.backend._pipeline.pinned is pool and model.backend._pipeline.fixed_buffers
+    assert model.backend._pipeline.pinned_uploads
     assert model.backend.fast_prompts is None and model.backend.use_merged_decode  # every measure back on
     # the two-graph stage ran the fast decoder's fixed buffers, the nomask stage decoder_nomask's, for the 16 boxes
     assert {key[0] for key in model.backend._captured if isinstance(key, tuple) and key[1] == 16} == \

@@ -156,3 +156,37 @@ def test_a_pipeline_whose_pinned_copy_fails_returns_the_same_numbers_unpinned(cu
         np.testing.assert_array_equal(got.masks, want[0])
         np.testing.assert_array_equal(got.low_res_logits, want[1])
     assert pipe.replays > 0 and pipe.pinned is None and not _pinned(got.masks)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_images_go_up_through_a_pinned_block_with_the_same_numbers(cudart, fixed):
+    """An image of UPLOAD_PIN_BYTES and more is copied into a page-locked block and uploaded from there (plain
+    sessions and fixed buffers): the same preprocessing as without, one block reused call after call and back in the
+    pool when the call returns; a smaller image, or `pinned_uploads` off, goes up as it is."""
+    import onnxruntime as ort
+
+    from sam2rt.runtime.backends.fixed_shapes import CAPTURE_AFTER
+    from sam2rt.runtime.backends.onnxruntime_backend import session_options
+    from sam2rt.runtime.backends.ort_pipeline import UPLOAD_PIN_BYTES, OrtPipeline
+
+    def make(pinned: bool) -> OrtPipeline:
+        return OrtPipeline(ort, ["CPUExecutionProvider"], "cpu", 0, lambda: session_options(2), fixed_buffers=fixed,
+                           pinned_results=pinned)
+
+    staged, plain = make(True), make(False)
+    pool = staged.pinned
+    rng = np.random.default_rng(5)
+    big = rng.integers(0, 256, (1080, 1920, 3), np.uint8)  # 6 MB
+    small = rng.integers(0, 256, (200, 300, 3), np.uint8)  # 180 KB
+    assert small.nbytes < UPLOAD_PIN_BYTES <= big.nbytes
+    for i in range(CAPTURE_AFTER + 2):
+        img = big if i % 2 == 0 else 255 - big  # new pixels each call: a stale block would show
+        got = staged.preprocess(img, 1024).numpy()
+        np.testing.assert_array_equal(got, plain.preprocess(img, 1024).numpy())
+        assert pool.allocations == 1 and pool.cached == 1, (pool.allocations, pool.cached)
+    np.testing.assert_array_equal(staged.preprocess(small, 1024).numpy(), plain.preprocess(small, 1024).numpy())
+    assert pool.allocations == 1  # under UPLOAD_PIN_BYTES: no block
+    staged.pinned_uploads = False
+    np.testing.assert_array_equal(staged.preprocess(big[:540], 1024).numpy(), plain.preprocess(big[:540], 1024).numpy())
+    assert pool.allocations == 1  # staging off: no block for the new size either
+    staged.close()

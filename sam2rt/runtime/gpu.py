@@ -262,10 +262,12 @@ class PinnedPool:
         # reentrant: a block whose last array is collected while this thread allocates returns itself here
         self._lock = threading.RLock()
 
-    def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray | None:
+    def empty(self, shape: tuple[int, ...], dtype: Any, min_bytes: int | None = None) -> np.ndarray | None:
+        """A page-locked array, or None where a bound says no. `min_bytes`: this call's threshold instead of the
+        pool's (an upload staged through a block pays off on smaller arrays than a result does)."""
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if nbytes < self.min_bytes:
+        if nbytes < (self.min_bytes if min_bytes is None else int(min_bytes)) or nbytes == 0:
             return None
         with self._lock:
             if self._closed or self._in_use.get(nbytes, 0) >= self.per_size:

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..postprocess import _linear_taps
+from ..host_copy import parallel_copy
 from ..preprocess import _OFFSET, _SCALE, resize_windows
 from .base import DecodedMasks, MaskRequest
 from .bound_session import BoundSession
@@ -44,6 +45,10 @@ STATIC_INPUTS = {"preprocess": (*RESIZE_INPUTS, "scale", "offset"), "postprocess
                  "postprocess_multi": TAP_NAMES, "upsample": TAP_NAMES}
 FIXED_SHAPES_PER_GRAPH = 4  # e.g. one click and a batch of boxes, at two image sizes
 FIXED_BUFFER_BYTES = 64 * 2**20  # three 1920x1080 float masks fit (25 MB); larger runs are bound by their copies
+# An image of this many bytes or more goes up through a page-locked block (`pinned_uploads`): a 512x512 image
+# (768 KiB) and a 640x480 video frame included. A copy from pageable memory runs at a fraction of the bus's speed
+# (~5 GB/s measured on the H100 host, benchmarks/README.md); the block is filled on several threads (host_copy.py).
+UPLOAD_PIN_BYTES = 256 * 2**10
 
 
 def graph_sha256(name: str) -> str:
@@ -112,7 +117,9 @@ class OrtPipeline:
     sessions (module docstring), replayed as CUDA graphs where `cuda_graphs` and the provider allow.
     `pinned_results`: masks and logits of 1 MiB and more come down into page-locked arrays of a PinnedPool
     (runtime/gpu.py: a copy into pageable memory runs at a fraction of the bus's speed); None: on a CUDA device
-    where cuda-python is installed. The CPU provider runs the same graphs, every way: that is how CI tests them.
+    where cuda-python is installed. The same pool stages images of UPLOAD_PIN_BYTES and more on their way up while
+    `pinned_uploads` is on (the default; the GPU benchmark turns it off to time what it brings). The CPU provider
+    runs the same graphs, every way: that is how CI tests them.
     """
 
     def __init__(self, ort: Any, providers: list, ort_device: str, device_id: int, session_options,
@@ -132,6 +139,7 @@ class OrtPipeline:
         self._calls = 0  # the fixed-shape sessions' clock: one tick per pipeline call
         self.pinned = self._pinned_pool(ort_device == "cuda" if pinned_results is None else pinned_results,
                                         required=bool(pinned_results))
+        self.pinned_uploads = True
 
     @staticmethod
     def _pinned_pool(wanted: bool, required: bool) -> Any:
@@ -150,6 +158,18 @@ class OrtPipeline:
     def _allocate(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray | None:
         pool = self.pinned
         return self._pinning(lambda: pool.empty(shape, dtype)) if pool is not None else None
+
+    def _staged(self, image: np.ndarray) -> np.ndarray:
+        """`image` (contiguous) or, where the pool gives a block, a page-locked copy of it to upload from: the copy to
+        the device then runs at the bus's speed. The block goes back to the pool once the caller drops the copy."""
+        pool = self.pinned
+        if pool is None or not self.pinned_uploads:
+            return image
+        block = self._pinning(lambda: pool.empty(image.shape, image.dtype, min_bytes=UPLOAD_PIN_BYTES))
+        if block is None:
+            return image
+        parallel_copy(block, image)
+        return block
 
     def _download(self, value: Any, dtype: np.dtype) -> np.ndarray | None:
         from ..gpu import download
@@ -274,7 +294,7 @@ class OrtPipeline:
     def preprocess(self, image_rgb: np.ndarray, size: int, out: Any | None = None) -> Any:
         """uint8 HxWx3 RGB (host) -> normalised (1,3,size,size) float32 OrtValue on the device (into `out` if given)."""
         h, w = int(image_rgb.shape[0]), int(image_rgb.shape[1])
-        feeds = {"image": np.ascontiguousarray(image_rgb, dtype=np.uint8), **self._resize((h, w, size)),
+        feeds = {"image": self._staged(np.ascontiguousarray(image_rgb, dtype=np.uint8)), **self._resize((h, w, size)),
                  "scale": self._const("scale", _SCALE.reshape(3, 1, 1)),
                  "offset": self._const("offset", _OFFSET.reshape(3, 1, 1))}
         if self.fixed_buffers and out is None:
