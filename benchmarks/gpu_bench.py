@@ -42,6 +42,7 @@ from typing import Any, Callable
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+OLD_PIN_MIN_BYTES = 2**20  # PinnedPool's threshold until run 8, timed beside today's (measures_off)
 BACKENDS = ("onnxruntime-cuda:fp32", "onnxruntime-cuda:tf32", "onnxruntime-cuda:fp16")
 # Issue 11's targets for hiera_tiny on an H100/H200 (recorded beside the measurements, not asserted).
 TARGETS = {
@@ -64,6 +65,10 @@ STAGES = {
     "postprocess_512 / postprocess_1080": "sam2rt Sam2Model.finish: 4 tokens (host) -> 3 float32 0/1 masks on the host",
     "end_to_end_512 / end_to_end_1080": "Predictor.set_image + predict(1 click) from an RGB uint8 image",
     "postprocess_1080_pageable": "postprocess_1080 with pageable instead of page-locked results (same run; GPU only)",
+    "preprocess_512_pageable_upload / preprocess_1080_pageable_upload": "preprocess_512 / preprocess_1080 uploading "
+    "from the caller's pageable array instead of through a page-locked block (same run; GPU only)",
+    "decode_1_pinned_from_1mib": "decode_1 with results pinned from 1 MiB (the threshold until run 8: a click's "
+    "768 KiB masks and logits come down pageable) instead of 256 KiB (same run; GPU only)",
     "decode_1_two_graphs / decode_16_two_graphs": "decode_1 / decode_16 as the decoder's and the postprocessing's runs, "
     "each captured, instead of the merged decode graph's one (same run; exports with the merged graphs)",
     "decode_1_postprocess_uncaptured": "decode_1 in two graphs with the postprocessing not captured as a CUDA graph (same run; GPU only)",
@@ -213,7 +218,7 @@ def bench_sam2rt(model_dir: Path, backend: str, images: dict[str, np.ndarray], r
     out["_cuda_graphs"]["merged_decode"] = getattr(model.backend, "merged_decode", "n/a")
     # the pre/postprocessing graphs' captured shapes (one per image size, prompt count and output): counted by outcome
     pipeline = getattr(model.backend, "_pipeline", None)
-    if pipeline is not None:  # masks of 1 MiB and more into page-locked arrays (runtime/gpu.py PinnedPool)?
+    if pipeline is not None:  # results (and uploads) of 256 KiB and more through page-locked arrays (runtime/gpu.py PinnedPool)?
         out["_cuda_graphs"]["pinned_results"] = "on" if pipeline.pinned is not None else "off"
     for graph, shapes in getattr(model.backend, "pipeline_graphs", {}).items():
         outcomes = [v.split(":")[0] for v in shapes.values()]
@@ -251,7 +256,8 @@ def measures_off(model: Any, emb: Any, prompt: Any, boxes: list, low: Any, iou: 
                  runs: int, warmup: int, images: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Stages once more with one measure of the device path off, side by side in the same run (what each brings):
     the 1080p postprocessing with pageable instead of page-locked results; the preprocessing of `images` uploaded
-    from the caller's pageable array instead of through a page-locked block; one click and 16 boxes as the decoder's and
+    from the caller's pageable array instead of through a page-locked block; one click with results pinned from
+    1 MiB (the threshold until run 8) instead of 256 KiB; one click and 16 boxes as the decoder's and
     the postprocessing's runs instead of the merged decode graph's one (and where the time of the click went then);
     one click in two graphs with the postprocessing run as plain ONNX Runtime sessions instead of captured CUDA
     graphs; 16 boxes through decoder_nomask instead of the batched fast decoder. Only where the backend has the
@@ -273,6 +279,11 @@ def measures_off(model: Any, emb: Any, prompt: Any, boxes: list, low: Any, iou: 
                     lambda img=img: model.backend.preprocess(img, model.image_size), runs, warmup)
         finally:
             pipeline.pinned_uploads = True
+        threshold, pipeline.pinned.min_bytes = pipeline.pinned.min_bytes, OLD_PIN_MIN_BYTES
+        try:  # a click's masks and logits (768 KiB each) came down pageable under the old threshold
+            out["decode_1_pinned_from_1mib"] = timed(lambda: model.decode(emb, prompt), runs, warmup)
+        finally:
+            pipeline.pinned.min_bytes = threshold
     backend = model.backend
     merged = bool(getattr(backend, "use_merged_decode", False))
     try:

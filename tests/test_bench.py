@@ -361,10 +361,10 @@ def test_gpu_bench_times_the_device_measures_off_in_the_same_run(tiny_model_dir,
     assert set(two_graphs) == {"decoder upload", "decoder replay", "postprocess_multi load", "postprocess_multi replay",
                                "postprocess_multi out", "rest"}, two_graphs
     assert set(out) == {"postprocess_1080_pageable", "preprocess_512_pageable_upload", "preprocess_1080_pageable_upload",
-                        "decode_1_two_graphs", "decode_16_two_graphs", "decode_1_postprocess_uncaptured", "decode_16_nomask"}
+                        "decode_1_pinned_from_1mib", "decode_1_two_graphs", "decode_16_two_graphs", "decode_1_postprocess_uncaptured", "decode_16_nomask"}
     assert all(0 < r["p50_ms"] <= r["p99_ms"] and r["runs"] == 2 for r in out.values())
     assert model.backend._pipeline.pinned is pool and model.backend._pipeline.fixed_buffers
-    assert model.backend._pipeline.pinned_uploads
+    assert model.backend._pipeline.pinned_uploads and pool.min_bytes == gpu.PIN_MIN_BYTES
     assert model.backend.fast_prompts is None and model.backend.use_merged_decode  # every measure back on
     # the two-graph stage ran the fast decoder's fixed buffers, the nomask stage decoder_nomask's, for the 16 boxes
     assert {key[0] for key in model.backend._captured if isinstance(key, tuple) and key[1] == 16} == \

@@ -160,14 +160,14 @@ def test_a_pipeline_whose_pinned_copy_fails_returns_the_same_numbers_unpinned(cu
 
 @pytest.mark.parametrize("fixed", [False, True])
 def test_images_go_up_through_a_pinned_block_with_the_same_numbers(cudart, fixed):
-    """An image of UPLOAD_PIN_BYTES and more is copied into a page-locked block and uploaded from there (plain
+    """An image of the pool's min_bytes and more is copied into a page-locked block and uploaded from there (plain
     sessions and fixed buffers): the same preprocessing as without, one block reused call after call and back in the
     pool when the call returns; a smaller image, or `pinned_uploads` off, goes up as it is."""
     import onnxruntime as ort
 
     from sam2rt.runtime.backends.fixed_shapes import CAPTURE_AFTER
     from sam2rt.runtime.backends.onnxruntime_backend import session_options
-    from sam2rt.runtime.backends.ort_pipeline import UPLOAD_PIN_BYTES, OrtPipeline
+    from sam2rt.runtime.backends.ort_pipeline import OrtPipeline
 
     def make(pinned: bool) -> OrtPipeline:
         return OrtPipeline(ort, ["CPUExecutionProvider"], "cpu", 0, lambda: session_options(2), fixed_buffers=fixed,
@@ -178,15 +178,39 @@ def test_images_go_up_through_a_pinned_block_with_the_same_numbers(cudart, fixed
     rng = np.random.default_rng(5)
     big = rng.integers(0, 256, (1080, 1920, 3), np.uint8)  # 6 MB
     small = rng.integers(0, 256, (200, 300, 3), np.uint8)  # 180 KB
-    assert small.nbytes < UPLOAD_PIN_BYTES <= big.nbytes
+    assert small.nbytes < pool.min_bytes <= big.nbytes
     for i in range(CAPTURE_AFTER + 2):
         img = big if i % 2 == 0 else 255 - big  # new pixels each call: a stale block would show
         got = staged.preprocess(img, 1024).numpy()
         np.testing.assert_array_equal(got, plain.preprocess(img, 1024).numpy())
         assert pool.allocations == 1 and pool.cached == 1, (pool.allocations, pool.cached)
     np.testing.assert_array_equal(staged.preprocess(small, 1024).numpy(), plain.preprocess(small, 1024).numpy())
-    assert pool.allocations == 1  # under UPLOAD_PIN_BYTES: no block
+    assert pool.allocations == 1  # under min_bytes: no block
     staged.pinned_uploads = False
     np.testing.assert_array_equal(staged.preprocess(big[:540], 1024).numpy(), plain.preprocess(big[:540], 1024).numpy())
     assert pool.allocations == 1  # staging off: no block for the new size either
     staged.close()
+
+
+def test_a_clicks_masks_and_logits_come_down_pinned(cudart):
+    """One click on a 512x512 image: three 512x512 bool masks and three 256x256 logits, 768 KiB each, are over the
+    pool's 256 KiB and come down pinned (under the old 1 MiB threshold they came down pageable); the scores do not."""
+    import onnxruntime as ort
+
+    from sam2rt.runtime.backends import MaskRequest
+    from sam2rt.runtime.backends.onnxruntime_backend import session_options
+    from sam2rt.runtime.backends.ort_pipeline import OrtPipeline
+    from sam2rt.runtime.gpu import PIN_MIN_BYTES
+
+    pipe = OrtPipeline(ort, ["CPUExecutionProvider"], "cpu", 0, lambda: session_options(2), pinned_results=True)
+    plain = OrtPipeline(ort, ["CPUExecutionProvider"], "cpu", 0, lambda: session_options(2), pinned_results=False)
+    rng = np.random.default_rng(4)
+    low = (rng.standard_normal((1, 4, 256, 256)) * 3).astype(np.float32)
+    iou = rng.random((1, 4)).astype(np.float32)
+    request = MaskRequest(True, (512, 512), 0.0)
+    got, ref = pipe.postprocess(low, iou, request), plain.postprocess(low, iou, request)
+    assert got.masks.nbytes == got.low_res_logits.nbytes == 3 * 2**18 and PIN_MIN_BYTES <= got.masks.nbytes < 2**20
+    assert _pinned(got.masks) and _pinned(got.low_res_logits) and not _pinned(got.scores)
+    for a, b in ((got.masks, ref.masks), (got.scores, ref.scores), (got.low_res_logits, ref.low_res_logits)):
+        np.testing.assert_array_equal(a, b)
+    pipe.close()

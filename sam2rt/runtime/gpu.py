@@ -234,8 +234,15 @@ class _PinnedBlock:
             pass
 
 
+# Arrays under this many bytes are copied to and from pageable memory. At 256 KiB a click's three 512x512 masks and
+# its low-res logits (768 KiB each), a 512x512 image and a 640x480 video frame (768 and 900 KiB), and a tracked
+# object's 640x480 mask (300 KiB) are pinned. Run 8 (H200) measured 0.22 ms for a click's outputs to come down into
+# pageable arrays (the threshold was 1 MiB then); gpu_bench.py times that threshold beside this one.
+PIN_MIN_BYTES = 256 * 2**10
+
+
 class PinnedPool:
-    """A caching allocator of page-locked host arrays for device-to-host results.
+    """A caching allocator of page-locked host arrays for device-to-host results and host-to-device uploads.
 
     Why: a copy into pageable memory runs at a fraction of the bus's speed (the driver stages it through its own
     pinned buffers). On the H100 three 1920x1080 float masks took ~5 ms to come down (benchmarks/README.md), the
@@ -250,7 +257,7 @@ class PinnedPool:
     then uses pageable memory. Arrays under `min_bytes` are not worth a block (None as well).
     """
 
-    def __init__(self, max_bytes: int = 512 * 2**20, per_size: int = 4, min_bytes: int = 2**20) -> None:
+    def __init__(self, max_bytes: int = 512 * 2**20, per_size: int = 4, min_bytes: int = PIN_MIN_BYTES) -> None:
         self._cudart = import_cudart()
         self.max_bytes, self.per_size, self.min_bytes = int(max_bytes), int(per_size), int(min_bytes)
         self._free: dict[int, list[int]] = {}  # nbytes -> free block pointers
@@ -262,12 +269,11 @@ class PinnedPool:
         # reentrant: a block whose last array is collected while this thread allocates returns itself here
         self._lock = threading.RLock()
 
-    def empty(self, shape: tuple[int, ...], dtype: Any, min_bytes: int | None = None) -> np.ndarray | None:
-        """A page-locked array, or None where a bound says no. `min_bytes`: this call's threshold instead of the
-        pool's (an upload staged through a block pays off on smaller arrays than a result does)."""
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray | None:
+        """A page-locked array, or None where a bound says no."""
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if nbytes < (self.min_bytes if min_bytes is None else int(min_bytes)) or nbytes == 0:
+        if nbytes < self.min_bytes or nbytes == 0:
             return None
         with self._lock:
             if self._closed or self._in_use.get(nbytes, 0) >= self.per_size:

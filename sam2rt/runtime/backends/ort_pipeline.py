@@ -45,10 +45,6 @@ STATIC_INPUTS = {"preprocess": (*RESIZE_INPUTS, "scale", "offset"), "postprocess
                  "postprocess_multi": TAP_NAMES, "upsample": TAP_NAMES}
 FIXED_SHAPES_PER_GRAPH = 4  # e.g. one click and a batch of boxes, at two image sizes
 FIXED_BUFFER_BYTES = 64 * 2**20  # three 1920x1080 float masks fit (25 MB); larger runs are bound by their copies
-# An image of this many bytes or more goes up through a page-locked block (`pinned_uploads`): a 512x512 image
-# (768 KiB) and a 640x480 video frame included. A copy from pageable memory runs at a fraction of the bus's speed
-# (~5 GB/s measured on the H100 host, benchmarks/README.md); the block is filled on several threads (host_copy.py).
-UPLOAD_PIN_BYTES = 256 * 2**10
 
 
 def graph_sha256(name: str) -> str:
@@ -115,11 +111,12 @@ class OrtPipeline:
     `ort_device` is ONNX Runtime's device name for OrtValues ("cuda" or "cpu"); `providers` the session
     providers (with options). `fixed_buffers`: run preprocess / postprocess / upsample_masks through fixed-shape
     sessions (module docstring), replayed as CUDA graphs where `cuda_graphs` and the provider allow.
-    `pinned_results`: masks and logits of 1 MiB and more come down into page-locked arrays of a PinnedPool
-    (runtime/gpu.py: a copy into pageable memory runs at a fraction of the bus's speed); None: on a CUDA device
-    where cuda-python is installed. The same pool stages images of UPLOAD_PIN_BYTES and more on their way up while
-    `pinned_uploads` is on (the default; the GPU benchmark turns it off to time what it brings). The CPU provider
-    runs the same graphs, every way: that is how CI tests them.
+    `pinned_results`: masks and logits of the pool's `min_bytes` (256 KiB) and more come down into page-locked arrays
+    of a PinnedPool (runtime/gpu.py: a copy into pageable memory runs at a fraction of the bus's speed); None: on a
+    CUDA device where cuda-python is installed. The same pool stages images as large on their way up while
+    `pinned_uploads` is on (the default; the GPU benchmark turns it off to time what it brings): the image is copied
+    into a block on a few threads (host_copy.py) and the device reads it from there. The CPU provider runs the same
+    graphs, every way: that is how CI tests them.
     """
 
     def __init__(self, ort: Any, providers: list, ort_device: str, device_id: int, session_options,
@@ -165,7 +162,7 @@ class OrtPipeline:
         pool = self.pinned
         if pool is None or not self.pinned_uploads:
             return image
-        block = self._pinning(lambda: pool.empty(image.shape, image.dtype, min_bytes=UPLOAD_PIN_BYTES))
+        block = self._pinning(lambda: pool.empty(image.shape, image.dtype))
         if block is None:
             return image
         parallel_copy(block, image)
