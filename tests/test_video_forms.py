@@ -106,3 +106,45 @@ def test_video_forms_refuses_a_first_timed_frame_past_the_last(tiny_video_dir: P
         video_forms.main([str(tiny_video_dir), "--out", str(tmp_path), "--frames", "5", "--settled", "9"])
     assert exc.value.code == 2 and "--settled 9 must be between 1 and --frames 5" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_role_attention_asks_the_cuda_provider_for_one_kernel_in_the_named_roles(tiny_video_dir: Path, monkeypatch):
+    """The memory attention's sessions (its plain one and the fixed-dimension ones made once its shapes settle) ask
+    for cuDNN's kernel; every other graph for the default. On the CPU provider the CUDA options are made and not used,
+    so what is checked is which options each session would take. An unknown role or kernel is refused."""
+    import numpy as np
+
+    from sam2rt.errors import InputError
+    from sam2rt.manifest import Manifest
+    from sam2rt.runtime import Sam2Model, VideoTracker
+    from sam2rt.runtime.backends import onnxruntime_backend
+    from sam2rt.runtime.video.graphs import VideoGraphs
+    from test_video import BOX_PROMPT, pan_clip
+
+    asked: list[tuple[str | None, dict[str, str]]] = []
+    real = onnxruntime_backend.cuda_provider_options
+
+    def spy(*args, **kwargs):
+        options = real(*args, **kwargs)
+        asked.append((kwargs.get("attention"), options))
+        return options
+
+    monkeypatch.setattr(onnxruntime_backend, "cuda_provider_options", spy)
+    m = Manifest.load(tiny_video_dir)
+    graphs = VideoGraphs(m, "onnxruntime-cpu", fixed_buffers=True, role_attention={"memory_attention": "cudnn"})
+    plain = len(asked)
+    assert [a for a, _ in asked].count("cudnn") == 1 and plain == len(graphs.entries) + 3  # + copy, bank write/gather
+    tracker = VideoTracker(Sam2Model.from_dir(tiny_video_dir, backend="onnxruntime-cpu"), graphs, fill_hole_area=0)
+    frames, _ = pan_clip(6)
+    tracker.add_prompt(1, frame=frames[0], **BOX_PROMPT)
+    for frame in frames[1:]:
+        tracker.track(frame)
+    fixed = asked[plain:]  # the fixed-dimension sessions made as shapes settled: the memory attention's ask for cuDNN
+    assert fixed and any(a == "cudnn" for a, _ in fixed)
+    for attention, options in asked:
+        assert (options.get("sdpa_kernel") == "8") == (attention == "cudnn"), (attention, options)
+    assert np.isfinite(tracker.low_res_logits[1]).all()
+    with pytest.raises(InputError, match="attention kernels default, flash, efficient, cudnn, math"):
+        VideoGraphs(m, "onnxruntime-cpu", role_attention={"memory_attention": "fastest"})
+    with pytest.raises(InputError, match="roles are memory_encoder"):
+        VideoGraphs(m, "onnxruntime-cpu", role_attention={"encoder": "cudnn"})

@@ -44,6 +44,10 @@ CONFIGS_GPU: dict[str, Config] = {
     "fp16, tf32 decoder and memory encoder": ("fp16", {"track_decoder": "tf32", "memory_encoder": "tf32"}),
     # the memory encoder's plain run beside its CUDA graph (run 6: the memory stage took ~11 ms in every precision)
     "fp16, memory encoder uncaptured": ("fp16", {}, {"plain_slots": ("memory_encoder",)}),
+    # the memory attention (4.7 ms of a 10.7 ms frame in run 8) with other attention kernels than ONNX Runtime's own
+    # choice (flash attention where q, k and v share a head size, as in its device form): never measured so far
+    "fp16, memory attention on cuDNN flash": ("fp16", {}, {"role_attention": {"memory_attention": "cudnn"}}),
+    "fp16, memory attention memory-efficient": ("fp16", {}, {"role_attention": {"memory_attention": "efficient"}}),
 }
 CONFIGS_CPU: dict[str, Config] = {  # the same flow on the CPU provider (CI)
     "fp32": ("fp32", {}),

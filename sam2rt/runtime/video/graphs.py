@@ -14,7 +14,7 @@ import numpy as np
 from ...errors import InputError, ManifestError
 from ...graph_table import VIDEO_CPU_SLOTS, VIDEO_DEVICE_SLOTS, VIDEO_FP16_SLOTS, graph_file
 from ...manifest import Manifest
-from ..backends.onnxruntime_backend import OrtDeviceTensor, required_variant, slot_entries
+from ..backends.onnxruntime_backend import SDPA_KERNELS, OrtDeviceTensor, required_variant, slot_entries
 from ..backends.ort_pipeline import GRAPH_DIR
 from .bank import MemoryBank
 from .heads import NO_POINTS_COORDS, NO_POINTS_LABELS, select_track_output, use_multimask
@@ -48,15 +48,17 @@ class VideoGraphs:
     (graph_table's `track_decoder.tracking`) where the export made it in the tracking decoder's precision;
     `tracking_decoder=False` runs track_decoder on them instead, as for exports from before it (video_forms compares
     the two). `plain_slots` names graphs of `fixed_slots` left on their plain session where fixed buffers are on
-    (video_forms times a graph's CUDA graph against its plain run that way). Every file is checked against its sha256
-    before it is loaded.
+    (video_forms times a graph's CUDA graph against its plain run that way). `role_attention` ({role: a key of
+    SDPA_KERNELS}) asks the CUDA provider for one attention kernel in the named roles' MultiHeadAttention nodes (else
+    ONNX Runtime's choice, or SAM2RT_CUDA_ATTENTION's): video_forms times the memory attention's choices. Every file is
+    checked against its sha256 before it is loaded.
     """
 
     def __init__(
         self, manifest: Manifest, backend: str = "onnxruntime-cpu", threads: int | None = None,
         precision: str | None = None, slots: dict[str, tuple[str, tuple[str | None, ...]]] | None = None,
         fixed_buffers: bool | None = None, cuda_graphs: bool = True, role_precision: dict[str, str] | None = None,
-        tracking_decoder: bool = True, plain_slots: tuple[str, ...] = (),
+        tracking_decoder: bool = True, plain_slots: tuple[str, ...] = (), role_attention: dict[str, str] | None = None,
     ) -> None:
         graphs = manifest.data.get("graphs", {})
         if "video" not in manifest.data or any(role not in graphs for role in VIDEO_ROLES):
@@ -73,6 +75,12 @@ class VideoGraphs:
                 raise InputError(f"role_precision: {role!r}: {p!r}; roles are {', '.join(VIDEO_ROLES)}, precisions "
                                  f"{', '.join(PRECISIONS)}")
             self.role_precision[role] = p
+        self.role_attention: dict[str, str] = {}
+        for role, kernel in (role_attention or {}).items():
+            if role not in VIDEO_ROLES or kernel not in SDPA_KERNELS:
+                raise InputError(f"role_attention: {role!r}: {kernel!r}; roles are {', '.join(VIDEO_ROLES)}, attention "
+                                 f"kernels {', '.join(SDPA_KERNELS)}")
+            self.role_attention[role] = kernel
         by_precision = {p: self._entries(manifest, backend, p, on_cpu, slots) for p in set(self.role_precision.values())}
         self.entries = {slot: by_precision[self.role_precision[role]][slot] for slot, role in SLOT_ROLES.items()
                         if slot in by_precision[self.role_precision[role]]}
@@ -87,9 +95,10 @@ class VideoGraphs:
         # fp32 on a GPU: TF32 off, as the image graphs (the CUDA provider's default is TF32 on)
         tf32 = {slot: self.role_precision[SLOT_ROLES[slot]] != "fp32" for slot in self.entries}
         disabled = {slot: tuple(entry.get("ort_disabled_optimizers", ())) for slot, entry in self.entries.items()}
+        attention = {slot: self.role_attention.get(SLOT_ROLES[slot]) for slot in self.entries}
         self.sessions: dict[str, Any] = {
             slot: BoundSession(create_session(paths[slot], backend, threads, tf32=tf32[slot],
-                                              cpu_disabled_optimizers=disabled[slot]))
+                                              cpu_disabled_optimizers=disabled[slot], attention=attention[slot]))
             for slot in self.entries}
         self.device = self.sessions["memory_attention"].device  # "cuda" or "cpu": where device outputs live
         # the graphs run on every tracked frame go through fixed buffers (CUDA graphs) once their shapes settle:
@@ -105,9 +114,9 @@ class VideoGraphs:
                 if role in plain_slots:
                     continue
                 def factory(graph: bool, dims: dict[str, int], path=paths[role], tf32=tf32[role],
-                            disabled=disabled[role]) -> Any:
+                            disabled=disabled[role], kernel=attention[role]) -> Any:
                     return create_session(path, backend, threads, tf32=tf32, graph=graph, dims=dims,
-                                          cpu_disabled_optimizers=disabled)
+                                          cpu_disabled_optimizers=disabled, attention=kernel)
 
                 self.sessions[role] = FixedShapeSession(self.sessions[role], factory, copy, lambda: self.frame,
                                                         self.role_precision[SLOT_ROLES[role]], capture=cuda_graphs,

@@ -28,12 +28,14 @@ VIDEO_PROVIDERS = {
 def create_session(
     path: str | Path, backend: str = "onnxruntime-cpu", threads: int | None = None, tf32: bool = True,
     graph: bool = False, dims: dict[str, int] | None = None, cpu_disabled_optimizers: tuple[str, ...] | list[str] = (),
+    attention: str | None = None,
 ) -> Any:
     """An onnxruntime.InferenceSession for one video graph, on the providers that fit `backend` (`tf32`: whether
     the CUDA provider may use TF32 tensor cores for FP32 products; `graph`: CUDA-graph capture, which ONNX Runtime
     refuses, with an error here, for a graph with a node on the CPU; `dims`: symbolic dimensions fixed, so that
     ONNX Runtime folds the shape arithmetic into constants, as capture needs; `cpu_disabled_optimizers`: ONNX Runtime
-    fusions left out on the CPU provider, as a graph's manifest entry records them in `ort_disabled_optimizers`)."""
+    fusions left out on the CPU provider, as a graph's manifest entry records them in `ort_disabled_optimizers`;
+    `attention`: the CUDA provider's MultiHeadAttention kernel, a key of SDPA_KERNELS, None for the default)."""
     try:
         import onnxruntime as ort
     except ImportError as exc:  # pragma: no cover - depends on the install
@@ -43,7 +45,7 @@ def create_session(
     wanted = VIDEO_PROVIDERS.get(backend.split(":")[0], ["CPUExecutionProvider"])
     available = set(ort.get_available_providers())
     providers: list[Any] = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
-    cuda = cuda_provider_options(tf32=tf32, graph=graph)
+    cuda = cuda_provider_options(tf32=tf32, graph=graph, attention=attention)
     providers = [(p, cuda) if p == "CUDAExecutionProvider" else p for p in providers]
     so = session_options(threads, mem_pattern=False)
     for name, value in (dims or {}).items():
