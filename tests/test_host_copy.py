@@ -59,3 +59,22 @@ def test_a_small_copy_stays_on_the_calling_thread(counting):
     assert counting.parts == 0
     with pytest.raises(ValueError, match="one shape"):
         parallel_copy(np.empty((2, 3)), np.empty((3, 2)))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork on this platform")
+def test_a_forked_child_copies_with_threads_of_its_own():
+    """The copy's threads do not survive a fork: a child that copies after its parent did must not wait for them."""
+    import os
+
+    src = np.random.default_rng(1).integers(0, 256, (1080, 1920, 3), np.uint8)
+    parallel_copy(np.empty_like(src), src, threads=2)  # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:  # child: exit 0 only if the threaded copy finishes and is right
+        import signal
+
+        signal.alarm(20)
+        dst = np.empty_like(src)
+        parallel_copy(dst, src, threads=2)
+        os._exit(0 if np.array_equal(dst, src) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status

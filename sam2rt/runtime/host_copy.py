@@ -26,6 +26,16 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
+def _forget_pool_after_fork() -> None:
+    # a forked child has none of the parent's threads: a pool it inherited would never run a part (a hang)
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def copy_threads() -> int:
     """Threads a large copy uses: the CPUs this process may run on, at most MAX_COPY_THREADS."""
     try:
