@@ -279,11 +279,11 @@ def measures_off(model: Any, emb: Any, prompt: Any, boxes: list, low: Any, iou: 
                     lambda img=img: model.backend.preprocess(img, model.image_size), runs, warmup)
         finally:
             pipeline.pinned_uploads = True
-        threshold, pipeline.pinned.min_bytes = pipeline.pinned.min_bytes, OLD_PIN_MIN_BYTES
+        threshold, pool.min_bytes = pool.min_bytes, OLD_PIN_MIN_BYTES
         try:  # a click's masks and logits (768 KiB each) came down pageable under the old threshold
             out["decode_1_pinned_from_1mib"] = timed(lambda: model.decode(emb, prompt), runs, warmup)
         finally:
-            pipeline.pinned.min_bytes = threshold
+            pool.min_bytes = threshold
     backend = model.backend
     merged = bool(getattr(backend, "use_merged_decode", False))
     try:

@@ -356,7 +356,30 @@ def test_gpu_bench_times_the_device_measures_off_in_the_same_run(tiny_model_dir,
     low, iou = model.decode_raw(emb, np.array([[[400.0, 300.0], [0, 0]]], np.float32), np.array([[1, -1]], np.float32), None)
     boxes = [Prompt(box=np.array([10.0 * i, 5.0, 200.0 + i, 150.0])) for i in range(16)]
     images = {"512": coffee, "1080": np.zeros((1080, 1920, 3), np.uint8)}
+    pipeline = model.backend._pipeline
+    staged_before = pipeline.staging.uploads  # the embed's upload was staged
+    asked = []  # (the pool's threshold, bytes asked for, pinned?) of each result block asked for
+    empty = pool.empty
+
+    def spy(shape, dtype):
+        got = empty(shape, dtype)
+        asked.append((pool.min_bytes, int(np.prod(shape)) * np.dtype(dtype).itemsize, got is not None))
+        return got
+
+    pool.empty = spy
+    real_preprocess, preprocessed = pipeline.preprocess, []
+
+    def count_preprocess(*args, **kwargs):
+        preprocessed.append(pipeline.pinned_uploads)
+        return real_preprocess(*args, **kwargs)
+
+    pipeline.preprocess = count_preprocess
     out = gpu_bench.measures_off(model, emb, prompt, boxes, low, iou, (1080, 1920), 2, 1, images)
+    del pool.empty, pipeline.preprocess
+    # the pageable-upload stages preprocessed both images (1 warm-up + 2 runs each) with staging off
+    assert preprocessed == [False] * 6 and pipeline.staging.uploads == staged_before
+    # the old-threshold stage: a click's 768 KiB masks and logits asked for under 1 MiB and not pinned
+    assert (gpu_bench.OLD_PIN_MIN_BYTES, 3 * 2**18, False) in asked and (gpu.PIN_MIN_BYTES, 3 * 2**18, True) in asked
     two_graphs = out.pop("_parts_two_graphs")  # where the click's time went in two graphs
     assert set(two_graphs) == {"decoder upload", "decoder replay", "postprocess_multi load", "postprocess_multi replay",
                                "postprocess_multi out", "rest"}, two_graphs

@@ -78,3 +78,35 @@ def test_a_forked_child_copies_with_threads_of_its_own():
         os._exit(0 if np.array_equal(dst, src) else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
+def test_overlapping_arrays_and_copies_on_a_copy_thread_stay_whole(counting):
+    """Arrays sharing memory are copied by np.copyto itself (which handles the overlap), and a copy asked for on one
+    of the copy threads runs there whole (its parts would otherwise queue behind the threads that wait for them)."""
+    buf = np.arange(8 * MIN_PART_BYTES // 8, dtype=np.float64)
+    want = buf.copy()
+    want[1:] = buf[:-1].copy()
+    parallel_copy(buf[1:], buf[:-1], threads=4)
+    np.testing.assert_array_equal(buf, want)
+    assert counting.parts == 0
+    src = np.random.default_rng(2).integers(0, 256, (1080, 1920, 3), np.uint8)
+    dst = np.zeros_like(src)
+    counting.submit(parallel_copy, dst, src, 4).result()  # on a copy thread: one submit, the test's own
+    np.testing.assert_array_equal(dst, src)
+    assert counting.parts == 1
+
+
+def test_an_executor_that_refuses_work_leaves_the_rest_to_the_caller(monkeypatch):
+    """At interpreter shutdown the executor refuses new parts: what it has not taken is copied on the calling thread."""
+
+    class Refusing(_CountingPool):
+        def submit(self, fn, *args):
+            if self.parts:
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+            return super().submit(fn, *args)
+
+    monkeypatch.setattr(host_copy, "_executor", lambda: Refusing(host_copy.ThreadPoolExecutor(2)))
+    src = np.random.default_rng(3).integers(0, 256, (2160, 3840, 3), np.uint8)
+    dst = np.zeros_like(src)
+    parallel_copy(dst, src, threads=4)
+    np.testing.assert_array_equal(dst, src)

@@ -160,9 +160,10 @@ def test_a_pipeline_whose_pinned_copy_fails_returns_the_same_numbers_unpinned(cu
 
 @pytest.mark.parametrize("fixed", [False, True])
 def test_images_go_up_through_a_pinned_block_with_the_same_numbers(cudart, fixed):
-    """An image of the pool's min_bytes and more is copied into a page-locked block and uploaded from there (plain
-    sessions and fixed buffers): the same preprocessing as without, one block reused call after call and back in the
-    pool when the call returns; a smaller image, or `pinned_uploads` off, goes up as it is."""
+    """An image of 256 KiB and more is copied into a page-locked block of the pipeline's UploadStaging and uploaded
+    from there (plain sessions and fixed buffers): the same preprocessing as without, one block reused call after call
+    (a smaller image's too) and free again when the call returns; an image under 256 KiB, or `pinned_uploads` off,
+    goes up as it is. The results' pool gives no block to uploads."""
     import onnxruntime as ort
 
     from sam2rt.runtime.backends.fixed_shapes import CAPTURE_AFTER
@@ -174,22 +175,73 @@ def test_images_go_up_through_a_pinned_block_with_the_same_numbers(cudart, fixed
                            pinned_results=pinned)
 
     staged, plain = make(True), make(False)
-    pool = staged.pinned
     rng = np.random.default_rng(5)
     big = rng.integers(0, 256, (1080, 1920, 3), np.uint8)  # 6 MB
     small = rng.integers(0, 256, (200, 300, 3), np.uint8)  # 180 KB
-    assert small.nbytes < pool.min_bytes <= big.nbytes
     for i in range(CAPTURE_AFTER + 2):
         img = big if i % 2 == 0 else 255 - big  # new pixels each call: a stale block would show
-        got = staged.preprocess(img, 1024).numpy()
-        np.testing.assert_array_equal(got, plain.preprocess(img, 1024).numpy())
-        assert pool.allocations == 1 and pool.cached == 1, (pool.allocations, pool.cached)
+        np.testing.assert_array_equal(staged.preprocess(img, 1024).numpy(), plain.preprocess(img, 1024).numpy())
+        assert staged.staging.uploads == i + 1 and staged.staging.allocations == 1
+        assert len(staged.staging._free) == 1  # back when the call returned
+    half = big[:540]  # a smaller image: the same block
+    np.testing.assert_array_equal(staged.preprocess(half, 1024).numpy(), plain.preprocess(half, 1024).numpy())
     np.testing.assert_array_equal(staged.preprocess(small, 1024).numpy(), plain.preprocess(small, 1024).numpy())
-    assert pool.allocations == 1  # under min_bytes: no block
+    assert staged.staging.uploads == CAPTURE_AFTER + 3 and staged.staging.allocations == 1  # small: not staged
+    assert staged.pinned.allocations == 0  # the results' pool: untouched by uploads
     staged.pinned_uploads = False
-    np.testing.assert_array_equal(staged.preprocess(big[:540], 1024).numpy(), plain.preprocess(big[:540], 1024).numpy())
-    assert pool.allocations == 1  # staging off: no block for the new size either
+    np.testing.assert_array_equal(staged.preprocess(big, 1024).numpy(), plain.preprocess(big, 1024).numpy())
+    assert staged.staging.uploads == CAPTURE_AFTER + 3
+    assert plain.staging is None  # no pinning, no staging
     staged.close()
+    assert staged.staging.closed and not staged.staging._free
+
+
+def test_upload_staging_grows_its_blocks_and_bounds_them(cudart):
+    """Blocks are reused for any array that fits, replaced by a power of two when one does not; at most `blocks` are
+    taken at once (more go as they are); arrays out of [min_bytes, max_bytes] are not staged; a failure to allocate
+    turns staging off for good; the staged copy is the array's while the context lasts."""
+    from sam2rt.runtime.staging import UploadStaging, block_bytes
+
+    assert block_bytes(1) == MIB and block_bytes(MIB) == MIB and block_bytes(MIB + 1) == 2 * MIB
+    staging = UploadStaging(blocks=2, max_bytes=16 * MIB, min_bytes=1024)
+    a = np.arange(3 * MIB // 4, dtype=np.float32).reshape(-1, 4)  # 3 MiB
+    with staging.take(a) as s:
+        assert s is not a and _in_block(s) and s.dtype == a.dtype and s.shape == a.shape
+        np.testing.assert_array_equal(s, a)
+    assert staging.allocations == 1 and staging._free[0].nbytes == 4 * MIB
+    with staging.take(a[:100]) as s, staging.take(a) as t:  # two at once: the free block and a new one
+        assert _in_block(s) and _in_block(t) and staging.allocations == 2
+        with staging.take(a) as u:  # a third: every block taken, not staged
+            assert u is a
+    big = np.zeros(5 * MIB, np.uint8)
+    with staging.take(big) as s:  # fits no free block: the smallest free block is replaced by an 8 MiB one
+        assert _in_block(s) and staging.allocations == 3 and staging._made == 2
+    for out_of_range in (np.zeros(100, np.uint8), np.zeros(17 * MIB, np.uint8)):
+        with staging.take(out_of_range) as s:
+            assert s is out_of_range
+    staging.close()
+    assert not staging._free and staging._made == 0 and not cudart.blocks
+
+    failing = UploadStaging()
+    cudart_malloc = cudart.cudaMallocHost
+    cudart.cudaMallocHost = lambda size: (2,)  # cudaErrorMemoryAllocation
+    try:
+        with failing.take(a) as s:
+            assert s is a
+    finally:
+        cudart.cudaMallocHost = cudart_malloc
+    with failing.take(a) as s:  # off for good
+        assert s is a and failing.closed
+
+
+def _in_block(array: np.ndarray) -> bool:
+    """Whether `array` lies in page-locked memory of the emulated driver (a PinnedBuffer's)."""
+    import ctypes
+
+    import sam2rt.runtime.gpu as gpu
+
+    ptr = array.__array_interface__["data"][0]
+    return any(start <= ptr < start + ctypes.sizeof(buf) for start, buf in gpu._CUDART.blocks.items())
 
 
 def test_a_clicks_masks_and_logits_come_down_pinned(cudart):

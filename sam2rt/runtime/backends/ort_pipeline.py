@@ -20,14 +20,15 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from ..postprocess import _linear_taps
-from ..host_copy import parallel_copy
 from ..preprocess import _OFFSET, _SCALE, resize_windows
+from ..staging import UploadStaging
 from .base import DecodedMasks, MaskRequest
 from .bound_session import BoundSession
 from .capture_lock import gpu_work
@@ -113,10 +114,9 @@ class OrtPipeline:
     sessions (module docstring), replayed as CUDA graphs where `cuda_graphs` and the provider allow.
     `pinned_results`: masks and logits of the pool's `min_bytes` (256 KiB) and more come down into page-locked arrays
     of a PinnedPool (runtime/gpu.py: a copy into pageable memory runs at a fraction of the bus's speed); None: on a
-    CUDA device where cuda-python is installed. The same pool stages images as large on their way up while
-    `pinned_uploads` is on (the default; the GPU benchmark turns it off to time what it brings): the image is copied
-    into a block on a few threads (host_copy.py) and the device reads it from there. The CPU provider runs the same
-    graphs, every way: that is how CI tests them.
+    CUDA device where cuda-python is installed. Where it pins, images of as many bytes go up through a page-locked
+    block of `staging` (runtime/staging.py) while `pinned_uploads` is on (the default; the GPU benchmark turns it off
+    to time what it brings). The CPU provider runs the same graphs, every way: that is how CI tests them.
     """
 
     def __init__(self, ort: Any, providers: list, ort_device: str, device_id: int, session_options,
@@ -137,6 +137,7 @@ class OrtPipeline:
         self.pinned = self._pinned_pool(ort_device == "cuda" if pinned_results is None else pinned_results,
                                         required=bool(pinned_results))
         self.pinned_uploads = True
+        self.staging: UploadStaging | None = None  # made on the first staged upload
 
     @staticmethod
     def _pinned_pool(wanted: bool, required: bool) -> Any:
@@ -156,17 +157,16 @@ class OrtPipeline:
         pool = self.pinned
         return self._pinning(lambda: pool.empty(shape, dtype)) if pool is not None else None
 
-    def _staged(self, image: np.ndarray) -> np.ndarray:
-        """`image` (contiguous) or, where the pool gives a block, a page-locked copy of it to upload from: the copy to
-        the device then runs at the bus's speed. The block goes back to the pool once the caller drops the copy."""
-        pool = self.pinned
-        if pool is None or not self.pinned_uploads:
-            return image
-        block = self._pinning(lambda: pool.empty(image.shape, image.dtype))
-        if block is None:
-            return image
-        parallel_copy(block, image)
-        return block
+    def _staged(self, image: np.ndarray) -> Any:
+        """A context giving `image` (contiguous) as the upload's source: its copy in a page-locked block of the
+        pipeline's UploadStaging (runtime/staging.py) where `pinned_uploads` is on and cuda-python pins (`pinned`),
+        else the image itself. The upload must be done when the context ends."""
+        if not self.pinned_uploads or self.pinned is None:
+            return nullcontext(image)
+        with self._lock:
+            if self.staging is None:
+                self.staging = UploadStaging()
+        return self.staging.take(image)
 
     def _download(self, value: Any, dtype: np.dtype) -> np.ndarray | None:
         from ..gpu import download
@@ -291,22 +291,22 @@ class OrtPipeline:
     def preprocess(self, image_rgb: np.ndarray, size: int, out: Any | None = None) -> Any:
         """uint8 HxWx3 RGB (host) -> normalised (1,3,size,size) float32 OrtValue on the device (into `out` if given)."""
         h, w = int(image_rgb.shape[0]), int(image_rgb.shape[1])
-        feeds = {"image": self._staged(np.ascontiguousarray(image_rgb, dtype=np.uint8)), **self._resize((h, w, size)),
-                 "scale": self._const("scale", _SCALE.reshape(3, 1, 1)),
-                 "offset": self._const("offset", _OFFSET.reshape(3, 1, 1))}
-        if self.fixed_buffers and out is None:
-            return self._run_fixed("preprocess", feeds, ("image_out",), ("image_out",))[0].value
-        sess = self.session("preprocess")
-        io = sess.io_binding()
-        io.bind_cpu_input("image", feeds.pop("image"))
-        for name, value in feeds.items():
-            io.bind_ortvalue_input(name, value)
-        if out is None:
-            io.bind_output("image_out", self.ort_device, self.device_id)
-        else:
-            io.bind_ortvalue_output("image_out", out)
-        sess.run_with_iobinding(io)
-        return out if out is not None else io.get_outputs()[0]
+        with self._staged(np.ascontiguousarray(image_rgb, dtype=np.uint8)) as image:
+            feeds = {"image": image, **self._resize((h, w, size)), "scale": self._const("scale", _SCALE.reshape(3, 1, 1)),
+                     "offset": self._const("offset", _OFFSET.reshape(3, 1, 1))}
+            if self.fixed_buffers and out is None:
+                return self._run_fixed("preprocess", feeds, ("image_out",), ("image_out",))[0].value
+            sess = self.session("preprocess")
+            io = sess.io_binding()
+            io.bind_cpu_input("image", feeds.pop("image"))
+            for name, value in feeds.items():
+                io.bind_ortvalue_input(name, value)
+            if out is None:
+                io.bind_output("image_out", self.ort_device, self.device_id)
+            else:
+                io.bind_ortvalue_output("image_out", out)
+            sess.run_with_iobinding(io)  # returns when the upload and the run are done: the block may go back
+            return out if out is not None else io.get_outputs()[0]
 
     def preprocess_to_host(self, image_rgb: np.ndarray, size: int) -> np.ndarray:
         """preprocess() into a new host array, on the CPU provider (the CPU backend's preprocessing)."""
@@ -400,6 +400,8 @@ class OrtPipeline:
             self._fixed.clear()
             if self.pinned is not None:
                 self.pinned.close()
+            if self.staging is not None:
+                self.staging.close()
         self._resize.clear()
         self._taps.clear()
         self._consts.clear()
