@@ -205,17 +205,21 @@ def test_upload_staging_grows_its_blocks_and_bounds_them(cudart):
     assert block_bytes(1) == MIB and block_bytes(MIB) == MIB and block_bytes(MIB + 1) == 2 * MIB
     staging = UploadStaging(blocks=2, max_bytes=16 * MIB, min_bytes=1024)
     a = np.arange(3 * MIB // 4, dtype=np.float32).reshape(-1, 4)  # 3 MiB
-    with staging.take(a) as s:
-        assert s is not a and _in_block(s) and s.dtype == a.dtype and s.shape == a.shape
-        np.testing.assert_array_equal(s, a)
-    assert staging.allocations == 1 and staging._free[0].nbytes == 4 * MIB
-    with staging.take(a[:100]) as s, staging.take(a) as t:  # two at once: the free block and a new one
+    with staging.take(a[:100]) as s:
+        assert s is not a and _in_block(s) and s.dtype == a.dtype and s.shape == (100, 4)
+        np.testing.assert_array_equal(s, a[:100])
+    assert staging.allocations == 1 and staging._free[0].nbytes == MIB
+    with staging.take(a[:100]) as s, staging.take(a) as t:  # two at once: the free 1 MiB block and a new 4 MiB one
         assert _in_block(s) and _in_block(t) and staging.allocations == 2
+        np.testing.assert_array_equal(t, a)
         with staging.take(a) as u:  # a third: every block taken, not staged
             assert u is a
     big = np.zeros(5 * MIB, np.uint8)
-    with staging.take(big) as s:  # fits no free block: the smallest free block is replaced by an 8 MiB one
+    with staging.take(big) as s:  # fits no free block: the smaller one (1 MiB) is replaced by an 8 MiB one
         assert _in_block(s) and staging.allocations == 3 and staging._made == 2
+    assert sorted(b.nbytes for b in staging._free) == [4 * MIB, 8 * MIB]
+    with staging.take(a) as s:  # the smallest block that fits: the 4 MiB one, the 8 MiB one stays free
+        assert _in_block(s) and [b.nbytes for b in staging._free] == [8 * MIB] and staging.allocations == 3
     for out_of_range in (np.zeros(100, np.uint8), np.zeros(17 * MIB, np.uint8)):
         with staging.take(out_of_range) as s:
             assert s is out_of_range

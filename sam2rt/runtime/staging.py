@@ -69,7 +69,9 @@ class UploadStaging:
             if self._made >= self.blocks:
                 if not self._free:
                     return None  # every block taken: this one goes up pageable
-                self._free.pop(0).free()  # too small: replaced by a larger one
+                smallest = min(self._free, key=lambda b: b.nbytes)  # too small, as every free one: replaced
+                self._free.remove(smallest)
+                smallest.free()
                 self._made -= 1
             self._made += 1
         try:
