@@ -48,8 +48,9 @@ fi
     --backend "${VIDEO_BACKEND:-onnxruntime-cuda:fp16}" --out "$OUT" --label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
     2>&1 | tail -40 | tee "$OUT/video_bench.log"
 # which precision runs each video graph fastest: trackers with the video graphs in tf32, fp16 and fp16 with the
-# tracking decoder and/or memory encoder in tf32, and fp16 with the full decoder on tracked frames (what the tracking
-# form gains), taking turns frame by frame; off unless VIDEO_FORMS=1 (~1-2 min)
+# tracking decoder and/or memory encoder in tf32, fp16 with the full decoder on tracked frames (what the tracking
+# form gains) and fp16 with the memory attention on cuDNN's or the memory-efficient attention kernel, taking turns
+# frame by frame; off unless VIDEO_FORMS=1 (~1-2 min; run 8 took under 40 s with seven of today's nine configurations)
 [ -z "${VIDEO_FORMS:-}" ] || step ${VIDEO_FORMS_TIMEOUT:-180} python3 -m sam2rt.bench.video_forms "$W/hiera_tiny" --out "$OUT" \
     --label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" 2>&1 | tee "$OUT/video_forms.log"
 # the GPU tests (their own export, ~90 s on an H100; TEST_K: a pytest -k expression to run some of them)
