@@ -25,7 +25,9 @@ Regenerate them with `python -m sam2rt.export.device_graphs`.
   H200, benchmarks/README.md). Each frame the rows the memory selection names are gathered into the memory
   attention's static (slots,C,h,w) input (Gather), so the bank never crosses PCIe.
 - `copy.onnx`: one Identity: a device-to-device copy of a float tensor into a buffer bound as its output
-  (how the CUDA-graph path moves tensors in and out of its fixed buffers without a host round trip).
+  (how the CUDA-graph path moves tensors in and out of its fixed buffers without a host round trip);
+  `copy_2.onnx` .. `copy_4.onnx`: 2 to 4 of them in one graph (x0 -> y0, x1 -> y1, ...), so that the tensors a fixed
+  buffer session takes in or gives out move in one run (runtime/backends/device_copy.py says why).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..runtime.backends.device_copy import MAX_COPIES_PER_GRAPH, copy_graph_name, copy_names
 from .upsample_graph import add_upsample_nodes
 
 GRAPH_DIR = Path(__file__).resolve().parent.parent / "runtime" / "graphs"
@@ -182,18 +185,20 @@ def build_postprocess_graph(multimask: bool) -> Any:
     return _model(nodes, f"sam2rt_postprocess_{'multi' if multimask else 'single'}", inputs, outputs, inits)
 
 
-def build_copy_graph() -> Any:
-    """x -> y (Identity) for a float tensor of any rank.
+def build_copy_graph(count: int = 1) -> Any:
+    """x -> y (Identity) for a float tensor of any rank; for `count` > 1, that many independent Identities.
 
-    onnx.checker insists on a rank for graph inputs; ONNX Runtime does not, and this graph must take
-    tensors of every rank, so it is the one graph here not passed through the checker (its loading and
-    its result are tested).
+    onnx.checker insists on a rank for graph inputs; ONNX Runtime does not, and these graphs must take
+    tensors of every rank, so they are the graphs here not passed through the checker (their loading and
+    their results are tested).
     """
     from onnx import TensorProto, helper
 
-    return _model([helper.make_node("Identity", ["x"], ["y"])], "sam2rt_copy",
-                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], check=False)
+    pairs = copy_names(count)
+    return _model([helper.make_node("Identity", [x], [y]) for x, y in pairs],
+                  "sam2rt_copy" if count == 1 else f"sam2rt_copy_{count}",
+                  [helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x, _ in pairs],
+                  [helper.make_tensor_value_info(y, TensorProto.FLOAT, None) for _, y in pairs], check=False)
 
 
 def build_memory_write_graph() -> Any:
@@ -231,6 +236,7 @@ BUILDERS = {
     POSTPROCESS_MULTI_GRAPH: lambda: build_postprocess_graph(True),
     POSTPROCESS_SINGLE_GRAPH: lambda: build_postprocess_graph(False),
     COPY_GRAPH: build_copy_graph,
+    **{GRAPH_DIR / f"{copy_graph_name(k)}.onnx": (lambda k=k: build_copy_graph(k)) for k in range(2, MAX_COPIES_PER_GRAPH + 1)},
     MEMORY_WRITE_GRAPH: build_memory_write_graph,
     MEMORY_GATHER_GRAPH: build_memory_gather_graph,
 }

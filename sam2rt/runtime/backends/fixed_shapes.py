@@ -58,6 +58,7 @@ import numpy as np
 from ..tensors import DeviceTensor, as_host
 from .bound_session import BoundSession
 from .capture_lock import GPU_WORK, ThreadRuns
+from .device_copy import DeviceCopier
 from .onnxruntime_backend import OrtDeviceTensor
 
 log = logging.getLogger("sam2rt")
@@ -136,15 +137,15 @@ class FixedShapeSession:
     """A BoundSession with its steady input shapes run from fixed buffers (module docstring).
 
     `plain`: the graph's BoundSession; `factory`: makes fixed-dimension sessions of the same graph; `copy`: a
-    BoundSession of copy.onnx on the same device (device-to-device copies in and out of the buffers); `clock`: the
-    owner's tick counter; `name`: the graph's name in logs.
+    DeviceCopier on the same device (device-to-device copies in and out of the buffers); `clock`: the owner's tick
+    counter; `name`: the graph's name in logs.
     """
 
     def __init__(
         self,
         plain: BoundSession,
         factory: SessionFactory,
-        copy: BoundSession,
+        copy: DeviceCopier,
         clock: Callable[[], int],
         precision: str = "fp32",
         capture: bool = True,
@@ -234,8 +235,9 @@ class FixedShapeSession:
         fixed.runs.mark()
         t2 = time.perf_counter()
         self.replays += 1
-        out = [OrtDeviceTensor(self._copy_out(fixed.outputs[n])) if n in device_outputs else self._host(fixed.outputs[n])
-               for n in fixed.outputs]
+        # device outputs copied out (the next replay overwrites the buffers; the caller keeps the copies), in one run
+        copies = iter(self._copy.out([v for n, v in fixed.outputs.items() if n in device_outputs]) if device_outputs else ())
+        out = [OrtDeviceTensor(next(copies)) if n in device_outputs else self._host(fixed.outputs[n]) for n in fixed.outputs]
         for part, dt in zip(REPLAY_PARTS, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
             self.seconds[part] += dt
         return out
@@ -251,19 +253,19 @@ class FixedShapeSession:
 
     def _load(self, fixed: _Fixed, feeds: dict[str, Any], first: bool) -> None:
         """Each input into its fixed buffer: host arrays copied up in place, float device tensors copied on the device
-        (copy.onnx is float32; others, e.g. int64 upsampling taps, come through the host); static inputs only when
-        the buffers are new (`first`)."""
+        (copy graphs, all of them in one run: device_copy.py; they are float32, others, e.g. int64 upsampling taps,
+        come through the host); static inputs only when the buffers are new (`first`)."""
+        on_device: list[tuple[str, Any]] = []
         for name, value in feeds.items():
             if name in self._static and not first:
                 continue
             buf = fixed.inputs[name]
-            on_device = isinstance(value, OrtDeviceTensor) or (isinstance(value, DeviceTensor) and hasattr(value, "ptr")
-                                                               and self.device == "cuda")
-            if on_device and self._types[name] == np.float32:
+            if self._types[name] == np.float32 and (
+                    isinstance(value, OrtDeviceTensor)
+                    or (isinstance(value, DeviceTensor) and hasattr(value, "ptr") and self.device == "cuda")):
                 if not first and isinstance(value, OrtDeviceTensor) and fixed.loaded.get(name) is value:
                     continue  # already in its buffer (module docstring; ONNX Runtime's outputs, each run's own)
-                self._copy.run_into({"x": value}, {"y": buf})
-                fixed.loaded[name] = value
+                on_device.append((name, value))
             else:
                 host = np.ascontiguousarray(as_host(value), dtype=self._types[name])
                 if host.nbytes <= SMALL_HOST_INPUT:  # compared, not copied, when unchanged: a copy is a synchronisation
@@ -271,10 +273,10 @@ class FixedShapeSession:
                         continue
                     fixed.small[name] = host.copy()
                 buf.update_inplace(host)
-
-    def _copy_out(self, value: Any) -> Any:
-        """A device copy of an output buffer: the next replay overwrites the buffer, the caller keeps the copy."""
-        return self._copy.run({"x": OrtDeviceTensor(value)}, ("y",))[0].value
+        if on_device:
+            self._copy.into([(value, fixed.inputs[name]) for name, value in on_device])
+            for name, value in on_device:
+                fixed.loaded[name] = value
 
     @staticmethod
     def _replay(fixed: _Fixed) -> None:

@@ -505,7 +505,7 @@ class OrtDeviceBackend(Backend):
                 return self.encode(image)
             fixed.runs.mark()
             # the fixed outputs are overwritten by the next image: each embedding gets its own copy
-            return {n: OrtDeviceTensor(self._pipeline.copy(v)) for n, v in fixed.outputs.items()}
+            return {n: OrtDeviceTensor(v) for n, v in zip(fixed.outputs, self._pipeline.copy_many(list(fixed.outputs.values())))}
 
     def _note_failure(self, key: Any, exc: Exception) -> None:
         """A fixed-buffer session failed its first run: never used again, and `cuda_graphs` says why."""
@@ -565,8 +565,8 @@ class OrtDeviceBackend(Backend):
             return self._run_plain(slot, tensors, prompts)
         token = tuple(id(tensors[k]) for k in tensor_names)  # the embedding's own objects, kept alive below
         if self._slot_loaded.get(slot) != token:  # a new embedding: its tensors into the slot's buffers, on the device
-            for k in tensor_names:
-                self._pipeline.copy(self._as_value(tensors[k]), self._slot_buffers[slot][k])
+            self._pipeline.copy_many([self._as_value(tensors[k]) for k in tensor_names],
+                                     [self._slot_buffers[slot][k] for k in tensor_names])
             self._slot_loaded[slot] = token
             self._slot_owner[slot] = [tensors[k] for k in tensor_names]
         try:

@@ -32,6 +32,7 @@ from ..staging import UploadStaging
 from .base import DecodedMasks, MaskRequest
 from .bound_session import BoundSession
 from .capture_lock import gpu_work
+from .device_copy import DeviceCopier
 from .fixed_shapes import FixedShapeSession
 from .onnxruntime_backend import OrtDeviceTensor
 
@@ -127,6 +128,7 @@ class OrtPipeline:
         self.device_id = device_id
         self._so = session_options
         self._sessions: dict[str, Any] = {}
+        self._copier: DeviceCopier | None = None  # `copier`, made on first use
         self._lock = threading.RLock()
         self._resize = _SizeCache(self._make_resize)
         self._taps = _SizeCache(self._make_taps)
@@ -231,7 +233,7 @@ class OrtPipeline:
                 return
             options.setdefault("max_shapes", FIXED_SHAPES_PER_GRAPH)
             fixed = FixedShapeSession(
-                BoundSession(session), factory, BoundSession(self.session("copy")), lambda: self._calls,
+                BoundSession(session), factory, self.copier, lambda: self._calls,
                 precision=precision, capture=self._cuda_graphs, static_inputs=static_inputs, name=f"{name} graph",
                 max_buffer_bytes=FIXED_BUFFER_BYTES, download=self._download if self.pinned is not None else None,
                 **options)
@@ -315,18 +317,30 @@ class OrtPipeline:
                  "scale": _SCALE.reshape(3, 1, 1), "offset": _OFFSET.reshape(3, 1, 1)}
         return self.session("preprocess").run(["image_out"], feeds)[0]
 
+    @property
+    def copier(self) -> DeviceCopier:
+        """Device-to-device copies on this pipeline's device, several per run (device_copy.py)."""
+        if self._copier is None:
+            with self._lock:
+                if self._copier is None:
+                    self._copier = DeviceCopier(self.session)
+        return self._copier
+
     @gpu_work
     def copy(self, value: Any, out: Any | None = None) -> Any:
         """A device-to-device copy of a float32 OrtValue (into `out`, or a fresh allocation)."""
-        sess = self.session("copy")
-        io = sess.io_binding()
-        io.bind_ortvalue_input("x", value)
         if out is None:
-            io.bind_output("y", self.ort_device, self.device_id)
-        else:
-            io.bind_ortvalue_output("y", out)
-        sess.run_with_iobinding(io)
-        return out if out is not None else io.get_outputs()[0]
+            return self.copier.out([value])[0]
+        self.copier.into([(value, out)])
+        return out
+
+    @gpu_work
+    def copy_many(self, values: list[Any], outs: list[Any] | None = None) -> list[Any]:
+        """copy() of several float32 OrtValues in as few runs as the copy graphs allow (device_copy.py)."""
+        if outs is None:
+            return self.copier.out(values)
+        self.copier.into(list(zip(values, outs)))
+        return outs
 
     @gpu_work
     def upsample_masks(self, logits: np.ndarray, orig_hw: tuple[int, int], threshold: float) -> np.ndarray:
@@ -397,6 +411,7 @@ class OrtPipeline:
     def close(self) -> None:
         with self._lock:
             self._sessions.clear()
+            self._copier = None
             self._fixed.clear()
             if self.pinned is not None:
                 self.pinned.close()

@@ -19,6 +19,7 @@ from ..backends.ort_pipeline import GRAPH_DIR
 from .bank import MemoryBank
 from .heads import NO_POINTS_COORDS, NO_POINTS_LABELS, select_track_output, use_multimask
 from ..backends.bound_session import BoundSession
+from ..backends.device_copy import DeviceCopier
 from ..backends.fixed_shapes import FixedShapeSession
 from .memory import SlotLayout
 from .sessions import CPU_PROVIDERS, VIDEO_PROVIDERS, create_session
@@ -109,7 +110,7 @@ class VideoGraphs:
             if unknown:
                 raise InputError(f"plain_slots: {sorted(unknown)} are not graphs run through fixed buffers; those are "
                                  f"{', '.join(self.fixed_slots)}")
-            copy = BoundSession(create_session(GRAPH_DIR / "copy.onnx", backend, threads, tf32=False))
+            copy = DeviceCopier(lambda name: create_session(GRAPH_DIR / f"{name}.onnx", backend, threads, tf32=False))
             for role in self.fixed_slots:
                 if role in plain_slots:
                     continue
