@@ -97,6 +97,38 @@ def _frames(cap: Any, limit: int | None) -> Iterator[np.ndarray]:
         yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+def _open_output(path: Path, flag: str) -> Any:
+    """`path` opened for writing (its folder made), or a Sam2rtError that says why it cannot be."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "w")
+    except OSError as exc:
+        raise Sam2rtError(f"cannot write {flag} {path}: {exc.strerror or exc}") from exc
+
+
+def _open_writer(cv2: Any, path: Path, fps: float, size: tuple[int, int]) -> Any:
+    """An OpenCV mp4 writer for `path`, or a Sam2rtError: OpenCV reports a writer it cannot open only by isOpened(),
+    and then drops every frame written to it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Sam2rtError(f"cannot write --out {path}: {exc.strerror or exc}") from exc
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    if not writer.isOpened():
+        writer.release()
+        raise Sam2rtError(f"cannot write --out {path}: OpenCV could not open a video writer for it (give a writable "
+                          "path ending in .mp4)")
+    return writer
+
+
+def _release(writer: Any, cap: Any, jsonl: Any = None) -> None:
+    if writer is not None:
+        writer.release()
+    if jsonl is not None:
+        jsonl.close()
+    cap.release()
+
+
 def run(args: argparse.Namespace) -> int:
     import cv2
 
@@ -115,22 +147,32 @@ def run(args: argparse.Namespace) -> int:
     if total > 0 and limit is not None:
         total = min(total, limit)
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
-    frames = _frames(cap, limit)
-    first = next(frames, None)
-    if first is None:
-        raise Sam2rtError(f"{args.video} has no frames")
+    writer, jsonl = None, None
+    try:
+        frames = _frames(cap, limit)
+        first = next(frames, None)
+        if first is None:
+            raise Sam2rtError(f"{args.video} has no frames")
+        # the outputs are opened before the model loads and anything is tracked: a path that cannot be written is
+        # an error now, not a video tracked for nothing
+        if args.out:
+            writer = _open_writer(cv2, args.out, fps, (first.shape[1], first.shape[0]))
+        if args.json:
+            jsonl = _open_output(args.json, "--json")
+    except BaseException:
+        _release(writer, cap)
+        raise
 
     t0 = time.perf_counter()
-    tracker = VideoTracker.from_dir(args.model_dir, backend=args.backend, fill_hole_area=args.fill_hole_area)
-    t_load = time.perf_counter() - t0
-    for obj_id, p in objects.items():
-        tracker.add_prompt(obj_id, points=p["points"] or None, labels=p["labels"] or None, box=p["box"],
-                           frame=first)  # the first object makes it the current frame, the rest join it
-    writer = None
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        writer = cv2.VideoWriter(str(args.out), cv2.VideoWriter_fourcc(*"mp4v"), fps, (first.shape[1], first.shape[0]))
-    jsonl = open(args.json, "w") if args.json else None
+    try:
+        tracker = VideoTracker.from_dir(args.model_dir, backend=args.backend, fill_hole_area=args.fill_hole_area)
+        t_load = time.perf_counter() - t0
+        for obj_id, p in objects.items():
+            tracker.add_prompt(obj_id, points=p["points"] or None, labels=p["labels"] or None, box=p["box"],
+                               frame=first)  # the first object makes it the current frame, the rest join it
+    except BaseException:
+        _release(writer, cap, jsonl)
+        raise
     try:
         from tqdm import tqdm
     except ImportError:  # tqdm is optional for the runtime
@@ -169,11 +211,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-        if writer is not None:
-            writer.release()
-        if jsonl is not None:
-            jsonl.close()
-        cap.release()
+        _release(writer, cap, jsonl)
 
     tracker.wait()  # the last frame's memory encoding (background memory): its time belongs to the stages below
     tracker.close()

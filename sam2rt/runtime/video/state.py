@@ -45,9 +45,14 @@ def _get(data: Any, key: str, meta: dict[str, Any]) -> FrameOutput:
 
 
 def save_state(tracker: "VideoTracker", path: str | Path) -> Path:
-    """Write the tracker's state to `path` (.npz). Object ids must be JSON values (int, str)."""
+    """Write the tracker's state to `path` (.npz). Object ids must be ints or strings: those come back from the file's
+    JSON header as they went in (a tuple would come back a list, which cannot be a dict key)."""
     arrays: dict[str, np.ndarray] = {}
     objects = []
+    bad = [k for k in tracker.objects if type(k) not in (int, str)]
+    if bad:
+        raise Sam2rtError(f"object ids must be ints or strings to be saved, got {bad[0]!r} ({type(bad[0]).__name__}); "
+                          "track the object under an int or str id")
     for i, (obj_id, obj) in enumerate(tracker.objects.items()):
         entry: dict[str, Any] = {"id": obj_id, "origin": obj.origin, "cond": {}, "non_cond": {}}
         for kind in ("cond", "non_cond"):
@@ -84,26 +89,42 @@ def load_state(tracker: "VideoTracker", path: str | Path) -> None:
     except Exception as exc:
         raise Sam2rtError(f"{path} is not a sam2rt video state file ({exc})") from exc
     with data:
-        if header.get("format") != STATE_FORMAT or header.get("version", 0) > STATE_VERSION:
+        if not isinstance(header, dict) or header.get("format") != STATE_FORMAT or header.get("version", 0) > STATE_VERSION:
             raise Sam2rtError(f"{path} is not a sam2rt video state file this version reads")
-        if header["model_key"] != tracker.model.model_key:
-            raise Sam2rtError(f"{path} was saved with another model (encoder sha256 {header['model_key'][:12]}...)")
-        tracker.reset()
-        tracker.frame_idx = int(header["frame_idx"])
-        tracker.num_frames = header["num_frames"]
-        tracker._orig_hw = tuple(header["orig_hw"]) if header["orig_hw"] else None
-        if "frame" in data.files:
-            tracker._frame = np.array(data["frame"])
-            tracker._feats = {k[len("feat."):]: np.array(data[k]) for k in data.files if k.startswith("feat.")}
-        from .tracker import _Object
+        if header.get("model_key") != tracker.model.model_key:
+            raise Sam2rtError(f"{path} was saved with another model (encoder sha256 {str(header.get('model_key'))[:12]}...)")
+        try:  # everything read before the tracker's state is replaced: a damaged file leaves it as it was
+            state = _read(data, header)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise Sam2rtError(f"{path} is a damaged sam2rt video state file ({type(exc).__name__}: {exc})") from exc
+    tracker.reset()
+    for name, value in state.items():
+        setattr(tracker, name, value)
 
-        for i, entry in enumerate(header["objects"]):
-            obj = _Object(ObjectMemory(), None, entry["origin"], None)
-            for kind in ("cond", "non_cond"):
-                for t, meta in entry[kind].items():
-                    getattr(obj.memory, kind)[int(t)] = _get(data, f"o{i}.{kind}.{t}", meta)
-            if "current" in entry:
-                obj.current = _get(data, f"o{i}.current", entry["current"])
-            if f"o{i}.pix" in data.files:
-                obj.pix_feat_with_mem = np.array(data[f"o{i}.pix"])
-            tracker.objects[entry["id"]] = obj
+
+def _read(data: Any, header: dict[str, Any]) -> dict[str, Any]:
+    """The tracker's attributes from a state file's header and arrays (KeyError etc. where the file is damaged)."""
+    from .tracker import _Object
+
+    state: dict[str, Any] = {
+        "frame_idx": int(header["frame_idx"]),
+        "num_frames": None if header["num_frames"] is None else int(header["num_frames"]),
+        "_orig_hw": tuple(int(d) for d in header["orig_hw"]) if header["orig_hw"] else None,
+        "objects": {},
+    }
+    if "frame" in data.files:
+        state["_frame"] = np.array(data["frame"])
+        state["_feats"] = {k[len("feat."):]: np.array(data[k]) for k in data.files if k.startswith("feat.")}
+    for i, entry in enumerate(header["objects"]):
+        if type(entry["id"]) not in (int, str):
+            raise TypeError(f"object id {entry['id']!r} is not an int or a string")
+        obj = _Object(ObjectMemory(), None, str(entry["origin"]), None)
+        for kind in ("cond", "non_cond"):
+            for t, meta in entry[kind].items():
+                getattr(obj.memory, kind)[int(t)] = _get(data, f"o{i}.{kind}.{t}", meta)
+        if "current" in entry:
+            obj.current = _get(data, f"o{i}.current", entry["current"])
+        if f"o{i}.pix" in data.files:
+            obj.pix_feat_with_mem = np.array(data[f"o{i}.pix"])
+        state["objects"][entry["id"]] = obj
+    return state

@@ -27,6 +27,7 @@ them first (`wait()`). Results are the same function; a live stream sees its mas
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from ...errors import InvalidPromptError, Sam2rtError
+from ...errors import InputError, InvalidPromptError, Sam2rtError
 from ...model_specs import LOW_RES_SIZE
 from ..backends.capture_lock import gpu_work
 from ..model import Sam2Model
@@ -80,6 +81,20 @@ def fill_holes(logits: np.ndarray, max_area: int) -> np.ndarray:
 
 
 _END = object()  # the end of a frame source
+
+
+def _checked_mask(mask: Any, hw: tuple[int, int]) -> np.ndarray:
+    """A mask prompt as (H, W) bool at the frame's size `hw`: bool, or numbers where > 0 is the object."""
+    arr = np.asarray(mask)
+    if arr.dtype != np.bool_ and not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise InvalidPromptError(f"mask must be bool or numeric (> 0: the object), got dtype {arr.dtype}")
+    if arr.ndim != 2 or arr.shape != tuple(hw):
+        raise InvalidPromptError(f"mask must be (H, W) = {tuple(hw)}, the frame's size; got {arr.shape}")
+    if arr.dtype == np.bool_:
+        return arr
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise InvalidPromptError("mask has NaN or infinite values")
+    return arr > 0
 
 
 @dataclass(frozen=True)
@@ -185,6 +200,7 @@ class VideoTracker:
         self.objects: dict[ObjId, _Object] = {}
         self.frame_idx = -1
         self.num_frames: int | None = None  # the video's length when known (pointer count as the reference)
+        self._length_warned = False
         self._frame: np.ndarray | None = None
         self._feats: dict[str, Any] | None = None  # the current frame's features: host arrays or device tensors
         self._orig_hw: tuple[int, int] | None = None
@@ -230,8 +246,9 @@ class VideoTracker:
 
     @property
     def current_frame(self) -> np.ndarray | None:
-        """A copy of the current frame, as it was given (None before the first)."""
-        return self._frame
+        """A copy of the current frame, as it was given (None before the first). A copy: a caller drawing on it must
+        not change the frame the tracker compares new frames with (`add_prompt(frame=...)`) or saves."""
+        return None if self._frame is None else self._frame.copy()
 
     def _prefetcher(self, frames: Iterator[Any]) -> _Prefetch:
         """`frames` read and encoded one ahead on the tracker's one worker thread. One thread for every `propagate`:
@@ -368,6 +385,19 @@ class VideoTracker:
         self.timings.append(timing)
         return masks
 
+    def _video_length(self) -> int | None:
+        """The video's length as the memory selection uses it (the reference's num_frames): `num_frames` while the
+        stream is within it; None (a stream of unknown length) once the stream has gone past it, where a container's
+        frame count was short: a declared length the frames contradict must not drop every object pointer."""
+        n = self.num_frames
+        if n is not None and self.frame_idx >= n:
+            if not self._length_warned:
+                log.warning("sam2rt: frame %d is past the video's declared length (%d frames): tracking it as a stream "
+                            "of unknown length", self.frame_idx, n)
+                self._length_warned = True
+            return None
+        return n
+
     def _fill(self, logits: np.ndarray) -> np.ndarray:
         return fill_holes(logits, self.fill_hole_area) if self.fill_hole_area > 0 else logits
 
@@ -376,7 +406,7 @@ class VideoTracker:
         added to `timing` (each graph's run ends when its outputs are ready, so no extra synchronisation is needed)."""
         assert self._feats is not None
         t0 = time.perf_counter()
-        slots, feeds = select_memory(obj.memory, self.frame_idx, self.settings, self.graphs.layout, self.num_frames)
+        slots, feeds = select_memory(obj.memory, self.frame_idx, self.settings, self.graphs.layout, self._video_length())
         if self.graphs.compact_memory:  # the valid slots only, in the same order
             slots, feeds = [b for b in slots if b is not None], compact_feeds(feeds)
         if obj.bank is None:
@@ -447,24 +477,31 @@ class VideoTracker:
         same time step. Returns {obj_id: HxW bool mask} for every object on the current frame.
         """
         self.wait()
-        if frame is not None and not self._is_current(frame):
+        new_frame = frame is not None and not self._is_current(frame)
+        # the prompt is checked before a new frame starts its time step: a refused call leaves the tracker as it was
+        hw = tuple(check_image(frame).shape[:2]) if new_frame else self._orig_hw
+        if hw is None:
+            raise InvalidPromptError("no current frame: pass the frame to prompt on with add_prompt(..., frame=rgb)")
+        if mask is not None:
+            if points is not None or box is not None:
+                raise InvalidPromptError("give either a mask or points/box for one prompt, not both")
+            mask = _checked_mask(mask, hw)
+        else:
+            xy, lab, _ = Prompt(points=points, labels=labels, box=box).checked(hw)
+        if new_frame:
             timing = self._start_step(self._encode(frame))
             timing.update(self._track_all())
             self.timings.append(timing)
             self.wait()  # the prompt may correct an object just tracked: its memory first (prompts are rare)
-        if self._feats is None:
-            raise InvalidPromptError("no current frame: pass the frame to prompt on with add_prompt(..., frame=rgb)")
-        if mask is not None and (points is not None or box is not None):
-            raise InvalidPromptError("give either a mask or points/box for one prompt, not both")
+        assert self._feats is not None
         obj = self.objects.get(obj_id) or _Object()  # added to self.objects once the prompt is accepted
         is_init = obj.current is None or obj.origin == "init"
         if not is_init and obj.pix_feat_with_mem is None:
             raise Sam2rtError(f"object {obj_id!r} has no memory-conditioned features on this frame")
         feats = self._feats
         if mask is not None:
-            out = self._mask_prompt(np.asarray(mask), feats)
+            out = self._mask_prompt(mask, feats)
         else:
-            xy, lab, _ = Prompt(points=points, labels=labels, box=box).checked(self._orig_hw)
             multimask = use_multimask(self.settings, is_init, xy.shape[1] - 1)  # padding point not counted
             prev = None
             if obj.current is not None and obj.current.pred_masks.size:
@@ -479,10 +516,9 @@ class VideoTracker:
         return self._masks()
 
     def _mask_prompt(self, mask: np.ndarray, feats: dict[str, Any]) -> FrameOutput:
-        """`_use_mask_as_output`: the mask is the output; the decoder only makes its object pointer."""
-        if mask.ndim != 2 or (self._orig_hw is not None and mask.shape != self._orig_hw):
-            raise InvalidPromptError(f"mask must be (H, W) = {self._orig_hw}, the frame's size; got {mask.shape}")
-        full, low = mask_prompt_inputs(mask > 0 if mask.dtype != bool else mask, self.image_size, LOW_RES_SIZE)
+        """`_use_mask_as_output`: the mask (bool, checked by `_checked_mask`) is the output; the decoder only makes its
+        object pointer."""
+        full, low = mask_prompt_inputs(mask, self.image_size, LOW_RES_SIZE)
         raw = as_host(feats["image_embed"]) - self.graphs.no_mem_embed  # the backbone features without no_mem_embed
         mask_input = self.graphs.mask_downsample(full)
         lr, iou, ptrs, _ = self.graphs.decode(raw, feats, NO_POINTS_COORDS, NO_POINTS_LABELS, mask_input)
@@ -507,10 +543,12 @@ class VideoTracker:
     ) -> Iterator[tuple[int, dict[ObjId, np.ndarray]]]:
         """Track through `frames` (a video file's frames from the current one on); yields (frame_index, masks).
 
-        If the first frame is the current one (prompts were just given on it), its results are yielded as
-        they are. The video's length (`num_frames`, else len(frames) when it has one) bounds the pointers
-        used as the reference's `propagate_in_video` does for a video of that length. `current_frame` is the frame
-        whose masks were yielded last.
+        If the first frame is the current one (its pixels equal the current frame's: prompts were just given on it),
+        its results are yielded as they are, not tracked again. The video's length (`num_frames`, a positive int,
+        else len(frames) when it has one) bounds the pointers used as the reference's `propagate_in_video` does for
+        a video of that length, for this call only: afterwards `num_frames` is as it was (None, a stream of unknown
+        length, unless set). Frames past a declared length (a container's frame count can be short) are tracked as
+        a stream of unknown length. `current_frame` is the frame whose masks were yielded last.
 
         prefetch: read and encode the next frame on a worker thread while this one is tracked (the results are the
         same). The encoder does not depend on the objects' memory, so on a GPU the next frame's encoder runs
@@ -518,25 +556,37 @@ class VideoTracker:
         where the backend computes on a GPU; on the CPU both halves would share the same cores. Leaving early
         consumes one frame more from `frames` (the one read ahead).
         """
+        if num_frames is not None:
+            try:
+                num_frames = operator.index(num_frames)
+            except TypeError:
+                raise InputError(f"num_frames must be an int (the video's frame count), got {num_frames!r}; "
+                                 "e.g. int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), or None if unknown") from None
+            if num_frames < 1:
+                raise InputError(f"num_frames must be at least 1 (the video's frame count), got {num_frames}; "
+                                 "pass None if it is unknown")
         it = iter(frames)
         length = len(frames) if hasattr(frames, "__len__") else None  # type: ignore[arg-type]
-        first = next(it, None)
-        if first is None:
+        first = next(it, _END)
+        if first is _END:
             return
-        if num_frames is not None:
-            self.num_frames = num_frames
         if prefetch is None:
             prefetch = self.prefetch_default
         ahead: _Prefetch | None = None
+        outer_length = self.num_frames  # restored when this call ends (the docstring)
+        if num_frames is None and length is None:
+            num_frames = outer_length  # nothing said of this call's length: as set before (e.g. by load_state)
         try:
             if self._is_current(first):
                 if num_frames is None and length is not None:
-                    self.num_frames = self.frame_idx + length
+                    num_frames = self.frame_idx + length
+                self._set_video_length(num_frames)
                 ahead = self._prefetcher(it) if prefetch else None  # frame 1 is read while 0's masks are made
                 yield self.frame_idx, self._masks()
             else:
                 if num_frames is None and length is not None:
-                    self.num_frames = self.frame_idx + 1 + length
+                    num_frames = self.frame_idx + 1 + length
+                self._set_video_length(num_frames)
                 encoded = self._encode(first)
                 ahead = self._prefetcher(it) if prefetch else None
                 self.wait()
@@ -549,3 +599,8 @@ class VideoTracker:
         finally:
             if ahead is not None:
                 ahead.close()
+            self._set_video_length(outer_length)
+
+    def _set_video_length(self, n: int | None) -> None:
+        if n != self.num_frames:
+            self.num_frames, self._length_warned = n, False
