@@ -58,33 +58,55 @@ def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, n
     return i0, i1, lam
 
 
+def _resize_last(x: np.ndarray, i0: np.ndarray, i1: np.ndarray, lam: np.ndarray, axis: int,
+                 tmp: np.ndarray | None = None) -> np.ndarray:
+    """x[i0] * (1 - lam) + x[i1] * lam along `axis` (-1 or -2), in one new buffer and one scratch (`tmp`, reused when
+    given: its shape is the result's)."""
+    out = np.take(x, i0, axis=axis)
+    out *= 1 - lam
+    if tmp is None:
+        tmp = np.empty_like(out)
+    np.take(x, i1, axis=axis, out=tmp)
+    tmp *= lam
+    out += tmp
+    return out
+
+
 def upsample_logits(logits: np.ndarray, orig_hw: tuple[int, int]) -> np.ndarray:
     """Bilinear (align_corners=False, no antialias) resize of (..., h, w) logits to (..., H, W).
 
     Reproduces `F.interpolate(..., mode="bilinear", align_corners=False)` to float rounding
     (OpenCV's resize differs by ~1e-4, enough to flip pixels near the mask threshold).
+
+    Width first, then height, as ATen (and the runtime's upsampling graph). Where the image has fewer rows than the
+    logits (H < h: a wide, short image), the two rows each output row reads are taken first and each is resized in
+    width, then blended: per element the same products and sums, so the same values, but the working memory is ~3
+    (H, W) float32 buffers instead of two (h, W) ones (a 3 x 8,000,000 image would have needed 16 GB per mask).
     """
     h, w = int(orig_hw[0]), int(orig_hw[1])
     x = np.ascontiguousarray(logits, dtype=np.float32)
-    # the same arithmetic as x[i0] * (1 - l) + x[i1] * l, in two preallocated buffers (no temporaries)
-    if x.shape[-1] != w:
-        c0, c1, cl = _linear_taps(x.shape[-1], w)
-        out = np.take(x, c0, axis=-1)
-        out *= 1 - cl
-        tmp = np.take(x, c1, axis=-1)
-        tmp *= cl
-        out += tmp
-        x = out
-    if x.shape[-2] != h:
-        r0, r1, rl = _linear_taps(x.shape[-2], h)
+    lh, lw = x.shape[-2], x.shape[-1]
+    c0, c1, cl = _linear_taps(lw, w) if lw != w else (None, None, None)
+    if lh != h and h < lh:
+        r0, r1, rl = _linear_taps(lh, h)
         rl = rl[:, None]
-        out = np.take(x, r0, axis=-2)
-        out *= 1 - rl
-        tmp = np.take(x, r1, axis=-2)
-        tmp *= rl
-        out += tmp
-        x = out
+        top, bottom = np.take(x, r0, axis=-2), np.take(x, r1, axis=-2)  # (..., H, w): small
+        if c0 is not None:
+            tmp = np.empty((*x.shape[:-2], h, w), np.float32)
+            top = _resize_last(top, c0, c1, cl, -1, tmp)
+            bottom = _resize_last(bottom, c0, c1, cl, -1, tmp)
+            del tmp
+        top *= 1 - rl
+        bottom *= rl
+        top += bottom
+        return top
+    if c0 is not None:
+        x = _resize_last(x, c0, c1, cl, -1)
+    if lh != h:
+        r0, r1, rl = _linear_taps(lh, h)
+        x = _resize_last(x, r0, r1, rl[:, None], -2)
     return x
+
 
 def clamp_logits(logits: np.ndarray) -> np.ndarray:
     """Clamp low-res logits to [-32, 32], as the reference returns them."""

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import numpy as np
@@ -29,6 +30,37 @@ from .state import Sam2Server, check_prompts_inside, prompt_set_key, to_runtime_
 
 log = logging.getLogger("sam2rt.serve")
 ROUTES = ("/sam2/embed_image", "/sam2/segment_image", "/info", "/healthz", "/readiness", "/", "/metrics")
+
+
+def hold_until_sent(response: Response, release: Callable[[], None]) -> Response:
+    """`response`, with `release` run (once, on the event loop) when it is done with: at once for a plain response;
+    for a streamed one when its body ends (sent, failed, or the client left) or when it is dropped unsent (an async
+    generator never started does not run its `finally`). What a streamed answer holds (its admission slot, its
+    memory reservation) is held while it is produced, not only until its headers are returned."""
+    if not isinstance(response, StreamingResponse):
+        release()
+        return response
+    loop = asyncio.get_running_loop()
+    released = [False]
+
+    def once() -> None:
+        if not released[0]:
+            released[0] = True
+            release()
+
+    body = response.body_iterator
+
+    async def guarded() -> AsyncIterator[Any]:
+        try:
+            async for piece in body:
+                yield piece
+        finally:
+            once()
+
+    gen = guarded()
+    weakref.finalize(gen, lambda: loop.is_closed() or loop.call_soon_threadsafe(once))
+    response.body_iterator = gen
+    return response
 
 
 class _MetricsMiddleware:
@@ -127,11 +159,17 @@ def create_app(cfg: ServeConfig, server: Sam2Server | None = None,
             ns = srv.keys.namespace(key)
             if ns is None:
                 raise unauthorized()  # before a slot is taken or a byte of the body is read
-            with srv.limits.slot(ns, address, keyed=srv.keys.required):
+            slot = contextlib.ExitStack()
+            slot.enter_context(srv.limits.slot(ns, address, keyed=srv.keys.required))
+            try:
                 body, _ = await read_body(request, cfg, authenticated=True, max_values=max_values)
                 data = await srv.run(srv.parse_pool, parse_body, body)
                 del body
-                return await until_disconnect(request, route(ns, data))
+                response = await until_disconnect(request, route(ns, data))
+            except BaseException:
+                slot.close()
+                raise
+            return hold_until_sent(response, slot.close)  # a streamed answer keeps its slot until it ends
         # the key can only be in the body (inference-sdk): read it apart, under the unauthenticated budget
         body, counted = await read_body(request, cfg, authenticated=False, max_values=max_values, unauth=srv.unauth)
         try:
@@ -142,8 +180,14 @@ def create_app(cfg: ServeConfig, server: Sam2Server | None = None,
         ns = srv.keys.namespace(data.get("api_key") if isinstance(data.get("api_key"), str) else None)
         if ns is None:
             raise unauthorized()
-        with srv.limits.slot(ns, address, keyed=True):
-            return await until_disconnect(request, route(ns, data))
+        slot = contextlib.ExitStack()
+        slot.enter_context(srv.limits.slot(ns, address, keyed=True))
+        try:
+            response = await until_disconnect(request, route(ns, data))
+        except BaseException:
+            slot.close()
+            raise
+        return hold_until_sent(response, slot.close)
 
     def authorized(request: Request) -> bool:
         return not srv.keys.required or srv.keys.namespace(header_key(request)) is not None
@@ -176,7 +220,7 @@ def create_app(cfg: ServeConfig, server: Sam2Server | None = None,
             """Everything that depends only on the image's size, before any embedding is computed."""
             check_prompts_inside(rt_prompts, hw)
             check_answer_size(len(prompts), hw, fmt, cfg)
-            if working_bytes(hw, cfg) > srv.memory.total:
+            if working_bytes(hw, cfg, rt_prompts, multimask) > srv.memory.total:
                 raise ApiError(413, too_big)
 
         emb, _, cid = await srv.embedding(ns, vid, req.image, req.image_id, check_size)
@@ -185,21 +229,32 @@ def create_app(cfg: ServeConfig, server: Sam2Server | None = None,
             prior = srv.prior_logits(ns, vid, cid, current)
             if prior:
                 rt_prompts = [to_runtime_prompt(p, prior[j][None] if j in prior else None) for j, p in enumerate(prompts)]
-        cost = working_bytes(emb.original_size, cfg)
+        cost = working_bytes(emb.original_size, cfg, rt_prompts, multimask)
 
         def keep_logits(low_res: np.ndarray) -> None:
             if req.save_logits_to_cache:
                 srv.save_logits(ns, vid, cid, current, low_res)
 
         if fmt == "binary":
+            held = await srv.memory.acquire(cost, too_big)  # before the headers: a 413 is still an answer
+            released, started = [False], [False]
+
+            def release() -> None:  # when the producer ends (stream_npz's on_done), or below if it never started
+                if not released[0]:
+                    released[0] = True
+                    srv.memory.release(held)
+
             async def npz() -> AsyncIterator[bytes]:
-                held = await srv.memory.acquire(cost, too_big)
+                started[0] = True
                 pieces = iter_decoded(model, emb, rt_prompts, multimask, cfg)
                 async for piece in stream_npz(srv.work_pool, len(rt_prompts), emb.original_size, pieces, keep_logits,
-                                              lambda: srv.memory.release(held)):
+                                              release):
                     yield piece
 
-            return StreamingResponse(npz(), media_type="application/octet-stream")
+            body = npz()
+            loop = asyncio.get_running_loop()
+            weakref.finalize(body, lambda: started[0] or loop.is_closed() or loop.call_soon_threadsafe(release))
+            return StreamingResponse(body, media_type="application/octet-stream")
         async with srv.memory.hold(cost, too_big):
             preds, low_res = await srv.run(srv.work_pool, srv.decode, vid, emb, rt_prompts, multimask, fmt)
         keep_logits(low_res)

@@ -139,6 +139,16 @@ def probe_file_bytes(data: bytes, cfg: ServeConfig) -> ImageProbe:
     return ImageProbe("file", data, w, h)
 
 
+def _int_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """A 16- or 32-bit integer image (PIL's I;16 / I modes) as 8 bits: its high byte, as OpenCV reads a 16-bit file
+    and PIL converts 16-bit RGB (values of a 32-bit image above 65535 are refused); negative values are refused,
+    never wrapped round."""
+    lo, hi = int(arr.min(initial=0)), int(arr.max(initial=0))
+    if lo < 0 or hi > 65535:
+        raise _bad(f"integer image values must lie in 0..65535 (16-bit), got {lo}..{hi}; send an 8- or 16-bit image")
+    return (arr.astype(np.uint32) >> 8).astype(np.uint8)
+
+
 def decode_file_bytes(data: bytes, cfg: ServeConfig) -> np.ndarray:
     """An encoded image file (PNG, JPEG, WebP, ...) -> RGB uint8 (H,W,3), EXIF orientation applied."""
     from PIL import Image, ImageOps
@@ -152,8 +162,7 @@ def decode_file_bytes(data: bytes, cfg: ServeConfig) -> np.ndarray:
         img = ImageOps.exif_transpose(img)
         if img.mode != "RGB":
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(img, dtype=np.float64)
-                img = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8))
+                img = Image.fromarray(_int_to_uint8(np.asarray(img)))
             elif img.mode == "F":
                 img = Image.fromarray(_float_to_uint8(np.asarray(img, dtype=np.float32)))
             img = img.convert("RGB")

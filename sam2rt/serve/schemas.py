@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, S
 
 from ..model_specs import MODEL_NAMES, canonical_serve_id, serve_id_for
 from .errors import ApiError
+from .images import _b64decode
 
 Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0)]
@@ -207,14 +208,17 @@ def parse_prompts(raw: Any, max_prompts: int = 256, max_points: int = 128) -> li
 
 def parse_mask_input(value: Any, fmt: str, n_prompts: int) -> list[np.ndarray | None]:
     """`mask_input` (256x256 low-res logits; json nested lists or base64 .npy) -> one (1,256,256) per prompt."""
-    import base64
     import io
 
     if fmt == "binary":
         if not isinstance(value, str):
             raise ApiError(422, "mask_input with mask_input_format 'binary' must be base64 of np.save() bytes")
         try:
-            arr = np.load(io.BytesIO(base64.b64decode(value)), allow_pickle=False)
+            raw = _b64decode(value, "mask_input")  # strict: junk characters are an error, never dropped
+        except ApiError as exc:
+            raise ApiError(400, exc.message.split("Cause: ", 1)[-1]) from None
+        try:
+            arr = np.load(io.BytesIO(raw), allow_pickle=False)
         except Exception as exc:
             raise ApiError(400, f"mask_input is not base64 of an .npy file ({type(exc).__name__}); "
                                 "write it with np.save (no pickles)") from None
@@ -224,11 +228,17 @@ def parse_mask_input(value: Any, fmt: str, n_prompts: int) -> list[np.ndarray | 
         if isinstance(value, list) and len(value) > JSON_MASK_MAX_PROMPTS and len(value) != 256:
             raise ApiError(413, f"json mask_input with {len(value)} masks; send at most {JSON_MASK_MAX_PROMPTS} as json, "
                                 "more with mask_input_format 'binary' (base64 of np.save() bytes)")
+        shape_help = "mask_input must be nested lists of numbers of shape (256, 256), (1, 256, 256) or (N, 1, 256, 256)"
         try:
-            arr = np.asarray(value, dtype=np.float32)
+            arr = np.asarray(value, dtype=object)
         except (ValueError, TypeError):
-            raise ApiError(422, "mask_input must be nested lists of numbers of shape (256, 256), (1, 256, 256) "
-                                "or (N, 1, 256, 256)") from None
+            raise ApiError(422, shape_help) from None
+        leaves = arr.reshape(-1)
+        if arr.dtype != object or not all(type(v) in (int, float) for v in leaves):
+            bad = next((v for v in leaves if type(v) not in (int, float)), None)
+            raise ApiError(422, f"{shape_help}; found {type(bad).__name__} {str(bad)[:20]!r} (numbers only: not strings, "
+                                "booleans or nested lists of uneven length)")
+        arr = arr.astype(np.float32)
     else:
         raise ApiError(400, f"mask_input_format must be 'json' or 'binary', got {fmt!r}")
     try:
