@@ -66,7 +66,7 @@ def _resize_last(x: np.ndarray, i0: np.ndarray, i1: np.ndarray, lam: np.ndarray,
     out *= 1 - lam
     if tmp is None:
         tmp = np.empty_like(out)
-    np.take(x, i1, axis=axis, out=tmp)
+    np.take(x, i1, axis=axis, out=tmp, mode="clip")  # "clip": unbuffered (the indices are in range)
     tmp *= lam
     out += tmp
     return out

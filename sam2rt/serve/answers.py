@@ -35,6 +35,9 @@ from .errors import ApiError
 # (at most four float32 (H, W) ones: two for the width pass, whose 256 rows are at most H there, and two for the
 # height pass), the bool mask, and the encoders' copies of it
 ANSWER_BYTES_PER_PIXEL = 20
+# and per column of the image: the upsampling's column taps (two int64 indices, two float32 weights), which matter
+# where an image has few rows (measured: 16 bytes per pixel at 1 x 400,000, 9 at 1920x1080, 12 at 255 x 4000)
+TAP_BYTES_PER_COLUMN = 32
 # one decoder run's activations per prompt: the image embedding repeated for each prompt (256x64x64 float32, 4 MiB)
 # and per token of the prompt (its points, a padding point, the output tokens) the attention over the image's 4096
 # tokens. Measured on the CPU provider (hiera_tiny; the decoder is the same at every model size): ~3.4 MB a prompt
@@ -92,7 +95,7 @@ def working_bytes(hw: tuple[int, int], cfg: ServeConfig, prompts: list[Prompt] |
     """Memory to reserve for decoding an answer of `prompts` on an image of size hw: one decoder run (its prompts'
     activations and, on the batched path, their upsampling) and, on the large path, one prompt at full size.
     Without prompts (before they are known): the large path's full-size share only."""
-    full = hw[0] * hw[1] * ANSWER_BYTES_PER_PIXEL if is_large(hw, cfg, multimask) else 0
+    full = (hw[0] * ANSWER_BYTES_PER_PIXEL + TAP_BYTES_PER_COLUMN) * hw[1] if is_large(hw, cfg, multimask) else 0
     if not prompts:
         return full
     tokens = max(_tokens(p) for p in prompts)
